@@ -1,0 +1,133 @@
+"""The one interface between the node and a compute backend.
+
+A *stage* serves the transformer blocks ``[start, end)`` of one model. The first stage
+also embeds token ids; the last one also applies the final norm and the LM head and so
+returns logits. Everything crosses this boundary as :class:`RawTensor` (dtype name,
+shape, raw bytes), so the mesh never imports torch or mlx and a torch stage can feed an
+MLX stage: only bytes travel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+# Element sizes of the dtypes that may cross the boundary. bfloat16 travels as its
+# 2-byte pattern; nothing is ever pickled.
+DTYPE_SIZES: dict[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+}
+
+
+class StageError(Exception):
+    """A request a stage refuses. ``code`` is stable and travels in error frames."""
+
+    code = "stage_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadInput(StageError):
+    code = "bad_input"
+
+
+class UnknownSession(StageError):
+    code = "unknown_session"
+
+
+class CacheBudgetExceeded(StageError):
+    """The KV cache budget cannot hold another session of the requested length."""
+
+    code = "cache_full"
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor as plain bytes: what crosses the stage boundary and the wire."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes | bytearray | memoryview
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_SIZES:
+            raise BadInput(f"unsupported dtype {self.dtype!r}")
+        if any((not isinstance(d, int)) or d < 0 for d in self.shape):
+            raise BadInput(f"bad shape {self.shape!r}")
+        if len(memoryview(self.data).cast("B")) != self.nbytes:
+            raise BadInput(f"payload holds {len(memoryview(self.data).cast('B'))} bytes, {self.shape} {self.dtype} needs {self.nbytes}")
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """What a stage serves. ``end`` is exclusive; blocks are the transformer layers."""
+
+    model: str
+    start: int
+    end: int
+    total_blocks: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str
+    device: str
+    backend: str
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.total_blocks
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """One session's slice of a batched step.
+
+    ``inputs`` holds token ids ``int64 [n]`` on the first stage and hidden states
+    ``[n, hidden]`` elsewhere. ``position`` is the absolute position of the first of
+    those ``n`` tokens and must equal the number of tokens the session has already seen:
+    positions are explicit so that a replay after failover can never drift.
+    """
+
+    session_id: str
+    inputs: RawTensor
+    position: int
+
+
+class Stage(Protocol):
+    """A contiguous range of blocks with per-session KV caches.
+
+    ``step`` returns, per request in order, hidden states ``[n, hidden]`` in the stage's
+    dtype, or on the last stage the float32 logits of the final position ``[vocab]``.
+    Implementations are synchronous and thread-safe enough to be called from one worker
+    thread at a time; the node runs them off the event loop.
+    """
+
+    info: StageInfo
+
+    def open(self, session_id: str, max_length: int) -> None: ...
+
+    def step(self, batch: Sequence[StepRequest]) -> list[RawTensor]: ...
+
+    def close(self, session_id: str) -> None: ...
+
+    def expire_idle(self, idle_seconds: float) -> list[str]: ...
