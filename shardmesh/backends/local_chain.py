@@ -1,0 +1,65 @@
+"""A whole model served by stages in this process: the chain without a network.
+
+It speaks the same small protocol as a chain of remote peers (open, step, close), so
+the gateway's generation loop does not care where the blocks are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import RawTensor, StepRequest
+from .runner import StageRunner
+from .sampling import SampledToken, SamplingParams, sample
+from .torch_tensors import raw_from_tensor, tensor_from_raw
+
+
+class LocalChain:
+    """One session through local runners that together cover ``[0, total_blocks)``."""
+
+    def __init__(self, runners: list[StageRunner], session_id: str, sampling: SamplingParams, prompt_ids: list[int]):
+        self.runners = runners
+        self.session_id = session_id
+        self.sampling = sampling
+        self.prompt_ids = list(prompt_ids)
+        self.generated: list[int] = []
+
+    def _sample(self, logits: RawTensor) -> SampledToken:
+        token = sample(tensor_from_raw(logits), self.sampling, self.prompt_ids, self.generated)
+        self.generated.append(token.token_id)
+        return token
+
+    async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None:
+        """Feed ``token_ids`` starting at ``position``; sample the next token if asked."""
+        x = raw_from_tensor(torch.tensor(token_ids, dtype=torch.int64))
+        last = len(self.runners) - 1
+        for i, runner in enumerate(self.runners):
+            after = self._sample if (i == last and want_token) else None
+            x = await runner.step(StepRequest(self.session_id, x, position), after=after)
+        return x if want_token else None
+
+    async def close(self) -> None:
+        for runner in self.runners:
+            await runner.close(self.session_id)
+
+
+class LocalChains:
+    """Opens :class:`LocalChain` sessions over a fixed list of local runners."""
+
+    def __init__(self, runners: list[StageRunner]) -> None:
+        self.runners = runners
+
+    def available(self) -> bool:
+        return bool(self.runners)
+
+    async def open(self, session_id: str, max_length: int, sampling: SamplingParams, prompt_ids: list[int]) -> LocalChain:
+        opened: list[StageRunner] = []
+        try:
+            for runner in self.runners:
+                await runner.open(session_id, max_length)
+                opened.append(runner)
+        except BaseException:
+            for runner in opened:
+                await runner.close(session_id)
+            raise
+        return LocalChain(self.runners, session_id, sampling, prompt_ids)

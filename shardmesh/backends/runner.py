@@ -1,0 +1,94 @@
+"""Runs a :class:`Stage` off the trio event loop and batches concurrent steps.
+
+Every session that wants a step calls :meth:`StageRunner.step` and waits. One loop takes
+whatever has queued up since the last batch started and runs it as a single batched
+``stage.step`` in a worker thread. Under load, batches form by themselves: while one
+batch computes, the next one gathers. A single waiting session costs one thread hop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import trio
+
+from .base import RawTensor, Stage, StageError, StepRequest
+
+
+@dataclass
+class _Pending:
+    request: StepRequest
+    after: Callable[[RawTensor], Any] | None
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+class StageRunner:
+    """Owns one stage; :meth:`run` must be running in a nursery for steps to complete."""
+
+    def __init__(self, stage: Stage, max_batch: int = 32) -> None:
+        self.stage = stage
+        self.max_batch = max_batch
+        self._queue: list[_Pending] = []
+        self._wakeup = trio.Event()
+        self._lock = trio.Lock()  # one worker thread touches the stage at a time
+        self.batches = 0
+        self.batched_requests = 0
+
+    async def open(self, session_id: str, max_length: int) -> None:
+        async with self._lock:
+            await trio.to_thread.run_sync(self.stage.open, session_id, max_length)
+
+    async def close(self, session_id: str) -> None:
+        async with self._lock:
+            await trio.to_thread.run_sync(self.stage.close, session_id)
+
+    async def step(self, request: StepRequest, after: Callable[[RawTensor], Any] | None = None) -> Any:
+        """One step of one session; returns the output, or ``after(output)`` computed in
+        the worker thread (the last stage samples there, keeping the loop free)."""
+        pending = _Pending(request, after)
+        self._queue.append(pending)
+        self._wakeup.set()
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            while self._queue:
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                async with self._lock:
+                    await trio.to_thread.run_sync(self._compute, batch)
+                self.batches += 1
+                self.batched_requests += len(batch)
+                for pending in batch:
+                    pending.done.set()
+
+    def _compute(self, batch: list[_Pending]) -> None:
+        """Worker thread: the batched step. A stage validates a whole batch before it
+        computes, so when it refuses one request we rerun the others alone: one bad
+        session never fails the rest."""
+        try:
+            outputs = self.stage.step([p.request for p in batch])
+        except StageError as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+            else:
+                for pending in batch:
+                    self._compute([pending])
+            return
+        except Exception as exc:  # a compute failure fails the whole batch, visibly
+            for pending in batch:
+                pending.error = exc
+            return
+        for pending, output in zip(batch, outputs):
+            try:
+                pending.result = pending.after(output) if pending.after else output
+            except Exception as exc:
+                pending.error = exc

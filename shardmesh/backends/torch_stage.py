@@ -1,0 +1,325 @@
+"""A range of a transformers model's blocks, served with per-session KV caches.
+
+How it works:
+
+* The whole model is built on the ``meta`` device from its config, so every block keeps
+  its global index (sliding-window, MoE-dense and per-layer choices depend on it). We
+  keep ``layers[start:end]`` (plus the embeddings on the first stage, the final norm and
+  LM head on the last), then read exactly the tensors they need from safetensors.
+* We run the decoder layers ourselves. Each attention module calls the attention
+  function registered as ``shardmesh`` (see :mod:`.kv_attention`), which writes the new
+  keys and values into the session's preallocated cache and attends over it. No
+  transformers ``Cache`` object is involved, so sessions with different past lengths
+  share one batched forward pass: projections and MLPs run as one batch, attention per
+  session against its own cache.
+* Positions are explicit: a request says where its tokens start, and the stage refuses
+  a position that does not continue the session's cache.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import kv_attention
+from .base import (
+    BadInput,
+    CacheBudgetExceeded,
+    RawTensor,
+    StageInfo,
+    StepRequest,
+    UnknownSession,
+)
+from .weights import ModelFiles, ensure_span_files, span_tensor_names
+from .torch_tensors import raw_from_tensor, tensor_from_raw, torch_dtype
+from .torch_weights import load_span_state
+
+DEFAULT_CACHE_BUDGET = 1 << 30  # bytes of KV cache per stage unless told otherwise
+
+
+def pick_device(device: str) -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str, config, device: torch.device) -> torch.dtype:
+    """``auto`` keeps the checkpoint's dtype, except float16 on CPU (slow there) → bfloat16."""
+    if dtype != "auto":
+        return torch_dtype(dtype)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(stored, str):
+        stored = torch_dtype(stored)
+    if device.type == "cpu" and stored == torch.float16:
+        return torch.bfloat16
+    return stored
+
+
+MIN_CACHE_CHUNK = 256  # tokens a session's cache grows by at least
+
+
+@dataclass
+class SessionCache:
+    """Keys and values of one session, one pair per local layer.
+
+    The budget reserves ``max_length`` tokens when the session opens, so a session that
+    was admitted can always finish; memory is allocated as the session grows (doubling),
+    so a request that allows 4k tokens but stops after 50 costs 256 tokens of memory.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    max_length: int
+    nbytes: int  # reserved against the budget
+    length: int = 0  # tokens already in the cache
+    last_used: float = 0.0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def ensure_capacity(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        new = min(self.max_length, max(needed, 2 * self.capacity, MIN_CACHE_CHUNK))
+        self.keys = [_grown(t, new, self.length) for t in self.keys]
+        self.values = [_grown(t, new, self.length) for t in self.values]
+
+
+def _grown(t: torch.Tensor, capacity: int, used: int) -> torch.Tensor:
+    out = torch.zeros((*t.shape[:2], capacity, t.shape[3]), dtype=t.dtype, device=t.device)
+    out[:, :, :used] = t[:, :, :used]
+    return out
+
+
+class StageModule(nn.Module):
+    """Just the parts of a causal LM that one stage runs."""
+
+    def __init__(self, full_model: nn.Module, start: int, end: int) -> None:
+        super().__init__()
+        base = full_model.get_decoder() if hasattr(full_model, "get_decoder") else full_model.model
+        total = len(base.layers)
+        self.embed_tokens = base.embed_tokens if start == 0 else None
+        self.layers = nn.ModuleList(list(base.layers)[start:end])
+        self.norm = base.norm if end == total else None
+        self.lm_head = full_model.lm_head if end == total else None
+        self.rotary_emb = base.rotary_emb
+
+
+class TorchStage:
+    """Blocks ``[start, end)`` of a Hugging Face causal LM on one device."""
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        files: ModelFiles,
+        start: int,
+        end: int | None = None,
+        *,
+        model_name: str = "model",
+        dtype: str = "auto",
+        device: str = "auto",
+        cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
+    ) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        kv_attention.register()
+        config = AutoConfig.from_pretrained(files.root)
+        total = config.num_hidden_layers
+        end = total if end is None else end
+        if not 0 <= start < end <= total:
+            raise ValueError(f"span [{start}, {end}) is not inside the model's {total} blocks")
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, config, self.device)
+        self.config = config
+        self.start, self.end = start, end
+
+        config._attn_implementation = kv_attention.NAME
+        with torch.device("meta"):
+            full = AutoModelForCausalLM.from_config(config, dtype=self.dtype, attn_implementation=kv_attention.NAME)
+        self.module = StageModule(full, start, end).eval()
+        del full
+
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        names = span_tensor_names(files.weight_map, start, end, total, tied)
+        ensure_span_files(files, names)
+        state = load_span_state(files, names, self.module, config, start)
+        self.module.load_state_dict(state, strict=False, assign=True)
+        rotary_type = type(self.module.rotary_emb)
+        self.module.rotary_emb = None  # rebuilt below, never cast
+        self.module.to(device=self.device, dtype=self.dtype)
+        # The rotary module's inv_freq is computed, not stored: rebuild it for real, in
+        # float32 as transformers keeps it (casting it would change the logits).
+        with torch.device(self.device):
+            self.module.rotary_emb = rotary_type(config=config)
+        self._check_no_meta()
+
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.num_kv_heads = text.num_key_value_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.info = StageInfo(
+            model=model_name,
+            start=start,
+            end=end,
+            total_blocks=total,
+            hidden_size=text.hidden_size,
+            vocab_size=text.vocab_size,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            backend=self.backend,
+        )
+        self.cache_budget_bytes = cache_budget_bytes
+        self.sessions: dict[str, SessionCache] = {}
+        self._lock = threading.Lock()
+
+    # -- loading helpers ------------------------------------------------------------
+
+    def _check_no_meta(self) -> None:
+        missing = [n for n, t in list(self.module.named_parameters()) + list(self.module.named_buffers()) if t.is_meta]
+        if missing:
+            raise RuntimeError(f"tensors not found in the checkpoint: {missing[:8]}")
+
+    # -- sessions -------------------------------------------------------------------
+
+    @property
+    def bytes_per_token(self) -> int:
+        layers = self.end - self.start
+        return 2 * layers * self.num_kv_heads * self.head_dim * torch.tensor([], dtype=self.dtype).element_size()
+
+    @property
+    def cache_bytes_used(self) -> int:
+        return sum(s.nbytes for s in self.sessions.values())
+
+    @property
+    def cache_tokens_free(self) -> int:
+        return max(0, self.cache_budget_bytes - self.cache_bytes_used) // max(1, self.bytes_per_token)
+
+    def open(self, session_id: str, max_length: int) -> None:
+        if max_length <= 0:
+            raise BadInput("max_length must be positive")
+        limit = getattr(self.config, "max_position_embeddings", None)
+        if limit and max_length > limit:
+            raise BadInput(f"max_length {max_length} exceeds the model's context of {limit} tokens")
+        nbytes = max_length * self.bytes_per_token
+        with self._lock:
+            if session_id in self.sessions:
+                raise BadInput(f"session {session_id!r} is already open")
+            if self.cache_bytes_used + nbytes > self.cache_budget_bytes:
+                raise CacheBudgetExceeded(
+                    f"KV cache budget exhausted: {max_length} tokens need {nbytes} bytes, "
+                    f"{self.cache_budget_bytes - self.cache_bytes_used} of {self.cache_budget_bytes} free"
+                )
+            empty = torch.zeros((1, self.num_kv_heads, 0, self.head_dim), dtype=self.dtype, device=self.device)
+            layers = self.end - self.start
+            self.sessions[session_id] = SessionCache(
+                keys=[empty] * layers,
+                values=[empty] * layers,
+                max_length=max_length,
+                nbytes=nbytes,
+                last_used=time.monotonic(),
+            )
+
+    def close(self, session_id: str) -> None:
+        with self._lock:
+            self.sessions.pop(session_id, None)
+
+    def expire_idle(self, idle_seconds: float) -> list[str]:
+        cutoff = time.monotonic() - idle_seconds
+        with self._lock:
+            stale = [sid for sid, s in self.sessions.items() if s.last_used < cutoff]
+            for sid in stale:
+                del self.sessions[sid]
+        return stale
+
+    # -- compute --------------------------------------------------------------------
+
+    def _checked_inputs(self, req: StepRequest) -> tuple[SessionCache, torch.Tensor]:
+        cache = self.sessions.get(req.session_id)
+        if cache is None:
+            raise UnknownSession(f"unknown session {req.session_id!r}")
+        raw = req.inputs
+        if self.info.is_first:
+            if raw.dtype not in ("int64", "int32") or len(raw.shape) != 1:
+                raise BadInput(f"the first stage takes token ids int64 [n], got {raw.dtype} {list(raw.shape)}")
+        else:
+            if len(raw.shape) != 2 or raw.shape[1] != self.info.hidden_size:
+                raise BadInput(f"expected hidden states [n, {self.info.hidden_size}], got {list(raw.shape)}")
+            if raw.dtype not in ("float32", "float16", "bfloat16"):
+                raise BadInput(f"hidden states must be floating point, got {raw.dtype}")
+        n = raw.shape[0]
+        if n == 0:
+            raise BadInput("a step needs at least one token")
+        if req.position != cache.length:
+            raise BadInput(f"session {req.session_id!r} is at position {cache.length}, step says {req.position}")
+        if cache.length + n > cache.max_length:
+            raise BadInput(f"session {req.session_id!r} would exceed its max_length {cache.max_length}")
+        tensor = tensor_from_raw(raw)
+        if self.info.is_first:
+            tensor = tensor.to(torch.int64)
+            if int(tensor.min()) < 0 or int(tensor.max()) >= self.info.vocab_size:
+                raise BadInput(f"token ids must lie in [0, {self.info.vocab_size})")
+        cache.ensure_capacity(cache.length + n)
+        return cache, tensor
+
+    def step(self, batch: Sequence[StepRequest]) -> list[RawTensor]:
+        """Run one step for each request; requests with equal token counts share a forward."""
+        if len({r.session_id for r in batch}) != len(batch):
+            raise BadInput("a session may appear only once per batch")
+        with self._lock:
+            checked = [self._checked_inputs(r) for r in batch]
+            results: list[RawTensor | None] = [None] * len(batch)
+            groups: dict[int, list[int]] = {}
+            for i, (_, tensor) in enumerate(checked):
+                groups.setdefault(tensor.shape[0], []).append(i)
+            for rows in groups.values():
+                caches = [checked[i][0] for i in rows]
+                inputs = torch.stack([checked[i][1] for i in rows])
+                positions = [batch[i].position for i in rows]
+                outputs = self._forward(inputs, caches, positions)
+                for i, out in zip(rows, outputs):
+                    results[i] = out
+            now = time.monotonic()
+            for cache, tensor in checked:
+                cache.length += tensor.shape[0]
+                cache.last_used = now
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _forward(self, inputs: torch.Tensor, caches: list[SessionCache], positions: list[int]) -> list[RawTensor]:
+        m = self.module
+        n = inputs.shape[1]
+        if m.embed_tokens is not None:
+            hidden = m.embed_tokens(inputs.to(self.device))
+        else:
+            hidden = inputs.to(device=self.device, dtype=self.dtype)
+        position_ids = torch.tensor(positions, device=self.device)[:, None] + torch.arange(n, device=self.device)
+        position_embeddings = m.rotary_emb(hidden, position_ids)
+        step = kv_attention.StepCaches(
+            keys=[c.keys for c in caches],
+            values=[c.values for c in caches],
+            positions=positions,
+            first_layer=self.start,
+        )
+        for layer in m.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=None,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                shardmesh_step=step,
+            )
+        if m.lm_head is None:
+            return [raw_from_tensor(row) for row in hidden]
+        last = m.norm(hidden[:, -1:, :])
+        logits = m.lm_head(last)[:, 0, :].float()
+        return [raw_from_tensor(row) for row in logits]

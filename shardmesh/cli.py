@@ -1,0 +1,93 @@
+"""``shardmesh run | tiny-model | bench``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="serve a model (or part of one) and the OpenAI gateway")
+    p.add_argument("--model", required=True, help="local folder in Hugging Face layout, or a hub id like Qwen/Qwen3-0.6B")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--layers", default="all", help="blocks to serve: 'all' (default) or START:END")
+    p.add_argument("--api", default="127.0.0.1:8000", help="HOST:PORT of the OpenAI gateway (port 0 picks one), or 'off'")
+    p.add_argument("--api-key", default=None, help="require this bearer key (or set SHARDMESH_API_KEY)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--kv-cache-gb", type=float, default=2.0, help="KV cache budget of this node (GiB)")
+    p.add_argument("--no-mdns", action="store_true", help="no LAN discovery over multicast DNS")
+
+
+def _add_tiny(sub) -> None:
+    from .backends.tiny import ARCHS
+
+    p = sub.add_parser("tiny-model", help="write a tiny random model + tokenizer (offline tests and demos)")
+    p.add_argument("path")
+    p.add_argument("--arch", default="llama", choices=ARCHS)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="measure decode speed against transformers generate")
+    p.add_argument("--model", default=None, help="model folder (default: a cached 100M-parameter tiny Llama)")
+    p.add_argument("--tokens", type=int, default=128, help="tokens to decode per run")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each path; the best is reported")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--sessions", type=int, default=4, help="concurrent sessions for the batching figure")
+
+
+def run(args) -> int:
+    from .backends.weights import ModelSourceError
+    from .config import NodeConfig, env_api_key
+    from .node import main as node_main
+
+    config = NodeConfig(
+        model=args.model,
+        revision=args.revision,
+        layers=args.layers,
+        api=args.api,
+        api_key=args.api_key or env_api_key(),
+        dtype=args.dtype,
+        device=args.device,
+        kv_cache_gb=args.kv_cache_gb,
+        mdns=not args.no_mdns,
+    )
+    try:
+        config.api_host_port
+        return node_main(config)
+    except (ModelSourceError, ValueError) as exc:
+        print(f"shardmesh: {exc}", file=sys.stderr)
+        return 2
+
+
+def tiny_model(args) -> int:
+    from .backends.tiny import build_tiny_model
+
+    path = build_tiny_model(args.path, args.arch, layers=args.layers, hidden=args.hidden, seed=args.seed)
+    print(f"wrote a tiny {args.arch} model to {path}; serve it with: shardmesh run --model {path}")
+    return 0
+
+
+def bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardmesh", description="LLM inference across many machines, one service")
+    parser.add_argument("--version", action="version", version=f"shardmesh {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_tiny(sub)
+    _add_bench(sub)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return {"run": run, "tiny-model": tiny_model, "bench": bench}[args.command](args)

@@ -1,0 +1,46 @@
+"""NodeConfig: everything a node is told, from CLI flags or the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    model: str
+    layers: str = "all"  # "all" or "A:B"
+    api: str = "127.0.0.1:8000"  # HOST:PORT of the OpenAI gateway, or "off"
+    api_key: str | None = None  # bearer key the gateway requires; None = open
+    dtype: str = "auto"
+    device: str = "auto"
+    kv_cache_gb: float = 2.0  # KV cache budget of this node's stage
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    mdns: bool = True  # LAN discovery (mesh); tests run nodes with --no-mdns
+    session_idle_timeout: float = 300.0  # seconds before an idle session's cache is freed
+
+    @property
+    def api_host_port(self) -> tuple[str, int] | None:
+        if self.api == "off":
+            return None
+        host, _, port = self.api.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--api wants HOST:PORT or 'off', got {self.api!r}")
+        return host.strip("[]"), int(port)
+
+    def span(self, total_blocks: int) -> tuple[int, int]:
+        """The blocks ``[start, end)`` this node serves."""
+        if self.layers == "all":
+            return 0, total_blocks
+        start_s, sep, end_s = self.layers.partition(":")
+        if not sep or not start_s.isdigit() or not end_s.isdigit():
+            raise ValueError(f"--layers wants 'all' or START:END, got {self.layers!r}")
+        start, end = int(start_s), int(end_s)
+        if not 0 <= start < end <= total_blocks:
+            raise ValueError(f"--layers {self.layers} is not inside the model's {total_blocks} blocks")
+        return start, end
+
+
+def env_api_key() -> str | None:
+    """The API key may come from the environment so that it stays out of `ps` output."""
+    return os.environ.get("SHARDMESH_API_KEY") or None

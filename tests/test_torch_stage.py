@@ -1,0 +1,154 @@
+"""Chained torch stages must reproduce the unsplit transformers model exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from shardmesh.backends.base import BadInput, CacheBudgetExceeded, StepRequest, UnknownSession
+from shardmesh.backends.tiny import ARCHS, cached_tiny_model
+from shardmesh.backends.torch_stage import TorchStage
+from shardmesh.backends.torch_tensors import raw_from_tensor, tensor_from_raw
+from shardmesh.backends.weights import block_of, resolve_local, span_tensor_names
+
+LAYERS = 6
+PROMPT = [5, 17, 99, 3, 42, 7, 8, 60, 61]
+DECODE_STEPS = 21
+SPLITS = {2: [0, 3, 6], 3: [0, 2, 5, 6]}
+
+
+def model_path(arch: str):
+    return cached_tiny_model(arch, layers=LAYERS, hidden=64)
+
+
+def build_chain(path, cuts, dtype="float32", **kwargs) -> list[TorchStage]:
+    return [TorchStage(resolve_local(str(path)), a, b, dtype=dtype, **kwargs) for a, b in zip(cuts, cuts[1:])]
+
+
+def run_chain(stages, session, ids, position):
+    x = raw_from_tensor(torch.tensor(ids))
+    for stage in stages:
+        [x] = stage.step([StepRequest(session, x, position)])
+    return tensor_from_raw(x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n_stages", [2, 3])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chain_logits_equal_full_model(arch, n_stages, dtype):
+    path = model_path(arch)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    stages = build_chain(path, SPLITS[n_stages], dtype)
+    for stage in stages:
+        stage.open("s", 64)
+
+    cache = DynamicCache(config=ref.config)
+    ids, position, generated = PROMPT, 0, []
+    for _ in range(1 + DECODE_STEPS):  # one prefill, then cached decode steps
+        with torch.no_grad():
+            expected = ref(torch.tensor([ids]), cache=cache, logits_to_keep=1).logits[0, -1].float()
+        got = run_chain(stages, "s", ids, position)
+        assert torch.equal(got, expected), f"max diff {(got - expected).abs().max().item()}"
+        position += len(ids)
+        ids = [int(expected.argmax())]
+        generated.append(ids[0])
+
+    with torch.no_grad():
+        reference = ref.generate(torch.tensor([PROMPT]), max_new_tokens=len(generated), do_sample=False)
+    assert reference[0, len(PROMPT) :].tolist() == generated
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_stage_reads_only_its_own_tensors(arch):
+    path = model_path(arch)
+    cuts = SPLITS[3]
+    for a, b in zip(cuts, cuts[1:]):
+        files = resolve_local(str(path))
+        TorchStage(files, a, b)
+        assert files.reads, "the stage read nothing"
+        for name in files.reads:
+            block = block_of(name)
+            if block is not None:
+                assert a <= block < b, f"stage [{a},{b}) read {name}"
+            elif "embed_tokens" in name:
+                assert a == 0 or b == LAYERS, name  # first stage, or tied head on the last
+            else:
+                assert b == LAYERS, f"stage [{a},{b}) read head tensor {name}"
+        tied = "lm_head.weight" not in files.weight_map
+        assert sorted(set(files.reads)) == span_tensor_names(files.weight_map, a, b, LAYERS, tied)
+
+
+def test_batched_step_equals_one_by_one():
+    path = model_path("llama")
+    prompts = {"a": PROMPT, "b": PROMPT[:4] + [11, 12], "c": [90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 7]}
+    single = build_chain(path, SPLITS[2])
+    batched = build_chain(path, SPLITS[2])
+
+    def decode(stages, batch_mode: bool) -> dict[str, list[int]]:
+        tokens = {}
+        for sid, ids in prompts.items():  # prefills of different lengths
+            for stage in stages:
+                stage.open(sid, 64)
+            tokens[sid] = [int(run_chain(stages, sid, ids, 0).argmax())]
+        for _ in range(12):
+            if batch_mode:
+                xs = [
+                    StepRequest(sid, raw_from_tensor(torch.tensor(toks[-1:])), len(prompts[sid]) + len(toks) - 1)
+                    for sid, toks in tokens.items()
+                ]
+                for stage in stages:
+                    outs = stage.step(xs)
+                    xs = [StepRequest(r.session_id, o, r.position) for r, o in zip(xs, outs)]
+                for r in xs:
+                    tokens[r.session_id].append(int(tensor_from_raw(r.inputs).argmax()))
+            else:
+                for sid, toks in tokens.items():
+                    out = run_chain(stages, sid, toks[-1:], len(prompts[sid]) + len(toks) - 1)
+                    toks.append(int(out.argmax()))
+        return tokens
+
+    assert decode(batched, True) == decode(single, False)
+
+
+def test_cache_budget_and_bad_requests():
+    path = model_path("llama")
+    [stage] = build_chain(path, [0, LAYERS], cache_budget_bytes=0)
+    per_token = stage.bytes_per_token
+    stage.cache_budget_bytes = 100 * per_token
+    stage.open("a", 60)
+    with pytest.raises(CacheBudgetExceeded):
+        stage.open("b", 41)
+    stage.open("b", 40)
+    assert stage.cache_tokens_free == 0
+    stage.close("a")
+    assert stage.cache_tokens_free == 60
+
+    ids = raw_from_tensor(torch.tensor(PROMPT))
+    with pytest.raises(UnknownSession):
+        stage.step([StepRequest("nope", ids, 0)])
+    with pytest.raises(BadInput):  # wrong position
+        stage.step([StepRequest("b", ids, 3)])
+    with pytest.raises(BadInput):  # token id out of the vocabulary
+        stage.step([StepRequest("b", raw_from_tensor(torch.tensor([10**6])), 0)])
+    with pytest.raises(BadInput):  # hidden states where token ids belong
+        stage.step([StepRequest("b", raw_from_tensor(torch.zeros(2, 64)), 0)])
+    with pytest.raises(BadInput):  # longer than max_length
+        stage.step([StepRequest("b", raw_from_tensor(torch.arange(41)), 0)])
+    # None of that changed the session: a good step still works from position 0.
+    out = tensor_from_raw(stage.step([StepRequest("b", ids, 0)])[0])
+    assert out.shape == (stage.info.vocab_size,)
+
+
+def test_idle_sessions_expire():
+    [stage] = build_chain(model_path("llama"), [0, LAYERS])
+    stage.open("old", 8)
+    assert stage.expire_idle(0.0) == ["old"]
+    assert stage.sessions == {}
+
+
+def test_middle_stage_rejects_wrong_hidden_size():
+    stages = build_chain(model_path("llama"), SPLITS[2])
+    stages[1].open("s", 16)
+    with pytest.raises(BadInput):
+        stages[1].step([StepRequest("s", raw_from_tensor(torch.zeros(3, 65)), 0)])
