@@ -144,13 +144,17 @@ def _hub_download(repo_id: str, filename: str, revision: str | None, required: b
 
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except LocalEntryNotFoundError as exc:  # offline (or hub unreachable) and not cached
+        if not required:
+            return None
+        raise ModelSourceError(_offline_hint(repo_id)) from exc
     except EntryNotFoundError:
         if required:
             raise ModelSourceError(f"{repo_id} has no {filename}") from None
         return None
     except RepositoryNotFoundError:
         raise ModelSourceError(f"{repo_id!r} is not a model on the Hugging Face hub (or it is private)") from None
-    except (LocalEntryNotFoundError, OSError) as exc:
+    except OSError as exc:
         if not required:
             return None
         raise ModelSourceError(_offline_hint(repo_id)) from exc

@@ -1,0 +1,449 @@
+"""Turn the last position's logits into one token, reproducibly.
+
+Sampling runs on the last stage of a pipeline. After a failure the gateway may replay a
+generation on another machine, and the replay must pick the same tokens as the
+original. So :func:`sample` is a *pure function* of
+
+    (params, logits, prompt ids, generated ids)
+
+There is no RNG object living between calls: the random number used at step ``k``
+(``k = len(generated_ids)``, the number of tokens generated so far) comes from a fresh
+``torch.Generator`` seeded from ``(params.seed, k)``. Same seed, same history, same
+logits => same token, on any machine.
+
+The pipeline, in order (each stage is skipped when its parameter is neutral)::
+
+    raw logits (float32, CPU)
+      -> penalties      repetition (prompt + generated), then frequency/presence (generated)
+      -> greedy?        temperature == 0: argmax, ties to the lowest id; done
+      -> temperature    divide by T
+      -> top-k          keep the k best (ties to the lowest ids)
+      -> top-p          keep the smallest best-first prefix whose mass reaches p
+      -> draw           inverse CDF with one uniform number from the (seed, step) stream
+
+Log-probabilities reported to the client (:attr:`SampledToken.logprob` and
+:attr:`SampledToken.top_logprobs`) are those of the *raw* logits: they describe what the
+model thought, not what the sampler's knobs made of it (the OpenAI convention).
+
+Everything here works on whole-vocabulary tensors (bincount, masks, one sort at most),
+never on Python loops over the vocabulary, so a 150k vocabulary costs well under a
+millisecond or two per token.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Sequence
+
+import torch
+
+__all__ = [
+    "MAX_TOP_LOGPROBS",
+    "SampledToken",
+    "SamplingParams",
+    "apply_penalties",
+    "sample",
+    "sample_batch",
+    "step_seed",
+]
+
+#: The most alternatives a client may ask for per token (OpenAI's limit too).
+MAX_TOP_LOGPROBS = 20
+
+# Seeds are reduced modulo 2**64. Bound what we accept so untrusted input cannot hand
+# us a million-digit integer; this range covers both signed and unsigned 64-bit seeds.
+_SEED_MIN = -(2**63)
+_SEED_MAX = 2**64 - 1
+_MASK64 = (1 << 64) - 1
+
+
+# --------------------------------------------------------------------------- params
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick a token from logits. All fields are plain, JSON/CBOR-able values.
+
+    ``temperature == 0`` means greedy decoding. ``top_k == 0`` and ``top_p == 1`` mean
+    "no truncation". Penalty semantics follow the APIs clients already know:
+
+    * ``presence_penalty`` / ``frequency_penalty`` (OpenAI): for every token already
+      *generated* in this completion, ``logit -= frequency * count + presence``.
+      The prompt does not count.
+    * ``repetition_penalty`` (HF ``transformers`` / CTRL): for every token seen in the
+      prompt *or* the completion, a positive logit is divided by the penalty and a
+      negative one multiplied by it, so a penalty > 1 always makes it less likely.
+
+    Instances are not validated on construction (so that :meth:`validate` can report
+    a readable error); :func:`sample` and :meth:`from_dict` always validate.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def validate(self) -> None:
+        """Raise :class:`ValueError` naming the first out-of-range or mistyped field.
+
+        Comparisons are written as ``lo <= x <= hi`` so NaN (which compares false with
+        everything) is rejected along with out-of-range values.
+        """
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name} must be a number, got {type(v).__name__}")
+        for name in ("top_k", "top_logprobs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an integer, got {type(v).__name__}")
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"logprobs must be a boolean, got {type(self.logprobs).__name__}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or null, got {type(self.seed).__name__}")
+
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.seed is not None and not _SEED_MIN <= self.seed <= _SEED_MAX:
+            raise ValueError(f"seed must fit in 64 bits ([{_SEED_MIN}, {_SEED_MAX}]), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is deterministic argmax (``temperature == 0``)."""
+        return self.temperature == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a plain dict (ints, floats, bools, None): safe for JSON and CBOR."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SamplingParams:
+        """Build validated params from a dict that may come from the network.
+
+        Missing keys take their defaults. Unknown keys, wrong types (a string for a
+        number, a bool for an int, a float for ``top_k``) and out-of-range values raise
+        :class:`ValueError`. Integers are accepted for float fields (JSON has ``1`` for
+        ``1.0``) and are converted, so ``from_dict(p.to_dict()) == p`` always holds.
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"sampling params must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(sorted(map(str, unknown)))}")
+
+        kwargs: dict[str, Any] = {}
+        for name, value in d.items():
+            if name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+                # bool is an int subclass: reject it explicitly, "temperature": true is a bug.
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+                value = float(value)
+            elif name in ("top_k", "top_logprobs"):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
+            elif name == "seed":
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                    raise ValueError(f"seed must be an integer or null, got {type(value).__name__}")
+            elif name == "logprobs":
+                if not isinstance(value, bool):
+                    raise ValueError(f"logprobs must be a boolean, got {type(value).__name__}")
+            kwargs[name] = value
+        params = cls(**kwargs)
+        params.validate()
+        return params
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    """The chosen token and, if asked for, how likely the model found it.
+
+    ``logprob`` and ``top_logprobs`` come from ``log_softmax`` of the *raw* logits,
+    before penalties and temperature. ``top_logprobs`` is sorted by logprob, highest
+    first, ties broken by the lower token id; it is empty unless requested.
+    """
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+# --------------------------------------------------------------------------- seeding
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's finaliser: a cheap bijective mixer on 64-bit integers.
+
+    Nearby inputs (seed 1 vs 2, step 7 vs 8) give unrelated outputs, which is what we
+    need to turn ``(seed, step)`` into independent-looking generator seeds.
+    """
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The generator seed for draw number ``step`` of a request seeded with ``seed``.
+
+    Mixes both into 64 bits, then xor-folds to 32 bits. The fold is deliberate: torch's
+    CPU generator (mt19937) only uses the low 32 bits of ``manual_seed`` (seeds ``1``
+    and ``1 + 2**32`` give identical streams), so we fold rather than let torch silently
+    discard the high half of the mix.
+    """
+    h = _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64))
+    return (h ^ (h >> 32)) & 0xFFFFFFFF
+
+
+def _uniform(seed: int | None, step: int) -> float:
+    """One uniform number in [0, 1) for this step, from a fresh generator.
+
+    Float64 so the inverse-CDF draw has resolution far below the smallest probability
+    that matters. Without a seed, a fresh random one per call: non-reproducible, which
+    is what an unseeded request asked for.
+    """
+    if seed is None:
+        seed = secrets.randbits(64)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(step_seed(seed, step))
+    return float(torch.rand((), generator=gen, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _as_logits(logits: torch.Tensor) -> torch.Tensor:
+    """A 1-D float32 CPU tensor of the logits, checked for values we cannot sample from."""
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() == 2 and logits.shape[0] == 1:
+        logits = logits[0]
+    if logits.dim() != 1 or logits.numel() == 0:
+        raise ValueError(f"logits must have shape [vocab] with vocab > 0, got {tuple(logits.shape)}")
+    # float32 regardless of input: bf16/fp16 logits have too little mantissa for
+    # softmax tails, and one dtype means one set of rounding on every machine.
+    x = logits.detach().to(device="cpu", dtype=torch.float32)
+    # Fast path: a finite sum means no NaN/inf anywhere (a sum is ~20x cheaper than
+    # isnan). Otherwise look closer: -inf is legitimate (masked tokens), NaN/+inf not.
+    if not math.isfinite(float(x.sum())):
+        if torch.isnan(x).any() or torch.isposinf(x).any():
+            raise ValueError("logits contain NaN or +inf")
+        if torch.isneginf(x).all():
+            raise ValueError("every logit is -inf: nothing can be sampled")
+    return x
+
+
+def _ids(ids: Sequence[int], vocab: int, what: str) -> torch.Tensor:
+    """Token ids as an int64 tensor, range-checked so bincount cannot grow past vocab."""
+    t = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+        raise ValueError(f"{what} hold a token id outside [0, {vocab})")
+    return t
+
+
+def _log_softmax_info(raw: torch.Tensor, token_id: int, params: SamplingParams) -> tuple[float | None, tuple[tuple[int, float], ...]]:
+    """The requested logprob and top-N alternatives from the raw logits."""
+    if not params.logprobs and params.top_logprobs == 0:
+        return None, ()
+    lp = torch.log_softmax(raw, dim=-1)
+    logprob = float(lp[token_id]) if params.logprobs else None
+    top: tuple[tuple[int, float], ...] = ()
+    n = min(params.top_logprobs, lp.numel())
+    if n > 0:
+        ids = _best_ids(lp, n)
+        top = tuple((int(i), float(lp[i])) for i in ids.tolist())
+    return logprob, top
+
+
+def _best_ids(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids of the ``k`` largest values, best first, ties broken by the lowest id.
+
+    ``torch.topk`` is O(vocab) but picks arbitrarily among ties, which would make
+    results depend on the build. So: find the k-th largest value with topk, keep every
+    id at or above it (ties included, in id order), and stable-sort that small set.
+    """
+    if k >= x.numel():
+        return torch.sort(x, descending=True, stable=True).indices
+    threshold = torch.topk(x, k, sorted=False).values.min()
+    candidates = torch.nonzero(x >= threshold).reshape(-1)  # ascending ids
+    order = torch.sort(x[candidates], descending=True, stable=True).indices
+    return candidates[order[:k]]
+
+
+# --------------------------------------------------------------------------- public
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    prompt_ids: Sequence[int],
+    generated_ids: Sequence[int],
+) -> torch.Tensor:
+    """Return a new float32 tensor: ``logits`` with the repetition penalties applied.
+
+    1. ``repetition_penalty`` (HF/CTRL) over every token id present in prompt or
+       completion: ``l / r`` if ``l > 0`` else ``l * r``. Applied once per distinct id,
+       however often it occurred.
+    2. ``frequency_penalty`` and ``presence_penalty`` (OpenAI) over the completion only:
+       ``l - frequency * count - presence * (count > 0)``.
+
+    The repetition penalty goes first (as in vLLM), so the OpenAI penalties are plain
+    offsets on top of it. Counting uses ``bincount``: O(history + vocab), no loops.
+    """
+    return _penalize(_as_logits(logits).clone(), params, prompt_ids, generated_ids)
+
+
+def _penalize(x: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int], generated_ids: Sequence[int]) -> torch.Tensor:
+    """:func:`apply_penalties` on already-checked float32 logits; never modifies ``x``."""
+    vocab = x.numel()
+
+    if params.repetition_penalty != 1.0:
+        seen = torch.cat([_ids(prompt_ids, vocab, "prompt_ids"), _ids(generated_ids, vocab, "generated_ids")])
+        if seen.numel():
+            mask = torch.bincount(seen, minlength=vocab) > 0
+            r = float(params.repetition_penalty)
+            x = torch.where(mask, torch.where(x > 0, x / r, x * r), x)
+
+    if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+        gen = _ids(generated_ids, vocab, "generated_ids")
+        if gen.numel():
+            counts = torch.bincount(gen, minlength=vocab).to(torch.float32)
+            x = x - float(params.frequency_penalty) * counts - float(params.presence_penalty) * (counts > 0).to(torch.float32)
+    return x
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    prompt_ids: Sequence[int],
+    generated_ids: Sequence[int],
+) -> SampledToken:
+    """Pick the next token from the last position's logits ``[vocab]``.
+
+    Deterministic given ``params.seed``: the draw for step ``len(generated_ids)`` uses a
+    generator seeded only from ``(seed, step)``, so replaying the same history with the
+    same seed reproduces the token exactly, and consecutive steps get independent
+    draws. Greedy decoding (``temperature == 0``) ignores the seed entirely.
+
+    Raises :class:`ValueError` for invalid params, malformed logits (wrong shape, NaN,
+    +inf, all -inf) or history ids outside the vocabulary.
+    """
+    params.validate()
+    raw = _as_logits(logits)
+    x = _penalize(raw, params, prompt_ids, generated_ids)
+
+    if params.greedy:
+        # torch.argmax returns the first maximal index: ties go to the lowest id.
+        token_id = int(torch.argmax(x))
+    else:
+        token_id = _draw(x, params, step=len(generated_ids))
+
+    logprob, top = _log_softmax_info(raw, token_id, params)
+    return SampledToken(token_id=token_id, logprob=logprob, top_logprobs=top)
+
+
+# How many best tokens the nucleus search looks at before paying for more. For real LLM
+# distributions the top-p nucleus almost always fits the first size: topk over 150k ids
+# costs ~1 ms, a stable sort of all of them ~12 ms. The last resort is the full sort.
+_NUCLEUS_PREFIXES = (1024, 16384)
+
+
+def _nucleus_len(probs: torch.Tensor, top_p: float) -> int:
+    """Length of the smallest best-first prefix of ``probs`` whose mass reaches ``top_p``.
+
+    Token i stays if the mass strictly *before* it is still short of ``top_p``; the
+    best token always stays. If every entry stays, the nucleus may extend past ``probs``.
+    """
+    before = torch.cumsum(probs, dim=-1)
+    before = torch.cat([before.new_zeros(1), before[:-1]])  # exact, monotone
+    return max(1, int((before < top_p).sum()))
+
+
+def _draw(x: torch.Tensor, params: SamplingParams, step: int) -> int:
+    """Temperature, top-k, top-p, then one inverse-CDF draw. Returns a token id."""
+    # Shift so the best logit is 0 *before* dividing: then a tiny temperature pushes
+    # the rest towards -inf instead of overflowing the best to +inf (which would make
+    # softmax NaN). Softmax is shift-invariant, so nothing else changes.
+    x = (x - x.max()) / float(params.temperature)
+    vocab = x.numel()
+
+    # `ids` lists the surviving candidates, best first, in the order the CDF walks
+    # them; None means "all of the vocabulary, in id order" (no sort needed).
+    # Softmax runs in float32 (fast, vectorised); the cumulative sums run in float64 so
+    # that summing 150k small numbers loses no mass.
+    ids: torch.Tensor | None
+    if 0 < params.top_k < vocab:
+        ids = _best_ids(x, params.top_k)
+        # Top-k renormalises over its survivors; top-p then measures mass within them.
+        probs = torch.softmax(x[ids], dim=-1).to(torch.float64)
+        if params.top_p < 1.0:
+            keep = _nucleus_len(probs, params.top_p)
+            ids, probs = ids[:keep], probs[:keep]
+    elif params.top_p < 1.0:
+        full = torch.softmax(x, dim=-1)
+        # _best_ids(x, n) is exactly the first n ids of a stable best-first sort, so a
+        # prefix gives the same nucleus as the full sort whenever the nucleus ends
+        # inside it. Try growing prefixes; sort everything only as a last resort.
+        for n in (*_NUCLEUS_PREFIXES, vocab):
+            ids = _best_ids(x, min(n, vocab))
+            probs = full[ids].to(torch.float64)
+            keep = _nucleus_len(probs, params.top_p)
+            if keep < ids.numel() or ids.numel() == vocab:
+                break
+        ids, probs = ids[:keep], probs[:keep]
+    else:
+        ids = None
+        probs = torch.softmax(x, dim=-1).to(torch.float64)
+
+    cdf = torch.cumsum(probs, dim=-1)
+    target = _uniform(params.seed, step) * float(cdf[-1])  # scaling == renormalising
+    # right=True: first index with cdf > target, which always has positive probability.
+    pos = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64), right=True)[0])
+    # Rounding can put target at cdf[-1]; fall back to the last positive-mass entry.
+    if pos >= cdf.numel():
+        pos = int(torch.nonzero(probs > 0).max())
+    return int(ids[pos]) if ids is not None else pos
+
+
+def sample_batch(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_ids: Sequence[Sequence[int]],
+    generated_ids: Sequence[Sequence[int]],
+) -> list[SampledToken]:
+    """:func:`sample` for each row of ``logits [batch, vocab]``.
+
+    Each row uses its own params and history, and the result is identical to calling
+    :func:`sample` row by row: a session's tokens never depend on what it was batched
+    with, which a replay on another machine (with different batch-mates) relies on.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must have shape [batch, vocab], got {getattr(logits, 'shape', type(logits).__name__)}")
+    b = logits.shape[0]
+    if not len(params) == len(prompt_ids) == len(generated_ids) == b:
+        raise ValueError(
+            f"batch of {b} logit rows needs as many params/prompt_ids/generated_ids, "
+            f"got {len(params)}/{len(prompt_ids)}/{len(generated_ids)}"
+        )
+    # One conversion for the whole batch instead of one per row.
+    rows = logits.detach().to(device="cpu", dtype=torch.float32)
+    return [sample(rows[i], params[i], prompt_ids[i], generated_ids[i]) for i in range(b)]

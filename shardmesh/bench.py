@@ -1,0 +1,182 @@
+"""``shardmesh bench``: decode speed of our paths next to transformers ``generate``.
+
+All figures come from one run on one machine, same weights, same dtype, same threads:
+
+* ``generate``: ``AutoModelForCausalLM.generate``, greedy, the reference.
+* ``stage``: our one-node path as the gateway runs it (generation loop → stage runner →
+  torch stage in a worker thread → sampling), without HTTP.
+* ``http``: the same through the OpenAI gateway (hypercorn, SSE), read by a client in
+  the same process, so client parsing is counted against us.
+* ``batch``: several concurrent sessions through the stage runner; aggregate tokens/s.
+
+Decode speed excludes the prompt: it is measured from the first generated token to the
+last. Each path runs ``--repeats`` times and the best run is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import trio
+
+BENCH_MODEL = dict(arch="llama", layers=12, hidden=768, heads=12, kv_heads=4, intermediate=2048, vocab_size=16384, context_length=4096)
+
+
+@dataclass
+class Figure:
+    name: str
+    tokens_per_s: float
+    note: str = ""
+
+
+def bench_model_path(model: str | None) -> Path:
+    if model:
+        return Path(model)
+    from .backends.tiny import cached_tiny_model
+
+    print("building (once) the 100M-parameter tiny Llama: hidden 768, 12 layers ...", flush=True)
+    return cached_tiny_model(**BENCH_MODEL)
+
+
+def prompt_ids(vocab: int, n: int) -> list[int]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(10, vocab, (n,), generator=g).tolist()
+
+
+def bench_generate(path: Path, dtype: torch.dtype, prompt: list[int], tokens: int, repeats: int) -> Figure:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    ids = torch.tensor([prompt])
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def timed(n: int) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        assert out.shape[1] == len(prompt) + n
+        return time.perf_counter() - t0
+
+    timed(4)  # warm-up
+    best = 0.0
+    for _ in range(repeats):
+        first = timed(1)  # prefill + first token
+        full = timed(tokens)
+        best = max(best, (tokens - 1) / (full - first))
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return Figure("transformers generate", best, f"{params:.0f}M parameters")
+
+
+async def _decode_rate(generator, prompt: list[int], tokens: int) -> float:
+    from .api.generate import Finished, GenerationRequest
+    from .backends.sampling import SamplingParams
+
+    req = GenerationRequest(prompt, tokens, SamplingParams(temperature=0.0))
+    first = last = None
+    count = 0
+    async for event in generator.stream(req):
+        if isinstance(event, Finished):
+            break
+        count += 1
+        last = time.perf_counter()
+        if first is None:
+            first = last
+    assert count == tokens, f"generated {count} of {tokens} tokens (eos?)"
+    return (count - 1) / (last - first)
+
+
+async def _http_rate(url: str, model: str, prompt: str, tokens: int) -> float:
+    import httpx
+
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True}
+    first = last = None
+    count = 0
+    async with httpx.AsyncClient(timeout=120) as client:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+            resp.raise_for_status()
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0].get("finish_reason") is None:
+                    count += 1
+                    last = time.perf_counter()
+                    if first is None:
+                        first = last
+    return (count - 1) / (last - first) if count > 1 else 0.0
+
+
+async def bench_ours(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int, sessions: int) -> list[Figure]:
+    from .api.app import create_app, serve
+    from .api.generate import Generator
+    from .backends.local_chain import LocalChains
+    from .backends.runner import StageRunner
+    from .backends.torch_stage import TorchStage
+    from .backends.weights import resolve_local
+    from transformers import AutoTokenizer
+
+    stage = TorchStage(resolve_local(str(path)), 0, dtype=dtype, model_name="bench")
+    runner = StageRunner(stage)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    generator = Generator("bench", tokenizer, 1 << 20, LocalChains([runner]), frozenset())
+    figures = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.run)
+        await _decode_rate(generator, prompt, 4)  # warm-up
+        best = max([await _decode_rate(generator, prompt, tokens) for _ in range(repeats)])
+        figures.append(Figure("shardmesh one-node stage path", best))
+
+        port = await nursery.start(serve, create_app(generator), "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{port}"
+        text = tokenizer.decode(prompt)
+        best = max([await _http_rate(url, "bench", text, tokens) for _ in range(repeats)])
+        figures.append(Figure("shardmesh one-node via HTTP (SSE)", best, "client in the same process"))
+
+        rates: list[float] = []
+
+        async def one() -> None:
+            rates.append(await _decode_rate(generator, prompt, tokens))
+
+        before = runner.batched_requests, runner.batches
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as group:
+            for _ in range(sessions):
+                group.start_soon(one)
+        elapsed = time.perf_counter() - t0
+        reqs, batches = runner.batched_requests - before[0], runner.batches - before[1]
+        figures.append(
+            Figure(
+                f"shardmesh {sessions} concurrent sessions (aggregate)",
+                sessions * tokens / elapsed,
+                f"mean batch {reqs / max(1, batches):.1f}; includes prefills",
+            )
+        )
+        nursery.cancel_scope.cancel()
+    return figures
+
+
+def run_bench(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = bench_model_path(args.model)
+    torch_dtype = getattr(torch, args.dtype)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(path).vocab_size
+    prompt = prompt_ids(vocab, args.prompt_tokens)
+    print(
+        f"model {path}\ndtype {args.dtype}, torch threads {torch.get_num_threads()}, "
+        f"prompt {args.prompt_tokens} tokens, decode {args.tokens} tokens, best of {args.repeats}",
+        flush=True,
+    )
+    reference = bench_generate(path, torch_dtype, prompt, args.tokens, args.repeats)
+    ours = trio.run(bench_ours, path, args.dtype, prompt, args.tokens, args.repeats, args.sessions)
+    print(f"\n{'path':44s} {'decode tok/s':>12s} {'vs generate':>12s}")
+    for fig in [reference, *ours]:
+        ratio = fig.tokens_per_s / reference.tokens_per_s
+        print(f"{fig.name:44s} {fig.tokens_per_s:12.1f} {ratio:12.2f}  {fig.note}")
+    return 0
