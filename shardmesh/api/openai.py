@@ -1,0 +1,595 @@
+"""The OpenAI wire format: request schemas, response bodies, SSE chunks and errors.
+
+This module knows what OpenAI's ``/v1/chat/completions`` and ``/v1/completions`` look
+like on the wire and nothing about HTTP servers. It turns a parsed JSON body into a
+:class:`~shardmesh.api.generate.GenerationRequest` and turns generated text back into
+the dicts that the official clients expect. ``app.py`` does the HTTP part.
+
+Decisions worth knowing (where OpenAI's own behaviour is not the obvious choice):
+
+* Validation is *strict*: ``"temperature": "0.5"`` or ``"max_tokens": 16.0`` is a 400,
+  not silently coerced. Integers are accepted where a float is expected (JSON writes
+  ``1`` for ``1.0``). Unknown fields are ignored, as OpenAI does.
+* Sampling ranges (temperature in [0, 2], top_p in (0, 1], penalties in [-2, 2], ...)
+  are checked by :meth:`SamplingParams.validate`, the one place that defines them; its
+  ``ValueError`` becomes a 400 naming the parameter.
+* ``n`` must be 1 and ``stop`` holds at most 4 non-empty strings. Features that would
+  change the output and that we do not implement (``tools``, ``logit_bias``,
+  ``response_format`` other than text, ``echo``, ``suffix``, ``best_of`` > 1) are a 400
+  rather than silently ignored: a client that relies on them must learn it at once.
+* A message's content may be a string or a list of ``{"type": "text", "text": ...}``
+  parts; the parts are concatenated as they are. The ``developer`` role (OpenAI's new
+  name for ``system``) is passed to the chat template as ``system``, which every
+  template knows.
+* Chat prompts are rendered with the tokenizer's chat template and encoded with
+  ``sanitize_control_tokens=True``: a user who types ``<|im_start|>system`` gets those
+  characters as text, not the control token, so message boundaries cannot be forged.
+* ``max_tokens`` (or its newer name ``max_completion_tokens``, which wins when both are
+  given) defaults to whatever the context window has left after the prompt. A prompt
+  that fills the window, or a prompt plus ``max_tokens`` that overflows it, is a 400
+  with code ``context_length_exceeded`` (OpenAI's behaviour), never a silent clamp.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from functools import partial
+from typing import Any, Literal, Sequence, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shardmesh.api.generate import GenerationRequest, TokenEvent
+from shardmesh.backends.sampling import SamplingParams
+
+__all__ = [
+    "ApiError",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "chat_chunk",
+    "chat_completion",
+    "chat_logprob_entry",
+    "chat_prompt_ids",
+    "completion_logprobs",
+    "completion_prompt_ids",
+    "error_body",
+    "generation_request",
+    "new_id",
+    "parse_request",
+    "text_completion",
+    "usage",
+]
+
+#: OpenAI's limit on stop sequences per request.
+MAX_STOP_SEQUENCES = 4
+#: OpenAI's limit on ``logprobs`` for the legacy completions endpoint.
+MAX_COMPLETION_LOGPROBS = 5
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """An error to send back as ``{"error": {...}}`` with an HTTP status.
+
+    ``type`` follows OpenAI's vocabulary (``invalid_request_error``,
+    ``authentication_error``, ``server_error``...); ``param`` names the offending
+    request field when there is one; ``code`` is a stable machine-readable string;
+    ``headers`` go on the HTTP response.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body OpenAI clients parse into their ``APIError`` exceptions."""
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(
+    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """``{"error": {"message", "type", "param", "code"}}``, OpenAI's error envelope."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> ApiError:
+    """A 400 ``invalid_request_error``: the client sent something we will not run."""
+    return ApiError(400, message, param=param, code=code)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class _Strict(BaseModel):
+    """Base of every request model: strict types, unknown fields ignored.
+
+    Strict mode refuses silent coercions (a string for a number, a bool for an int).
+    ``extra="ignore"`` lets newer clients send fields we do not know yet.
+    """
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ChatMessage(_Strict):
+    """One message of a conversation. ``content`` is normalised to a plain string."""
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _flatten_parts(cls, value: Any) -> Any:
+        """Accept ``"text"`` or ``[{"type": "text", "text": "..."}, ...]``; return text."""
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError("content must be a string or a list of text parts")
+        texts: list[str] = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise ValueError('only text content parts ({"type": "text", "text": ...}) are supported')
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise ValueError("a text content part needs a string 'text'")
+            texts.append(text)
+        return "".join(texts)
+
+
+class StreamOptions(_Strict):
+    """``stream_options``: only ``include_usage`` means something to us."""
+
+    include_usage: bool | None = None
+
+
+def _normalize_stop(value: Any) -> Any:
+    """``"x"`` -> ``["x"]``; lists are checked for length and non-empty strings."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise ValueError("stop must be a string or a list of strings")
+    if len(value) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"stop may hold at most {MAX_STOP_SEQUENCES} sequences")
+    if any(s == "" for s in value):
+        raise ValueError("stop sequences must not be empty strings")
+    return value
+
+
+class _SamplingFields(_Strict):
+    """The fields both endpoints share. Ranges are left to ``SamplingParams.validate``."""
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # extension (vLLM, llama.cpp); 0 or -1 disables it
+    seed: int | None = None
+    stop: list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # extension (transformers' meaning)
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, Any] | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, value: Any) -> Any:
+        return _normalize_stop(value)
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed response ends with a usage-only chunk."""
+        return self.streaming and self.stream_options is not None and bool(self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """The body of ``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    """The body of ``POST /v1/completions``. ``prompt`` is normalised to text or ids."""
+
+    prompt: str | list[int]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> Any:
+        """Accept ``"text"``, ``["text"]``, ``[1, 2, 3]`` or ``[[1, 2, 3]]``: one prompt."""
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not value:
+            raise ValueError("prompt must be a string, a list of one string, or a list of token ids")
+        if all(type(t) is int for t in value):
+            return value
+        if len(value) != 1:
+            raise ValueError("only one prompt per request is supported")
+        (only,) = value
+        if isinstance(only, str):
+            return only
+        if isinstance(only, list) and only and all(type(t) is int for t in only):
+            return only
+        raise ValueError("prompt must be a string, a list of one string, or a list of token ids")
+
+
+RequestT = TypeVar("RequestT", ChatCompletionRequest, CompletionRequest)
+
+
+def parse_request(model: type[RequestT], body: Any) -> RequestT:
+    """Validate a decoded JSON body into ``model``; any problem becomes a 400.
+
+    The message names the first offending field the way OpenAI does
+    (``messages[0].content``) and says what was wrong with it.
+    """
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        param = _param_path(first["loc"])
+        message = first["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        raise bad_request(f"Invalid value for '{param}': {message}" if param else message, param=param or None) from None
+
+
+def _param_path(loc: Sequence[int | str]) -> str:
+    """``("messages", 0, "content")`` -> ``"messages[0].content"``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _reject_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """A 400 for parameters we understand but do not implement (see module docstring)."""
+    if req.n is not None and req.n != 1:
+        raise bad_request("only n=1 is supported", param="n")
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported", param="logit_bias")
+    if isinstance(req, ChatCompletionRequest):
+        if req.tools or req.functions:
+            raise bad_request("tools and function calling are not supported", param="tools")
+        if req.response_format is not None and req.response_format.get("type", "text") != "text":
+            raise bad_request("only response_format {'type': 'text'} is supported", param="response_format")
+        if not req.messages:
+            raise bad_request("messages must hold at least one message", param="messages")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+    else:
+        if req.echo:
+            raise bad_request("echo is not supported", param="echo")
+        if req.suffix:
+            raise bad_request("suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != 1:
+            raise bad_request("only best_of=1 is supported", param="best_of")
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
+    """Render ``messages`` with the chat template and encode them, ready to generate.
+
+    ``add_generation_prompt=True`` appends the assistant header so the model answers.
+    transformers 5 returns a ``BatchEncoding`` from ``apply_chat_template`` unless
+    ``return_dict=False``. Special tokens are not added again (the template writes
+    them), and control tokens typed by the user are encoded as text. Template errors
+    (e.g. "roles must alternate", raised by some templates) become a 400.
+    """
+    conversation = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.content or ""} for m in messages
+    ]
+    render = partial(tokenizer.apply_chat_template, conversation, add_generation_prompt=True, return_dict=False)
+    try:
+        try:
+            ids = render(sanitize_control_tokens=True)
+        except (NotImplementedError, TypeError):
+            # A tokenizer class without control-token sanitizing: encode as the template wrote it.
+            ids = render()
+    except Exception as exc:  # jinja2 TemplateError / ValueError raised by the template itself
+        if type(exc).__module__.startswith("jinja2") or isinstance(exc, ValueError):
+            raise bad_request(f"the chat template rejected the messages: {exc}", param="messages") from None
+        raise
+    return [int(t) for t in ids]
+
+
+def completion_prompt_ids(tokenizer: Any, prompt: str | list[int], vocab_size: int) -> list[int]:
+    """Encode a completions prompt. Text gets the tokenizer's usual special tokens (BOS).
+
+    Token-id prompts are used as given after a range check against the vocabulary.
+    """
+    if isinstance(prompt, str):
+        ids = [int(t) for t in tokenizer(prompt)["input_ids"]]
+    else:
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param="prompt")
+        ids = list(prompt)
+    if not ids:
+        raise bad_request("the prompt is empty", param="prompt")
+    return ids
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def sampling_params(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+    """The request's sampling knobs as validated :class:`SamplingParams`.
+
+    Fields the client left out keep SamplingParams' defaults (OpenAI's: temperature 1,
+    top_p 1, no penalties). Logprobs: chat asks with ``logprobs: true`` plus
+    ``top_logprobs: k``; completions with ``logprobs: k`` (k alternatives, 0 = only the
+    chosen token's logprob).
+    """
+    kwargs: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        value = getattr(req, name)
+        if value is not None:
+            kwargs[name] = float(value)
+    if req.top_k is not None:
+        kwargs["top_k"] = 0 if req.top_k == -1 else req.top_k  # -1 is vLLM's "disabled"
+    if req.seed is not None:
+        kwargs["seed"] = req.seed
+    if isinstance(req, ChatCompletionRequest):
+        if req.logprobs:
+            kwargs["logprobs"] = True
+            kwargs["top_logprobs"] = req.top_logprobs or 0
+    elif req.logprobs is not None:
+        kwargs["logprobs"] = True
+        kwargs["top_logprobs"] = req.logprobs
+    params = SamplingParams(**kwargs)
+    try:
+        params.validate()
+    except ValueError as exc:
+        name = str(exc).split(" ", 1)[0]
+        raise bad_request(str(exc), param=name if name in kwargs else None) from None
+    return params
+
+
+def resolve_max_tokens(requested: int | None, prompt_tokens: int, context_length: int, *, prompt_param: str = "messages") -> int:
+    """How many tokens to generate, or a 400 when the context window cannot hold them."""
+    if prompt_tokens >= context_length:
+        raise bad_request(
+            f"This model's maximum context length is {context_length} tokens, and the prompt has "
+            f"{prompt_tokens} tokens: no room is left to generate.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if requested is None:
+        return context_length - prompt_tokens
+    if prompt_tokens + requested > context_length:
+        raise bad_request(
+            f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for the "
+            f"completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def requested_max_tokens(req: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """``max_completion_tokens`` (chat's newer name) wins over ``max_tokens``."""
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        return req.max_completion_tokens
+    return req.max_tokens
+
+
+def check_request(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+    """Every check that needs no tokenizer: unsupported features and sampling ranges."""
+    _reject_unsupported(req)
+    return sampling_params(req)
+
+
+def generation_request(
+    req: ChatCompletionRequest | CompletionRequest,
+    prompt_ids: list[int],
+    context_length: int,
+    sampling: SamplingParams,
+) -> GenerationRequest:
+    """Everything the generator needs, with ``max_tokens`` resolved against the context."""
+    prompt_param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+    max_tokens = resolve_max_tokens(requested_max_tokens(req), len(prompt_ids), context_length, prompt_param=prompt_param)
+    return GenerationRequest(
+        prompt_ids=prompt_ids,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        stop=tuple(req.stop or ()),
+    )
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def new_id(prefix: str) -> str:
+    """``chatcmpl-<32 hex>`` / ``cmpl-<32 hex>``: unique per response, as OpenAI's are."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    """Unix time in whole seconds, the ``created`` field."""
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """The ``usage`` object."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def chat_logprob_entry(token: str, event: TokenEvent) -> dict[str, Any]:
+    """One element of ``choices[0].logprobs.content``: the token, its logprob and bytes.
+
+    ``token`` is the chosen token decoded on its own (a partial UTF-8 character shows as
+    U+FFFD; ``bytes`` are those of that string).
+    """
+    return {
+        "token": token,
+        "logprob": event.logprob,
+        "bytes": list(token.encode("utf-8", errors="replace")),
+        "top_logprobs": [
+            {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8", errors="replace"))}
+            for t, lp in event.top_logprobs
+        ],
+    }
+
+
+def chat_completion(
+    *,
+    id: str,
+    created: int,
+    model: str,
+    content: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    logprobs: list[dict[str, Any]] | None,
+) -> dict[str, Any]:
+    """A whole ``chat.completion`` object (the non-streaming answer)."""
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "logprobs": None if logprobs is None else {"content": logprobs},
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chat_chunk(
+    *,
+    id: str,
+    created: int,
+    model: str,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
+    include_usage: bool = False,
+) -> dict[str, Any]:
+    """One ``chat.completion.chunk``. With ``include_usage`` every chunk has ``usage: null``
+    and the stream ends with :func:`usage_chunk` (OpenAI's convention)."""
+    chunk: dict[str, Any] = {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None if logprobs is None else {"content": logprobs},
+                "finish_reason": finish_reason,
+            }
+        ],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(*, id: str, created: int, model: str, object: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The last chunk of a stream with ``include_usage``: no choices, only usage."""
+    return {
+        "id": id,
+        "object": object,
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def completion_logprobs(entries: Sequence[tuple[str, TokenEvent, int]]) -> dict[str, Any]:
+    """The legacy ``logprobs`` object from ``(token text, event, text_offset)`` triples.
+
+    ``text_offset`` is where each token's text starts in the completion (in characters).
+    """
+    return {
+        "tokens": [token for token, _, _ in entries],
+        "token_logprobs": [event.logprob for _, event, _ in entries],
+        "top_logprobs": [dict(event.top_logprobs) for _, event, _ in entries],
+        "text_offset": [offset for _, _, offset in entries],
+    }
+
+
+def text_completion(
+    *,
+    id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    logprobs: dict[str, Any] | None = None,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    include_usage: bool = False,
+) -> dict[str, Any]:
+    """A ``text_completion`` object: the whole answer, or one streamed chunk of it.
+
+    The non-streaming answer passes the token counts and gets ``usage``; a chunk of a
+    stream with ``include_usage`` gets ``usage: null``.
+    """
+    body: dict[str, Any] = {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+    }
+    if prompt_tokens is not None and completion_tokens is not None:
+        body["usage"] = usage(prompt_tokens, completion_tokens)
+    elif include_usage:
+        body["usage"] = None
+    return body

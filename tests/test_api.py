@@ -1,0 +1,724 @@
+"""The OpenAI-compatible gateway, end to end: a real node process, the official client.
+
+One node per module serves a tiny random Llama (4 layers, hidden 64). Greedy output is
+compared token for token with single-process transformers ``generate``. Error cases use
+raw ``httpx`` where the official client would refuse to send the request. Every error
+test ends by checking that the node still answers a good request.
+
+A second node, started with ``--api-key``, checks authentication. Failures that a
+healthy node cannot produce on demand (model unavailable, a crash before or during a
+stream, a client hanging up) are checked in-process at the end, with the real app and
+server in front of a scripted stand-in for the generator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+READY = re.compile(r"gateway ready at (http://[^\s/]+)")
+STARTUP_TIMEOUT = 120.0
+N = 12  # tokens per generation: small keeps the module fast
+API_KEY = "test-key-0123456789"
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "The quick brown fox jumps over the lazy dog. Tell me more."},
+]
+PROMPT = "Once upon a time, in a small village by the sea,"
+
+
+# --------------------------------------------------------------------------- node
+
+
+@dataclass
+class Node:
+    """A running ``python -m shardmesh run`` process and its gateway URL."""
+
+    proc: subprocess.Popen[str]
+    url: str = ""
+    lines: list[str] = field(default_factory=list)
+
+    def output(self, since: int = 0) -> str:
+        return "".join(self.lines[since:])
+
+
+def _pump(node: Node) -> None:
+    """Drain the node's output forever (a full pipe would block it) into ``node.lines``."""
+    assert node.proc.stdout is not None
+    for line in node.proc.stdout:
+        node.lines.append(line)
+
+
+def start_node(model: Path, *extra: str) -> Node:
+    """Start a node on a free port and wait for its ``gateway ready at`` line."""
+    cmd = [sys.executable, "-m", "shardmesh", "run", "--model", str(model), "--api", "127.0.0.1:0", "--no-mdns", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    node = Node(proc)
+    threading.Thread(target=_pump, args=(node,), daemon=True).start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        for line in list(node.lines):
+            if m := READY.search(line):
+                node.url = m.group(1)
+                return node
+        if proc.poll() is not None:
+            time.sleep(0.2)  # let the pump read the last lines
+            pytest.fail(f"node exited with {proc.returncode} before it was ready:\n{node.output()}")
+        time.sleep(0.1)
+    stop_node(node)
+    pytest.fail(f"node not ready within {STARTUP_TIMEOUT:.0f} s:\n{node.output()}")
+
+
+def stop_node(node: Node) -> None:
+    node.proc.terminate()
+    try:
+        node.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        node.proc.kill()
+        node.proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    from shardmesh.backends.tiny import cached_tiny_model
+
+    return cached_tiny_model("llama", layers=4, hidden=64)
+
+
+def _node_fixture(request: pytest.FixtureRequest, model_path: Path, *extra: str) -> Iterator[Node]:
+    node = start_node(model_path, *extra)
+    failed_before = request.session.testsfailed
+    try:
+        yield node
+    finally:
+        stop_node(node)
+        if request.session.testsfailed > failed_before:
+            print(f"---- node output ({' '.join(node.proc.args)}) ----\n{node.output()}")
+
+
+@pytest.fixture(scope="module")
+def node(request: pytest.FixtureRequest, model_path: Path) -> Iterator[Node]:
+    yield from _node_fixture(request, model_path)
+
+
+@pytest.fixture(scope="module")
+def keyed_node(request: pytest.FixtureRequest, model_path: Path) -> Iterator[Node]:
+    yield from _node_fixture(request, model_path, "--api-key", API_KEY)
+
+
+@pytest.fixture(autouse=True)
+def node_output_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
+    """When a test fails, show what the node(s) it used printed while it ran."""
+    nodes = [request.getfixturevalue(name) for name in ("node", "keyed_node") if name in request.fixturenames]
+    marks = [len(n.lines) for n in nodes]
+    failed_before = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed_before:
+        for n, mark in zip(nodes, marks):
+            print(f"---- node output during this test ----\n{n.output(mark)}")
+
+
+@pytest.fixture(scope="module")
+def client(node: Node) -> openai.OpenAI:
+    # No retries: a 5xx must fail the test, not be retried quietly.
+    return openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model_id(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+# --------------------------------------------------------------------------- reference
+
+
+@dataclass(frozen=True)
+class Reference:
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated, without a final eos
+    tokens: list[str]  # each generated token decoded on its own
+    text: str
+    finish_reason: str
+
+
+class Transformers:
+    """Single-process transformers: the ground truth the gateway must reproduce."""
+
+    def __init__(self, path: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        eos = self.model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        # transformers 5 returns a BatchEncoding unless return_dict=False.
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> Reference:
+        with self.torch.no_grad():
+            out = self.model.generate(
+                self.torch.tensor([prompt_ids]),
+                attention_mask=self.torch.ones(1, len(prompt_ids), dtype=self.torch.long),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+            )
+        ids = out[0, len(prompt_ids) :].tolist()
+        finish = "length"
+        if ids and ids[-1] in self.eos:
+            ids, finish = ids[:-1], "stop"
+        return Reference(
+            prompt_ids=prompt_ids,
+            token_ids=ids,
+            tokens=[self.tokenizer.decode([t]) for t in ids],
+            text=self.tokenizer.decode(ids, skip_special_tokens=True),
+            finish_reason=finish,
+        )
+
+
+@pytest.fixture(scope="module")
+def reference(model_path: Path) -> Transformers:
+    return Transformers(model_path)
+
+
+@pytest.fixture(scope="module")
+def chat_ref(reference: Transformers) -> Reference:
+    return reference.greedy(reference.chat_ids(MESSAGES), N)
+
+
+@pytest.fixture(scope="module")
+def completion_ref(reference: Transformers) -> Reference:
+    return reference.greedy(reference.prompt_ids(PROMPT), N)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def assert_still_serving(client: openai.OpenAI, model_id: str) -> None:
+    """A good request after a bad one: the node is alive and answering."""
+    r = client.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0
+    )
+    assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
+    """The status code and OpenAI's error envelope: {"error": {message, type, param, code}}."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    error = body["error"]
+    assert set(error) >= {"message", "type", "param", "code"}, body
+    assert isinstance(error["message"], str) and error["message"]
+    if code is not None:
+        assert error["code"] == code, body
+    return error
+
+
+def post(node: Node, path: str, body: Any, **kwargs: Any) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    headers = {"content-type": "application/json", **kwargs.pop("headers", {})}
+    return httpx.post(f"{node.url}{path}", content=content, headers=headers, timeout=60, **kwargs)
+
+
+def sse_events(response: httpx.Response) -> list[Any]:
+    """The ``data:`` payloads of a server-sent event stream, JSON-decoded except [DONE]."""
+    events = []
+    for line in response.text.splitlines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+# --------------------------------------------------------------------------- models, health, metrics
+
+
+def test_models_list_and_get(client: openai.OpenAI, node: Node) -> None:
+    models = client.models.list().data
+    assert len(models) == 1
+    assert models[0].object == "model" and models[0].id
+    assert client.models.retrieve(models[0].id).id == models[0].id
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_health(node: Node, model_id: str) -> None:
+    r = httpx.get(f"{node.url}/health", timeout=10)
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "model": model_id}
+
+
+def test_metrics_count_requests_and_tokens(client: openai.OpenAI, node: Node, model_id: str) -> None:
+    client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=3, temperature=0)
+    r = httpx.get(f"{node.url}/metrics", timeout=10)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert re.search(r'shardmesh_http_requests_total\{.*route="/v1/chat/completions".*status="200".*\} [1-9]', text)
+    assert re.search(r"^shardmesh_generated_tokens_total [1-9]", text, re.M)
+    assert re.search(r"^shardmesh_time_to_first_token_seconds_count [1-9]", text, re.M)
+
+
+# --------------------------------------------------------------------------- chat
+
+
+def test_chat_greedy_matches_transformers(client: openai.OpenAI, model_id: str, chat_ref: Reference) -> None:
+    r = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=N, temperature=0, logprobs=True)
+    choice = r.choices[0]
+    assert r.object == "chat.completion"
+    assert r.id.startswith("chatcmpl-")
+    assert r.model == model_id
+    assert choice.message.role == "assistant"
+    assert [t.token for t in choice.logprobs.content] == chat_ref.tokens
+    assert choice.message.content == chat_ref.text
+    assert choice.finish_reason == chat_ref.finish_reason
+    assert r.usage.prompt_tokens == len(chat_ref.prompt_ids)
+    assert r.usage.completion_tokens == len(chat_ref.token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_matches_transformers(client: openai.OpenAI, model_id: str, chat_ref: Reference) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model=model_id,
+            messages=MESSAGES,
+            max_tokens=N,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" and c.model == model_id for c in chunks)
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    with_choices = [c for c in chunks if c.choices]
+    assert with_choices[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == chat_ref.text
+    assert [c.choices[0].finish_reason for c in with_choices][-1] == chat_ref.finish_reason
+    assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
+    # include_usage: one last chunk with no choices and the usage.
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.prompt_tokens == len(chat_ref.prompt_ids)
+    assert chunks[-1].usage.completion_tokens == len(chat_ref.token_ids)
+
+
+def test_chat_stream_wire_format(node: Node, model_id: str) -> None:
+    body = {"model": model_id, "messages": MESSAGES, "max_tokens": 4, "temperature": 0, "stream": True}
+    r = post(node, "/v1/chat/completions", body)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    assert all("usage" not in e for e in events[:-1])  # only with stream_options.include_usage
+    assert events[-2]["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_chat_list_content_and_developer_role(client: openai.OpenAI, model_id: str, reference: Transformers) -> None:
+    messages = [
+        {"role": "developer", "content": "You are terse."},
+        {"role": "user", "content": [{"type": "text", "text": "The quick brown fox "}, {"type": "text", "text": "jumps."}]},
+    ]
+    expected = reference.greedy(
+        reference.chat_ids(
+            [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "The quick brown fox jumps."}]
+        ),
+        4,
+    )
+    r = client.chat.completions.create(model=model_id, messages=messages, max_tokens=4, temperature=0)
+    assert r.choices[0].message.content == expected.text
+    assert r.usage.prompt_tokens == len(expected.prompt_ids)
+
+
+def test_chat_seed_reproducible(client: openai.OpenAI, model_id: str) -> None:
+    def sample(seed: int) -> str:
+        r = client.chat.completions.create(
+            model=model_id, messages=MESSAGES, max_tokens=N, temperature=1.0, seed=seed
+        )
+        return r.choices[0].message.content
+
+    assert sample(1234) == sample(1234)
+
+
+def test_chat_stop_sequence(client: openai.OpenAI, model_id: str, chat_ref: Reference) -> None:
+    text = chat_ref.text
+    assert len(text) >= 6, f"reference text too short to pick a stop sequence from: {text!r}"
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    expected = text[: text.index(stop)]
+
+    r = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=N, temperature=0, stop=[stop])
+    assert r.choices[0].message.content == expected
+    assert r.choices[0].finish_reason == "stop"
+
+    chunks = list(
+        client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=N, temperature=0, stop=stop, stream=True)
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_chat_logprobs(client: openai.OpenAI, model_id: str, chat_ref: Reference) -> None:
+    r = client.chat.completions.create(
+        model=model_id, messages=MESSAGES, max_tokens=N, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == len(chat_ref.token_ids)
+    for entry in content:
+        assert entry.logprob <= 0.0
+        assert entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 3
+        # Greedy picks the most likely token; top_logprobs are best first.
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-4)
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+
+    chunks = list(
+        client.chat.completions.create(
+            model=model_id, messages=MESSAGES, max_tokens=N, temperature=0, logprobs=True, top_logprobs=2, stream=True
+        )
+    )
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == chat_ref.tokens
+
+
+# --------------------------------------------------------------------------- completions
+
+
+def test_completion_greedy_matches_transformers(client: openai.OpenAI, model_id: str, completion_ref: Reference) -> None:
+    r = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=N, temperature=0, logprobs=2)
+    choice = r.choices[0]
+    assert r.object == "text_completion"
+    assert r.id.startswith("cmpl-")
+    assert choice.text == completion_ref.text
+    assert choice.finish_reason == completion_ref.finish_reason
+    assert r.usage.prompt_tokens == len(completion_ref.prompt_ids)
+    assert r.usage.completion_tokens == len(completion_ref.token_ids)
+    lp = choice.logprobs
+    assert lp.tokens == completion_ref.tokens
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(completion_ref.token_ids)
+    assert all(lp_ <= 0.0 for lp_ in lp.token_logprobs)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
+    assert lp.text_offset == sorted(lp.text_offset)
+
+
+def test_completion_stream_matches_transformers(client: openai.OpenAI, model_id: str, completion_ref: Reference) -> None:
+    chunks = list(
+        client.completions.create(
+            model=model_id, prompt=PROMPT, max_tokens=N, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    with_choices = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in with_choices) == completion_ref.text
+    assert with_choices[-1].choices[0].finish_reason == completion_ref.finish_reason
+    assert chunks[-1].usage.completion_tokens == len(completion_ref.token_ids)
+    assert chunks[-1].usage.prompt_tokens == len(completion_ref.prompt_ids)
+
+
+def test_completion_token_id_prompt(client: openai.OpenAI, model_id: str, completion_ref: Reference) -> None:
+    r = client.completions.create(model=model_id, prompt=completion_ref.prompt_ids, max_tokens=N, temperature=0)
+    assert r.choices[0].text == completion_ref.text
+
+
+def test_completion_seed_reproducible(client: openai.OpenAI, model_id: str) -> None:
+    def sample(seed: int) -> str:
+        return client.completions.create(model=model_id, prompt=PROMPT, max_tokens=N, temperature=1.0, seed=seed).choices[0].text
+
+    assert sample(7) == sample(7)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"", b"[1, 2]", b'"a string"', b"\xff\xfe\xfa", b'{"temperature": NaN}', b"[" * 100_000],
+    ids=["malformed", "empty", "array", "string", "not-utf8", "nan", "deeply-nested"],
+)
+def test_bad_json_is_400(node: Node, client: openai.OpenAI, model_id: str, content: bytes) -> None:
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        assert_error(post(node, path, content), 400)
+    assert_still_serving(client, model_id)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"messages": "hello"},
+        {"messages": [{"role": "user"}], "max_tokens": "many"},
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        {"messages": [{"role": "user", "content": 42}]},
+        {"temperature": "hot"},
+        {"temperature": True},
+        {"max_tokens": 0},
+        {"max_tokens": -5},
+        {"max_tokens": 3.5},
+        {"stream": "yes"},
+        {"stop": ["a", "b", "c", "d", "e"]},
+        {"stop": 7},
+        {"seed": 2**80},
+        {"top_p": 0},
+        {"top_logprobs": 3},
+        {"logprobs": True, "top_logprobs": 50},
+        {"messages": []},
+        {"model": None},
+        {"messages": [{"role": "user", "content": "\ud800"}]},
+    ],
+    ids=lambda c: json.dumps(c)[:40],
+)
+def test_invalid_chat_request_is_400(node: Node, client: openai.OpenAI, model_id: str, change: dict[str, Any]) -> None:
+    body = {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **change}
+    assert_error(post(node, "/v1/chat/completions", body), 400)
+    assert_still_serving(client, model_id)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"prompt": 5},
+        {"prompt": ["one", "two"]},
+        {"prompt": [[1, 2], [3]]},
+        {"prompt": [10**9]},
+        {"prompt": ""},
+        {"logprobs": 6},
+        {"logprobs": True},
+        {"echo": True},
+        {"n": 3},
+    ],
+    ids=lambda c: json.dumps(c)[:40],
+)
+def test_invalid_completion_request_is_400(node: Node, client: openai.OpenAI, model_id: str, change: dict[str, Any]) -> None:
+    body = {"model": model_id, "prompt": "hi", "max_tokens": 2, **change}
+    assert_error(post(node, "/v1/completions", body), 400)
+    assert_still_serving(client, model_id)
+
+
+def test_unknown_model_is_404(client: openai.OpenAI, model_id: str) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=2)
+    assert info.value.code == "model_not_found"
+    assert model_id in info.value.message  # names the models that exist
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4o", prompt="hi", max_tokens=2)
+    assert_still_serving(client, model_id)
+
+
+def test_unknown_route_is_404(node: Node, client: openai.OpenAI, model_id: str) -> None:
+    assert_error(httpx.get(f"{node.url}/v1/nothing-here", timeout=10), 404)
+    assert_error(httpx.get(f"{node.url}/v1/chat/completions", timeout=10), 405)
+    assert_still_serving(client, model_id)
+
+
+def test_n_greater_than_one_is_400(client: openai.OpenAI, model_id: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=2, n=2)
+    assert info.value.param == "n"
+    assert_still_serving(client, model_id)
+
+
+def test_temperature_out_of_range_is_400(client: openai.OpenAI, model_id: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=2, temperature=5)
+    assert info.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=model_id, prompt="hi", max_tokens=2, temperature=-1)
+    assert_still_serving(client, model_id)
+
+
+def test_too_long_prompt_is_400(client: openai.OpenAI, model_id: str) -> None:
+    context = client.models.retrieve(model_id).model_extra["max_model_len"]
+    long_text = "hello there " * context  # well over `context` tokens, well under 1 MiB
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": long_text}], max_tokens=2)
+    assert info.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model_id, prompt=long_text, max_tokens=2, stream=True)
+    assert info.value.code == "context_length_exceeded"
+    # The prompt fits but prompt + max_tokens does not: OpenAI says 400, so do we.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=context)
+    assert info.value.code == "context_length_exceeded"
+    assert_still_serving(client, model_id)
+
+
+def test_body_over_1mib_is_413(node: Node, client: openai.OpenAI, model_id: str) -> None:
+    big = {"model": model_id, "messages": [{"role": "user", "content": "x" * (1 << 20)}], "max_tokens": 2}
+    assert_error(post(node, "/v1/chat/completions", big), 413)
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the limit must hold while reading
+        for _ in range(24):
+            yield b" " * 65536
+
+    r = httpx.post(f"{node.url}/v1/completions", content=chunked(), timeout=60)
+    assert_error(r, 413)
+    assert_still_serving(client, model_id)
+
+
+# --------------------------------------------------------------------------- api key
+
+
+def test_api_key_required(keyed_node: Node) -> None:
+    base = f"{keyed_node.url}/v1"
+    good = openai.OpenAI(base_url=base, api_key=API_KEY, max_retries=0, timeout=60)
+    model = good.models.list().data[0].id
+
+    wrong = openai.OpenAI(base_url=base, api_key="wrong-key", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2)
+
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 2}
+    assert_error(post(keyed_node, "/v1/chat/completions", body), 401, "invalid_api_key")
+    assert_error(httpx.get(f"{keyed_node.url}/metrics", timeout=10), 401)
+    assert_error(httpx.get(f"{base}/models", headers={"Authorization": f"Basic {API_KEY}"}, timeout=10), 401)
+    assert httpx.get(f"{keyed_node.url}/health", timeout=10).status_code == 200  # stays open
+
+    r = good.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens >= 1
+    assert httpx.get(f"{keyed_node.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).status_code == 200
+
+
+# --------------------------------------------------------------------------- failure paths, in-process
+
+
+class ScriptedGenerator:
+    """Stands in for the Generator to fail on demand; everything else is the real gateway."""
+
+    model_name = "scripted"
+    context_length = 256
+
+    def __init__(self, tokenizer: Any, behaviour: str) -> None:
+        self.tokenizer = tokenizer
+        self.behaviour = behaviour
+        self.closed = False
+
+    def ready(self) -> bool:
+        return self.behaviour != "not-ready"
+
+    async def stream(self, req: Any) -> Any:
+        import trio
+
+        from shardmesh.api.generate import Finished, ModelUnavailable, PromptTooLong, TokenEvent
+
+        try:
+            if self.behaviour == "unavailable":
+                raise ModelUnavailable("no complete chain")
+            if self.behaviour == "too-long":
+                raise PromptTooLong("the prompt does not fit")
+            if self.behaviour == "crash-first":
+                raise RuntimeError("scripted crash before the first token")
+            for i in range(req.max_tokens):
+                if self.behaviour == "crash-mid" and i == 2:
+                    raise RuntimeError("scripted crash mid-stream")
+                if self.behaviour == "slow":
+                    await trio.sleep(0.2)
+                yield TokenEvent(token_id=100 + i, text=f"t{i} ", logprob=-0.5, top_logprobs=())
+            yield Finished("length", "", len(req.prompt_ids), req.max_tokens)
+        finally:
+            self.closed = True
+
+
+def run_in_process(generator: ScriptedGenerator, check: Any) -> None:
+    """Serve the real app for ``generator`` on a free port and run ``check(client)``."""
+    import trio
+
+    from shardmesh.api.app import create_app, serve
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve, create_app(generator), "127.0.0.1", 0)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+                await check(c)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def scripted_body(stream: bool, max_tokens: int = 5) -> dict[str, Any]:
+    return {"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "stream": stream}
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "status", "code"),
+    [
+        ("not-ready", 503, "model_unavailable"),
+        ("unavailable", 503, "model_unavailable"),
+        ("too-long", 400, "context_length_exceeded"),
+        ("crash-first", 500, "internal_error"),
+    ],
+)
+def test_generator_errors_before_first_token(tokenizer: Any, behaviour: str, status: int, code: str) -> None:
+    """Raised before anything was sent: a proper status code, streaming or not."""
+    generator = ScriptedGenerator(tokenizer, behaviour)
+
+    async def check(c: httpx.AsyncClient) -> None:
+        for stream in (False, True):
+            assert_error(await c.post("/v1/chat/completions", json=scripted_body(stream)), status, code)
+        generator.behaviour = "ok"  # and the server still serves
+        r = await c.post("/v1/chat/completions", json=scripted_body(False))
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == "t0 t1 t2 t3 t4 "
+
+    run_in_process(generator, check)
+
+
+def test_crash_mid_stream_ends_with_error_event(tokenizer: Any) -> None:
+    generator = ScriptedGenerator(tokenizer, "crash-mid")
+
+    async def check(c: httpx.AsyncClient) -> None:
+        r = await c.post("/v1/chat/completions", json=scripted_body(True))
+        assert r.status_code == 200  # the headers were out before the crash
+        events = sse_events(r)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["error"]["code"] == "internal_error"
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2])
+        assert text == "t0 t1 "
+        assert_error(await c.post("/v1/completions", json={"model": "scripted", "prompt": "hi", "max_tokens": 5}), 500)
+        assert generator.closed
+
+    run_in_process(generator, check)
+
+
+def test_client_disconnect_stops_generation(tokenizer: Any) -> None:
+    import trio
+
+    generator = ScriptedGenerator(tokenizer, "slow")
+
+    async def check(c: httpx.AsyncClient) -> None:
+        async with c.stream("POST", "/v1/chat/completions", json=scripted_body(True, max_tokens=50)) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if "t1 " in line:
+                    break  # leaving the block closes the connection mid-stream
+        with trio.fail_after(5):
+            while not generator.closed:
+                await trio.sleep(0.05)
+
+    run_in_process(generator, check)
