@@ -28,7 +28,7 @@ run: $(STAMP)
 	$(BIN)/shardmesh run --model $(MODEL) $(ARGS)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) -q $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile -q $(ARGS)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/shardmesh bench $(ARGS)

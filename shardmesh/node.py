@@ -8,6 +8,7 @@ here too.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -72,7 +73,8 @@ async def expire_idle_sessions(stage: TorchStage, idle_seconds: float) -> None:
     """Frees the caches of sessions whose client vanished without closing them."""
     while True:
         await trio.sleep(min(30.0, idle_seconds))
-        for session_id in stage.expire_idle(idle_seconds):
+        # In a thread: the stage's lock may be held by a step that is computing.
+        for session_id in await trio.to_thread.run_sync(stage.expire_idle, idle_seconds):
             log.info("closed idle session %s", session_id)
 
 
@@ -118,10 +120,23 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
             say(f"gateway ready at http://{host}:{port} (OpenAI base URL http://{host}:{port}/v1)")
 
 
+async def run_until_signalled(config: NodeConfig) -> None:
+    """Runs the node until SIGINT or SIGTERM, then cancels everything cleanly."""
+    async with trio.open_nursery() as nursery:
+
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    print(f"received {signal.Signals(signum).name}, stopping", file=sys.stderr, flush=True)
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(stop_on_signal)
+        await run_node(config)
+        nursery.cancel_scope.cancel()
+
+
 def main(config: NodeConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        trio.run(run_node, config)
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
+    trio.run(run_until_signalled, config)
     return 0

@@ -15,6 +15,7 @@ from typing import AsyncIterator, Protocol
 
 import trio
 
+from ..backends.base import CacheBudgetExceeded
 from ..backends.sampling import SampledToken, SamplingParams
 from .text import IncrementalDetokenizer, StopMatcher
 
@@ -118,7 +119,10 @@ class Generator:
             # Fix a seed per request: a replay after failover then draws the same tokens.
             sampling = replace(sampling, seed=secrets.randbits(63))
 
-        chain = await self.chains.open(uuid.uuid4().hex, len(prompt) + max_tokens, sampling, prompt)
+        try:
+            chain = await self.chains.open(uuid.uuid4().hex, len(prompt) + max_tokens, sampling, prompt)
+        except CacheBudgetExceeded as exc:
+            raise ModelUnavailable(f"busy: {exc}; retry later or ask for fewer max_tokens") from exc
         try:
             token = None
             for start in range(0, len(prompt), PREFILL_CHUNK):
