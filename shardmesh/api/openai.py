@@ -1,9 +1,10 @@
-"""The OpenAI wire format: request schemas, response bodies, SSE chunks and errors.
+"""OpenAI's requests: the schemas of the two endpoints, checked and turned into work.
 
-This module knows what OpenAI's ``/v1/chat/completions`` and ``/v1/completions`` look
-like on the wire and nothing about HTTP servers. It turns a parsed JSON body into a
-:class:`~shardmesh.api.generate.GenerationRequest` and turns generated text back into
-the dicts that the official clients expect. ``app.py`` does the HTTP part.
+This module knows what a body sent to ``/v1/chat/completions`` or ``/v1/completions``
+may hold and nothing about HTTP servers. It validates a parsed JSON body into a request
+model, tokenizes its prompt and turns it into a
+:class:`~shardmesh.api.generate.GenerationRequest`. ``responses.py`` writes the answers;
+``app.py`` does the HTTP part.
 
 Decisions worth knowing (where OpenAI's own behaviour is not the obvious choice):
 
@@ -32,86 +33,30 @@ Decisions worth knowing (where OpenAI's own behaviour is not the obvious choice)
 
 from __future__ import annotations
 
-import time
-import uuid
 from functools import partial
 from typing import Any, Literal, Sequence, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shardmesh.api.generate import GenerationRequest, TokenEvent
-from shardmesh.backends.sampling import SamplingParams
+from ..backends.sampling import SamplingParams
+from .errors import bad_request
+from .generate import GenerationRequest
 
 __all__ = [
-    "ApiError",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
-    "chat_chunk",
-    "chat_completion",
-    "chat_logprob_entry",
     "chat_prompt_ids",
-    "completion_logprobs",
+    "check_request",
     "completion_prompt_ids",
-    "error_body",
     "generation_request",
-    "new_id",
     "parse_request",
-    "text_completion",
-    "usage",
 ]
 
 #: OpenAI's limit on stop sequences per request.
 MAX_STOP_SEQUENCES = 4
 #: OpenAI's limit on ``logprobs`` for the legacy completions endpoint.
 MAX_COMPLETION_LOGPROBS = 5
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class ApiError(Exception):
-    """An error to send back as ``{"error": {...}}`` with an HTTP status.
-
-    ``type`` follows OpenAI's vocabulary (``invalid_request_error``,
-    ``authentication_error``, ``server_error``...); ``param`` names the offending
-    request field when there is one; ``code`` is a stable machine-readable string;
-    ``headers`` go on the HTTP response.
-    """
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        """The JSON body OpenAI clients parse into their ``APIError`` exceptions."""
-        return error_body(self.message, type=self.type, param=self.param, code=self.code)
-
-
-def error_body(
-    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    """``{"error": {"message", "type", "param", "code"}}``, OpenAI's error envelope."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> ApiError:
-    """A 400 ``invalid_request_error``: the client sent something we will not run."""
-    return ApiError(400, message, param=param, code=code)
 
 
 # --------------------------------------------------------------------------- requests
@@ -438,158 +383,3 @@ def generation_request(
         sampling=sampling,
         stop=tuple(req.stop or ()),
     )
-
-
-# --------------------------------------------------------------------------- responses
-
-
-def new_id(prefix: str) -> str:
-    """``chatcmpl-<32 hex>`` / ``cmpl-<32 hex>``: unique per response, as OpenAI's are."""
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    """Unix time in whole seconds, the ``created`` field."""
-    return int(time.time())
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """The ``usage`` object."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def chat_logprob_entry(token: str, event: TokenEvent) -> dict[str, Any]:
-    """One element of ``choices[0].logprobs.content``: the token, its logprob and bytes.
-
-    ``token`` is the chosen token decoded on its own (a partial UTF-8 character shows as
-    U+FFFD; ``bytes`` are those of that string).
-    """
-    return {
-        "token": token,
-        "logprob": event.logprob,
-        "bytes": list(token.encode("utf-8", errors="replace")),
-        "top_logprobs": [
-            {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8", errors="replace"))}
-            for t, lp in event.top_logprobs
-        ],
-    }
-
-
-def chat_completion(
-    *,
-    id: str,
-    created: int,
-    model: str,
-    content: str,
-    finish_reason: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    logprobs: list[dict[str, Any]] | None,
-) -> dict[str, Any]:
-    """A whole ``chat.completion`` object (the non-streaming answer)."""
-    return {
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "logprobs": None if logprobs is None else {"content": logprobs},
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
-
-
-def chat_chunk(
-    *,
-    id: str,
-    created: int,
-    model: str,
-    delta: dict[str, Any],
-    finish_reason: str | None = None,
-    logprobs: list[dict[str, Any]] | None = None,
-    include_usage: bool = False,
-) -> dict[str, Any]:
-    """One ``chat.completion.chunk``. With ``include_usage`` every chunk has ``usage: null``
-    and the stream ends with :func:`usage_chunk` (OpenAI's convention)."""
-    chunk: dict[str, Any] = {
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "delta": delta,
-                "logprobs": None if logprobs is None else {"content": logprobs},
-                "finish_reason": finish_reason,
-            }
-        ],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
-
-
-def usage_chunk(*, id: str, created: int, model: str, object: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """The last chunk of a stream with ``include_usage``: no choices, only usage."""
-    return {
-        "id": id,
-        "object": object,
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
-
-
-def completion_logprobs(entries: Sequence[tuple[str, TokenEvent, int]]) -> dict[str, Any]:
-    """The legacy ``logprobs`` object from ``(token text, event, text_offset)`` triples.
-
-    ``text_offset`` is where each token's text starts in the completion (in characters).
-    """
-    return {
-        "tokens": [token for token, _, _ in entries],
-        "token_logprobs": [event.logprob for _, event, _ in entries],
-        "top_logprobs": [dict(event.top_logprobs) for _, event, _ in entries],
-        "text_offset": [offset for _, _, offset in entries],
-    }
-
-
-def text_completion(
-    *,
-    id: str,
-    created: int,
-    model: str,
-    text: str,
-    finish_reason: str | None,
-    logprobs: dict[str, Any] | None = None,
-    prompt_tokens: int | None = None,
-    completion_tokens: int | None = None,
-    include_usage: bool = False,
-) -> dict[str, Any]:
-    """A ``text_completion`` object: the whole answer, or one streamed chunk of it.
-
-    The non-streaming answer passes the token counts and gets ``usage``; a chunk of a
-    stream with ``include_usage`` gets ``usage: null``.
-    """
-    body: dict[str, Any] = {
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-    }
-    if prompt_tokens is not None and completion_tokens is not None:
-        body["usage"] = usage(prompt_tokens, completion_tokens)
-    elif include_usage:
-        body["usage"] = None
-    return body

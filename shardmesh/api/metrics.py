@@ -1,0 +1,89 @@
+"""What the gateway counts, and the middleware that counts every HTTP response.
+
+``/metrics`` serves these in Prometheus' text format. The generation counters and the
+time-to-first-token histogram are fed by the gateway as tokens arrive; requests are
+counted by :class:`CountRequests`, wrapped around the whole app.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Label values for the request counter are kept to a fixed set, so a client sending
+# random paths or methods cannot make the metrics grow without bound.
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class Metrics:
+    """The gateway's Prometheus metrics, in a registry of its own.
+
+    A private :class:`CollectorRegistry` per app (rather than the process-global one)
+    lets several apps live in one process, as tests do, without name clashes.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "shardmesh_http_requests",
+            "HTTP requests answered, by route template, method and status code.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "shardmesh_prompt_tokens", "Prompt tokens of finished generations.", registry=self.registry
+        )
+        self.generated_tokens = Counter(
+            "shardmesh_generated_tokens", "Tokens generated (streamed or not).", registry=self.registry
+        )
+        self.time_to_first_token = Histogram(
+            "shardmesh_time_to_first_token_seconds",
+            "From receiving a generation request to its first generated token.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        """Everything in the Prometheus text exposition format."""
+        return generate_latest(self.registry)
+
+
+class CountRequests:
+    """ASGI middleware: count every HTTP response by route template, method and status.
+
+    The route label is the matching route's template (``/v1/models/{model_id:path}``),
+    or ``unmatched``: never the raw path, which a client controls.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, routes: list[BaseRoute]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what the client gets if the app fails before starting a response
+
+        async def send_and_note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            method = scope["method"] if scope["method"] in _KNOWN_METHODS else "other"
+            self.metrics.requests.labels(route=route_label(self.routes, scope), method=method, status=str(status)).inc()
+
+
+def route_label(routes: list[BaseRoute], scope: Scope) -> str:
+    """The template of the route that serves this path (any method), or ``unmatched``."""
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            return getattr(route, "path", "unmatched")
+    return "unmatched"

@@ -1,0 +1,43 @@
+"""Serving an ASGI app over HTTP: hypercorn's trio worker on a socket we bind ourselves."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from functools import partial
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+from starlette.types import ASGIApp
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` and listening; port 0 picks a free port.
+
+    Binding here, rather than letting hypercorn do it, means a busy port fails with a
+    plain ``OSError`` from :func:`serve` (not one buried in nested exception groups),
+    and the bound port is known before the server starts.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host.strip("[]"), port), family=family)
+
+
+async def serve(app: ASGIApp, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app`` over HTTP with hypercorn's trio worker until cancelled.
+
+    Use it from the node's nursery: ``port = await nursery.start(serve, app, host, 0)``
+    returns once requests are being accepted, with the port actually bound (so port 0
+    works and the caller can print the URL).
+    """
+    sock = listening_socket(host, port)
+    bound_port = sock.getsockname()[1]
+    config = hypercorn.config.Config()
+    # hypercorn adopts an open socket through an "fd://" bind. detach() hands the file
+    # descriptor over, so exactly one socket object owns (and finally closes) it.
+    config.bind = [f"fd://{sock.detach()}"]
+    config.accesslog = None  # requests are counted in /metrics; no per-request log lines
+    config.errorlog = logging.getLogger("hypercorn.error")  # the node's logging setup decides
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(hypercorn.trio.serve, app, config))
+        task_status.started(bound_port)

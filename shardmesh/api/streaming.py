@@ -1,0 +1,171 @@
+"""Sending one generation to its client: a whole JSON body or server-sent events.
+
+:class:`GenerationResponse` is an ASGI response (Starlette awaits any
+``response(scope, receive, send)``), written against raw ``send`` because a stream's
+status line must wait for the generation's first event, and because the generation
+must stop the moment its client hangs up.
+
+Once a stream has started the status code cannot change, so a failure mid-stream is
+sent as a last event ``data: {"error": {...}}`` followed by ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+import trio
+from starlette.types import Receive, Scope, Send
+
+from .errors import ApiError, internal_error
+from .formats import Format
+from .generate import Finished, TokenEvent
+
+log = logging.getLogger(__name__)
+
+#: Time given to a generation to clean up (close its chain) after its client left.
+CLOSE_GRACE_SECONDS = 5.0
+
+
+@asynccontextmanager
+async def closing(events: Any) -> AsyncIterator[Any]:
+    """Like ``contextlib.aclosing``, but the close survives cancellation.
+
+    When a client disconnects we cancel the request; the generation still needs a
+    moment to close its chain of nodes, so its ``aclose()`` runs shielded, for at
+    most ``CLOSE_GRACE_SECONDS``.
+    """
+    try:
+        yield events
+    finally:
+        with trio.move_on_after(CLOSE_GRACE_SECONDS, shield=True):
+            await events.aclose()
+
+
+async def cancel_on_disconnect(receive: Receive, cancel_scope: trio.CancelScope) -> None:
+    """Wait for the client to hang up, then cancel ``cancel_scope``.
+
+    Called once the request body has been read, so the next ASGI message can only be
+    ``http.disconnect``.
+    """
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            cancel_scope.cancel()
+            return
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event: ``data: <json>`` and a blank line."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    """A whole JSON response through raw ASGI ``send``."""
+    data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+class GenerationResponse:
+    """An ASGI response that runs one generation and sends it, whole or streamed.
+
+    ``events`` starts the generation: it returns the async iterator of its events,
+    ending with :class:`~shardmesh.api.generate.Finished`, and raising ApiError for
+    what the client should hear about. That iterator is created, consumed and closed
+    in this one task (never handed between tasks), inside a nursery that also watches
+    for the client disconnecting. The first event is awaited *before* the status line
+    goes out, so errors the generator raises up front (model unavailable, prompt too
+    long) still get their own status code when streaming.
+    """
+
+    def __init__(self, events: Callable[[], AsyncIterator[TokenEvent | Finished]], fmt: Format, *, stream: bool) -> None:
+        self.events = events
+        self.fmt = fmt
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancel_on_disconnect, receive, nursery.cancel_scope)
+            if self.stream:
+                await self.send_stream(send)
+            else:
+                await self.send_whole(send)
+            nursery.cancel_scope.cancel()
+
+    async def send_whole(self, send: Send) -> None:
+        try:
+            async with closing(self.events()) as events:
+                async for event in events:
+                    if isinstance(event, Finished):
+                        self.fmt.on_finish(event)
+                        body = self.fmt.whole(event)
+                        break
+                    self.fmt.on_token(event)
+                else:
+                    raise RuntimeError("the generator ended without a Finished event")
+        except ApiError as exc:
+            await send_json(send, exc.status, exc.body())
+            return
+        except Exception:
+            log.exception("generation failed")
+            await send_json(send, 500, internal_error().body())
+            return
+        await send_json(send, 200, body)
+
+    async def send_stream(self, send: Send) -> None:
+        async with closing(self.events()) as events:
+            try:
+                first = await anext(events)
+            except ApiError as exc:
+                await send_json(send, exc.status, exc.body())
+                return
+            except Exception:  # StopAsyncIteration included: a generator must end with Finished
+                log.exception("generation failed before its first event")
+                await send_json(send, 500, internal_error().body())
+                return
+
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"),
+                        (b"x-accel-buffering", b"no"),  # tell nginx-like proxies not to buffer
+                    ],
+                }
+            )
+
+            async def emit(chunk: dict[str, Any] | str) -> None:
+                await send({"type": "http.response.body", "body": sse(chunk), "more_body": True})
+
+            try:
+                for chunk in self.fmt.prelude():
+                    await emit(chunk)
+                event: TokenEvent | Finished = first
+                while not isinstance(event, Finished):
+                    chunk = self.fmt.on_token(event)
+                    if chunk is not None:
+                        await emit(chunk)
+                    event = await anext(events)
+                await emit(self.fmt.on_finish(event))
+                if self.fmt.include_usage:
+                    await emit(self.fmt.usage_chunk(event))
+            except ApiError as exc:
+                log.warning("generation failed mid-stream: %s", exc.message)
+                await emit(exc.body())
+            except Exception:  # StopAsyncIteration included
+                log.exception("generation failed mid-stream")
+                await emit(internal_error().body())
+            await emit("[DONE]")
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
