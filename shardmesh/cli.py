@@ -62,9 +62,22 @@ def run(args) -> int:
     try:
         config.api_host_port
         return node_main(config)
-    except (ModelSourceError, ValueError) as exc:
-        print(f"shardmesh: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        # Errors the user can fix (bad flags, a model that cannot be found) get one
+        # plain line; anything else keeps its traceback.
+        leaves = _leaves(exc)
+        if not all(isinstance(e, (ModelSourceError, ValueError)) for e in leaves):
+            raise
+        for leaf in leaves:
+            print(f"shardmesh: {leaf}", file=sys.stderr)
         return 2
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (possibly nested) exception groups raised by nurseries."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 def tiny_model(args) -> int:

@@ -17,6 +17,7 @@ import trio
 
 from .api.app import create_app, serve
 from .api.generate import Generator, eos_token_ids
+from .backends.compute_thread import compute_thread
 from .backends.local_chain import LocalChains
 from .backends.runner import StageRunner
 from .backends.torch_stage import TorchStage
@@ -69,12 +70,11 @@ def load_model_meta(config: NodeConfig) -> LoadedModel:
     )
 
 
-async def expire_idle_sessions(stage: TorchStage, idle_seconds: float) -> None:
+async def expire_idle_sessions(runner: StageRunner, idle_seconds: float) -> None:
     """Frees the caches of sessions whose client vanished without closing them."""
     while True:
         await trio.sleep(min(30.0, idle_seconds))
-        # In a thread: the stage's lock may be held by a step that is computing.
-        for session_id in await trio.to_thread.run_sync(stage.expire_idle, idle_seconds):
+        for session_id in await runner.expire_idle(idle_seconds):
             log.info("closed idle session %s", session_id)
 
 
@@ -84,12 +84,12 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
     model = await trio.to_thread.run_sync(load_model_meta, config)
     start, end = config.span(model.total_blocks)
     if (start, end) != (0, model.total_blocks):
-        raise SystemExit(
+        raise ValueError(
             f"--layers {config.layers}: serving part of a model needs peers for the other blocks; "
             "this build serves whole models only (--layers all)"
         )
     say(f"loading blocks [{start}, {end}) of {model.name}")
-    stage = await trio.to_thread.run_sync(
+    stage = await compute_thread().run(
         lambda: TorchStage(
             model.files,
             start,
@@ -111,7 +111,7 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(runner.run)
-        nursery.start_soon(expire_idle_sessions, stage, config.session_idle_timeout)
+        nursery.start_soon(expire_idle_sessions, runner, config.session_idle_timeout)
         api = config.api_host_port
         if api is not None:
             app = create_app(generator, api_key=config.api_key)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -722,3 +723,14 @@ def test_client_disconnect_stops_generation(tokenizer: Any) -> None:
                 await trio.sleep(0.05)
 
     run_in_process(generator, check)
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_sigterm_stops_the_node_cleanly(model_path: Path) -> None:
+    node = start_node(model_path)
+    assert httpx.get(f"{node.url}/health", timeout=10).status_code == 200
+    node.proc.send_signal(signal.SIGTERM)
+    assert node.proc.wait(timeout=20) == 0, node.output()
+    assert "Traceback" not in node.output()

@@ -6,12 +6,12 @@ the gateway's generation loop does not care where the blocks are.
 
 from __future__ import annotations
 
-import torch
+from array import array
 
 from .base import RawTensor, StepRequest
 from .runner import StageRunner
 from .sampling import SampledToken, SamplingParams, sample
-from .torch_tensors import raw_from_tensor, tensor_from_raw
+from .torch_tensors import tensor_from_raw
 
 
 class LocalChain:
@@ -31,7 +31,8 @@ class LocalChain:
 
     async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None:
         """Feed ``token_ids`` starting at ``position``; sample the next token if asked."""
-        x = raw_from_tensor(torch.tensor(token_ids, dtype=torch.int64))
+        # Built without torch: the event loop's thread must never run torch (see compute_thread).
+        x = RawTensor("int64", (len(token_ids),), array("q", token_ids).tobytes())
         last = len(self.runners) - 1
         for i, runner in enumerate(self.runners):
             after = self._sample if (i == last and want_token) else None

@@ -2,7 +2,7 @@
 
 Every session that wants a step calls :meth:`StageRunner.step` and waits. One loop takes
 whatever has queued up since the last batch started and runs it as a single batched
-``stage.step`` in a worker thread. Under load, batches form by themselves: while one
+``stage.step`` on the compute thread (:mod:`.compute_thread`). Under load, batches form by themselves: while one
 batch computes, the next one gathers. A single waiting session costs one thread hop.
 """
 
@@ -14,6 +14,7 @@ from typing import Any, Callable
 import trio
 
 from .base import RawTensor, Stage, StageError, StepRequest
+from .compute_thread import compute_thread
 
 
 @dataclass
@@ -33,21 +34,22 @@ class StageRunner:
         self.max_batch = max_batch
         self._queue: list[_Pending] = []
         self._wakeup = trio.Event()
-        self._lock = trio.Lock()  # one worker thread touches the stage at a time
+        self._compute = compute_thread()  # one thread runs every stage call, in order
         self.batches = 0
         self.batched_requests = 0
 
     async def open(self, session_id: str, max_length: int) -> None:
-        async with self._lock:
-            await trio.to_thread.run_sync(self.stage.open, session_id, max_length)
+        await self._compute.run(self.stage.open, session_id, max_length)
 
     async def close(self, session_id: str) -> None:
-        async with self._lock:
-            await trio.to_thread.run_sync(self.stage.close, session_id)
+        await self._compute.run(self.stage.close, session_id)
+
+    async def expire_idle(self, idle_seconds: float) -> list[str]:
+        return await self._compute.run(self.stage.expire_idle, idle_seconds)
 
     async def step(self, request: StepRequest, after: Callable[[RawTensor], Any] | None = None) -> Any:
         """One step of one session; returns the output, or ``after(output)`` computed in
-        the worker thread (the last stage samples there, keeping the loop free)."""
+        the compute thread (the last stage samples there, keeping the loop free)."""
         pending = _Pending(request, after)
         self._queue.append(pending)
         self._wakeup.set()
@@ -63,15 +65,14 @@ class StageRunner:
             self._wakeup = trio.Event()
             while self._queue:
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-                async with self._lock:
-                    await trio.to_thread.run_sync(self._compute, batch)
+                await self._compute.run(self._step_batch, batch)
                 self.batches += 1
                 self.batched_requests += len(batch)
                 for pending in batch:
                     pending.done.set()
 
-    def _compute(self, batch: list[_Pending]) -> None:
-        """Worker thread: the batched step. A stage validates a whole batch before it
+    def _step_batch(self, batch: list[_Pending]) -> None:
+        """Compute thread: the batched step. A stage validates a whole batch before it
         computes, so when it refuses one request we rerun the others alone: one bad
         session never fails the rest."""
         try:
@@ -81,7 +82,7 @@ class StageRunner:
                 batch[0].error = exc
             else:
                 for pending in batch:
-                    self._compute([pending])
+                    self._step_batch([pending])
             return
         except Exception as exc:  # a compute failure fails the whole batch, visibly
             for pending in batch:
