@@ -9,7 +9,7 @@ MODEL  ?= Qwen/Qwen3-0.6B
 ARGS   ?=
 JOBS   ?= auto
 
-.PHONY: run test venv bench clean
+.PHONY: run test venv bench clean browser
 
 $(STAMP): pyproject.toml
 	@command -v gcc >/dev/null || { echo "gcc is needed to build fastecdsa (py-libp2p)"; exit 1; }
@@ -27,7 +27,14 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/shardmesh run --model $(MODEL) $(ARGS)
 
-test: $(STAMP)
+# The web UI tests drive a real Chromium; as root on Debian/Ubuntu it is installed here,
+# elsewhere those tests skip and say why.
+browser:
+	@if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium + chromium-driver (web UI tests)"; \
+		apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; fi
+
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile -q $(ARGS)
 
 bench: $(STAMP)
