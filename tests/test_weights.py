@@ -98,3 +98,19 @@ def test_unknown_hub_model_offline_says_what_to_do(tmp_path):
 def test_not_a_model():
     with pytest.raises(ModelSourceError):
         resolve("/definitely/not/here")
+
+
+def test_hub_layout_single_file_checkpoint(tmp_path):
+    """Many hub models (Qwen3-0.6B among them) ship one model.safetensors and no index."""
+    model = cached_tiny_model("qwen3", layers=LAYERS, hidden=64, max_shard_size="1GB")
+    assert (model / "model.safetensors").exists() and not (model / "model.safetensors.index.json").exists()
+    cache = hub_cache_with(tmp_path, model, keep_shards={"model.safetensors"})
+    code = f"""
+from shardmesh.backends.weights import resolve
+from shardmesh.backends.torch_stage import TorchStage
+stage = TorchStage(resolve({REPO!r}), 2, {LAYERS})
+print("OK", stage.info.start, stage.info.end, stage.info.is_last)
+"""
+    result = run_py(code, cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"OK 2 {LAYERS} True" in result.stdout

@@ -167,30 +167,20 @@ def resolve_hub(repo_id: str, revision: str | None = None) -> ModelFiles:
     for name in SMALL_FILES[1:]:
         _hub_download(repo_id, name, revision, required=False)
     root = config.parent
-    index = _hub_download(repo_id, INDEX_FILE, revision, required=False)
-    if index is not None:
-        weight_map = dict(json.loads(index.read_text())["weight_map"])
-    else:
-        # A single-file checkpoint: its one file holds every tensor.
-        weight_map = {"*": SINGLE_FILE}
-    return ModelFiles(root=root, weight_map=weight_map, hub=(repo_id, revision))
+    if _hub_download(repo_id, INDEX_FILE, revision, required=False) is None:
+        # A single-file checkpoint: whatever the span, that one file holds its tensors.
+        _hub_download(repo_id, SINGLE_FILE, revision, required=True)
+    return ModelFiles(root=root, weight_map=_weight_map_of(root), hub=(repo_id, revision))
 
 
 def ensure_span_files(files: ModelFiles, names: Iterable[str]) -> None:
     """Download the shards that hold ``names`` (hub models); a local folder must have them."""
-    hub = files.hub
-    if "*" in files.weight_map:
-        needed = {SINGLE_FILE}
-    else:
-        needed = files.files_for(names)
-    for file_name in sorted(needed):
+    for file_name in sorted(files.files_for(names)):
         if (files.root / file_name).exists():
             continue
-        if hub is None:
+        if files.hub is None:
             raise ModelSourceError(f"{files.root / file_name} is missing")
-        _hub_download(hub[0], file_name, hub[1], required=True)
-    if "*" in files.weight_map:
-        files.weight_map = _weight_map_of(files.root)
+        _hub_download(files.hub[0], file_name, files.hub[1], required=True)
 
 
 def resolve(model: str, revision: str | None = None) -> ModelFiles:
