@@ -32,18 +32,39 @@ from .responses import (
 )
 
 
-class ChatFormat:
-    """How ``/v1/chat/completions`` writes a generation: whole or as chunks."""
+class _Format:
+    """What both endpoints' formats share: the response's identity and its usage chunk."""
 
-    object = "chat.completion.chunk"
+    object: str
+    id_prefix: str
 
     def __init__(self, *, model: str, tokenizer: Any, logprobs: bool, include_usage: bool) -> None:
-        self.id = new_id("chatcmpl")
+        self.id = new_id(self.id_prefix)
         self.created = now()
         self.model = model
         self.tokenizer = tokenizer
         self.logprobs = logprobs
         self.include_usage = include_usage
+
+    def usage_chunk(self, done: Finished) -> dict[str, Any]:
+        return usage_chunk(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            object=self.object,
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+        )
+
+
+class ChatFormat(_Format):
+    """How ``/v1/chat/completions`` writes a generation: whole or as chunks."""
+
+    object = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.content: list[str] = []
         self.entries: list[dict[str, Any]] = []
 
@@ -77,16 +98,6 @@ class ChatFormat:
         self.content.append(done.text)
         return self._chunk({"content": done.text} if done.text else {}, finish_reason=done.reason)
 
-    def usage_chunk(self, done: Finished) -> dict[str, Any]:
-        return usage_chunk(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            object=self.object,
-            prompt_tokens=done.prompt_tokens,
-            completion_tokens=done.completion_tokens,
-        )
-
     def whole(self, done: Finished) -> dict[str, Any]:
         """The non-streaming body, after every event went through on_token/on_finish."""
         return chat_completion(
@@ -101,18 +112,14 @@ class ChatFormat:
         )
 
 
-class CompletionFormat:
+class CompletionFormat(_Format):
     """How ``/v1/completions`` writes a generation: whole or as chunks."""
 
     object = "text_completion"
+    id_prefix = "cmpl"
 
-    def __init__(self, *, model: str, tokenizer: Any, logprobs: bool, include_usage: bool) -> None:
-        self.id = new_id("cmpl")
-        self.created = now()
-        self.model = model
-        self.tokenizer = tokenizer
-        self.logprobs = logprobs
-        self.include_usage = include_usage
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.text: list[str] = []
         self.offset = 0  # characters of completion text released so far
         self.entries: list[tuple[str, TokenEvent, int]] = []
@@ -145,16 +152,6 @@ class CompletionFormat:
     def on_finish(self, done: Finished) -> dict[str, Any]:
         self.text.append(done.text)
         return self._chunk(done.text, finish_reason=done.reason)
-
-    def usage_chunk(self, done: Finished) -> dict[str, Any]:
-        return usage_chunk(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            object=self.object,
-            prompt_tokens=done.prompt_tokens,
-            completion_tokens=done.completion_tokens,
-        )
 
     def whole(self, done: Finished) -> dict[str, Any]:
         return text_completion(
