@@ -152,3 +152,33 @@ def test_middle_stage_rejects_wrong_hidden_size():
     stages[1].open("s", 16)
     with pytest.raises(BadInput):
         stages[1].step([StepRequest("s", raw_from_tensor(torch.zeros(3, 65)), 0)])
+
+
+def test_sliding_window_layers_match(tmp_path):
+    """Qwen2 with a window shorter than the sequence: our masks cut where transformers'
+    do. The unsplit model keeps fewer keys in its sliding layers, so the summation order
+    differs and logits agree to float tolerance rather than bit for bit."""
+    from transformers import Qwen2Config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.1, max_position_embeddings=512,
+        use_sliding_window=True, sliding_window=8, max_window_layers=2,
+    )
+    assert config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path, max_shard_size="100KB")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    stages = build_chain(tmp_path, [0, 3, 4])
+    for stage in stages:
+        stage.open("s", 64)
+    cache = DynamicCache(config=ref.config)
+    ids, position = PROMPT + [1, 2, 3], 0  # the prompt alone is longer than the window
+    for _ in range(25):
+        with torch.no_grad():
+            expected = ref(torch.tensor([ids]), cache=cache, logits_to_keep=1).logits[0, -1]
+        got = run_chain(stages, "s", ids, position)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        assert int(got.argmax()) == int(expected.argmax())
+        position += len(ids)
+        ids = [int(expected.argmax())]
