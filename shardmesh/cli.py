@@ -13,13 +13,12 @@ def _add_run(sub) -> None:
     p = sub.add_parser("run", help="serve a model (or part of one) and the OpenAI gateway")
     p.add_argument("--model", required=True, help="local folder in Hugging Face layout, or a hub id like Qwen/Qwen3-0.6B")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    p.add_argument("--layers", default="all", help="blocks to serve: 'all' (default) or START:END")
+    p.add_argument("--layers", default="all", help="blocks to serve: 'all' (serving a part needs the mesh, coming next)")
     p.add_argument("--api", default="127.0.0.1:8000", help="HOST:PORT of the OpenAI gateway (port 0 picks one), or 'off'")
     p.add_argument("--api-key", default=None, help="require this bearer key (or set SHARDMESH_API_KEY)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--kv-cache-gb", type=float, default=2.0, help="KV cache budget of this node (GiB)")
-    p.add_argument("--no-mdns", action="store_true", help="no LAN discovery over multicast DNS")
 
 
 def _add_tiny(sub) -> None:
@@ -45,7 +44,7 @@ def _add_bench(sub) -> None:
 
 def run(args) -> int:
     from .backends.weights import ModelSourceError
-    from .config import NodeConfig, env_api_key
+    from .config import NodeConfig, UsageError, env_api_key
     from .node import main as node_main
 
     config = NodeConfig(
@@ -57,7 +56,6 @@ def run(args) -> int:
         dtype=args.dtype,
         device=args.device,
         kv_cache_gb=args.kv_cache_gb,
-        mdns=not args.no_mdns,
     )
     try:
         config.api_host_port
@@ -66,7 +64,7 @@ def run(args) -> int:
         # Errors the user can fix (bad flags, a model that cannot be found) get one
         # plain line; anything else keeps its traceback.
         leaves = _leaves(exc)
-        if not all(isinstance(e, (ModelSourceError, ValueError)) for e in leaves):
+        if not all(isinstance(e, (ModelSourceError, UsageError)) for e in leaves):
             raise
         for leaf in leaves:
             print(f"shardmesh: {leaf}", file=sys.stderr)

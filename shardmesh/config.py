@@ -6,6 +6,10 @@ import os
 from dataclasses import dataclass
 
 
+class UsageError(ValueError):
+    """A flag or setting the user can fix; the CLI prints it as one line."""
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     model: str
@@ -16,7 +20,6 @@ class NodeConfig:
     device: str = "auto"
     kv_cache_gb: float = 2.0  # KV cache budget of this node's stage
     revision: str | None = None  # hub revision (branch, tag or commit)
-    mdns: bool = True  # LAN discovery (mesh); tests run nodes with --no-mdns
     session_idle_timeout: float = 300.0  # seconds before an idle session's cache is freed
 
     @property
@@ -25,7 +28,7 @@ class NodeConfig:
             return None
         host, _, port = self.api.rpartition(":")
         if not host or not port.isdigit():
-            raise ValueError(f"--api wants HOST:PORT or 'off', got {self.api!r}")
+            raise UsageError(f"--api wants HOST:PORT or 'off', got {self.api!r}")
         return host.strip("[]"), int(port)
 
     def span(self, total_blocks: int) -> tuple[int, int]:
@@ -34,10 +37,10 @@ class NodeConfig:
             return 0, total_blocks
         start_s, sep, end_s = self.layers.partition(":")
         if not sep or not start_s.isdigit() or not end_s.isdigit():
-            raise ValueError(f"--layers wants 'all' or START:END, got {self.layers!r}")
+            raise UsageError(f"--layers wants 'all' or START:END, got {self.layers!r}")
         start, end = int(start_s), int(end_s)
         if not 0 <= start < end <= total_blocks:
-            raise ValueError(f"--layers {self.layers} is not inside the model's {total_blocks} blocks")
+            raise UsageError(f"--layers {self.layers} is not inside the model's {total_blocks} blocks")
         return start, end
 
 

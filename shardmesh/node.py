@@ -22,7 +22,7 @@ from .backends.local_chain import LocalChains
 from .backends.runner import StageRunner
 from .backends.torch_stage import TorchStage
 from .backends.weights import ModelFiles, resolve
-from .config import NodeConfig
+from .config import NodeConfig, UsageError
 
 log = logging.getLogger("shardmesh.node")
 
@@ -47,7 +47,7 @@ class LoadedModel:
         return int(getattr(text, "max_position_embeddings", 2048))
 
 
-def model_name(model: str, files: ModelFiles) -> str:
+def model_name(files: ModelFiles) -> str:
     """The id clients use: the hub id, or the folder's name for a local model."""
     return files.hub[0] if files.hub else files.root.resolve().name
 
@@ -62,7 +62,7 @@ def load_model_meta(config: NodeConfig) -> LoadedModel:
     except OSError:
         generation_config = None
     return LoadedModel(
-        name=model_name(config.model, files),
+        name=model_name(files),
         files=files,
         tokenizer=AutoTokenizer.from_pretrained(files.root),
         config=AutoConfig.from_pretrained(files.root),
@@ -81,10 +81,11 @@ async def expire_idle_sessions(runner: StageRunner, idle_seconds: float) -> None
 async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = None) -> None:
     """Load the span, start the gateway, serve until cancelled."""
     say = announce or (lambda line: print(line, flush=True))
-    model = await trio.to_thread.run_sync(load_model_meta, config)
+    # Abandonable: Ctrl-C during a long download must stop the node, not wait for it.
+    model = await trio.to_thread.run_sync(load_model_meta, config, abandon_on_cancel=True)
     start, end = config.span(model.total_blocks)
     if (start, end) != (0, model.total_blocks):
-        raise ValueError(
+        raise UsageError(
             f"--layers {config.layers}: serving part of a model needs peers for the other blocks; "
             "this build serves whole models only (--layers all)"
         )

@@ -38,7 +38,7 @@ def _pump(node: Node) -> None:
 
 def start_node(model: Path, *extra: str) -> Node:
     """Start a node on a free port and wait for its ``gateway ready at`` line."""
-    cmd = [sys.executable, "-m", "shardmesh", "run", "--model", str(model), "--api", "127.0.0.1:0", "--no-mdns", *extra]
+    cmd = [sys.executable, "-m", "shardmesh", "run", "--model", str(model), "--api", "127.0.0.1:0", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     node = Node(proc)

@@ -162,3 +162,30 @@ def test_incremental_detokenizer_equals_decode(model_path):
     pieces = [detok.add(i) for i in ids]
     assert "".join(pieces) + detok.flush() == tokenizer.decode(ids)
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_kv_budget_running_out_mid_answer_ends_it_cleanly(model_path, reference):
+    """Admitted with room for 256 tokens only: the answer stops at the budget with
+    finish_reason "length", its tokens are still the right ones, and nothing leaks."""
+    stage_probe = TorchStage(resolve_local(str(model_path)), 0, 2)
+    budget = 260 * stage_probe.bytes_per_token
+    generator, runners = make_generator(model_path, cache_budget_bytes=budget)
+    prompt = [5, 6, 7, 8]
+    events, done = run_with(runners, lambda: collect(generator, GenerationRequest(prompt, 400, GREEDY)))
+    assert done.reason == "length"
+    assert done.completion_tokens == len(events) == 256 - len(prompt) + 1
+    assert [e.token_id for e in events[:20]] == greedy_reference(reference, prompt, 20)
+    assert all(r.stage.sessions == {} for r in runners)
+
+
+def test_cancelled_request_frees_its_session(model_path):
+    """A client that goes away mid-answer must not leave its KV cache behind."""
+    generator, runners = make_generator(model_path)
+
+    async def abandon():
+        with trio.move_on_after(0.5):
+            async for _ in generator.stream(GenerationRequest([5, 6, 7], 1000, GREEDY)):
+                pass
+
+    run_with(runners, abandon)
+    assert all(r.stage.sessions == {} for r in runners)

@@ -58,7 +58,7 @@ def test_hub_layout_serves_a_span_with_only_its_shards(tmp_path):
 from shardmesh.backends.weights import resolve
 from shardmesh.backends.torch_stage import TorchStage
 files = resolve({REPO!r})
-assert files.hub == ({REPO!r}, None), files.hub
+assert files.hub == ({REPO!r}, {COMMIT!r}), files.hub
 stage = TorchStage(files, 0, 2)
 print("OK", stage.info.start, stage.info.end, len(set(files.weight_map[n] for n in files.reads)))
 """
@@ -84,7 +84,7 @@ except ModelSourceError as exc:
 def test_unknown_hub_model_offline_says_what_to_do(tmp_path):
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "shardmesh", "run", "--model", "nobody/no-such-model", "--api", "127.0.0.1:0", "--no-mdns"],
+        [sys.executable, "-m", "shardmesh", "run", "--model", "nobody/no-such-model", "--api", "127.0.0.1:0"],
         env=env,
         capture_output=True,
         text=True,

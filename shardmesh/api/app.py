@@ -132,9 +132,16 @@ class Gateway:
         self.generator = generator
         self.metrics = metrics
         self.created = now()
-        # Tokenizing (and chat templates) run in worker threads; one at a time, because
-        # a tokenizer object is not documented as safe to share between threads.
-        self.tokenizer_lock = trio.CapacityLimiter(1)
+        # Tokenizing (chat template + encode) runs in a worker thread, so a long prompt
+        # does not stall the event loop; one prompt at a time, because that work holds
+        # the GIL most of the way (Jinja, transformers' Python around the Rust encoder):
+        # more threads would not finish a burst of requests sooner, only take more of
+        # trio's shared thread pool. This is not exclusive use of the tokenizer: the
+        # detokenizers (generate.py, text.py) decode on the event loop meanwhile. That
+        # is safe because encoding and decoding only read the Rust tokenizer; what writes
+        # to it (a change of truncation, padding or special-token splitting) never
+        # happens here, where every call uses the same settings.
+        self.tokenize_limiter = trio.CapacityLimiter(1)
 
     # ---- small endpoints
 
@@ -184,7 +191,7 @@ class Gateway:
             raise unavailable("the model is not ready: it is loading, or no complete chain of nodes serves it yet")
 
     async def tokenize(self, fn: Callable[..., list[int]], *args: Any) -> list[int]:
-        return await trio.to_thread.run_sync(partial(fn, self.generator.tokenizer, *args), limiter=self.tokenizer_lock)
+        return await trio.to_thread.run_sync(partial(fn, self.generator.tokenizer, *args), limiter=self.tokenize_limiter)
 
     # ---- generation endpoints
 

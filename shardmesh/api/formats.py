@@ -30,6 +30,7 @@ from .responses import (
     text_completion,
     usage_chunk,
 )
+from .text import token_bytes
 
 
 class _Format:
@@ -88,11 +89,18 @@ class ChatFormat(_Format):
         self.content.append(event.text)
         entry = None
         if self.logprobs and event.logprob is not None:
-            entry = chat_logprob_entry(self.tokenizer.decode([event.token_id]), finite_event(event))
+            entry = self._logprob_entry(finite_event(event))
             self.entries.append(entry)
         if not event.text and entry is None:
             return None
         return self._chunk({"content": event.text}, logprobs=None if entry is None else [entry])
+
+    def _logprob_entry(self, event: TokenEvent) -> dict[str, Any]:
+        """The chosen token's logprob entry, with raw bytes (see :func:`token_bytes`)."""
+        assert event.logprob is not None
+        top = [(t.text, token_bytes(self.tokenizer, t.token_id), t.logprob) for t in event.top_logprobs]
+        token = self.tokenizer.decode([event.token_id])
+        return chat_logprob_entry(token, token_bytes(self.tokenizer, event.token_id), event.logprob, top)
 
     def on_finish(self, done: Finished) -> dict[str, Any]:
         self.content.append(done.text)

@@ -2,12 +2,13 @@
 
 The loop is the same whoever holds the blocks: it asks a *chain opener* for a session
 over the whole model (local stages today, a chain of peers over the mesh), sends the
-prompt in chunks so that stages can pipeline a long prompt, then feeds each sampled
-token back until a stop condition. It holds only the tokenizer, never weights.
+prompt in chunks, then feeds each sampled token back until a stop condition. It holds
+only the tokenizer, never weights.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 import uuid
 from dataclasses import dataclass, replace
@@ -18,6 +19,8 @@ import trio
 from ..backends.base import CacheBudgetExceeded
 from ..backends.sampling import SampledToken, SamplingParams
 from .text import IncrementalDetokenizer, StopMatcher
+
+log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512  # tokens per prefill step: long prompts pipeline through the stages
 
@@ -39,13 +42,22 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a step, as clients asked with ``top_logprobs``."""
+
+    token_id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One generated token and the text it releases (possibly "" while held back)."""
 
     token_id: int
     text: str
     logprob: float | None
-    top_logprobs: tuple[tuple[str, float], ...]
+    top_logprobs: tuple[TopLogprob, ...]
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,10 @@ class Finished:
 
 
 class Chain(Protocol):
+    """One session over blocks ``[0, L)``: opened, stepped, always closed."""
+
+    async def open(self, max_length: int) -> None: ...
+
     async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None: ...
 
     async def close(self) -> None: ...
@@ -67,9 +83,7 @@ class Chain(Protocol):
 class ChainOpener(Protocol):
     def available(self) -> bool: ...
 
-    async def open(
-        self, session_id: str, max_length: int, sampling: SamplingParams, prompt_ids: list[int]
-    ) -> Chain: ...
+    def chain(self, session_id: str, sampling: SamplingParams, prompt_ids: list[int]) -> Chain: ...
 
 
 def eos_token_ids(tokenizer, generation_config=None) -> frozenset[int]:
@@ -100,7 +114,7 @@ class Generator:
         return self.tokenizer.decode([token_id])
 
     def _event(self, token: SampledToken, text: str) -> TokenEvent:
-        top = tuple((self._token_text(i), lp) for i, lp in token.top_logprobs)
+        top = tuple(TopLogprob(i, self._token_text(i), lp) for i, lp in token.top_logprobs)
         return TokenEvent(token.token_id, text, token.logprob, top)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | Finished]:
@@ -119,17 +133,13 @@ class Generator:
             # Fix a seed per request: a replay after failover then draws the same tokens.
             sampling = replace(sampling, seed=secrets.randbits(63))
 
+        chain = self.chains.chain(uuid.uuid4().hex, sampling, prompt)
         try:
-            chain = await self.chains.open(uuid.uuid4().hex, len(prompt) + max_tokens, sampling, prompt)
-        except CacheBudgetExceeded as exc:
-            raise ModelUnavailable(f"busy: {exc}; retry later or ask for fewer max_tokens") from exc
-        try:
-            token = None
-            for start in range(0, len(prompt), PREFILL_CHUNK):
-                chunk = prompt[start : start + PREFILL_CHUNK]
-                last_chunk = start + len(chunk) == len(prompt)
-                token = await chain.step(chunk, start, last_chunk)
-            assert token is not None
+            try:
+                await chain.open(len(prompt) + max_tokens)
+                token = await self._prefill(chain, prompt)
+            except CacheBudgetExceeded as exc:
+                raise ModelUnavailable(f"busy: {exc}; retry later") from exc
             position = len(prompt)
             detok = IncrementalDetokenizer(self.tokenizer)
             stops = StopMatcher(req.stop)
@@ -144,10 +154,26 @@ class Generator:
                     return
                 if produced == max_tokens:
                     break
-                token = await chain.step([token.token_id], position, True)
+                try:
+                    token = await chain.step([token.token_id], position, True)
+                except CacheBudgetExceeded:
+                    # Out of KV memory mid-answer: end it as if the context were full.
+                    log.warning("KV cache full: ending a completion after %d tokens", produced)
+                    max_tokens = produced
+                    break
                 position += 1
             tail, hit = stops.feed(detok.flush())
             yield Finished("stop" if hit else "length", tail + ("" if hit else stops.flush()), len(prompt), max_tokens)
         finally:
             with trio.CancelScope(shield=True):
                 await chain.close()
+
+    async def _prefill(self, chain: Chain, prompt: list[int]) -> SampledToken:
+        """The prompt in chunks: bounded work per step, and across peers stage A can
+        start on chunk 2 while stage B is still on chunk 1."""
+        token = None
+        for start in range(0, len(prompt), PREFILL_CHUNK):
+            chunk = prompt[start : start + PREFILL_CHUNK]
+            token = await chain.step(chunk, start, start + len(chunk) == len(prompt))
+        assert token is not None
+        return token

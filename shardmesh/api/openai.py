@@ -33,6 +33,7 @@ Decisions worth knowing (where OpenAI's own behaviour is not the obvious choice)
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from typing import Any, Literal, Sequence, TypeVar
 
@@ -268,16 +269,35 @@ def chat_prompt_ids(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int
     ]
     render = partial(tokenizer.apply_chat_template, conversation, add_generation_prompt=True, return_dict=False)
     try:
-        try:
-            ids = render(sanitize_control_tokens=True)
-        except (NotImplementedError, TypeError):
-            # A tokenizer class without control-token sanitizing: encode as the template wrote it.
+        if can_sanitize_control_tokens(tokenizer):
+            try:
+                ids = render(sanitize_control_tokens=True)
+            except NotImplementedError:
+                # A tokenizer class that takes the keyword but cannot honour it says
+                # so this way: encode as the template wrote it.
+                ids = render()
+        else:
             ids = render()
     except Exception as exc:  # jinja2 TemplateError / ValueError raised by the template itself
         if type(exc).__module__.startswith("jinja2") or isinstance(exc, ValueError):
             raise bad_request(f"the chat template rejected the messages: {exc}", param="messages") from None
         raise
     return [int(t) for t in ids]
+
+
+def can_sanitize_control_tokens(tokenizer: Any) -> bool:
+    """Whether ``apply_chat_template`` takes ``sanitize_control_tokens`` (transformers 5 does).
+
+    Asked of the signature, not learnt from a TypeError: a template that itself raises
+    TypeError must fail the request, not be rendered again without the guard that keeps
+    users from forging ``<|im_start|>system``. A catch-all ``**kwargs`` does not count,
+    since it would hand the keyword to the template, which would ignore it.
+    """
+    try:
+        parameters = inspect.signature(tokenizer.apply_chat_template).parameters
+    except (TypeError, ValueError):  # no signature to read (a C extension, a mock)
+        return False
+    return "sanitize_control_tokens" in parameters
 
 
 def completion_prompt_ids(tokenizer: Any, prompt: str | list[int], vocab_size: int) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, Sequence
 
 from .generate import TokenEvent
@@ -35,20 +36,21 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def chat_logprob_entry(token: str, event: TokenEvent) -> dict[str, Any]:
+def chat_logprob_entry(
+    token: str, raw: bytes, logprob: float, top: Sequence[tuple[str, bytes, float]]
+) -> dict[str, Any]:
     """One element of ``choices[0].logprobs.content``: the token, its logprob and bytes.
 
-    ``token`` is the chosen token decoded on its own (a partial UTF-8 character shows as
-    U+FFFD; ``bytes`` are those of that string).
+    ``token`` is the chosen token decoded on its own, so a token holding part of a
+    UTF-8 character shows as U+FFFD; ``raw`` are its real bytes, which is what the
+    ``bytes`` field is for: joined over consecutive tokens they decode to the text.
+    ``top`` holds ``(token, bytes, logprob)`` for each alternative, best first.
     """
     return {
         "token": token,
-        "logprob": event.logprob,
-        "bytes": list(token.encode("utf-8", errors="replace")),
-        "top_logprobs": [
-            {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8", errors="replace"))}
-            for t, lp in event.top_logprobs
-        ],
+        "logprob": logprob,
+        "bytes": list(raw),
+        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, b, lp in top],
     }
 
 
@@ -132,7 +134,7 @@ def completion_logprobs(entries: Sequence[tuple[str, TokenEvent, int]]) -> dict[
     return {
         "tokens": [token for token, _, _ in entries],
         "token_logprobs": [event.logprob for _, event, _ in entries],
-        "top_logprobs": [dict(event.top_logprobs) for _, event, _ in entries],
+        "top_logprobs": [{t.text: t.logprob for t in event.top_logprobs} for _, event, _ in entries],
         "text_offset": [offset for _, _, offset in entries],
     }
 
@@ -179,5 +181,5 @@ def finite_event(event: TokenEvent) -> TokenEvent:
         token_id=event.token_id,
         text=event.text,
         logprob=None if event.logprob is None else finite(event.logprob),
-        top_logprobs=tuple((token, finite(lp)) for token, lp in event.top_logprobs),
+        top_logprobs=tuple(replace(t, logprob=finite(t.logprob)) for t in event.top_logprobs),
     )

@@ -57,8 +57,12 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     if step is None:
         raise RuntimeError("shardmesh attention called without the stage's caches")
     local = module.layer_idx - step.first_layer
-    window = getattr(module, "sliding_window", None)
-    kwargs.pop("sliding_window", None)
+    # Some models pass their window as a keyword (Mixtral, Mistral: one window for every
+    # layer), others set it on the module per layer (Qwen2): the keyword wins if given.
+    if "sliding_window" in kwargs:
+        window = kwargs.pop("sliding_window")
+    else:
+        window = getattr(module, "sliding_window", None)
     n = query.shape[2]
     outputs = []
     for row, past in enumerate(step.positions):

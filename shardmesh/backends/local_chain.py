@@ -24,6 +24,10 @@ class LocalChain:
         self.prompt_ids = list(prompt_ids)
         self.generated: list[int] = []
 
+    async def open(self, max_length: int) -> None:
+        for runner in self.runners:
+            await runner.open(self.session_id, max_length)
+
     def _sample(self, logits: RawTensor) -> SampledToken:
         token = sample(tensor_from_raw(logits), self.sampling, self.prompt_ids, self.generated)
         self.generated.append(token.token_id)
@@ -40,12 +44,14 @@ class LocalChain:
         return x if want_token else None
 
     async def close(self) -> None:
+        """Close on every stage; safe after a partial or cancelled open. The compute
+        thread runs jobs in order, so this close lands after any open still queued."""
         for runner in self.runners:
             await runner.close(self.session_id)
 
 
 class LocalChains:
-    """Opens :class:`LocalChain` sessions over a fixed list of local runners."""
+    """Makes :class:`LocalChain` sessions over a fixed list of local runners."""
 
     def __init__(self, runners: list[StageRunner]) -> None:
         self.runners = runners
@@ -53,14 +59,5 @@ class LocalChains:
     def available(self) -> bool:
         return bool(self.runners)
 
-    async def open(self, session_id: str, max_length: int, sampling: SamplingParams, prompt_ids: list[int]) -> LocalChain:
-        opened: list[StageRunner] = []
-        try:
-            for runner in self.runners:
-                await runner.open(session_id, max_length)
-                opened.append(runner)
-        except BaseException:
-            for runner in opened:
-                await runner.close(session_id)
-            raise
+    def chain(self, session_id: str, sampling: SamplingParams, prompt_ids: list[int]) -> LocalChain:
         return LocalChain(self.runners, session_id, sampling, prompt_ids)

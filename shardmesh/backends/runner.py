@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import trio
 
-from .base import RawTensor, Stage, StageError, StepRequest
+from .base import RawTensor, Stage, StepRequest
 from .compute_thread import compute_thread
 
 
@@ -72,21 +72,18 @@ class StageRunner:
                     pending.done.set()
 
     def _step_batch(self, batch: list[_Pending]) -> None:
-        """Compute thread: the batched step. A stage validates a whole batch before it
-        computes, so when it refuses one request we rerun the others alone: one bad
-        session never fails the rest."""
+        """Compute thread: the batched step, then each request's ``after``."""
         try:
             outputs = self.stage.step([p.request for p in batch])
-        except StageError as exc:
+        except Exception as exc:
+            # A refused request, or a failure such as running out of memory on one
+            # session's long prefill: retry each alone, so that only the culprit fails.
+            # Safe because a stage advances its caches only when a whole step succeeds.
             if len(batch) == 1:
                 batch[0].error = exc
             else:
                 for pending in batch:
                     self._step_batch([pending])
-            return
-        except Exception as exc:  # a compute failure fails the whole batch, visibly
-            for pending in batch:
-                pending.error = exc
             return
         for pending, output in zip(batch, outputs):
             try:

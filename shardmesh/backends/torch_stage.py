@@ -39,7 +39,7 @@ from .weights import ModelFiles, ensure_span_files, span_tensor_names
 from .torch_tensors import raw_from_tensor, tensor_from_raw, torch_dtype
 from .torch_weights import load_span_state
 
-DEFAULT_CACHE_BUDGET = 1 << 30  # bytes of KV cache per stage unless told otherwise
+DEFAULT_CACHE_BUDGET = 2 << 30  # bytes of KV cache per stage unless told otherwise
 
 
 def pick_device(device: str) -> torch.device:
@@ -64,22 +64,22 @@ def pick_dtype(dtype: str, config, device: torch.device) -> torch.dtype:
     return stored
 
 
-MIN_CACHE_CHUNK = 256  # tokens a session's cache grows by at least
+MIN_CACHE_CHUNK = 256  # tokens a session's cache starts with (or its max_length if smaller)
+GROWTH_STEP = 64  # when doubling does not fit the budget, grow to a multiple of this
 
 
 @dataclass
 class SessionCache:
-    """Keys and values of one session, one pair per local layer.
+    """Keys and values of one session, one pair per local layer, grown on demand.
 
-    The budget reserves ``max_length`` tokens when the session opens, so a session that
-    was admitted can always finish; memory is allocated as the session grows (doubling),
-    so a request that allows 4k tokens but stops after 50 costs 256 tokens of memory.
+    Memory, and what counts against the stage's budget, is the allocated capacity:
+    a request that allows 4k tokens but stops after 50 costs 256 tokens. Capacity
+    doubles as the session grows, or grows just enough when doubling does not fit.
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     max_length: int
-    nbytes: int  # reserved against the budget
     length: int = 0  # tokens already in the cache
     last_used: float = 0.0
 
@@ -87,12 +87,15 @@ class SessionCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2] if self.keys else 0
 
-    def ensure_capacity(self, needed: int) -> None:
-        if needed <= self.capacity:
-            return
-        new = min(self.max_length, max(needed, 2 * self.capacity, MIN_CACHE_CHUNK))
-        self.keys = [_grown(t, new, self.length) for t in self.keys]
-        self.values = [_grown(t, new, self.length) for t in self.values]
+    def growth_options(self, needed: int) -> list[int]:
+        """Capacities that would hold ``needed`` tokens, most generous first."""
+        doubled = min(self.max_length, max(needed, 2 * self.capacity, MIN_CACHE_CHUNK))
+        snug = min(self.max_length, -(-needed // GROWTH_STEP) * GROWTH_STEP)
+        return [doubled, snug] if snug < doubled else [doubled]
+
+    def grow(self, capacity: int) -> None:
+        self.keys = [_grown(t, capacity, self.length) for t in self.keys]
+        self.values = [_grown(t, capacity, self.length) for t in self.values]
 
 
 def _grown(t: torch.Tensor, capacity: int, used: int) -> torch.Tensor:
@@ -158,6 +161,9 @@ class TorchStage:
         rotary_type = type(self.module.rotary_emb)
         self.module.rotary_emb = None  # rebuilt below, never cast
         self.module.to(device=self.device, dtype=self.dtype)
+        if tied and self.module.embed_tokens is not None and self.module.lm_head is not None:
+            # One matrix, as in the checkpoint: the cast above made two copies of it.
+            self.module.lm_head.weight = self.module.embed_tokens.weight
         # The rotary module's inv_freq is computed, not stored: rebuild it for real, in
         # float32 as transformers keeps it (casting it would change the logits).
         with torch.device(self.device):
@@ -198,26 +204,31 @@ class TorchStage:
 
     @property
     def cache_bytes_used(self) -> int:
-        return sum(s.nbytes for s in self.sessions.values())
+        return sum(s.capacity for s in self.sessions.values()) * self.bytes_per_token
 
     @property
     def cache_tokens_free(self) -> int:
         return max(0, self.cache_budget_bytes - self.cache_bytes_used) // max(1, self.bytes_per_token)
 
     def open(self, session_id: str, max_length: int) -> None:
+        """Admit a session if its first chunk of cache fits the budget now.
+
+        Nothing is reserved beyond that: if the budget runs out later, the step that
+        needs more room raises :class:`CacheBudgetExceeded` and changes nothing, and
+        the caller decides (end the answer, or continue it on another chain).
+        """
         if max_length <= 0:
             raise BadInput("max_length must be positive")
         limit = getattr(self.config, "max_position_embeddings", None)
         if limit and max_length > limit:
             raise BadInput(f"max_length {max_length} exceeds the model's context of {limit} tokens")
-        nbytes = max_length * self.bytes_per_token
         with self._lock:
             if session_id in self.sessions:
                 raise BadInput(f"session {session_id!r} is already open")
-            if self.cache_bytes_used + nbytes > self.cache_budget_bytes:
+            first_chunk = min(max_length, MIN_CACHE_CHUNK)
+            if first_chunk > self.cache_tokens_free:
                 raise CacheBudgetExceeded(
-                    f"KV cache budget exhausted: {max_length} tokens need {nbytes} bytes, "
-                    f"{self.cache_budget_bytes - self.cache_bytes_used} of {self.cache_budget_bytes} free"
+                    f"the KV cache is full: {self.cache_tokens_free} tokens free, a new session needs {first_chunk}"
                 )
             empty = torch.zeros((1, self.num_kv_heads, 0, self.head_dim), dtype=self.dtype, device=self.device)
             layers = self.end - self.start
@@ -225,9 +236,18 @@ class TorchStage:
                 keys=[empty] * layers,
                 values=[empty] * layers,
                 max_length=max_length,
-                nbytes=nbytes,
                 last_used=time.monotonic(),
             )
+
+    def _make_room(self, cache: SessionCache, needed: int) -> None:
+        if needed <= cache.capacity:
+            return
+        free = self.cache_tokens_free + cache.capacity  # this session's own memory is reusable
+        for capacity in cache.growth_options(needed):
+            if capacity <= free:
+                cache.grow(capacity)
+                return
+        raise CacheBudgetExceeded(f"the KV cache is full: a session at {cache.length} tokens cannot grow to {needed}")
 
     def close(self, session_id: str) -> None:
         with self._lock:
@@ -268,7 +288,7 @@ class TorchStage:
             tensor = tensor.to(torch.int64)
             if int(tensor.min()) < 0 or int(tensor.max()) >= self.info.vocab_size:
                 raise BadInput(f"token ids must lie in [0, {self.info.vocab_size})")
-        cache.ensure_capacity(cache.length + n)
+        self._make_room(cache, cache.length + n)
         return cache, tensor
 
     def step(self, batch: Sequence[StepRequest]) -> list[RawTensor]:

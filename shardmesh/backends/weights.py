@@ -50,10 +50,6 @@ class ModelFiles:
     hub: tuple[str, str | None] | None = None  # (repo id, revision) when fetched from the hub
     reads: list[str] = field(default_factory=list)  # tensor names read so far, in order
 
-    @property
-    def config_path(self) -> Path:
-        return self.root / "config.json"
-
     def files_for(self, names: Iterable[str]) -> set[str]:
         return {self.weight_map[n] for n in names}
 
@@ -139,11 +135,26 @@ def _offline_hint(model: str) -> str:
 
 
 def _hub_download(repo_id: str, filename: str, revision: str | None, required: bool) -> Path | None:
+    """One file through the hub cache (progress bar included); None if optional and absent."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except GatedRepoError:
+        raise ModelSourceError(
+            f"{repo_id} is gated: accept its licence on the Hugging Face hub, then set HF_TOKEN (or run `hf auth login`)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelSourceError(f"{repo_id!r} is not a model on the Hugging Face hub (or it is private)") from None
+    except RevisionNotFoundError:
+        raise ModelSourceError(f"{repo_id} has no revision {revision!r}") from None
     except LocalEntryNotFoundError as exc:  # offline (or hub unreachable) and not cached
         if not required:
             return None
@@ -152,25 +163,26 @@ def _hub_download(repo_id: str, filename: str, revision: str | None, required: b
         if required:
             raise ModelSourceError(f"{repo_id} has no {filename}") from None
         return None
-    except RepositoryNotFoundError:
-        raise ModelSourceError(f"{repo_id!r} is not a model on the Hugging Face hub (or it is private)") from None
-    except OSError as exc:
-        if not required:
-            return None
-        raise ModelSourceError(_offline_hint(repo_id)) from exc
+    except OSError as exc:  # an HTTP error other than "not found", a full disk, ...
+        raise ModelSourceError(f"fetching {filename} of {repo_id} failed: {exc}") from exc
 
 
 def resolve_hub(repo_id: str, revision: str | None = None) -> ModelFiles:
-    """Fetch config, tokenizer and the weight index of a hub model (no weights yet)."""
+    """Fetch config, tokenizer and the weight index of a hub model (no weights yet).
+
+    Every later file comes from the commit the config came from, so a branch that moves
+    while a node starts cannot mix files of two commits.
+    """
     config = _hub_download(repo_id, "config.json", revision, required=True)
     assert config is not None
+    root = config.parent  # <cache>/models--org--name/snapshots/<commit>
+    commit = root.name
     for name in SMALL_FILES[1:]:
-        _hub_download(repo_id, name, revision, required=False)
-    root = config.parent
-    if _hub_download(repo_id, INDEX_FILE, revision, required=False) is None:
+        _hub_download(repo_id, name, commit, required=False)
+    if _hub_download(repo_id, INDEX_FILE, commit, required=False) is None:
         # A single-file checkpoint: whatever the span, that one file holds its tensors.
-        _hub_download(repo_id, SINGLE_FILE, revision, required=True)
-    return ModelFiles(root=root, weight_map=_weight_map_of(root), hub=(repo_id, revision))
+        _hub_download(repo_id, SINGLE_FILE, commit, required=True)
+    return ModelFiles(root=root, weight_map=_weight_map_of(root), hub=(repo_id, commit))
 
 
 def ensure_span_files(files: ModelFiles, names: Iterable[str]) -> None:
