@@ -314,6 +314,16 @@ class TorchStage:
                 cache.last_used = now
         return results  # type: ignore[return-value]
 
+    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for every row. Dynamic RoPE variants rescale by the longest position
+        they are given, so for them each session gets its own call: a session's output
+        must not depend on who it was batched with."""
+        rotary = self.module.rotary_emb
+        if hidden.shape[0] == 1 or getattr(rotary, "rope_type", "default") not in ("dynamic", "longrope"):
+            return rotary(hidden, position_ids)
+        rows = [rotary(hidden[i : i + 1], position_ids[i : i + 1]) for i in range(hidden.shape[0])]
+        return torch.cat([cos for cos, _ in rows]), torch.cat([sin for _, sin in rows])
+
     @torch.inference_mode()
     def _forward(self, inputs: torch.Tensor, caches: list[SessionCache], positions: list[int]) -> list[RawTensor]:
         m = self.module
@@ -323,7 +333,7 @@ class TorchStage:
         else:
             hidden = inputs.to(device=self.device, dtype=self.dtype)
         position_ids = torch.tensor(positions, device=self.device)[:, None] + torch.arange(n, device=self.device)
-        position_embeddings = m.rotary_emb(hidden, position_ids)
+        position_embeddings = self._rotary(hidden, position_ids)
         step = kv_attention.StepCaches(
             keys=[c.keys for c in caches],
             values=[c.values for c in caches],
