@@ -446,7 +446,7 @@ def test_chat_template_type_error_is_not_retried_unguarded() -> None:
 
 
 def test_token_bytes_rebuild_utf8(tokenizer: Any) -> None:
-    from shardmesh.api.text import token_bytes
+    from shardmesh.api.token_bytes import token_bytes
 
     text = "héllo wörld, naïve café: 世界你好 😀🎉 – “quoted” Ωμέγα\n\tend"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -459,7 +459,7 @@ def test_token_bytes_rebuild_utf8(tokenizer: Any) -> None:
 def test_byte_level_alphabet_is_gpt2s() -> None:
     from tokenizers import pre_tokenizers
 
-    from shardmesh.api.text import byte_level_alphabet
+    from shardmesh.api.token_bytes import byte_level_alphabet
 
     alphabet = byte_level_alphabet()
     assert sorted(alphabet.values()) == list(range(256))
@@ -472,7 +472,7 @@ def test_token_bytes_sentencepiece_byte_fallback() -> None:
     from tokenizers import Tokenizer, decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
 
-    from shardmesh.api.text import token_bytes
+    from shardmesh.api.token_bytes import token_bytes
 
     vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
     vocab.update({c: len(vocab) + i for i, c in enumerate("▁hicaf")})

@@ -30,7 +30,7 @@ from .responses import (
     text_completion,
     usage_chunk,
 )
-from .text import token_bytes
+from .token_bytes import token_bytes
 
 
 class _Format:
