@@ -41,7 +41,6 @@ import hashlib
 import inspect
 import json
 import os
-import random
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -49,6 +48,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
+
+from .tiny_tokenizer import train_tokenizer
 
 if TYPE_CHECKING:  # transformers is imported lazily: it costs seconds
     from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
@@ -69,37 +70,6 @@ EXPERTS_PER_TOKEN = 2
 # See the module docstring: wide logits make greedy decoding reproducible and mostly
 # independent of the dtype, without collapsing into one repeated token.
 INITIALIZER_RANGE = 0.1
-
-# Target size of the BPE vocabulary, special tokens included. Small keeps the embedding
-# and LM head small; 768 is a multiple of 64, so the default model has no padded rows.
-TOKENIZER_VOCAB = 768
-
-ENDOFTEXT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-# Order fixes the ids: 0, 1, 2.
-SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
-
-# Qwen2's pre-tokenizer split (GPT-4 style: words, single digits, punctuation runs,
-# newlines); see _trained_tokenizer_json for why it must be exactly this.
-PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
-# ChatML, as Qwen uses it. Message content may be a string, None, or a list of OpenAI
-# style parts ({"type": "text", "text": ...}); only text parts are kept.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
-    "{%- elif message['content'] is none -%}{%- set content = '' -%}"
-    "{%- else -%}{%- set content = message['content'] | selectattr('type', 'equalto', 'text')"
-    " | map(attribute='text') | join('') -%}"
-    "{%- endif -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
-
 
 # --------------------------------------------------------------------------- sizes
 
@@ -186,123 +156,6 @@ def resolve_dims(
     )
 
 
-# ----------------------------------------------------------------------- tokenizer
-
-_SUBJECTS = (
-    "the node", "a peer", "the router", "this machine", "the scheduler", "every worker",
-    "the server", "a client", "the cluster", "our gateway", "the model", "each stage",
-    "the network", "a small laptop", "the old desktop", "the first shard", "the last layer",
-)
-_VERBS = (
-    "sends", "receives", "forwards", "stores", "computes", "checks", "drops", "signs",
-    "routes", "caches", "streams", "measures", "encrypts", "retries", "loads", "answers",
-)
-_OBJECTS = (
-    "a packet", "the hidden state", "every token", "the weights", "a request", "the reply",
-    "one tensor", "the key cache", "a signed record", "the logits", "a heartbeat",
-    "the next batch", "a long prompt", "the session id", "a stream of bytes",
-)
-_TAILS = (
-    "over the network", "in under a millisecond", "before the deadline", "to the next peer",
-    "when the link is slow", "after a timeout", "on every step", "without a copy",
-    "if the hash matches", "while the queue is full", "from the local disk", "at startup",
-)
-_PARAGRAPHS = (
-    "Machines talk to each other by sending messages. A message is a sequence of bytes "
-    "with a length in front, so the reader knows where it ends. When a connection breaks, "
-    "the sender tries again, but only a few times, and then it reports an error.",
-    "A language model reads a prompt, splits it into tokens, and predicts the next token "
-    "one step at a time. Each layer turns a hidden state into a new hidden state. When the "
-    "layers live on different computers, the hidden state travels between them.",
-    "Hello! How are you today? I am fine, thank you. What is the weather like? It is sunny "
-    "and warm. Please tell me a short story about a robot who learns to paint.",
-    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
-    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 256 1024 2048 65536 3.14 -7 1e-5.",
-    "You are a helpful assistant. Answer briefly and clearly. If you do not know, say so.",
-)
-_CODE = (
-    "def add(a: int, b: int) -> int:\n    return a + b\n",
-    "for i in range(10):\n    print(i, i * i)\n",
-    "class Peer:\n    def __init__(self, peer_id):\n        self.peer_id = peer_id\n",
-    'config = {"hidden_size": 64, "num_layers": 4, "vocab_size": 768}\n',
-    "if err != nil {\n\treturn fmt.Errorf(\"dial: %w\", err)\n}\n",
-    "$ curl -s http://localhost:8000/v1/models | jq '.data[0].id'\n",
-    "async def handler(stream):\n    data = await stream.read()\n    await stream.write(data)\n",
-    "x = torch.zeros(2, 3)\ny = x @ w.T + b  # shape (2, 5)\n",
-    "SELECT id, name FROM peers WHERE last_seen > NOW() - INTERVAL '5 minutes';\n",
-    "<html><body><p>Hello, world!</p></body></html>\n",
-)
-
-
-def tokenizer_corpus(seed: int = 0, sentences: int = 3000) -> list[str]:
-    """Plain English about machines and networks, plus code-ish lines, made here.
-
-    ``random.Random(seed)`` composes the sentences, so the corpus (and the tokenizer
-    trained on it) is the same on every machine and Python version.
-    """
-    rng = random.Random(seed)
-    lines = list(_PARAGRAPHS) + list(_CODE)
-    for _ in range(sentences):
-        sentence = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}"
-        lines.append(sentence[0].upper() + sentence[1:] + rng.choice((".", ".", ".", "!", "?")))
-    lines.extend(rng.choice(_CODE) for _ in range(sentences // 10))
-    return lines
-
-
-@functools.lru_cache(maxsize=8)
-def _trained_tokenizer_json(vocab_size: int, seed: int) -> str:
-    """Train a byte-level BPE once per process; later calls reuse its JSON."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    # Exactly the pipeline transformers' Qwen2Tokenizer builds. transformers 5 loads any
-    # checkpoint whose model_type is qwen2 with that class, whatever tokenizer_config.json
-    # says, and rebuilds the pipeline from vocab and merges; with any other pipeline the
-    # qwen2 tiny model would encode differently from the rest. Byte level: every string
-    # encodes (no unknown token) and decodes back unchanged.
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        # All 256 byte symbols up front, even those absent from the corpus.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(tokenizer_corpus(seed), trainer=trainer)
-    return tok.to_str()
-
-
-def train_tokenizer(
-    vocab_size: int = TOKENIZER_VOCAB, *, seed: int = 0, model_max_length: int = 2048
-) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with ChatML special tokens and chat template.
-
-    Returns a ``PreTrainedTokenizerFast`` (an alias of ``TokenizersBackend`` in
-    transformers 5). Ids 0, 1, 2 are ``<|endoftext|>`` (bos and pad), ``<|im_start|>``
-    and ``<|im_end|>`` (eos, as in Qwen's chat models). Nothing adds a bos token
-    automatically: ChatML prompts do not start with one.
-    """
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json(vocab_size, seed)),
-        bos_token=ENDOFTEXT,
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
-        model_max_length=model_max_length,
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
     """Save, naming the class by its transformers 4 name so older loaders can read it.
 
@@ -312,6 +165,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
     """
     tokenizer.save_pretrained(path)
     _update_json(path / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast"})
+
 
 
 # --------------------------------------------------------------------------- model
@@ -559,15 +413,17 @@ def cache_root() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """A hash of what decides the bytes of a build: this file and the library versions.
+    """A hash of what decides the bytes of a build: our code and the library versions.
 
-    Editing this module or upgrading torch (its RNG streams), transformers (its init and
+    Editing this module or tiny_tokenizer.py or upgrading torch (its RNG streams), transformers (its init and
     file layout) or tokenizers (its trainer) starts a fresh cache entry.
     """
     import tokenizers
     import transformers
 
-    h = hashlib.sha256(Path(__file__).read_bytes())
+    h = hashlib.sha256()
+    for source in (Path(__file__), Path(__file__).with_name("tiny_tokenizer.py")):
+        h.update(source.read_bytes())
     for version in (torch.__version__, transformers.__version__, tokenizers.__version__):
         h.update(b"\0" + version.encode())
     return h.hexdigest()
