@@ -139,5 +139,9 @@ async def run_until_signalled(config: NodeConfig) -> None:
 
 def main(config: NodeConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # The hub client's HTTP libraries log every request at INFO; downloads show progress
+    # bars instead.
+    for chatty in ("httpx", "httpx2", "huggingface_hub"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     trio.run(run_until_signalled, config)
     return 0
