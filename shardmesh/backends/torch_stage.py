@@ -173,6 +173,8 @@ class TorchStage:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.num_kv_heads = text.num_key_value_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        # Keys and values, every local layer, one token.
+        self.bytes_per_token = 2 * (end - start) * self.num_kv_heads * self.head_dim * self.dtype.itemsize
         self.info = StageInfo(
             model=model_name,
             start=start,
@@ -196,11 +198,6 @@ class TorchStage:
             raise RuntimeError(f"tensors not found in the checkpoint: {missing[:8]}")
 
     # -- sessions -------------------------------------------------------------------
-
-    @property
-    def bytes_per_token(self) -> int:
-        layers = self.end - self.start
-        return 2 * layers * self.num_kv_heads * self.head_dim * torch.tensor([], dtype=self.dtype).element_size()
 
     @property
     def cache_bytes_used(self) -> int:
