@@ -169,8 +169,8 @@ class Generator:
                 await chain.close()
 
     async def _prefill(self, chain: Chain, prompt: list[int]) -> SampledToken:
-        """The prompt in chunks: bounded work per step, and across peers stage A can
-        start on chunk 2 while stage B is still on chunk 1."""
+        """The prompt in chunks, so that one step's work and activations stay bounded.
+        (Overlapping chunks across hops is for the mesh's push chain.)"""
         token = None
         for start in range(0, len(prompt), PREFILL_CHUNK):
             chunk = prompt[start : start + PREFILL_CHUNK]
