@@ -4,13 +4,14 @@ All figures come from one run on one machine, same weights, same dtype, same thr
 
 * ``generate``: ``AutoModelForCausalLM.generate``, greedy, the reference.
 * ``stage``: our one-node path as the gateway runs it (generation loop → stage runner →
-  torch stage in a worker thread → sampling), without HTTP.
+  torch stage on the compute thread → sampling), without HTTP.
 * ``http``: the same through the OpenAI gateway (hypercorn, SSE), read by a client in
   the same process, so client parsing is counted against us.
 * ``batch``: several concurrent sessions through the stage runner; aggregate tokens/s.
 
 Decode speed excludes the prompt: it is measured from the first generated token to the
-last. Each path runs ``--repeats`` times and the best run is reported.
+last. The paths take turns, ``--repeats`` rounds, and each path's best run is reported.
+Every torch call (ours and ``generate``) runs on the one compute thread.
 """
 
 from __future__ import annotations
@@ -48,28 +49,29 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
     return torch.randint(10, vocab, (n,), generator=g).tolist()
 
 
-def bench_generate(path: Path, dtype: torch.dtype, prompt: list[int], tokens: int, repeats: int) -> Figure:
-    from transformers import AutoModelForCausalLM
+class GenerateReference:
+    """transformers ``generate`` on the same weights: the figure to compare against."""
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    ids = torch.tensor([prompt])
-    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    def __init__(self, path: Path, dtype: torch.dtype, prompt: list[int]) -> None:
+        from transformers import AutoModelForCausalLM
 
-    def timed(n: int) -> float:
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        self.ids = torch.tensor([prompt])
+        self.params_m = sum(p.numel() for p in self.model.parameters()) / 1e6
+
+    def _timed(self, n: int) -> float:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
-        assert out.shape[1] == len(prompt) + n
+            out = self.model.generate(
+                self.ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
+        assert out.shape[1] == self.ids.shape[1] + n
         return time.perf_counter() - t0
 
-    timed(4)  # warm-up
-    best = 0.0
-    for _ in range(repeats):
-        first = timed(1)  # prefill + first token
-        full = timed(tokens)
-        best = max(best, (tokens - 1) / (full - first))
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    return Figure("transformers generate", best, f"{params:.0f}M parameters")
+    def decode_rate(self, tokens: int) -> float:
+        """Decode tokens/s: a full run minus a prefill-plus-first-token run."""
+        first = self._timed(1)
+        return (tokens - 1) / (self._timed(tokens) - first)
 
 
 async def _decode_rate(generator, prompt: list[int], tokens: int) -> float:
@@ -124,22 +126,31 @@ async def bench_ours(path: Path, dtype: str, prompt: list[int], tokens: int, rep
     from .backends.weights import resolve_local
     from transformers import AutoTokenizer
 
-    stage = await compute_thread().run(lambda: TorchStage(resolve_local(str(path)), 0, dtype=dtype, model_name="bench"))
+    compute = compute_thread()  # torch runs on this one thread, for both paths
+    stage = await compute.run(lambda: TorchStage(resolve_local(str(path)), 0, dtype=dtype, model_name="bench"))
+    reference = await compute.run(GenerateReference, path, getattr(torch, dtype), prompt)
     runner = StageRunner(stage)
     tokenizer = AutoTokenizer.from_pretrained(path)
     generator = Generator("bench", tokenizer, 1 << 20, LocalChains([runner]), frozenset())
-    figures = []
     async with trio.open_nursery() as nursery:
         await nursery.start(runner.run)
-        await _decode_rate(generator, prompt, 4)  # warm-up
-        best = max([await _decode_rate(generator, prompt, tokens) for _ in range(repeats)])
-        figures.append(Figure("shardmesh one-node stage path", best))
-
         port = await nursery.start(serve, create_app(generator), "127.0.0.1", 0)
         url = f"http://127.0.0.1:{port}"
         text = tokenizer.decode(prompt)
-        best = max([await _http_rate(url, "bench", text, tokens) for _ in range(repeats)])
-        figures.append(Figure("shardmesh one-node via HTTP (SSE)", best, "client in the same process"))
+        await compute.run(reference.decode_rate, 4)  # warm-up
+        await _decode_rate(generator, prompt, 4)
+
+        # Interleaved, so that a slow moment of the machine hits every path alike.
+        best = {"generate": 0.0, "stage": 0.0, "http": 0.0}
+        for _ in range(repeats):
+            best["generate"] = max(best["generate"], await compute.run(reference.decode_rate, tokens))
+            best["stage"] = max(best["stage"], await _decode_rate(generator, prompt, tokens))
+            best["http"] = max(best["http"], await _http_rate(url, "bench", text, tokens))
+        figures = [
+            Figure("transformers generate", best["generate"], f"{reference.params_m:.0f}M parameters"),
+            Figure("shardmesh one-node stage path", best["stage"]),
+            Figure("shardmesh one-node via HTTP (SSE)", best["http"], "client in the same process"),
+        ]
 
         rates: list[float] = []
 
@@ -167,7 +178,6 @@ async def bench_ours(path: Path, dtype: str, prompt: list[int], tokens: int, rep
 def run_bench(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = bench_model_path(args.model)
-    torch_dtype = getattr(torch, args.dtype)
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(path).vocab_size
@@ -177,13 +187,10 @@ def run_bench(args) -> int:
         f"prompt {args.prompt_tokens} tokens, decode {args.tokens} tokens, best of {args.repeats}",
         flush=True,
     )
-    from .backends.compute_thread import compute_thread
-
-    # On the compute thread, like our path: torch slows down when two threads run it.
-    reference = compute_thread().call(bench_generate, path, torch_dtype, prompt, args.tokens, args.repeats)
-    ours = trio.run(bench_ours, path, args.dtype, prompt, args.tokens, args.repeats, args.sessions)
+    figures = trio.run(bench_ours, path, args.dtype, prompt, args.tokens, args.repeats, args.sessions)
+    reference = figures[0]
     print(f"\n{'path':44s} {'decode tok/s':>12s} {'vs generate':>12s}")
-    for fig in [reference, *ours]:
+    for fig in figures:
         ratio = fig.tokens_per_s / reference.tokens_per_s
         print(f"{fig.name:44s} {fig.tokens_per_s:12.1f} {ratio:12.2f}  {fig.note}")
     return 0
