@@ -187,6 +187,10 @@ def run_bench(args) -> int:
         f"prompt {args.prompt_tokens} tokens, decode {args.tokens} tokens, best of {args.repeats}",
         flush=True,
     )
+    if args.mesh:
+        from .bench_mesh import run_mesh_bench
+
+        return run_mesh_bench(path, args.dtype, prompt, args.tokens, args.repeats)
     figures = trio.run(bench_ours, path, args.dtype, prompt, args.tokens, args.repeats, args.sessions)
     reference = figures[0]
     print(f"\n{'path':44s} {'decode tok/s':>12s} {'vs generate':>12s}")

@@ -13,12 +13,18 @@ def _add_run(sub) -> None:
     p = sub.add_parser("run", help="serve a model (or part of one) and the OpenAI gateway")
     p.add_argument("--model", required=True, help="local folder in Hugging Face layout, or a hub id like Qwen/Qwen3-0.6B")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    p.add_argument("--layers", default="all", help="blocks to serve: 'all' (serving a part needs the mesh, coming next)")
+    p.add_argument("--layers", default="all", help="blocks to serve: 'all', START:END, or 'none' (a gateway without weights)")
     p.add_argument("--api", default="127.0.0.1:8000", help="HOST:PORT of the OpenAI gateway (port 0 picks one), or 'off'")
     p.add_argument("--api-key", default=None, help="require this bearer key (or set SHARDMESH_API_KEY)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--kv-cache-gb", type=float, default=2.0, help="KV cache budget of this node (GiB)")
+    p.add_argument("--listen", action="append", default=None, metavar="MULTIADDR",
+                   help="libp2p listen address (repeatable; default /ip4/0.0.0.0/tcp/4001; tcp/0 picks a port)")
+    p.add_argument("--join", action="append", default=[], metavar="MULTIADDR",
+                   help="a peer of the swarm to join, ending in /p2p/<peer id> (repeatable); none: start a new swarm")
+    p.add_argument("--key-file", default=None, help="the node's identity key (created on first run; default in ~/.local/share/shardmesh)")
+    p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN by multicast DNS")
 
 
 def _add_tiny(sub) -> None:
@@ -40,6 +46,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs of each path; the best is reported")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--sessions", type=int, default=4, help="concurrent sessions for the batching figure")
+    p.add_argument("--mesh", action="store_true", help="node processes on loopback: 3-node chain vs one process, per-hop cost")
 
 
 def run(args) -> int:
@@ -56,6 +63,10 @@ def run(args) -> int:
         dtype=args.dtype,
         device=args.device,
         kv_cache_gb=args.kv_cache_gb,
+        listen=tuple(args.listen or NodeConfig.listen),
+        join=tuple(args.join),
+        key_file=args.key_file,
+        mdns=not args.no_mdns,
     )
     try:
         config.api_host_port

@@ -13,7 +13,7 @@ class UsageError(ValueError):
 @dataclass(frozen=True)
 class NodeConfig:
     model: str
-    layers: str = "all"  # "all" or "A:B"
+    layers: str = "all"  # "all", "A:B", or "none" (a gateway that holds no weights)
     api: str = "127.0.0.1:8000"  # HOST:PORT of the OpenAI gateway, or "off"
     api_key: str | None = None  # bearer key the gateway requires; None = open
     dtype: str = "auto"
@@ -21,6 +21,10 @@ class NodeConfig:
     kv_cache_gb: float = 2.0  # KV cache budget of this node's stage
     revision: str | None = None  # hub revision (branch, tag or commit)
     session_idle_timeout: float = 300.0  # seconds before an idle session's cache is freed
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)  # libp2p listen multiaddrs
+    join: tuple[str, ...] = ()  # bootstrap multiaddrs (.../p2p/<peer id>); none: a new swarm
+    key_file: str | None = None  # the node's identity; None: in the user's data directory
+    mdns: bool = True  # find peers on the LAN by multicast DNS
 
     @property
     def api_host_port(self) -> tuple[str, int] | None:
@@ -31,13 +35,15 @@ class NodeConfig:
             raise UsageError(f"--api wants HOST:PORT or 'off', got {self.api!r}")
         return host.strip("[]"), int(port)
 
-    def span(self, total_blocks: int) -> tuple[int, int]:
-        """The blocks ``[start, end)`` this node serves."""
+    def span(self, total_blocks: int) -> tuple[int, int] | None:
+        """The blocks ``[start, end)`` this node serves; None for ``--layers none``."""
         if self.layers == "all":
             return 0, total_blocks
+        if self.layers == "none":
+            return None
         start_s, sep, end_s = self.layers.partition(":")
         if not sep or not start_s.isdigit() or not end_s.isdigit():
-            raise UsageError(f"--layers wants 'all' or START:END, got {self.layers!r}")
+            raise UsageError(f"--layers wants 'all', 'none' or START:END, got {self.layers!r}")
         start, end = int(start_s), int(end_s)
         if not 0 <= start < end <= total_blocks:
             raise UsageError(f"--layers {self.layers} is not inside the model's {total_blocks} blocks")

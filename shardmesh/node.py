@@ -1,28 +1,44 @@
-"""The composition root: one trio nursery holding the stage runner and the gateway.
+"""The composition root: one trio nursery holding host, registry, stage server, gateway.
 
 Everything a node does is started here and nowhere else, so the whole lifetime of a
-node is one readable function. The mesh (libp2p host, registry, stage server) plugs in
-here too.
+node is one readable function (:func:`run_node`): read the model's config, start the
+libp2p host, load this node's blocks, publish its signed record, serve its hop of other
+people's chains, and (unless ``--api off``) serve the OpenAI API over whatever chain of
+peers covers the model.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import trio
 
+from . import __version__
 from .api.app import create_app, serve
 from .api.generate import Generator, eos_token_ids
 from .backends.compute_thread import compute_thread
 from .backends.local_chain import LocalChains
 from .backends.runner import StageRunner
+from .backends.served_stage import ServedStage
+from .backends.throughput import cached_block_throughput, default_cache_dir, throughput_cache_key
 from .backends.torch_stage import TorchStage
-from .backends.weights import ModelFiles, resolve
-from .config import NodeConfig, UsageError
+from .backends.weights import ModelFiles, identity_bytes, resolve
+from .config import NodeConfig
+from .mesh.discovery import Discovery
+from .mesh.host import MeshHost, default_key_file, load_or_create_identity, running_host
+from .mesh.records import NodeRecord, model_identity
+from .mesh.registry import Registry
+from .mesh.session import MeshChains
+from .mesh.stage_server import Limits, StageServer
+from .placement.routing import FailureBackoff, Hop, find_route
+from .placement.spans import ServerView
 
 log = logging.getLogger("shardmesh.node")
 
@@ -78,19 +94,20 @@ async def expire_idle_sessions(runner: StageRunner, idle_seconds: float) -> None
             log.info("closed idle session %s", session_id)
 
 
-async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = None) -> None:
-    """Load the span, start the gateway, serve until cancelled."""
-    say = announce or (lambda line: print(line, flush=True))
-    # Abandonable: Ctrl-C during a long download must stop the node, not wait for it.
-    model = await trio.to_thread.run_sync(load_model_meta, config, abandon_on_cancel=True)
-    start, end = config.span(model.total_blocks)
-    if (start, end) != (0, model.total_blocks):
-        raise UsageError(
-            f"--layers {config.layers}: serving part of a model needs peers for the other blocks; "
-            "this build serves whole models only (--layers all)"
-        )
+@dataclass
+class LocalBlocks:
+    """The blocks this node serves, once loaded."""
+
+    stage: TorchStage
+    runner: StageRunner
+    throughput: float
+
+
+async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, span: tuple[int, int], say) -> LocalBlocks:
+    start, end = span
     say(f"loading blocks [{start}, {end}) of {model.name}")
-    stage = await compute_thread().run(
+    compute = compute_thread()
+    stage = await compute.run(
         lambda: TorchStage(
             model.files,
             start,
@@ -101,24 +118,134 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
             cache_budget_bytes=int(config.kv_cache_gb * (1 << 30)),
         )
     )
-    say(f"serving {model.name} blocks [{start}, {end}) on {stage.info.device} in {stage.info.dtype}")
-    runner = StageRunner(stage)
-    generator = Generator(
-        model.name,
-        model.tokenizer,
-        model.context_length,
-        LocalChains([runner]),
-        eos_token_ids(model.tokenizer, model.generation_config),
+    key = throughput_cache_key(model_id, stage.info.device, stage.info.dtype)
+    throughput = await compute.run(cached_block_throughput, stage, default_cache_dir(), key)
+    say(
+        f"serving {model.name} blocks [{start}, {end}) on {stage.info.device} in {stage.info.dtype} "
+        f"({throughput:.0f} tokens/s per block)"
     )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(runner.run)
-        nursery.start_soon(expire_idle_sessions, runner, config.session_idle_timeout)
-        api = config.api_host_port
+    return LocalBlocks(stage, StageRunner(stage), throughput)
+
+
+def local_record(mesh: MeshHost, model: LoadedModel, model_id: str, span, blocks: LocalBlocks | None, limits: Limits, api: str | None) -> NodeRecord:
+    start, end = span or (0, 0)
+    info = blocks.stage.info if blocks else None
+    return NodeRecord(
+        peer=mesh.peer_id_str,
+        addrs=tuple(mesh.dialable_addrs()),
+        model=model_id,
+        start=start,
+        end=end,
+        total_blocks=model.total_blocks,
+        state="online" if blocks or span is None else "joining",
+        throughput=blocks.throughput if blocks else 0.0,
+        cache_tokens_free=blocks.stage.cache_tokens_free if blocks else 0,
+        backend=info.backend if info else "none",
+        device=info.device if info else "none",
+        dtype=info.dtype if info else "none",
+        rtt={},
+        version=__version__,
+        seq=0,
+        expires=0.0,
+        api=api,
+        limits=limits.as_record(),
+    )
+
+
+async def publish_free_cache(registry: Registry, stage: TorchStage, every: float = 2.0) -> None:
+    """Keeps ``cache_tokens_free`` in the record current, so routing sees busy nodes."""
+    last = None
+    while True:
+        await trio.sleep(every)
+        free = stage.cache_tokens_free
+        if free != last:
+            registry.update_local(cache_tokens_free=free)
+            last = free
+
+
+def route_finder(registry: Registry, backoff: FailureBackoff, me: str, total_blocks: int):
+    def find(tokens_needed: int) -> list[Hop] | None:
+        servers = [
+            ServerView(
+                peer=r.peer,
+                start=r.start,
+                end=r.end,
+                throughput=r.throughput,
+                state=r.state,
+                cache_tokens_free=r.cache_tokens_free,
+                rtt_ms=dict(r.rtt),
+            )
+            for r in registry.records()
+            if r.end > r.start
+        ]
+        return find_route(servers, total_blocks, origin=me, exclude=backoff.excluded(time.monotonic()), tokens_needed=tokens_needed)
+
+    return find
+
+
+async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = None) -> None:
+    """Join (or start) the swarm, load the span, start the gateway, serve until cancelled."""
+    say = announce or (lambda line: print(line, flush=True))
+    # Abandonable: Ctrl-C during a long download must stop the node, not wait for it.
+    model = await trio.to_thread.run_sync(load_model_meta, config, abandon_on_cancel=True)
+    span = config.span(model.total_blocks)
+    model_id = model_identity(model.name, *identity_bytes(model.files))
+    key_pair = load_or_create_identity(Path(config.key_file) if config.key_file else default_key_file())
+    discovery_args = list(config.join)
+    limits = Limits(idle_timeout=config.session_idle_timeout)
+    api = config.api_host_port
+
+    async with running_host(key_pair, list(config.listen)) as mesh, trio.open_nursery() as nursery:
+        discovery = Discovery(mesh, discovery_args, mdns=config.mdns)
+        for addr in mesh.addrs():
+            say(f"listening on {addr}")
+        blocks = await load_blocks(config, model, model_id, span, say) if span else None
+        if blocks:
+            await nursery.start(blocks.runner.run)
+            nursery.start_soon(expire_idle_sessions, blocks.runner, config.session_idle_timeout)
+        registry = Registry(mesh, model_id, local_record(mesh, model, model_id, span, blocks, limits, None))
+        await nursery.start(registry.run)
+        await nursery.start(discovery.run)
+        server = StageServer(
+            mesh,
+            ServedStage(blocks.runner) if blocks else None,
+            model_id,
+            model.total_blocks,
+            model.context_length,
+            limits,
+            addrs_of=lambda peer: list(r.addrs) if (r := registry.get(peer)) else [],
+        )
+        await nursery.start(server.run)
+        if blocks:
+            nursery.start_soon(publish_free_cache, registry, blocks.stage)
+
+        if blocks and span == (0, model.total_blocks):
+            chains = LocalChains([blocks.runner])  # the whole model here: no network in the way
+        else:
+            backoff = FailureBackoff()
+            chains = MeshChains(
+                nursery=nursery,
+                open_stream=server.open_stream,
+                find_route=route_finder(registry, backoff, mesh.peer_id_str, model.total_blocks),
+                model_id=model_id,
+                gateway=mesh.peer_id_str,
+                on_failure=lambda peer: backoff.failed(peer, time.monotonic()),
+                on_success=lambda route: [backoff.succeeded(h.peer) for h in route],
+            )
+        generator = Generator(
+            model.name,
+            model.tokenizer,
+            model.context_length,
+            chains,
+            eos_token_ids(model.tokenizer, model.generation_config),
+        )
         if api is not None:
-            app = create_app(generator, api_key=config.api_key)
+            app = create_app(generator, api_key=config.api_key, swarm=registry.to_json)
             port = await nursery.start(serve, app, api[0], api[1])
             host = f"[{api[0]}]" if ":" in api[0] else api[0]
-            say(f"gateway ready at http://{host}:{port} (OpenAI base URL http://{host}:{port}/v1)")
+            url = f"http://{host}:{port}"
+            registry.update_local(api=url)
+            say(f"gateway ready at {url} (OpenAI base URL {url}/v1)")
 
 
 async def run_until_signalled(config: NodeConfig) -> None:
@@ -143,5 +270,9 @@ def main(config: NodeConfig) -> int:
     # bars instead.
     for chatty in ("httpx", "httpx2", "huggingface_hub"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    if os.environ.get("SHARDMESH_DEBUG"):
+        logging.getLogger("shardmesh").setLevel(logging.DEBUG)
+    if os.environ.get("SHARDMESH_DEBUG") == "libp2p":
+        logging.getLogger("libp2p").setLevel(logging.DEBUG)
     trio.run(run_until_signalled, config)
     return 0

@@ -6,24 +6,33 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 READY = re.compile(r"gateway ready at (http://[^\s/]+)")
+SERVING = re.compile(r"^serving ", re.M)
+LISTENING = re.compile(r"listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)")
 STARTUP_TIMEOUT = 120.0
 
 
 @dataclass
 class Node:
-    """A running ``python -m shardmesh run`` process and its gateway URL."""
+    """A running ``python -m shardmesh run`` process, its gateway URL and p2p address."""
 
     proc: subprocess.Popen[str]
     url: str = ""
+    address: str = ""  # /ip4/127.0.0.1/tcp/PORT/p2p/PEER: what others --join
     lines: list[str] = field(default_factory=list)
+
+    @property
+    def peer_id(self) -> str:
+        return self.address.rsplit("/", 1)[-1]
 
     def output(self, since: int = 0) -> str:
         return "".join(self.lines[since:])
@@ -36,19 +45,31 @@ def _pump(node: Node) -> None:
         node.lines.append(line)
 
 
-def start_node(model: Path, *extra: str) -> Node:
-    """Start a node on a free port and wait for its ``gateway ready at`` line."""
-    cmd = [sys.executable, "-m", "shardmesh", "run", "--model", str(model), "--api", "127.0.0.1:0", *extra]
+def start_node(model: Path, *extra: str, api: bool = True, key_dir: Path | None = None) -> Node:
+    """Start a node on free ports (loopback only, mDNS off, its own identity) and wait
+    until it is ready: its ``gateway ready at`` line, or with ``api=False`` (pass
+    ``--api off`` yourself) its ``serving`` line."""
+    key_dir = Path(key_dir or tempfile.mkdtemp(prefix="shardmesh-key-"))
+    key_file = key_dir / f"node-{uuid.uuid4().hex[:8]}.key"
+    cmd = [sys.executable, "-m", "shardmesh", "run", "--model", str(model),
+           "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--key-file", str(key_file)]
+    if api:
+        cmd += ["--api", "127.0.0.1:0"]
+    cmd += list(extra)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     node = Node(proc)
     threading.Thread(target=_pump, args=(node,), daemon=True).start()
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
-        for line in list(node.lines):
-            if m := READY.search(line):
-                node.url = m.group(1)
-                return node
+        text = node.output()
+        if not node.address and (m := LISTENING.search(text)):
+            node.address = m.group(1)
+        if api and (m := READY.search(text)):
+            node.url = m.group(1)
+            return node
+        if not api and node.address and SERVING.search(text):
+            return node
         if proc.poll() is not None:
             time.sleep(0.2)  # let the pump read the last lines
             pytest.fail(f"node exited with {proc.returncode} before it was ready:\n{node.output()}")

@@ -128,9 +128,10 @@ async def http_exception(request: Request, exc: Exception) -> Response:
 class Gateway:
     """The endpoints, sharing one generator and one set of metrics."""
 
-    def __init__(self, generator: Generator, metrics: Metrics) -> None:
+    def __init__(self, generator: Generator, metrics: Metrics, swarm: Callable[[], dict] | None = None) -> None:
         self.generator = generator
         self.metrics = metrics
+        self.swarm_view = swarm
         self.created = now()
         # Tokenizing (chat template + encode) runs in a worker thread, so a long prompt
         # does not stall the event loop; one prompt at a time, because that work holds
@@ -144,6 +145,12 @@ class Gateway:
         self.tokenize_limiter = trio.CapacityLimiter(1)
 
     # ---- small endpoints
+
+    async def swarm(self, request: Request) -> Response:
+        """The live swarm map: every peer's signed record as this node sees it."""
+        if self.swarm_view is None:
+            return JSONResponse({"model": self.generator.model_name, "peers": [], "mesh": False})
+        return JSONResponse(self.swarm_view())
 
     async def health(self, request: Request) -> Response:
         ready = self.generator.ready()
@@ -247,9 +254,12 @@ class Gateway:
             raise ApiError(400, str(exc) or "the prompt is too long", code="context_length_exceeded") from None
 
 
-def create_app(generator: Generator, *, api_key: str | None = None) -> Starlette:
-    """The gateway app for ``generator``. With ``api_key``, /v1 and /metrics need it."""
-    gateway = Gateway(generator, Metrics())
+def create_app(
+    generator: Generator, *, api_key: str | None = None, swarm: Callable[[], dict] | None = None
+) -> Starlette:
+    """The gateway app for ``generator``. With ``api_key``, /v1 and /metrics need it.
+    ``swarm`` returns the swarm map for ``GET /v1/swarm``."""
+    gateway = Gateway(generator, Metrics(), swarm)
     routes: list[BaseRoute] = [
         Route("/health", guarded(gateway.health), methods=["GET"]),
         Route("/v1/models", guarded(gateway.list_models), methods=["GET"]),
@@ -257,6 +267,7 @@ def create_app(generator: Generator, *, api_key: str | None = None) -> Starlette
         Route("/v1/models/{model_id:path}", guarded(gateway.get_model), methods=["GET"]),
         Route("/v1/chat/completions", guarded(gateway.chat_completions), methods=["POST"]),
         Route("/v1/completions", guarded(gateway.completions), methods=["POST"]),
+        Route("/v1/swarm", guarded(gateway.swarm), methods=["GET"]),
         Route("/metrics", guarded(gateway.metrics_text), methods=["GET"]),
         Route("/", guarded(gateway.index), methods=["GET"]),
     ]

@@ -18,6 +18,7 @@ import trio
 
 from ..backends.base import CacheBudgetExceeded
 from ..backends.sampling import SampledToken, SamplingParams
+from ..mesh.session import ChainFailed, NoRoute
 from .text import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,10 @@ class Generator:
                 token = await self._prefill(chain, prompt)
             except CacheBudgetExceeded as exc:
                 raise ModelUnavailable(f"busy: {exc}; retry later") from exc
+            except NoRoute as exc:
+                raise ModelUnavailable(str(exc)) from exc
+            except ChainFailed as exc:
+                raise ModelUnavailable(f"could not open a chain of peers: {exc}") from exc
             position = len(prompt)
             detok = IncrementalDetokenizer(self.tokenizer)
             stops = StopMatcher(req.stop)

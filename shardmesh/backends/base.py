@@ -124,7 +124,13 @@ class Stage(Protocol):
 
     info: StageInfo
 
-    def open(self, session_id: str, max_length: int) -> None: ...
+    def open(self, session_id: str, max_length: int, start: int | None = None, end: int | None = None) -> None:
+        """Start a session over blocks ``[start, end)`` of this stage's span (default:
+        all of it): a route may enter or leave a server anywhere inside its span."""
+        ...
+
+    @property
+    def cache_tokens_free(self) -> int: ...
 
     def step(self, batch: Sequence[StepRequest]) -> list[RawTensor]: ...
 

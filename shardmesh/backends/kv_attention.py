@@ -27,7 +27,7 @@ class StepCaches:
     keys: list[list[torch.Tensor]]  # [row][local layer] -> [1, kv_heads, max_len, head_dim]
     values: list[list[torch.Tensor]]
     positions: list[int]  # tokens already cached, per row
-    first_layer: int  # global index of the stage's first layer
+    first_layer: int  # global index of the first layer this step runs (the session may use a sub-range of the span)
 
 
 def causal_mask(past: int, n: int, window: int | None, device: torch.device) -> torch.Tensor | None:

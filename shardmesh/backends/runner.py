@@ -38,8 +38,8 @@ class StageRunner:
         self.batches = 0
         self.batched_requests = 0
 
-    async def open(self, session_id: str, max_length: int) -> None:
-        await self._compute.run(self.stage.open, session_id, max_length)
+    async def open(self, session_id: str, max_length: int, start: int | None = None, end: int | None = None) -> None:
+        await self._compute.run(self.stage.open, session_id, max_length, start, end)
 
     async def close(self, session_id: str) -> None:
         await self._compute.run(self.stage.close, session_id)

@@ -80,6 +80,9 @@ class SessionCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     max_length: int
+    start: int  # the blocks [start, end) this session runs here: a route may enter or
+    end: int  # leave a server anywhere inside its span
+    bytes_per_token: int
     length: int = 0  # tokens already in the cache
     last_used: float = 0.0
 
@@ -173,8 +176,9 @@ class TorchStage:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.num_kv_heads = text.num_key_value_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        # Keys and values, every local layer, one token.
-        self.bytes_per_token = 2 * (end - start) * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        # Keys and values of one layer, one token.
+        self.bytes_per_token_per_layer = 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        self.bytes_per_token = (end - start) * self.bytes_per_token_per_layer  # whole span
         self.info = StageInfo(
             model=model_name,
             start=start,
@@ -201,19 +205,24 @@ class TorchStage:
 
     @property
     def cache_bytes_used(self) -> int:
-        return sum(s.capacity for s in self.sessions.values()) * self.bytes_per_token
+        return sum(s.capacity * s.bytes_per_token for s in self.sessions.values())
 
     @property
     def cache_tokens_free(self) -> int:
         return max(0, self.cache_budget_bytes - self.cache_bytes_used) // max(1, self.bytes_per_token)
 
-    def open(self, session_id: str, max_length: int) -> None:
-        """Admit a session if its first chunk of cache fits the budget now.
+    def open(self, session_id: str, max_length: int, start: int | None = None, end: int | None = None) -> None:
+        """Admit a session over blocks ``[start, end)`` (default: the whole span) if its
+        first chunk of cache fits the budget now.
 
         Nothing is reserved beyond that: if the budget runs out later, the step that
         needs more room raises :class:`CacheBudgetExceeded` and changes nothing, and
         the caller decides (end the answer, or continue it on another chain).
         """
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        if not self.start <= start < end <= self.end:
+            raise BadInput(f"blocks [{start}, {end}) are not inside this stage's [{self.start}, {self.end})")
         if max_length <= 0:
             raise BadInput("max_length must be positive")
         limit = getattr(self.config, "max_position_embeddings", None)
@@ -223,23 +232,26 @@ class TorchStage:
             if session_id in self.sessions:
                 raise BadInput(f"session {session_id!r} is already open")
             first_chunk = min(max_length, MIN_CACHE_CHUNK)
-            if first_chunk > self.cache_tokens_free:
-                raise CacheBudgetExceeded(
-                    f"the KV cache is full: {self.cache_tokens_free} tokens free, a new session needs {first_chunk}"
-                )
+            bytes_per_token = (end - start) * self.bytes_per_token_per_layer
+            free = max(0, self.cache_budget_bytes - self.cache_bytes_used) // bytes_per_token
+            if first_chunk > free:
+                raise CacheBudgetExceeded(f"the KV cache is full: {free} tokens free, a new session needs {first_chunk}")
             empty = torch.zeros((1, self.num_kv_heads, 0, self.head_dim), dtype=self.dtype, device=self.device)
-            layers = self.end - self.start
             self.sessions[session_id] = SessionCache(
-                keys=[empty] * layers,
-                values=[empty] * layers,
+                keys=[empty] * (end - start),
+                values=[empty] * (end - start),
                 max_length=max_length,
+                start=start,
+                end=end,
+                bytes_per_token=bytes_per_token,
                 last_used=time.monotonic(),
             )
 
     def _make_room(self, cache: SessionCache, needed: int) -> None:
         if needed <= cache.capacity:
             return
-        free = self.cache_tokens_free + cache.capacity  # this session's own memory is reusable
+        # This session's own memory is reusable.
+        free = (max(0, self.cache_budget_bytes - self.cache_bytes_used) // cache.bytes_per_token) + cache.capacity
         for capacity in cache.growth_options(needed):
             if capacity <= free:
                 cache.grow(capacity)
@@ -265,7 +277,7 @@ class TorchStage:
         if cache is None:
             raise UnknownSession(f"unknown session {req.session_id!r}")
         raw = req.inputs
-        if self.info.is_first:
+        if cache.start == 0:
             if raw.dtype not in ("int64", "int32") or len(raw.shape) != 1:
                 raise BadInput(f"the first stage takes token ids int64 [n], got {raw.dtype} {list(raw.shape)}")
         else:
@@ -281,7 +293,7 @@ class TorchStage:
         if cache.length + n > cache.max_length:
             raise BadInput(f"session {req.session_id!r} would exceed its max_length {cache.max_length}")
         tensor = tensor_from_raw(raw)
-        if self.info.is_first:
+        if cache.start == 0:
             tensor = tensor.to(torch.int64)
             if int(tensor.min()) < 0 or int(tensor.max()) >= self.info.vocab_size:
                 raise BadInput(f"token ids must lie in [0, {self.info.vocab_size})")
@@ -295,14 +307,14 @@ class TorchStage:
         with self._lock:
             checked = [self._checked_inputs(r) for r in batch]
             results: list[RawTensor | None] = [None] * len(batch)
-            groups: dict[int, list[int]] = {}
-            for i, (_, tensor) in enumerate(checked):
-                groups.setdefault(tensor.shape[0], []).append(i)
-            for rows in groups.values():
+            groups: dict[tuple[int, int, int], list[int]] = {}
+            for i, (cache, tensor) in enumerate(checked):
+                groups.setdefault((tensor.shape[0], cache.start, cache.end), []).append(i)
+            for (_, start, end), rows in groups.items():
                 caches = [checked[i][0] for i in rows]
                 inputs = torch.stack([checked[i][1] for i in rows])
                 positions = [batch[i].position for i in rows]
-                outputs = self._forward(inputs, caches, positions)
+                outputs = self._forward(inputs, caches, positions, start, end)
                 for i, out in zip(rows, outputs):
                     results[i] = out
             now = time.monotonic()
@@ -322,10 +334,12 @@ class TorchStage:
         return torch.cat([cos for cos, _ in rows]), torch.cat([sin for _, sin in rows])
 
     @torch.inference_mode()
-    def _forward(self, inputs: torch.Tensor, caches: list[SessionCache], positions: list[int]) -> list[RawTensor]:
+    def _forward(
+        self, inputs: torch.Tensor, caches: list[SessionCache], positions: list[int], start: int, end: int
+    ) -> list[RawTensor]:
         m = self.module
         n = inputs.shape[1]
-        if m.embed_tokens is not None:
+        if start == 0:
             hidden = m.embed_tokens(inputs.to(self.device))
         else:
             hidden = inputs.to(device=self.device, dtype=self.dtype)
@@ -335,9 +349,9 @@ class TorchStage:
             keys=[c.keys for c in caches],
             values=[c.values for c in caches],
             positions=positions,
-            first_layer=self.start,
+            first_layer=start,
         )
-        for layer in m.layers:
+        for layer in m.layers[start - self.start : end - self.start]:
             hidden = layer(
                 hidden,
                 attention_mask=None,
@@ -345,7 +359,7 @@ class TorchStage:
                 position_embeddings=position_embeddings,
                 shardmesh_step=step,
             )
-        if m.lm_head is None:
+        if end < self.info.total_blocks:
             return [raw_from_tensor(row) for row in hidden]
         last = m.norm(hidden[:, -1:, :])
         logits = m.lm_head(last)[:, 0, :].float()

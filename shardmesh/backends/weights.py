@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -202,3 +203,16 @@ def resolve(model: str, revision: str | None = None) -> ModelFiles:
     if looks_like_hub_id(model):
         return resolve_hub(model, revision)
     raise ModelSourceError(f"{model!r} is neither a local folder nor a hub id like 'Qwen/Qwen3-0.6B'")
+
+
+def identity_bytes(files: ModelFiles) -> tuple[bytes, bytes]:
+    """What names these exact weights: ``config.json`` and the weight index (for a
+    single-file checkpoint, its safetensors header, which lists every tensor's dtype,
+    shape and offsets). Nodes chain together only when these match byte for byte."""
+    config = (files.root / "config.json").read_bytes()
+    index = files.root / INDEX_FILE
+    if index.exists():
+        return config, index.read_bytes()
+    with open(files.root / SINGLE_FILE, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return config, f.read(min(length, 100 << 20))

@@ -1,0 +1,73 @@
+"""The local stage as the mesh's stage server sees it: plain bytes and dicts in and out.
+
+The mesh must not import torch (see the import rules in ARCHITECTURE.md), yet the last
+hop of a chain samples tokens. This adapter keeps everything torch-shaped on this side:
+the stage server hands over raw tensors and a sampling dict, and gets back raw hidden
+states or a plain token dict. Sampling runs on the compute thread right after the step
+that produced the logits, so the event loop never touches a tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .base import BadInput, RawTensor, StageInfo, StepRequest
+from .runner import StageRunner
+from .sampling import SamplingParams, sample
+from .torch_tensors import tensor_from_raw
+
+
+@dataclass
+class SamplerState:
+    """One session's sampling on the last hop: its parameters and the token history
+    that penalties and the per-step seed depend on."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    generated: list[int] = field(default_factory=list)
+
+    def __call__(self, logits: RawTensor) -> dict[str, Any]:
+        token = sample(tensor_from_raw(logits), self.params, self.prompt_ids, self.generated)
+        self.generated.append(token.token_id)
+        return {
+            "token": token.token_id,
+            "logprob": token.logprob,
+            "top": [[i, lp] for i, lp in token.top_logprobs],
+        }
+
+
+class ServedStage:
+    """Wraps a :class:`StageRunner` for :mod:`shardmesh.mesh.stage_server`."""
+
+    def __init__(self, runner: StageRunner) -> None:
+        self.runner = runner
+
+    @property
+    def info(self) -> StageInfo:
+        return self.runner.stage.info
+
+    @property
+    def cache_tokens_free(self) -> int:
+        return self.runner.stage.cache_tokens_free
+
+    def new_sampler(self, sampling: dict[str, Any], prompt_ids: Sequence[int], generated: Sequence[int]) -> SamplerState:
+        """Validates what the gateway sent; raises :class:`BadInput` with the reason."""
+        try:
+            params = SamplingParams.from_dict(sampling)
+        except (TypeError, ValueError) as exc:
+            raise BadInput(f"bad sampling parameters: {exc}") from exc
+        vocab = self.info.vocab_size
+        if any(not 0 <= t < vocab for t in (*prompt_ids, *generated)):
+            raise BadInput(f"history token ids must lie in [0, {vocab})")
+        return SamplerState(params, list(prompt_ids), list(generated))
+
+    async def open(self, session_id: str, max_length: int, start: int, end: int) -> None:
+        await self.runner.open(session_id, max_length, start, end)
+
+    async def step(self, session_id: str, inputs: RawTensor, position: int, sampler: SamplerState | None) -> Any:
+        """Hidden states out, or (last hop, ``sampler`` given) the sampled token dict."""
+        return await self.runner.step(StepRequest(session_id, inputs, position), after=sampler)
+
+    async def close(self, session_id: str) -> None:
+        await self.runner.close(session_id)

@@ -1,0 +1,119 @@
+"""How fast this node runs one block, so routing can price a chain of blocks.
+
+A node publishes ``throughput``: decode tokens per second through ONE transformer block
+on its device and dtype. Blocks of one model cost about the same, so ``k`` blocks cost
+``k / throughput`` seconds per token: one number compares nodes of any span length.
+
+The benchmark runs the stage's own first layers (nothing new is loaded) with private KV
+caches. The result is cached on disk per model, device and dtype, so a node does not
+re-measure (and re-jitter) on every start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import kv_attention
+from .torch_stage import TorchStage
+
+PREFILL = 16  # tokens of context before the timed steps: a decode step attends over a cache
+# Several layers: one layer run over and over keeps its weights in the CPU/GPU cache, where
+# real decoding streams them from memory. At most eight, so big blocks still take seconds.
+MAX_LAYERS = 8
+
+
+def _sync(device: torch.device) -> None:
+    if device.type in ("cuda", "mps"):  # their kernels run async: we would time the launches
+        getattr(torch, device.type).synchronize()
+
+
+@torch.inference_mode()
+def measure_block_throughput(stage: TorchStage, *, steps: int = 8, warmup: int = 2) -> float:
+    """Decode tokens per second through one block of ``stage``, measured now.
+
+    Prefills ``PREFILL`` tokens into the stage's first ``MAX_LAYERS`` layers, runs ``warmup``
+    untimed decode steps (first calls pay for allocation and kernel choice), then times ``steps``
+    single-token steps. Runs on the caller's thread: the node's compute thread (:mod:`.compute_thread`).
+    """
+    if steps < 1 or warmup < 0:
+        raise ValueError("steps must be positive and warmup non-negative")
+    layers, device, dtype = stage.module.layers[:MAX_LAYERS], stage.device, stage.dtype
+    # Private caches, outside ``stage.sessions``: no session or budget sees them, nothing to clean up.
+    shape = (1, stage.num_kv_heads, PREFILL + warmup + steps, stage.head_dim)
+    keys, values = ([torch.zeros(shape, dtype=dtype, device=device) for _ in layers] for _ in "kv")
+    # Seeded so every node feeds the same inputs (MoE routing, hence cost, depends on them).
+    inputs = torch.randn(1, PREFILL + 1, stage.info.hidden_size, generator=torch.Generator().manual_seed(0))
+    prompt, token = inputs.to(device=device, dtype=dtype).split([PREFILL, 1], dim=1)
+
+    def run(hidden: torch.Tensor, position: int) -> None:
+        position_ids = torch.arange(position, position + hidden.shape[1], device=device)[None]
+        rotary = stage.module.rotary_emb(hidden, position_ids)
+        step = kv_attention.StepCaches([keys], [values], [position], first_layer=stage.start)  # one row: us
+        for layer in layers:
+            # Each layer gets the same input, not its predecessor's output: through random
+            # weights that can overflow, and inf/NaN arithmetic is slow on some CPUs.
+            layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=rotary, shardmesh_step=step)
+
+    run(prompt, 0)
+    began = time.perf_counter()
+    for i in range(warmup + steps):
+        if i == warmup:  # the clock starts after the untimed warmup steps
+            _sync(device)
+            began = time.perf_counter()
+        run(token, PREFILL + i)
+    _sync(device)
+    return steps * len(layers) / max(time.perf_counter() - began, 1e-9)
+
+
+def throughput_cache_key(model_id: str, device: str, dtype: str) -> str:
+    """The cache key of one measurement, e.g. ``"Qwen/Qwen3-0.6B|cuda|bfloat16"``."""
+    return f"{model_id}|{device}|{dtype}"
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/shardmesh``, or ``~/.cache/shardmesh`` when that is unset."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "shardmesh"
+
+
+def _read_cache(path: Path) -> dict:
+    """The cache's entries, or ``{}`` if it is missing, unreadable or not a JSON object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def cached_block_throughput(stage: TorchStage, cache_dir: Path, key: str) -> float:
+    """The throughput stored for ``key`` in ``cache_dir/throughput.json``, else measure and store it.
+
+    Only a positive finite number counts as stored: a corrupt file or bad entry is measured
+    again and rewritten. Delete the file to re-measure after changing hardware.
+    """
+    path = Path(cache_dir) / "throughput.json"
+    value = _read_cache(path).get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    value = measure_block_throughput(stage)
+    with contextlib.suppress(OSError):  # a read-only cache costs a re-measure, never a failed start
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Re-read just before writing, so another node's fresh entry is kept; write a
+        # temp file and rename it over, so a reader never sees a half-written file.
+        entries = {**_read_cache(path), key: value}
+        fd, tmp = tempfile.mkstemp(prefix=".throughput.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(entries, f, indent=2, sort_keys=True)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)  # still there only if the replace failed
+    return value

@@ -1,0 +1,221 @@
+"""``shardmesh bench --mesh``: what the network costs, from one run on one machine.
+
+Node processes on loopback serve the same 100M-parameter tiny Llama as the one-process
+figure, and this process plays the gateway (a libp2p host that holds no weights):
+
+* **one process**: the one-node stage path (generation loop, runner, torch stage on
+  the compute thread, sampling) in this process: no network at all.
+* **1-node chain**: one node process holds all 12 blocks; each decode step is two
+  messages (gateway → node → gateway).
+* **3-node chain**: three node processes hold 0:4, 4:8, 8:12; each decode step is four
+  one-way messages (gateway → A → B → C → gateway).
+
+The added latency per hop is ``(t3 - t1) / 2`` per decode step: two more hops, same
+compute. A 2,048-token prefill through each chain gives the bytes a hop moves (2,048 x
+hidden states) and, from ``(p3 - p1) / 2``, the time one hop adds: MB/s per hop.
+Decode figures are the best of ``--repeats`` interleaved runs.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from .bench import _decode_rate
+
+LISTENING = re.compile(r"listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+))")
+PREFILL_TOKENS = 2048
+
+
+@dataclass
+class NodeProcess:
+    proc: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+    address: str = ""
+    peer: str = ""
+
+
+def start_node(path: Path, layers: str, dtype: str, key_dir: Path, join: str | None = None) -> NodeProcess:
+    cmd = [
+        sys.executable, "-m", "shardmesh", "run", "--model", str(path), "--layers", layers, "--api", "off",
+        "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--dtype", dtype,
+        "--key-file", str(key_dir / f"{layers.replace(':', '-')}.key"),
+    ] + (["--join", join] if join else [])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    node = NodeProcess(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+
+    def pump() -> None:
+        for line in node.proc.stdout:  # type: ignore[union-attr]
+            node.lines.append(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return node
+
+
+def wait_serving(node: NodeProcess, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = "".join(node.lines)
+        if (m := LISTENING.search(text)) and "\nserving " in "\n" + text:
+            node.address, node.peer = m.group(1), m.group(2)
+            return
+        if node.proc.poll() is not None:
+            raise RuntimeError(f"a bench node exited:\n{text}")
+        time.sleep(0.1)
+    raise RuntimeError("a bench node did not start in time:\n" + "".join(node.lines))
+
+
+class FixedRoute:
+    """A chain opener over one hand-made route (the bench knows where everything is)."""
+
+    def __init__(self, nursery, server, route, model_id: str, gateway: str) -> None:
+        self.nursery, self.server, self.route = nursery, server, route
+        self.model_id, self.gateway = model_id, gateway
+
+    def available(self) -> bool:
+        return True
+
+    def chain(self, session_id: str, sampling, prompt_ids: list[int]):
+        from .mesh.session import RemoteChain
+
+        return RemoteChain(
+            nursery=self.nursery, open_stream=self.server.open_stream, route=self.route, session_id=session_id,
+            model_id=self.model_id, gateway=self.gateway, sampling=sampling.to_dict(), prompt_ids=prompt_ids,
+        )
+
+
+async def _prefill_seconds(chains: FixedRoute, prompt: list[int]) -> float:
+    """One step of the whole prompt through the chain, first token back."""
+    from .backends.sampling import SamplingParams
+
+    chain = chains.chain(f"prefill-{time.monotonic_ns()}", SamplingParams(temperature=0.0), prompt)
+    try:
+        await chain.open(len(prompt) + 1)
+        t0 = time.perf_counter()
+        await chain.step(prompt, 0, True)
+        return time.perf_counter() - t0
+    finally:
+        await chain.close()
+
+
+async def one_process_rate(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int) -> float:
+    from transformers import AutoTokenizer
+
+    from .api.generate import Generator
+    from .backends.compute_thread import compute_thread
+    from .backends.local_chain import LocalChains
+    from .backends.runner import StageRunner
+    from .backends.torch_stage import TorchStage
+    from .backends.weights import resolve_local
+
+    stage = await compute_thread().run(lambda: TorchStage(resolve_local(str(path)), 0, dtype=dtype, model_name="bench"))
+    runner = StageRunner(stage)
+    generator = Generator("bench", AutoTokenizer.from_pretrained(path), 1 << 20, LocalChains([runner]), frozenset())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.run)
+        await _decode_rate(generator, prompt, 4)  # warm-up
+        best = max([await _decode_rate(generator, prompt, tokens) for _ in range(repeats)])
+        nursery.cancel_scope.cancel()
+    return best
+
+
+async def chain_rates(path: Path, prompt: list[int], tokens: int, repeats: int, hops: list[tuple[NodeProcess, int, int]]) -> tuple[float, float]:
+    """Best decode tokens/s and best 2,048-token prefill seconds through ``hops``."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .api.generate import Generator
+    from .backends.weights import identity_bytes, resolve_local
+    from .mesh.host import running_host
+    from .mesh.records import model_identity
+    from .mesh.stage_server import StageServer
+    from .placement.routing import Hop
+
+    config = AutoConfig.from_pretrained(path)
+    model_id = model_identity(path.resolve().name, *identity_bytes(resolve_local(str(path))))
+    async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as mesh, trio.open_nursery() as nursery:
+        server = StageServer(mesh, None, model_id, config.num_hidden_layers, config.max_position_embeddings)
+        await nursery.start(server.run)
+        for node, _, _ in hops:
+            await mesh.connect(node.address)
+        chains = FixedRoute(nursery, server, [Hop(n.peer, s, e) for n, s, e in hops], model_id, mesh.peer_id_str)
+        generator = Generator("bench", AutoTokenizer.from_pretrained(path), 1 << 20, chains, frozenset())
+        await _decode_rate(generator, prompt, 4)  # warm-up
+        decode = max([await _decode_rate(generator, prompt, tokens) for _ in range(repeats)])
+        long_prompt = (prompt * (PREFILL_TOKENS // len(prompt) + 1))[:PREFILL_TOKENS]
+        prefill = min([await _prefill_seconds(chains, long_prompt) for _ in range(max(2, repeats))])
+        nursery.cancel_scope.cancel()
+    return decode, prefill
+
+
+def start_chain(path: Path, dtype: str, spans: list[str], key_dir: Path) -> list[NodeProcess]:
+    """Node processes for ``spans``; the first starts the swarm, the others join it."""
+    first = start_node(path, spans[0], dtype, key_dir)
+    nodes = [first]
+    try:
+        wait_serving(first)
+        nodes += [start_node(path, span, dtype, key_dir, first.address) for span in spans[1:]]
+        for node in nodes:
+            wait_serving(node)
+        time.sleep(3)  # a gossip round or two, so every hop knows the next one's address
+        return nodes
+    except BaseException:
+        stop_all(nodes)
+        raise
+
+
+def stop_all(nodes: list[NodeProcess]) -> None:
+    for node in nodes:
+        node.proc.terminate()
+    for node in nodes:
+        try:
+            node.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            node.proc.kill()
+
+
+def run_mesh_bench(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int) -> int:
+    """One phase at a time, so that only one copy of the weights is alive while a path
+    is measured: idle copies would compete for the same CPU caches."""
+    from transformers import AutoConfig
+
+    key_dir = Path(tempfile.mkdtemp(prefix="shardmesh-bench-"))
+    print("phase 1/3: one process ...", flush=True)
+    local = trio.run(one_process_rate, path, dtype, prompt, tokens, repeats)
+    gc.collect()
+    results = {}
+    for name, spans in (("3-node chain", ["0:4", "4:8", "8:12"]), ("1-node chain", ["0:12"])):
+        print(f"phase {2 if name.startswith('3') else 3}/3: {name}, node processes on 127.0.0.1 ...", flush=True)
+        nodes = start_chain(path, dtype, spans, key_dir)
+        try:
+            hops = [(n, *map(int, span.split(":"))) for n, span in zip(nodes, spans)]
+            results[name] = trio.run(chain_rates, path, prompt, tokens, repeats, hops)
+        finally:
+            stop_all(nodes)
+    config = AutoConfig.from_pretrained(path)
+    item = 2 if dtype in ("bfloat16", "float16") else 4
+    hop_mb = PREFILL_TOKENS * config.hidden_size * item / 1e6
+    decode = {"one process": local, **{k: v[0] for k, v in results.items()}}
+    print(f"\n{'path':34s} {'decode tok/s':>12s} {'vs one process':>15s} {'ms/token':>9s}")
+    for name in ("one process", "1-node chain", "3-node chain"):
+        rate = decode[name]
+        print(f"{name:34s} {rate:12.1f} {rate / local:15.2f} {1000 / rate:9.2f}")
+    per_hop_ms = (1000 / decode["3-node chain"] - 1000 / decode["1-node chain"]) / 2
+    print(f"\nadded latency per hop (decode step, (t3 - t1) / 2): {per_hop_ms:.2f} ms")
+    p1, p3 = results["1-node chain"][1], results["3-node chain"][1]
+    extra = (p3 - p1) / 2
+    print(
+        f"{PREFILL_TOKENS}-token prefill: 1-node chain {p1 * 1000:.0f} ms, 3-node chain {p3 * 1000:.0f} ms; "
+        f"one hop moves {hop_mb:.1f} MB in {extra * 1000:.0f} ms added = {hop_mb / extra if extra > 0 else float('inf'):.0f} MB/s"
+    )
+    return 0

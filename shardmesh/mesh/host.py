@@ -1,0 +1,316 @@
+"""The libp2p host every node runs: identity, transports, and the hardening it needs.
+
+py-libp2p 0.8.1 works, but its defaults are not what a public swarm wants
+(../shared/FIELD-NOTES.md has the measurements). What this module changes, and why:
+
+* **Noise only.** By default a listener also accepts plaintext, secio and TLS dialers;
+  a node that accepts plaintext can be impersonated. We pass Noise alone.
+* **Yamux only.** Mplex moves tensors ~5x slower.
+* **One connection per peer.** With the default (3) every dial waits ~250 ms on
+  loopback; with 1 it takes 5-13 ms.
+* **Handlers never raise.** An exception escaping a stream handler tears down the
+  whole host, so :meth:`MeshHost.set_handler` wraps every handler: it logs, resets
+  the stream, and the node keeps serving.
+* **Restarted peers can be dialled at once.** After a failed dial the swarm refuses
+  that peer for 60 s; an explicit :meth:`MeshHost.connect` lifts the block first.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
+
+import trio
+from multiaddr import Multiaddr
+
+log = logging.getLogger("shardmesh.mesh.host")
+
+DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
+DIAL_TIMEOUT = 10.0  # seconds for one dial (TCP + Noise + Yamux)
+STREAM_OPEN_TIMEOUT = 10.0  # seconds to open a stream and agree on its protocol
+STREAM_OPEN_ATTEMPTS = 4
+
+
+class HostError(Exception):
+    """A dial or stream that could not be made; the message says to whom and why."""
+
+
+def default_key_file() -> Path:
+    """``$XDG_DATA_HOME/shardmesh/node.key`` (``~/.local/share/...``): the node's identity."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "shardmesh" / "node.key"
+
+
+def load_or_create_identity(path: Path):
+    """The node's ed25519 key pair, created (mode 0600) on first run.
+
+    The file holds the 32-byte seed only. A peer id is derived from the public key, so
+    keeping the file keeps the node's identity across restarts.
+    """
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    path = Path(path)
+    if path.exists():
+        seed = path.read_bytes()
+        if len(seed) != 32:
+            raise ValueError(f"{path} is not a shardmesh key file (expected 32 bytes, found {len(seed)})")
+        return create_new_key_pair(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seed = os.urandom(32)
+    key_pair = create_new_key_pair(seed)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pair.private_key.to_bytes()[:32])
+    os.replace(tmp, path)
+    return key_pair
+
+
+def peer_id_of(key_pair):
+    from libp2p.peer.id import ID
+
+    return ID.from_pubkey(key_pair.public_key)
+
+
+def _new_host(key_pair, listen: list[Multiaddr]):
+    from libp2p import new_host
+    from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
+    from libp2p.network.config import ConnectionConfig
+    from libp2p.security.noise.transport import PROTOCOL_ID as NOISE, Transport as Noise
+    from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX, Yamux
+
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE: Noise(key_pair, noise_privkey=new_x25519().private_key)},
+        muxer_opt={YAMUX: Yamux},
+        listen_addrs=listen,
+        connection_config=ConnectionConfig(max_connections_per_peer=1, dial_timeout=DIAL_TIMEOUT),
+    )
+
+
+Handler = Callable[[object], Awaitable[None]]
+
+
+@dataclass
+class MeshHost:
+    """A running libp2p host plus the few operations the rest of the mesh uses."""
+
+    host: object  # libp2p IHost
+    key_pair: object
+    _dial_locks: dict = field(default_factory=dict)
+
+    @property
+    def peer_id(self):
+        return self.host.get_id()
+
+    @property
+    def peer_id_str(self) -> str:
+        return self.host.get_id().to_base58()
+
+    def addrs(self) -> list[Multiaddr]:
+        """Listening addresses with ``/p2p/<peer id>``, ready to hand to ``--join``."""
+        return list(self.host.get_addrs())
+
+    def dialable_addrs(self) -> list[str]:
+        """Addresses worth publishing, with ``/p2p/<peer id>``: a wildcard listen address
+        becomes one address per interface (loopback included, so local swarms work)."""
+        return advertised_addrs(self.addrs())
+
+    def set_handler(self, protocol: str, handler: Handler) -> None:
+        """Serve ``protocol``; whatever ``handler`` raises is logged and the stream reset."""
+
+        async def guarded(stream) -> None:
+            try:
+                await handler(stream)
+            except trio.Cancelled:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - nothing may reach the host
+                if not isinstance(exc, Exception):
+                    raise
+                log.warning("%s handler failed: %s: %s", protocol, type(exc).__name__, exc)
+                await reset_quietly(stream)
+
+        self.host.set_stream_handler(protocol, guarded)
+
+    async def connect(self, address: str | Multiaddr):
+        """Dial ``address`` (which must end in ``/p2p/<peer id>``); returns the peer id."""
+        from libp2p.peer.peerinfo import info_from_p2p_addr
+
+        try:
+            info = info_from_p2p_addr(Multiaddr(str(address)))
+        except Exception as exc:
+            raise HostError(f"{address}: not a multiaddr ending in /p2p/<peer id> ({exc})") from exc
+        if info.peer_id == self.peer_id:
+            return info.peer_id
+        async with self._dial_lock(info.peer_id):
+            if info.peer_id in self.host.get_network().connections:
+                return info.peer_id
+            # py-libp2p dials only the *first* TCP address in the peerstore, whatever
+            # address connect() was given: a peer that restarted on a new port would be
+            # dialled at its old one forever. Drop the stale ones first.
+            self.host.get_peerstore().clear_addrs(info.peer_id)
+            await self._dial(info, str(address))
+        return info.peer_id
+
+    def _dial_lock(self, peer_id) -> trio.Lock:
+        """One dial per peer at a time. Concurrent dials to one peer (five sessions
+        opening at once) make several connections; the one-connection limit then
+        closes some of them, with the streams just opened on them."""
+        lock = self._dial_locks.get(peer_id)
+        if lock is None:
+            lock = self._dial_locks[peer_id] = trio.Lock()
+        return lock
+
+    async def _dial(self, info, what: str) -> None:
+        self.host.get_network().unblock_peer(info.peer_id)  # a restarted peer: dial it now
+        try:
+            with trio.fail_after(DIAL_TIMEOUT + 1):
+                await self.host.connect(info)
+        except trio.TooSlowError as exc:
+            raise HostError(f"dialling {what} timed out") from exc
+        except Exception as exc:
+            raise HostError(f"dialling {what} failed: {exc}") from exc
+
+    def protect(self, peer_id) -> None:
+        """Never trim connections to ``peer_id``. Two peers that dial each other at
+        once end up with two connections; py-libp2p then closes one of them, possibly
+        the one carrying a running chain's streams. Peers we run inference with are
+        protected from that (a few extra idle connections cost nothing)."""
+        try:
+            self.host.get_network().protect(peer_id, "shardmesh-infer")
+        except Exception as exc:
+            log.debug("protecting %s: %s", peer_id, exc)
+
+    async def ensure_connected(self, peer_id) -> None:
+        """Dial ``peer_id`` at the addresses the peerstore holds, unless connected."""
+        from libp2p.peer.peerinfo import PeerInfo
+
+        async with self._dial_lock(peer_id):
+            if peer_id in self.host.get_network().connections:
+                return
+            addrs = self.host.get_peerstore().addrs(peer_id)
+            if not addrs:
+                raise HostError(f"no known address for {peer_id}")
+            await self._dial(PeerInfo(peer_id, addrs), str(peer_id))
+
+    def remember(self, peer_id, addrs: list[str], ttl: float = 120.0) -> None:
+        """Tell the peerstore where ``peer_id`` listens (from its signed record)."""
+        if not addrs or peer_id in self.host.get_network().connections:
+            return
+        maddrs = []
+        for a in addrs:
+            try:
+                maddrs.append(Multiaddr(a.split("/p2p/")[0]))
+            except Exception:
+                continue
+        if maddrs:
+            self.host.get_peerstore().clear_addrs(peer_id)  # the first one is dialled: keep it fresh
+            self.host.get_peerstore().add_addrs(peer_id, maddrs, int(ttl))
+
+    async def open_stream(self, peer_id, protocol: str):
+        """A new stream to a peer we know addresses for (dialling if needed).
+
+        Retried a few times: when two peers dial each other at once, the one-connection
+        limit closes one of the two connections, and a stream opened on it just then
+        fails with "no valid connections" although the peer is perfectly reachable.
+        """
+        last: Exception | None = None
+        with trio.move_on_after(STREAM_OPEN_TIMEOUT):
+            for attempt in range(STREAM_OPEN_ATTEMPTS):
+                try:
+                    await self.ensure_connected(peer_id)
+                    return await self.host.new_stream(peer_id, [protocol])
+                except Exception as exc:
+                    last = exc
+                    log.debug("opening %s to %s failed (attempt %d): %s", protocol, peer_id, attempt + 1, exc)
+                    await trio.sleep(0.05 * (attempt + 1))
+        if last is None:
+            raise HostError(f"opening {protocol} to {peer_id} timed out")
+        raise HostError(f"opening {protocol} to {peer_id} failed: {last}") from last
+
+    def connected_peers(self) -> list:
+        return list(self.host.get_network().connections.keys())
+
+
+def advertised_addrs(addrs: list[Multiaddr]) -> list[str]:
+    """Our listen addresses as others can dial them: wildcards expanded to interfaces.
+
+    A host listening on ``0.0.0.0`` reports ``/ip4/0.0.0.0/...``, which no peer can
+    dial; we list each interface's address instead (loopback too, which a peer on
+    this machine can use and a peer elsewhere tries last).
+    """
+    out: list[str] = []
+    for ma in addrs:
+        text = str(ma)
+        parts = text.split("/")
+        if len(parts) < 3 or parts[1] not in ("ip4", "ip6") or "tcp" not in parts:
+            continue
+        if parts[2] in ("0.0.0.0", "::"):
+            for ip in interface_ips(6 if parts[1] == "ip6" else 4):
+                out.append("/".join(parts[:2] + [ip] + parts[3:]))
+        else:
+            out.append(text)
+    seen: set[str] = set()
+    unique = [a for a in out if not (a in seen or seen.add(a))]
+    return unique
+
+def interface_ips(version: int) -> list[str]:
+    try:
+        import ifaddr  # zeroconf's own dependency
+    except ImportError:
+        return []
+    ips = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if version == 4 and ip.is_IPv4:
+                ips.append(ip.ip)
+            elif version == 6 and ip.is_IPv6:
+                addr = ip.ip[0]
+                if not ipaddress.ip_address(addr).is_link_local:  # needs a scope id
+                    ips.append(addr)
+    return ips
+
+
+
+async def reset_quietly(stream) -> None:
+    """Reset, never raising. Shielded, like every stream write (see wire.FrameStream.write)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(5):
+        try:
+            await stream.reset()
+        except Exception:
+            pass
+
+
+async def close_quietly(stream) -> None:
+    """Close our side (the peer reads an end of stream), never raising; shielded."""
+    with trio.CancelScope(shield=True), trio.move_on_after(5):
+        try:
+            await stream.close()
+        except Exception:
+            pass
+
+
+@asynccontextmanager
+async def running_host(key_pair, listen: list[str]) -> AsyncIterator[MeshHost]:
+    """Start a host listening on ``listen`` and stop it when the block exits."""
+    try:
+        maddrs = [Multiaddr(a) for a in listen]
+    except Exception as exc:
+        raise ValueError(f"--listen {listen}: not a multiaddr ({exc})") from exc
+    host = _new_host(key_pair, maddrs)
+    try:
+        async with host.run(listen_addrs=maddrs):
+            yield MeshHost(host, key_pair)
+    finally:
+        # Leaving run() leaves the TCP listener open (it lives in a system task);
+        # close() really stops accepting.
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await host.close()
+            except Exception as exc:
+                log.debug("closing the host: %s", exc)

@@ -1,0 +1,390 @@
+"""NodeRecord: the signed capability record every node publishes about itself.
+
+A record says who a node is (peer id, addresses), what it serves (a span of a model's
+blocks), how well (throughput, free KV cache, limits) and until when (``expires``).
+Records travel over gossip and sit in the Kademlia DHT, so they pass through peers we
+do not trust. Three rules keep that safe:
+
+* **Self-certifying.** A record is signed with the node's libp2p ed25519 key, and an
+  ed25519 peer id *is* the public key (an identity multihash). Anyone can check that
+  the record was written by the peer it names, with no lookup and no third party.
+  A record that names peer X but is signed by Y is a forgery and is rejected.
+* **Short-lived.** ``expires`` is absolute unix time, normally now + :data:`RECORD_TTL`.
+  A node that stops refreshing disappears from everyone's view within a TTL. A record
+  that claims to live more than :data:`MAX_RECORD_LIFETIME` is rejected too: a
+  "valid forever" record would outlive its node (and a leaked key) indefinitely.
+* **Small and strict.** Input over :data:`MAX_RECORD_BYTES` is refused before it is
+  decoded; every field is type-checked; unknown fields are ignored so that later
+  versions can add fields without breaking older nodes.
+
+Wire format (CBOR everywhere)::
+
+    body     = CBOR map of the record's fields
+    envelope = CBOR map {"body": <body bytes>, "sig": ed25519(SIGNING_PREFIX + body)}
+
+The signature covers the body *bytes* exactly as sent, so no canonical re-encoding is
+needed to verify. The prefix keeps a record signature from being replayed as some other
+kind of signed libp2p message (pubsub, peer records), and vice versa.
+
+This module also names the DHT keys (:func:`record_key`, :func:`block_key`) and the
+model identity (:func:`model_identity`); they are pure functions, shared by everyone.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import cbor2
+
+RECORD_TTL = 30.0  # seconds a published record stays valid; refreshed well before
+MAX_RECORD_LIFETIME = 600.0  # a record may not claim to live longer than this
+MAX_RECORD_BYTES = 16 * 1024  # signed envelope, checked before decoding
+MAX_RTT_ENTRIES = 32  # rtt map keeps the nearest peers only
+SIGNING_PREFIX = b"shardmesh-record/1\0"
+STATES = ("joining", "online", "draining")
+RECORD_NAMESPACE = "shardmesh"  # DHT value keys are /shardmesh/<hash>
+
+
+class RecordError(ValueError):
+    """A record that must not be believed.
+
+    ``reason`` is one of a small fixed vocabulary (callers and tests branch on it);
+    ``detail`` is for humans and logs.
+    """
+
+    OVERSIZED = "oversized"
+    MALFORMED = "malformed"
+    UNSIGNED = "unsigned"
+    BAD_SIGNATURE = "bad-signature"
+    EXPIRED = "expired"
+    EXPIRY_TOO_FAR = "expiry-too-far"
+    WRONG_PEER = "wrong-peer"
+    WRONG_MODEL = "wrong-model"
+    WRONG_KEY = "wrong-key"
+    BAD_SPAN = "bad-span"
+    BAD_STATE = "bad-state"
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """What one node serves, as it announces it. Immutable: change with ``dataclasses.replace``."""
+
+    peer: str  # base58 peer id (ed25519: "12D3KooW...")
+    addrs: tuple[str, ...]  # multiaddrs ending in /p2p/<peer>
+    model: str  # "name@hash", see model_identity()
+    start: int  # span [start, end) of blocks; 0, 0 for a gateway that serves none
+    end: int
+    total_blocks: int
+    state: str  # one of STATES
+    throughput: float  # tokens/s per block, measured
+    cache_tokens_free: int
+    backend: str  # "torch", "mlx", ...
+    device: str  # "cpu", "cuda:0", "mps", ...
+    dtype: str  # "bfloat16", ...
+    rtt: Mapping[str, float]  # peer -> ms, nearest MAX_RTT_ENTRIES kept on the wire
+    version: str  # shardmesh version
+    seq: int  # higher wins; the registry bumps it on every publish
+    expires: float  # unix seconds
+    api: str | None = None  # gateway URL, if this node runs one
+    limits: Mapping[str, int] = field(default_factory=dict)  # max_tokens_per_step, ...
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return (self.start, self.end)
+
+    @property
+    def serves_blocks(self) -> bool:
+        """False for a gateway-only node (empty span)."""
+        return self.end > self.start
+
+    def serves(self, block: int) -> bool:
+        return self.start <= block < self.end
+
+
+# --- time ------------------------------------------------------------------------------
+
+
+def expires_at(ttl: float = RECORD_TTL, now: float | None = None) -> float:
+    """The ``expires`` value for a record published now that should live ``ttl`` s."""
+    return (time.time() if now is None else now) + ttl
+
+
+def record_ttl(record: NodeRecord, now: float | None = None) -> float:
+    """Seconds left before ``record`` expires (negative once it has)."""
+    return record.expires - (time.time() if now is None else now)
+
+
+# --- identities and DHT keys -----------------------------------------------------------
+
+
+def model_identity(name: str, config_bytes: bytes, index_bytes: bytes) -> str:
+    """``name@<12 hex>``: two nodes agree on a model only if config *and* weight index match.
+
+    The name alone is not enough (two fine-tunes share one), and hashing the weights
+    themselves would take minutes; the config plus the safetensors index (tensor names,
+    shapes, shard layout) is cheap and catches the mismatches that would corrupt a chain.
+    The NUL separator keeps ``(a, bc)`` and ``(ab, c)`` apart.
+    """
+    digest = hashlib.sha256(config_bytes + b"\0" + index_bytes).hexdigest()
+    return f"{name}@{digest[:12]}"
+
+
+def record_key(model_id: str, peer: str) -> str:
+    """DHT value key holding ``peer``'s record for ``model_id``: ``/shardmesh/<32 base32>``.
+
+    43 bytes: py-libp2p's FIND_NODE handler drops keys over 50 bytes that are not
+    multihashes, and other implementations send value keys there. 160 bits of sha256
+    leave no room for collisions. The DHT validator recomputes this key from the
+    record's own ``model`` and ``peer``, so a node can only write under its own key.
+    """
+    digest = hashlib.sha256(f"{model_id}\0{peer}".encode()).digest()[:20]
+    return f"/{RECORD_NAMESPACE}/" + base64.b32encode(digest).decode().lower()
+
+
+_CIDV1_RAW_SHA256 = bytes([0x01, 0x55, 0x12, 0x20])  # cid v1, codec raw, sha2-256, 32 bytes
+
+
+def block_key(model_id: str, block: int) -> str:
+    """Provider key for "serves block ``block`` of ``model_id``": a CIDv1 (raw, sha2-256), base32.
+
+    Provider keys must be CIDs for js-libp2p to accept them. py-libp2p's
+    ``KadDHT.provide`` / ``find_providers`` take this string and put the CID's
+    *multihash* on the wire, which is also what js-libp2p and go-libp2p do.
+    """
+    digest = hashlib.sha256(f"shardmesh/{model_id}/block/{block}".encode()).digest()
+    return "b" + base64.b32encode(_CIDV1_RAW_SHA256 + digest).decode().lower().rstrip("=")
+
+
+def block_key_multihash(model_id: str, block: int) -> bytes:
+    """The bytes a provider record is stored under on the wire (sha2-256 multihash)."""
+    digest = hashlib.sha256(f"shardmesh/{model_id}/block/{block}".encode()).digest()
+    return bytes([0x12, 0x20]) + digest
+
+
+# --- encoding --------------------------------------------------------------------------
+
+
+def _body_map(record: NodeRecord) -> dict[str, Any]:
+    nearest = sorted(record.rtt.items(), key=lambda kv: kv[1])[:MAX_RTT_ENTRIES]
+    return {
+        "peer": record.peer,
+        "addrs": list(record.addrs),
+        "model": record.model,
+        "start": record.start,
+        "end": record.end,
+        "total_blocks": record.total_blocks,
+        "state": record.state,
+        "throughput": float(record.throughput),
+        "cache_tokens_free": record.cache_tokens_free,
+        "backend": record.backend,
+        "device": record.device,
+        "dtype": record.dtype,
+        "rtt": {str(p): float(ms) for p, ms in nearest},
+        "version": record.version,
+        "seq": record.seq,
+        "expires": float(record.expires),
+        "api": record.api,
+        "limits": {str(k): int(v) for k, v in record.limits.items()},
+    }
+
+
+def sign_record(record: NodeRecord, key_pair) -> bytes:
+    """The signed envelope for ``record``, signed with ``key_pair`` (libp2p ed25519).
+
+    Refuses (RecordError) to sign what :func:`verify_record` would reject for its shape
+    or size, so a node finds out about a bad record at home, not from silent peers.
+    Time is not checked here: a caller may legitimately sign an expired record in a test.
+    """
+    body = cbor2.dumps(_body_map(record), canonical=True)
+    _parse_body(body)  # the same checks a receiver makes
+    envelope = cbor2.dumps({"body": body, "sig": key_pair.private_key.sign(SIGNING_PREFIX + body)})
+    if len(envelope) > MAX_RECORD_BYTES:
+        raise RecordError(RecordError.OVERSIZED, f"{len(envelope)} bytes > {MAX_RECORD_BYTES}")
+    return envelope
+
+
+def verify_record(
+    data: bytes,
+    *,
+    now: float | None = None,
+    expected_peer: str | None = None,
+    expected_model: str | None = None,
+) -> NodeRecord:
+    """Decode and check a signed envelope; the record, or RecordError saying why not.
+
+    Checks run cheapest first (size, shape, time, expectations) so that junk costs
+    little; the signature is checked last. ``now`` defaults to the wall clock: records
+    carry absolute times, so nodes need roughly synchronised clocks (NTP), well within
+    a TTL.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise RecordError(RecordError.MALFORMED, f"expected bytes, got {type(data).__name__}")
+    if len(data) > MAX_RECORD_BYTES:
+        raise RecordError(RecordError.OVERSIZED, f"{len(data)} bytes > {MAX_RECORD_BYTES}")
+    try:
+        envelope = cbor2.loads(bytes(data))
+    except Exception as exc:  # cbor2 raises several types; all mean "not a record"
+        raise RecordError(RecordError.MALFORMED, f"not CBOR ({exc})") from None
+    if not isinstance(envelope, dict):
+        raise RecordError(RecordError.MALFORMED, "envelope is not a map")
+    body = envelope.get("body")
+    if not isinstance(body, bytes):
+        raise RecordError(RecordError.MALFORMED, "envelope has no body bytes")
+    sig = envelope.get("sig")
+    if sig is None:
+        raise RecordError(RecordError.UNSIGNED, "envelope has no signature")
+    if not isinstance(sig, bytes):
+        raise RecordError(RecordError.MALFORMED, "signature is not bytes")
+
+    record = _parse_body(body)
+
+    now = time.time() if now is None else now
+    if record.expires < now:
+        raise RecordError(RecordError.EXPIRED, f"expired {now - record.expires:.1f} s ago")
+    if record.expires > now + MAX_RECORD_LIFETIME:
+        raise RecordError(
+            RecordError.EXPIRY_TOO_FAR, f"expires in {record.expires - now:.0f} s > {MAX_RECORD_LIFETIME:.0f} s"
+        )
+    if expected_peer is not None and record.peer != expected_peer:
+        raise RecordError(RecordError.WRONG_PEER, f"record is for {record.peer}, expected {expected_peer}")
+    if expected_model is not None and record.model != expected_model:
+        raise RecordError(RecordError.WRONG_MODEL, f"record is for {record.model}, expected {expected_model}")
+
+    public_key = _public_key_of(record.peer)
+    try:
+        ok = public_key.verify(SIGNING_PREFIX + body, sig)
+    except Exception:
+        ok = False
+    if not ok:
+        raise RecordError(RecordError.BAD_SIGNATURE, f"not signed by {record.peer}")
+    return record
+
+
+def _public_key_of(peer: str):
+    from libp2p.peer.id import ID
+
+    try:
+        public_key = ID.from_base58(peer).extract_public_key()
+    except Exception as exc:
+        raise RecordError(RecordError.MALFORMED, f"peer {peer!r} is not a peer id ({exc})") from None
+    if public_key is None:
+        # e.g. RSA ids are a hash of the key: nothing to verify against without a lookup
+        raise RecordError(RecordError.BAD_SIGNATURE, f"peer id {peer} does not embed its public key")
+    return public_key
+
+
+# --- strict decoding -------------------------------------------------------------------
+
+
+def _parse_body(body: bytes) -> NodeRecord:
+    try:
+        m = cbor2.loads(body)
+    except Exception as exc:
+        raise RecordError(RecordError.MALFORMED, f"body is not CBOR ({exc})") from None
+    if not isinstance(m, dict):
+        raise RecordError(RecordError.MALFORMED, "body is not a map")
+
+    api = m.get("api")
+    if api is not None and not isinstance(api, str):
+        raise RecordError(RecordError.MALFORMED, "field 'api' must be a string or null")
+    record = NodeRecord(
+        peer=_str(m, "peer"),
+        addrs=tuple(_str_list(m, "addrs")),
+        model=_str(m, "model"),
+        start=_int(m, "start"),
+        end=_int(m, "end"),
+        total_blocks=_int(m, "total_blocks"),
+        state=_str(m, "state"),
+        throughput=_float(m, "throughput"),
+        cache_tokens_free=_int(m, "cache_tokens_free"),
+        backend=_str(m, "backend"),
+        device=_str(m, "device"),
+        dtype=_str(m, "dtype"),
+        rtt=_num_map(m, "rtt", _is_float, float),
+        version=_str(m, "version"),
+        seq=_int(m, "seq"),
+        expires=_float(m, "expires"),
+        api=api,
+        limits=_num_map(m, "limits", _is_int, int) if "limits" in m else {},
+    )
+    if not record.peer:
+        raise RecordError(RecordError.MALFORMED, "empty peer")
+    if record.seq < 0 or record.cache_tokens_free < 0 or record.throughput < 0:
+        raise RecordError(RecordError.MALFORMED, "seq, cache_tokens_free and throughput must be >= 0")
+    if not (0 <= record.start <= record.end <= record.total_blocks):
+        raise RecordError(
+            RecordError.BAD_SPAN, f"span [{record.start},{record.end}) outside [0,{record.total_blocks}]"
+        )
+    if record.state not in STATES:
+        raise RecordError(RecordError.BAD_STATE, f"state {record.state!r} not in {STATES}")
+    return record
+
+
+def _field(m: dict, name: str) -> Any:
+    if name not in m:
+        raise RecordError(RecordError.MALFORMED, f"missing field {name!r}")
+    return m[name]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # bool is an int in Python
+
+
+def _is_float(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _str(m: dict, name: str) -> str:
+    v = _field(m, name)
+    if not isinstance(v, str):
+        raise RecordError(RecordError.MALFORMED, f"field {name!r} must be a string")
+    return v
+
+
+def _int(m: dict, name: str) -> int:
+    v = _field(m, name)
+    if not _is_int(v):
+        raise RecordError(RecordError.MALFORMED, f"field {name!r} must be an integer")
+    return v
+
+
+def _float(m: dict, name: str) -> float:
+    v = _field(m, name)
+    if not _is_float(v):
+        raise RecordError(RecordError.MALFORMED, f"field {name!r} must be a finite number")
+    return float(v)
+
+
+def _str_list(m: dict, name: str) -> list[str]:
+    v = _field(m, name)
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise RecordError(RecordError.MALFORMED, f"field {name!r} must be a list of strings")
+    return v
+
+
+def _num_map(m: dict, name: str, ok, conv) -> dict:
+    v = _field(m, name)
+    if not isinstance(v, dict) or not all(isinstance(k, str) and ok(x) for k, x in v.items()):
+        raise RecordError(RecordError.MALFORMED, f"field {name!r} must map strings to numbers")
+    return {k: conv(x) for k, x in v.items()}
+
+
+def content_of(record: NodeRecord) -> NodeRecord:
+    """``record`` with the fields that move on every refresh blanked (seq, expires, rtt).
+
+    Two records with equal content say the same thing; the registry uses this to tell
+    a real change (span, state, load, addresses...) from a heartbeat. RTTs are blanked
+    because they jitter on every measurement and would make every heartbeat a "change".
+    """
+    return dataclasses.replace(record, seq=0, expires=0.0, rtt={})

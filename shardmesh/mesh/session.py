@@ -1,0 +1,321 @@
+"""The gateway's side of a push chain: open it over a route, feed it tokens, read results.
+
+A :class:`RemoteChain` speaks the same small protocol as the local chain the
+generation loop already knows (``open``, ``step``, ``close``). On ``open`` it sends the
+whole route to the first hop, which opens the rest hop by hop; then it *attaches* to the
+last hop, which will send every sampled token straight back here. Each decode step is
+then one frame to the first hop and one frame back from the last: the hidden states
+travel hop to hop in between, never through the gateway.
+
+Two tasks read for the chain while it is open: one on the last hop's stream (results
+and errors), one on the first hop's stream (errors relayed back along the chain). Both
+feed one channel, so a step waits on a single place and sees whichever comes first.
+Any failure raises :class:`ChainFailed` naming the peer at fault, which is what the
+gateway needs to route around it.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import trio
+
+from ..backends.base import CacheBudgetExceeded
+from ..placement.routing import Hop
+from .host import close_quietly, reset_quietly
+from .wire import ATTACH, CLOSE, ERROR, OPEN, RESULT, STEP, Frame, FrameStream, StreamEnded, WireError
+
+log = logging.getLogger("shardmesh.mesh.session")
+
+OPEN_TIMEOUT = 90.0  # the whole chain opens hop by hop within this
+STEP_TIMEOUT = 120.0  # one step's token (a long prefill on a slow CPU) arrives within this
+OPEN_ATTEMPTS = 3  # routes tried before a request gives up opening
+READER_GRACE = 10.0  # seconds the hops get to close their sides after a close
+
+
+class ChainFailed(Exception):
+    """A chain broke: ``peer`` is the hop to avoid next time (None: unknown)."""
+
+    def __init__(self, peer: str | None, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}" + (f" (peer {peer})" if peer else ""))
+        self.peer = peer
+        self.code = code
+        self.message = message
+
+
+class NoRoute(Exception):
+    """No set of online peers covers every block of the model right now."""
+
+
+@dataclass(frozen=True)
+class ChainToken:
+    """A sampled token as the last hop reports it (the fields the gateway reads)."""
+
+    token_id: int
+    logprob: float | None
+    top_logprobs: tuple[tuple[int, float], ...]
+
+
+def _failure(frame: Frame, default_peer: str | None) -> Exception:
+    h = frame.header
+    code, message, peer = str(h.get("code", "error")), str(h.get("message", "")), h.get("peer", default_peer)
+    if code == CacheBudgetExceeded.code:
+        return CacheBudgetExceeded(message)
+    return ChainFailed(peer if isinstance(peer, str) else default_peer, code, message)
+
+
+class RemoteChain:
+    """One session over a route of peers; always :meth:`close` it."""
+
+    def __init__(
+        self,
+        *,
+        nursery: trio.Nursery,
+        open_stream: Callable[[str], Any],
+        route: list[Hop],
+        session_id: str,
+        model_id: str,
+        gateway: str,
+        sampling: dict[str, Any],
+        prompt_ids: Sequence[int],
+        generated: Sequence[int] = (),
+    ) -> None:
+        self.nursery = nursery
+        self.open_stream = open_stream
+        self.route = route
+        self.session_id = session_id
+        self.model_id = model_id
+        self.gateway = gateway
+        self.sampling = sampling
+        self.history = (list(prompt_ids), list(generated))
+        self._first: FrameStream | None = None
+        self._last: FrameStream | None = None
+        self._events_in, self._events = trio.open_memory_channel[Frame | Exception](64)
+        self._readers_running = 0
+        self._readers_done = trio.Event()
+        self._closed = False
+
+    async def _connect(self, peer: str) -> FrameStream:
+        try:
+            return FrameStream(await self.open_stream(peer))
+        except Exception as exc:
+            raise ChainFailed(peer, "peer_unreachable", str(exc)) from exc
+
+    async def _expect_ok(self, fs: FrameStream, peer: str, what: str) -> None:
+        try:
+            reply = await fs.read_frame(idle_timeout=OPEN_TIMEOUT)
+        except (StreamEnded, WireError) as exc:
+            raise ChainFailed(peer, "peer_lost", f"no answer to {what}: {exc}") from exc
+        if reply.type == ERROR:
+            raise _failure(reply, peer)
+        if reply.type != RESULT or reply.header.get("ok") is not True:
+            raise ChainFailed(peer, "bad_frame", f"{what} answered with {reply.type}")
+
+    async def open(self, max_length: int) -> None:
+        first, last = self.route[0].peer, self.route[-1].peer
+        prompt, generated = self.history
+        self._first = await self._connect(first)
+        await self._write(
+            self._first,
+            first,
+            {
+                "t": OPEN,
+                "session": self.session_id,
+                "model": self.model_id,
+                "gateway": self.gateway,
+                "route": [{"peer": h.peer, "start": h.start, "end": h.end} for h in self.route],
+                "max_length": max_length,
+                "sampling": self.sampling,
+                "n_prompt": len(prompt),
+            },
+            array("q", prompt + generated).tobytes(),
+        )
+        await self._expect_ok(self._first, first, "open")
+        self._last = await self._connect(last)
+        await self._write(self._last, last, {"t": ATTACH, "session": self.session_id})
+        await self._expect_ok(self._last, last, "attach")
+        self._readers_running = 2
+        self.nursery.start_soon(self._read_into_events, self._last, last)
+        self.nursery.start_soon(self._read_into_events, self._first, first)
+
+    async def _write(self, fs: FrameStream, peer: str, header: dict[str, Any], payload: bytes = b"") -> None:
+        try:
+            await fs.write(header, payload)
+        except WireError as exc:
+            raise ChainFailed(peer, "peer_lost", exc.message) from exc
+
+    async def _read_into_events(self, fs: FrameStream, peer: str) -> None:
+        """Never cancelled (see stage_server): it ends when the stream ends, which
+        :meth:`close` brings about."""
+        try:
+            while True:
+                try:
+                    frame = await fs.read_frame()
+                except (StreamEnded, WireError) as exc:
+                    if not self._closed:
+                        which = "last" if fs is self._last else "first"
+                        log.debug("session %s: the %s hop's stream ended: %r", self.session_id, which, exc)
+                        self._events_in.send_nowait(ChainFailed(peer, "peer_lost", f"the {which} hop's stream ended: {exc!r}"))
+                    return
+                if not self._closed:
+                    self._events_in.send_nowait(frame)
+                if frame.type == ERROR:
+                    return
+        except trio.WouldBlock:
+            log.warning("session %s: %s sends frames nobody asked for", self.session_id, peer)
+        finally:
+            self._readers_running -= 1
+            if self._readers_running == 0:
+                self._readers_done.set()
+
+    async def step(self, token_ids: list[int], position: int, want_token: bool) -> ChainToken | None:
+        """Send ``token_ids`` at ``position`` into the chain; wait for the token if asked."""
+        assert self._first is not None, "open the chain first"
+        first = self.route[0].peer
+        self._raise_pending()
+        payload = array("q", token_ids).tobytes()
+        header = {"t": STEP, "session": self.session_id, "position": position, "want": want_token,
+                  "dtype": "int64", "shape": [len(token_ids)]}
+        await self._write(self._first, first, header, payload)
+        if not want_token:
+            return None
+        try:
+            with trio.fail_after(STEP_TIMEOUT):
+                event = await self._events.receive()
+        except trio.TooSlowError as exc:
+            raise ChainFailed(self.route[-1].peer, "timeout", f"no token within {STEP_TIMEOUT:.0f} s") from exc
+        return self._token(event, position)
+
+    def _raise_pending(self) -> None:
+        """A failure reported while we were not waiting (e.g. during a prefill chunk)."""
+        try:
+            event = self._events.receive_nowait()
+        except trio.WouldBlock:
+            return
+        self._token(event, None)
+        raise ChainFailed(self.route[-1].peer, "bad_frame", "a result arrived that nobody asked for")
+
+    def _token(self, event: Frame | Exception, position: int | None) -> ChainToken:
+        if isinstance(event, Exception):
+            raise event
+        if event.type == ERROR:
+            raise _failure(event, self.route[-1].peer)
+        h = event.header
+        token = h.get("token")
+        if event.type != RESULT or not isinstance(token, int) or (position is not None and h.get("position") != position):
+            raise ChainFailed(self.route[-1].peer, "bad_frame", f"unexpected {event.type} frame instead of a token")
+        top = h.get("top") or []
+        return ChainToken(token, h.get("logprob"), tuple((int(i), float(lp)) for i, lp in top))
+
+    async def close(self) -> None:
+        """Tell the chain to end and close our streams; never raises. The hops close
+        their sides in turn, which ends our readers; one that lingers is reset."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._first is not None:
+            try:
+                await self._first.write({"t": CLOSE, "session": self.session_id})
+            except WireError:
+                pass
+        streams = [fs.stream for fs in (self._first, self._last) if fs is not None]
+        for stream in streams:
+            await close_quietly(stream)
+        if self._readers_running:
+            self.nursery.start_soon(self._reap, streams)
+
+    async def _reap(self, streams: list) -> None:
+        with trio.move_on_after(READER_GRACE):
+            await self._readers_done.wait()
+        if not self._readers_done.is_set():
+            for stream in streams:
+                await reset_quietly(stream)
+
+
+class MeshChains:
+    """The gateway's chain opener over the mesh: routes each new session afresh."""
+
+    def __init__(
+        self,
+        *,
+        nursery: trio.Nursery,
+        open_stream: Callable[[str], Any],
+        find_route: Callable[[int], list[Hop] | None],
+        model_id: str,
+        gateway: str,
+        on_failure: Callable[[str], None] = lambda peer: None,
+        on_success: Callable[[list[Hop]], None] = lambda route: None,
+    ) -> None:
+        self.nursery = nursery
+        self.open_stream = open_stream
+        self.find_route = find_route  # tokens needed -> route avoiding peers that failed
+        self.model_id = model_id
+        self.gateway = gateway
+        self.on_failure = on_failure
+        self.on_success = on_success
+
+    def available(self) -> bool:
+        return self.find_route(0) is not None
+
+    def chain(self, session_id: str, sampling, prompt_ids: list[int]) -> "RoutedChain":
+        return RoutedChain(self, session_id, sampling.to_dict(), prompt_ids)
+
+
+class RoutedChain:
+    """Picks its route when opened (the swarm may have changed since the request came)."""
+
+    def __init__(self, chains: MeshChains, session_id: str, sampling: dict[str, Any], prompt_ids: list[int]) -> None:
+        self.chains = chains
+        self.session_id = session_id
+        self.sampling = sampling
+        self.prompt_ids = prompt_ids
+        self.inner: RemoteChain | None = None
+
+    async def open(self, max_length: int) -> None:
+        """Open over the best route; a peer that fails to open is avoided and the next
+        best route tried, a few times."""
+        for attempt in range(OPEN_ATTEMPTS):
+            route = self.chains.find_route(max_length)
+            if route is None:
+                raise NoRoute(f"no complete chain of online peers serves {self.chains.model_id}")
+            try:
+                await self._open_route(route, max_length)
+                self.chains.on_success(route)
+                return
+            except ChainFailed as exc:
+                log.info("opening a chain failed (%s); routing around %s", exc, exc.peer)
+                await self.close()
+                self.inner = None
+                if exc.peer is None or attempt == OPEN_ATTEMPTS - 1:
+                    raise
+                self.chains.on_failure(exc.peer)
+
+    async def _open_route(self, route: list[Hop], max_length: int) -> None:
+        self.inner = RemoteChain(
+            nursery=self.chains.nursery,
+            open_stream=self.chains.open_stream,
+            route=route,
+            session_id=self.session_id,
+            model_id=self.chains.model_id,
+            gateway=self.chains.gateway,
+            sampling=self.sampling,
+            prompt_ids=self.prompt_ids,
+        )
+        log.debug("session %s via %s", self.session_id, " -> ".join(f"{h.peer[-6:]}[{h.start},{h.end})" for h in route))
+        await self.inner.open(max_length)
+
+    async def step(self, token_ids: list[int], position: int, want_token: bool) -> ChainToken | None:
+        assert self.inner is not None
+        try:
+            return await self.inner.step(token_ids, position, want_token)
+        except ChainFailed as exc:
+            if exc.peer is not None:
+                self.chains.on_failure(exc.peer)
+            raise
+
+    async def close(self) -> None:
+        if self.inner is not None:
+            await self.inner.close()

@@ -1,0 +1,170 @@
+"""Several node processes serve one model together; the official client sees one model.
+
+Per architecture, three nodes split a 12-layer tiny model (0:4, 4:8, 8:12) and a fourth,
+``--layers none``, holds no weights and serves the OpenAI API. Every node is given only
+the first node's address: they must learn of each other through gossip and the DHT, and
+the gateway must find the route by itself. Greedy output, streamed and not, must equal
+single-process transformers ``generate`` token for token. The same for a MoE model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from node_process import Node, start_node, stop_node
+from reference import Transformers
+
+pytestmark = pytest.mark.slow
+
+N = 10
+MESSAGES = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. Tell me more."}]
+SPANS = ["0:4", "4:8", "8:12"]
+DISCOVERY_TIMEOUT = 30.0
+
+
+class Swarm:
+    def __init__(self, servers: list[Node], gateway: Node, ready_after: float) -> None:
+        self.servers = servers
+        self.gateway = gateway
+        self.ready_after = ready_after  # seconds from the gateway's start to a complete route
+
+    @property
+    def nodes(self) -> list[Node]:
+        return [*self.servers, self.gateway]
+
+
+def start_swarm(model: Path, tmp: Path) -> Swarm:
+    first = start_node(model, "--layers", SPANS[0], "--api", "off", api=False, key_dir=tmp)
+    nodes = [first]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            rest = pool.map(
+                lambda span: start_node(model, "--layers", span, "--api", "off", "--join", first.address, api=False, key_dir=tmp),
+                SPANS[1:],
+            )
+            nodes += list(rest)
+        gateway = start_node(model, "--layers", "none", "--join", first.address, key_dir=tmp)
+        nodes.append(gateway)
+        began = time.monotonic()
+        deadline = began + DISCOVERY_TIMEOUT
+        while time.monotonic() < deadline:
+            if httpx.get(f"{gateway.url}/health", timeout=5).status_code == 200:
+                return Swarm(nodes[:3], gateway, time.monotonic() - began)
+            time.sleep(0.2)
+        raise AssertionError(
+            f"the gateway found no complete route within {DISCOVERY_TIMEOUT:.0f} s; its view: "
+            f"{httpx.get(f'{gateway.url}/v1/swarm', timeout=5).text}"
+        )
+    except BaseException:
+        for node in nodes:
+            stop_node(node)
+        raise
+
+
+@contextmanager
+def running_swarm(request: pytest.FixtureRequest, model: Path, tmp: Path) -> Iterator[Swarm]:
+    swarm = start_swarm(model, tmp)
+    failed_before = request.session.testsfailed
+    try:
+        yield swarm
+    finally:
+        for node in swarm.nodes:
+            stop_node(node)
+        if request.session.testsfailed > failed_before:
+            for node in swarm.nodes:
+                print(f"---- node output ({' '.join(node.proc.args)}) ----\n{node.output()}")
+
+
+def client_for(node: Node) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+# --------------------------------------------------------------------------- dense llama
+
+
+@pytest.fixture(scope="module")
+def llama_path() -> Path:
+    from shardmesh.backends.tiny import cached_tiny_model
+
+    return cached_tiny_model("llama", layers=12, hidden=64)
+
+
+@pytest.fixture(scope="module")
+def llama_swarm(request, llama_path: Path, tmp_path_factory) -> Iterator[Swarm]:
+    with running_swarm(request, llama_path, tmp_path_factory.mktemp("keys")) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def llama_ref(llama_path: Path) -> Transformers:
+    return Transformers(llama_path)
+
+
+def test_gateway_learns_every_server_from_one_join_address(llama_swarm: Swarm) -> None:
+    view = httpx.get(f"{llama_swarm.gateway.url}/v1/swarm", timeout=10).json()
+    peers = {p["peer"]: p for p in view["peers"]}
+    for node, span in zip(llama_swarm.servers, SPANS):
+        assert node.peer_id in peers, f"{node.peer_id} missing from {sorted(peers)}"
+        start, end = map(int, span.split(":"))
+        assert peers[node.peer_id]["span"] == [start, end]
+        assert peers[node.peer_id]["state"] == "online"
+        assert peers[node.peer_id]["throughput"] > 0
+    assert llama_swarm.gateway.peer_id in peers
+    assert view["coverage"] == [1] * 12
+    print(f"complete route found {llama_swarm.ready_after:.1f} s after the gateway started")
+
+
+def test_chat_through_three_nodes_equals_transformers(llama_swarm: Swarm, llama_ref: Transformers) -> None:
+    want = llama_ref.greedy(llama_ref.chat_ids(MESSAGES), N)
+    client = client_for(llama_swarm.gateway)
+    model = client.models.list().data[0].id
+    r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=N, temperature=0)
+    assert r.choices[0].message.content == want.text
+    assert r.usage.completion_tokens == len(want.token_ids)
+
+    chunks = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=N, temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want.text
+
+
+def test_concurrent_sessions_each_get_their_own_answer(llama_swarm: Swarm, llama_ref: Transformers) -> None:
+    prompts = ["Once upon a time", "The capital of France is", "1 2 3 4 5", "Dear diary, today", "In the beginning"]
+    wants = [llama_ref.greedy(llama_ref.prompt_ids(p), N).text for p in prompts]
+    client = client_for(llama_swarm.gateway)
+    model = client.models.list().data[0].id
+
+    def complete(prompt: str) -> str:
+        return client.completions.create(model=model, prompt=prompt, max_tokens=N, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(complete, prompts))
+    assert got == wants
+
+
+# --------------------------------------------------------------------------- MoE
+
+
+@pytest.fixture(scope="module")
+def moe_path() -> Path:
+    from shardmesh.backends.tiny import cached_tiny_model
+
+    return cached_tiny_model("qwen3_moe", layers=12, hidden=64)
+
+
+def test_moe_chat_through_three_nodes_equals_transformers(request, moe_path: Path, tmp_path_factory) -> None:
+    ref = Transformers(moe_path)
+    want = ref.greedy(ref.chat_ids(MESSAGES), N)
+    with running_swarm(request, moe_path, tmp_path_factory.mktemp("moe-keys")) as swarm:
+        client = client_for(swarm.gateway)
+        model = client.models.list().data[0].id
+        r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=N, temperature=0)
+        assert r.choices[0].message.content == want.text
+        chunks = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=N, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text

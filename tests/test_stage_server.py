@@ -1,0 +1,283 @@
+"""``/shardmesh/infer/1.0.0`` under bad input: real libp2p hosts over TCP on 127.0.0.1.
+
+One stage server serves a whole tiny model; a client host keeps a good session open
+through the whole test and, between attacks, checks that its next token is still the
+one transformers predicts. Every attack gets an error frame (or a reset), and nothing
+it sends changes the good session.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import cbor2
+import pytest
+import trio
+
+from shardmesh.backends.compute_thread import compute_thread
+from shardmesh.backends.runner import StageRunner
+from shardmesh.backends.served_stage import ServedStage
+from shardmesh.backends.tiny import cached_tiny_model
+from shardmesh.backends.torch_stage import TorchStage
+from shardmesh.backends.weights import resolve
+from shardmesh.mesh.host import running_host
+from shardmesh.mesh.session import ChainFailed, RemoteChain
+from shardmesh.mesh.stage_server import Limits, StageServer
+from shardmesh.mesh.wire import PROTOCOL, FrameStream, StreamEnded, WireError, encode_frame
+from shardmesh.placement.routing import Hop
+from reference import Transformers
+
+MODEL_ID = "tiny@test"
+LOCAL = ["/ip4/127.0.0.1/tcp/0"]
+GREEDY = {"temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    return cached_tiny_model("llama", layers=4, hidden=64)
+
+
+PROMPT = [1, 17, 42, 99, 7, 300]
+
+
+@pytest.fixture(scope="module")
+def expected(model_path: Path) -> list[int]:
+    """Greedy tokens by full forwards of the unsplit model (eos does not stop it)."""
+    import torch
+
+    model = Transformers(model_path).model
+    ids = list(PROMPT)
+    with torch.no_grad():
+        for _ in range(20):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(PROMPT) :]
+
+
+def new_key():
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    return create_new_key_pair()
+
+
+async def serve_and_attack(model_path: Path, attack) -> None:
+    """Start a server and a client; open a good session; run ``attack`` between its steps."""
+    files = resolve(str(model_path))
+    stage = await compute_thread().run(lambda: TorchStage(files, 0, 4, model_name="tiny", dtype="float32"))
+    limits = Limits(max_sessions_per_peer=4, max_tokens_per_step=64)
+    async with running_host(new_key(), LOCAL) as server_host, running_host(new_key(), LOCAL) as client:
+        async with trio.open_nursery() as nursery:
+            runner = StageRunner(stage)
+            await nursery.start(runner.run)
+            server = StageServer(server_host, ServedStage(runner), MODEL_ID, 4, 2048, limits)
+            await nursery.start(server.run)
+            await client.connect(server_host.addrs()[0])
+            me = StageServer(client, None, MODEL_ID, 4, 2048)  # the client's side: a gateway
+            await nursery.start(me.run)
+            good = RemoteChain(
+                nursery=nursery,
+                open_stream=me.open_stream,
+                route=[Hop(server_host.peer_id_str, 0, 4)],
+                session_id="good",
+                model_id=MODEL_ID,
+                gateway=client.peer_id_str,
+                sampling=GREEDY,
+                prompt_ids=PROMPT,
+            )
+            await good.open(64)
+            tokens = [(await good.step(PROMPT, 0, True)).token_id]
+
+            async def next_token() -> int:
+                token = await good.step([tokens[-1]], len(PROMPT) + len(tokens) - 1, True)
+                tokens.append(token.token_id)
+                return token.token_id
+
+            async def raw_stream() -> FrameStream:
+                return FrameStream(await client.open_stream(server_host.peer_id, PROTOCOL))
+
+            await attack(raw_stream, next_token, server, client)
+            await next_token()
+            await good.close()
+            nursery.cancel_scope.cancel()
+    serve_and_attack.tokens = tokens  # type: ignore[attr-defined]
+
+
+async def expect_error(fs: FrameStream, code: str) -> None:
+    with trio.fail_after(10):
+        frame = await fs.read_frame()
+    assert frame.type == "error", frame.header
+    assert frame.header["code"] == code, frame.header
+    assert isinstance(frame.header["message"], str) and frame.header["message"]
+
+
+async def expect_reset_or_end(fs: FrameStream) -> None:
+    with trio.fail_after(10):
+        with pytest.raises((StreamEnded, WireError)):
+            while True:
+                await fs.read_frame()
+
+
+def run(model_path: Path, expected: list[int], attack) -> None:
+    trio.run(serve_and_attack, model_path, attack)
+    got = serve_and_attack.tokens  # type: ignore[attr-defined]
+    assert got == expected[: len(got)]
+
+
+def open_header(server_peer: str, client_peer: str, **overrides) -> dict:
+    header = {
+        "t": "open", "session": "evil", "model": MODEL_ID, "gateway": client_peer,
+        "route": [{"peer": server_peer, "start": 0, "end": 4}], "max_length": 64,
+        "sampling": GREEDY, "n_prompt": 0,
+    }
+    header.update(overrides)
+    return header
+
+
+def test_good_session_matches_transformers(model_path, expected) -> None:
+    async def attack(raw, next_token, server, client):
+        for _ in range(5):
+            await next_token()
+
+    run(model_path, expected, attack)
+
+
+def test_malformed_frames_get_error_frames(model_path, expected) -> None:
+    async def attack(raw, next_token, server, client):
+        fs = await raw()  # a header length beyond the limit
+        await fs.stream.write(struct.pack(">I", 1 << 30) + b"x" * 16)
+        await expect_error(fs, "too_large")
+        await next_token()
+
+        fs = await raw()  # not CBOR
+        bad = b"\xff\xfe\xfd"
+        await fs.stream.write(struct.pack(">I", len(bad)) + bad)
+        await expect_error(fs, "bad_frame")
+
+        fs = await raw()  # CBOR, but not a frame
+        head = cbor2.dumps([1, 2, 3])
+        await fs.stream.write(struct.pack(">I", len(head)) + head)
+        await expect_error(fs, "bad_frame")
+
+        fs = await raw()  # a step with no session opened
+        await fs.write({"t": "step", "session": "good", "position": 0, "want": True, "dtype": "int64", "shape": [1]}, b"\0" * 8)
+        await expect_error(fs, "bad_frame")
+        await next_token()
+
+        fs = await raw()  # a frame cut short, then the stream closed
+        await fs.stream.write(encode_frame(open_header(server.me, client.peer_id_str))[:7])
+        await fs.stream.close()
+        await expect_reset_or_end(fs)
+        await next_token()
+
+    run(model_path, expected, attack)
+
+
+def test_oversized_payloads_are_refused_before_reading_them(model_path, expected) -> None:
+    async def attack(raw, next_token, server, client):
+        fs = await raw()
+        header = cbor2.dumps({**open_header(server.me, client.peer_id_str), "nbytes": 1 << 40})
+        await fs.stream.write(struct.pack(">I", len(header)) + header)  # and no payload at all
+        await expect_error(fs, "too_large")
+
+        # A session whose step carries more tokens than this peer allows.
+        fs = await raw()
+        await fs.write(open_header(server.me, client.peer_id_str, session="big"))
+        ok = await fs.read_frame()
+        assert ok.header.get("ok") is True
+        await fs.write({"t": "step", "session": "big", "position": 0, "want": False, "dtype": "int64", "shape": [65]}, b"\0" * 8 * 65)
+        await expect_error(fs, "too_large")
+        await next_token()
+
+    run(model_path, expected, attack)
+
+
+def test_unknown_sessions_and_wrong_shapes(model_path, expected) -> None:
+    async def attack(raw, next_token, server, client):
+        fs = await raw()  # attach to a session that does not exist
+        await fs.write({"t": "attach", "session": "nobody"})
+        await expect_error(fs, "unknown_session")
+
+        fs = await raw()  # another model's session
+        await fs.write(open_header(server.me, client.peer_id_str, model="other@123"))
+        await expect_error(fs, "wrong_model")
+
+        fs = await raw()  # a route that does not lead here
+        await fs.write(open_header(server.me, client.peer_id_str, route=[{"peer": client.peer_id_str, "start": 0, "end": 4}]))
+        await expect_error(fs, "bad_route")
+
+        for i, (dtype, shape, nbytes) in enumerate([
+            ("float32", [2, 64], 2 * 64 * 4),  # hidden states sent to the first stage
+            ("int64", [3], 8),  # payload does not hold the shape
+            ("int64", [2, 2, 2], 64),  # too many dimensions
+            ("complex", [1], 8),  # unknown dtype
+        ]):
+            fs = await raw()
+            await fs.write(open_header(server.me, client.peer_id_str, session=f"shape{i}"))
+            assert (await fs.read_frame()).header.get("ok") is True
+            await fs.write({"t": "step", "session": f"shape{i}", "position": 0, "want": False, "dtype": dtype, "shape": shape}, b"\1" * nbytes)
+            await expect_error(fs, "bad_input")
+            await next_token()
+
+        fs = await raw()  # token ids outside the vocabulary
+        await fs.write(open_header(server.me, client.peer_id_str, session="vocab"))
+        assert (await fs.read_frame()).header.get("ok") is True
+        await fs.write({"t": "step", "session": "vocab", "position": 0, "want": False, "dtype": "int64", "shape": [1]}, struct.pack("<q", 10**9))
+        await expect_error(fs, "bad_input")
+        await next_token()
+        assert list(server.sessions) == ["good@0"], "refused sessions must be gone"
+
+    run(model_path, expected, attack)
+
+
+def test_sessions_per_peer_are_limited(model_path, expected) -> None:
+    async def attack(raw, next_token, server, client):
+        streams = []
+        for i in range(3):  # with the good one: 4, the limit
+            fs = await raw()
+            await fs.write(open_header(server.me, client.peer_id_str, session=f"s{i}"))
+            assert (await fs.read_frame()).header.get("ok") is True
+            streams.append(fs)
+        fs = await raw()
+        await fs.write(open_header(server.me, client.peer_id_str, session="one-too-many"))
+        await expect_error(fs, "too_many_sessions")
+        await next_token()
+        for fs in streams:  # hanging up frees them
+            await fs.stream.close()
+        with trio.fail_after(10):
+            while len(server.sessions) > 1:
+                await trio.sleep(0.05)
+
+    run(model_path, expected, attack)
+
+
+def test_a_failed_hop_is_named(model_path, expected) -> None:
+    async def attack(raw, next_token, server, client):
+        # A route whose second hop is a peer nobody can reach.
+        ghost = "12D3KooWQ6xSUo4ScnVjm6xFVjp65uCs8MeQ13s8X5vdbTS22nkS"
+        fs = await raw()
+        await fs.write(open_header(server.me, client.peer_id_str, session="ghosted",
+                                   route=[{"peer": server.me, "start": 0, "end": 2}, {"peer": ghost, "start": 2, "end": 4}]))
+        with trio.fail_after(30):
+            frame = await fs.read_frame()
+        assert frame.type == "error" and frame.header["peer"] == ghost, frame.header
+        await next_token()
+
+    run(model_path, expected, attack)
+
+
+def test_remote_chain_reports_errors_as_chain_failed(model_path, expected) -> None:
+    async def attack(raw, next_token, server, client):
+        me = StageServer(client, None, MODEL_ID, 4, 2048)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(me.run)
+            chain = RemoteChain(nursery=nursery, open_stream=me.open_stream, route=[Hop(server.me, 0, 4)],
+                                session_id="x", model_id="wrong@model", gateway=client.peer_id_str,
+                                sampling=GREEDY, prompt_ids=PROMPT)
+            with pytest.raises(ChainFailed) as info:
+                await chain.open(64)
+            assert info.value.code == "wrong_model" and info.value.peer == server.me
+            await chain.close()
+            nursery.cancel_scope.cancel()
+        await next_token()
+
+    run(model_path, expected, attack)

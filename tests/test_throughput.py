@@ -1,0 +1,134 @@
+"""The one-block throughput benchmark and its on-disk cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from shardmesh.backends import throughput
+from shardmesh.backends.base import StepRequest
+from shardmesh.backends.throughput import (
+    cached_block_throughput,
+    default_cache_dir,
+    measure_block_throughput,
+    throughput_cache_key,
+)
+from shardmesh.backends.tiny import cached_tiny_model
+from shardmesh.backends.torch_stage import TorchStage
+from shardmesh.backends.torch_tensors import raw_from_tensor, tensor_from_raw
+from shardmesh.backends.weights import resolve_local
+
+KEY = throughput_cache_key("tiny-llama", "cpu", "float32")
+
+
+def make_stage(start: int = 0, end: int | None = None, arch: str = "llama") -> TorchStage:
+    return TorchStage(resolve_local(str(cached_tiny_model(arch))), start, end, dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize(("arch", "start", "end", "warmup"), [("llama", 0, 4, 2), ("llama", 1, 3, 0), ("qwen3_moe", 2, 4, 1)])
+def test_measures_a_positive_finite_rate(arch, start, end, warmup):
+    rate = measure_block_throughput(make_stage(start, end, arch), steps=3, warmup=warmup)
+    assert rate > 0 and math.isfinite(rate)
+
+
+def test_rejects_no_steps():
+    with pytest.raises(ValueError):
+        measure_block_throughput(make_stage(), steps=0)
+
+
+def test_open_session_is_untouched():
+    measured, untouched = make_stage(), make_stage()
+    prompt = raw_from_tensor(torch.tensor([5, 17, 99, 3]))
+    for stage in (measured, untouched):
+        stage.open("s", 32)
+        stage.step([StepRequest("s", prompt, 0)])
+    used_before = measured.cache_bytes_used
+
+    measure_block_throughput(measured)
+
+    assert list(measured.sessions) == ["s"]  # no benchmark session left behind
+    assert measured.sessions["s"].length == 4
+    assert measured.cache_bytes_used == used_before
+    # The session's next step gives exactly what a stage that never benchmarked gives.
+    nxt = raw_from_tensor(torch.tensor([42]))
+    [got] = measured.step([StepRequest("s", nxt, 4)])
+    [want] = untouched.step([StepRequest("s", nxt, 4)])
+    assert torch.equal(tensor_from_raw(got), tensor_from_raw(want))
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts real measurements made through the cache."""
+    calls: list[int] = []
+    real = throughput.measure_block_throughput
+
+    def counting(stage, **kwargs):
+        calls.append(1)
+        return real(stage, **kwargs)
+
+    monkeypatch.setattr(throughput, "measure_block_throughput", counting)
+    return calls
+
+
+def test_cache_is_written_then_reused(tmp_path, counted):
+    stage = make_stage()
+    first = cached_block_throughput(stage, tmp_path, KEY)
+    assert json.loads((tmp_path / "throughput.json").read_text()) == {KEY: first}
+    assert cached_block_throughput(stage, tmp_path, KEY) == first
+    assert len(counted) == 1
+    assert not [p for p in tmp_path.iterdir() if p.name != "throughput.json"]  # no temp files left
+
+
+def test_cached_value_is_returned_without_measuring(tmp_path, counted):
+    (tmp_path / "throughput.json").write_text(json.dumps({KEY: 1234.5, "other|cpu|bfloat16": 7.0}))
+    assert cached_block_throughput(make_stage(), tmp_path, KEY) == 1234.5
+    assert counted == []
+
+
+def test_other_keys_are_kept(tmp_path, counted):
+    (tmp_path / "throughput.json").write_text(json.dumps({"other|cuda|bfloat16": 7.0}))
+    rate = cached_block_throughput(make_stage(), tmp_path, KEY)
+    assert json.loads((tmp_path / "throughput.json").read_text()) == {"other|cuda|bfloat16": 7.0, KEY: rate}
+    assert len(counted) == 1
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"\xff\xfe\x00", b"[1, 2]", b"", json.dumps({KEY: -1}).encode(), b'{"%s": NaN}' % KEY.encode(),
+     json.dumps({KEY: "fast"}).encode(), json.dumps({KEY: True}).encode()],
+)
+def test_corrupt_cache_is_remeasured_and_rewritten(tmp_path, counted, content):
+    (tmp_path / "throughput.json").write_bytes(content)
+    rate = cached_block_throughput(make_stage(), tmp_path, KEY)
+    assert rate > 0 and math.isfinite(rate)
+    assert len(counted) == 1
+    assert json.loads((tmp_path / "throughput.json").read_text())[KEY] == rate
+
+
+def test_missing_cache_dir_is_created(tmp_path):
+    cache_dir = tmp_path / "a" / "b"
+    rate = cached_block_throughput(make_stage(), cache_dir, KEY)
+    assert json.loads((cache_dir / "throughput.json").read_text()) == {KEY: rate}
+
+
+def test_unwritable_cache_still_returns_a_rate(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    rate = cached_block_throughput(make_stage(), blocker / "cache", KEY)
+    assert rate > 0 and math.isfinite(rate)
+
+
+def test_cache_key_separates_device_and_dtype():
+    keys = {throughput_cache_key("m", d, t) for d in ("cpu", "cuda") for t in ("float32", "bfloat16")}
+    assert len(keys) == 4
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "shardmesh"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "shardmesh"
