@@ -1,4 +1,4 @@
-"""``shardmesh run | tiny-model | bench``: the command line."""
+"""``shardmesh run | status | tiny-model | bench``: the command line."""
 
 from __future__ import annotations
 
@@ -25,6 +25,15 @@ def _add_run(sub) -> None:
                    help="a peer of the swarm to join, ending in /p2p/<peer id> (repeatable); none: start a new swarm")
     p.add_argument("--key-file", default=None, help="the node's identity key (created on first run; default in ~/.local/share/shardmesh)")
     p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN by multicast DNS")
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="show the swarm map (peers, spans, coverage) of the swarm a peer belongs to")
+    p.add_argument("--join", required=True, metavar="MULTIADDR",
+                   help="any peer of the swarm, ending in /p2p/<peer id>; it is the only address dialled")
+    p.add_argument("--json", action="store_true", help="print the map as JSON")
+    p.add_argument("--timeout", type=float, default=15.0, metavar="S",
+                   help="seconds to reach the peer and get its map (default 15)")
 
 
 def _add_tiny(sub) -> None:
@@ -89,6 +98,12 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
+def status(args) -> int:
+    from .status import main as status_main
+
+    return status_main(args.join, as_json=args.json, timeout=args.timeout)
+
+
 def tiny_model(args) -> int:
     from .backends.tiny import build_tiny_model
 
@@ -108,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"shardmesh {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
+    _add_status(sub)
     _add_tiny(sub)
     _add_bench(sub)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return {"run": run, "tiny-model": tiny_model, "bench": bench}[args.command](args)
+    return {"run": run, "status": status, "tiny-model": tiny_model, "bench": bench}[args.command](args)

@@ -35,8 +35,10 @@ from .mesh.discovery import Discovery
 from .mesh.host import MeshHost, default_key_file, load_or_create_identity, running_host
 from .mesh.records import NodeRecord, model_identity
 from .mesh.registry import Registry
+from .mesh.rtt import publish_rtts
 from .mesh.session import MeshChains
 from .mesh.stage_server import Limits, StageServer
+from .mesh.swarm_map import PROTOCOL as SWARM_MAP_PROTOCOL, swarm_map_handler
 from .placement.routing import FailureBackoff, Hop, find_route
 from .placement.spans import ServerView
 
@@ -205,6 +207,7 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
             nursery.start_soon(expire_idle_sessions, blocks.runner, config.session_idle_timeout)
         registry = Registry(mesh, model_id, local_record(mesh, model, model_id, span, blocks, limits, None))
         await nursery.start(registry.run)
+        mesh.set_handler(SWARM_MAP_PROTOCOL, swarm_map_handler(registry))  # for `shardmesh status`
         await nursery.start(discovery.run)
         server = StageServer(
             mesh,
@@ -218,6 +221,13 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
         await nursery.start(server.run)
         if blocks:
             nursery.start_soon(publish_free_cache, registry, blocks.stage)
+        me = mesh.peer_id_str
+        nursery.start_soon(
+            publish_rtts,
+            mesh,
+            lambda: [r.peer for r in registry.records() if r.end > r.start and r.peer != me],
+            lambda rtt: registry.update_local(rtt=rtt),
+        )
 
         if blocks and span == (0, model.total_blocks):
             chains = LocalChains([blocks.runner])  # the whole model here: no network in the way

@@ -219,3 +219,35 @@ def test_sliding_window_layers_match(arch, tmp_path):
         assert int(got.argmax()) == int(expected.argmax())
         position += len(ids)
         ids = [int(expected.argmax())]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_sessions_may_use_part_of_a_span(arch):
+    """A route may enter and leave a server anywhere inside its span: stages [0,4) and
+    [2,6) used as [0,2) + [2,6), and [0,4) + [4,6) from a stage holding [3,6) entered
+    at 4, equal the full model; batches mixing sub-ranges stay exact."""
+    path = model_path(arch)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        cache = DynamicCache(config=ref.config)
+        expected = ref(torch.tensor([PROMPT]), cache=cache, logits_to_keep=1).logits[0, -1].float()
+    a, b, c = build_chain(path, [0, 4]) + build_chain(path, [2, 6]) + build_chain(path, [3, 6])
+    a.open("x", 64, 0, 2)
+    b.open("x", 64, 2, 6)
+    a.open("y", 64, 0, 4)
+    c.open("y", 64, 4, 6)
+    assert torch.equal(run_chain([a, b], "x", PROMPT, 0), expected)
+    assert torch.equal(run_chain([a, c], "y", PROMPT, 0), expected)
+
+    a.open("z", 64)  # the whole span, batched with the two sub-range sessions
+    ids = raw_from_tensor(torch.tensor([int(expected.argmax())]))
+    hx, hy, hz = a.step([StepRequest("x", ids, len(PROMPT)), StepRequest("y", ids, len(PROMPT)), StepRequest("z", raw_from_tensor(torch.tensor(PROMPT)), 0)])
+    assert hx.shape[-1] == hy.shape[-1] == hz.shape[-1] == 64
+    [lx] = b.step([StepRequest("x", hx, len(PROMPT))])
+    [ly] = c.step([StepRequest("y", hy, len(PROMPT))])
+    assert torch.equal(tensor_from_raw(lx), tensor_from_raw(ly))
+
+    with pytest.raises(BadInput):
+        c.open("w", 64, 2, 6)  # outside the stage's span
+    with pytest.raises(BadInput):
+        b.step([StepRequest("x", raw_from_tensor(torch.tensor([1])), len(PROMPT) + 1)])  # ids into a middle range

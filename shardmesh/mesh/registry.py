@@ -271,6 +271,9 @@ class Registry:
         self._local = local
         self._seq = local.seq if local is not None else 0
         self._view: dict[str, NodeRecord] = {}
+        # The signed envelope of each peer's record in _view, exactly as received, so
+        # the view can be handed on (``/shardmesh/swarm/1.0.0``) and checked by anyone.
+        self._raw: dict[str, bytes] = {}
         self._changed = trio.Event()
         self._publish_wake = trio.Event()
         self._dht_wake = trio.Event()
@@ -293,6 +296,22 @@ class Registry:
     def peers_serving(self, block: int) -> list[NodeRecord]:
         """Live records whose span covers ``block`` (any state; routing decides)."""
         return [r for r in self.records() if r.serves(block)]
+
+    def signed_records(self) -> list[bytes]:
+        """The signed envelopes of :meth:`records` (ours as last signed), in the same order.
+
+        Records are self-certifying, so whoever receives these can verify each one
+        without trusting us; a record whose envelope we do not hold is left out.
+        """
+        out = []
+        for record in self.records():
+            if record.peer == self._me and self._local is not None:
+                raw = self._latest[1] if self._latest is not None else None
+            else:
+                raw = self._raw.get(record.peer)
+            if raw is not None:
+                out.append(raw)
+        return out
 
     @property
     def local(self) -> NodeRecord | None:
@@ -509,11 +528,11 @@ class Registry:
                 record = verify_record(msg.data, expected_model=self.model_id)
             except RecordError:
                 continue  # counted by the validator; expiry may also have passed in between
-            if self._merge(record):
+            if self._merge(record, msg.data):
                 self.stats.gossip_accepted += 1
 
-    def _merge(self, record: NodeRecord) -> bool:
-        """Put a verified record into the view if it is newer; True if it was."""
+    def _merge(self, record: NodeRecord, signed: bytes) -> bool:
+        """Put a verified record (and ``signed``, its envelope) into the view if it is newer; True if it was."""
         if record.model != self.model_id or record.expires < time.time():
             return False
         if record.peer == self._me and self._local is not None:
@@ -522,6 +541,7 @@ class Registry:
         if current is not None and current.seq >= record.seq:
             return False
         self._view[record.peer] = record
+        self._raw[record.peer] = bytes(signed)
         self._remember(record)  # every time: peerstore addresses lapse unless refreshed
         if current is None or content_of(current) != content_of(record):
             self._signal_changed()
@@ -546,6 +566,7 @@ class Registry:
             expired = [p for p, r in self._view.items() if r.expires < now and p != self._me]
             for peer in expired:
                 del self._view[peer]
+                self._raw.pop(peer, None)
                 log.debug("record of %s expired", peer)
             if expired:
                 self.stats.expired_purged += len(expired)
@@ -800,7 +821,7 @@ class Registry:
             self.stats.dht_records_invalid += 1
             raise
         self.stats.dht_records_fetched += 1
-        self._merge(record)
+        self._merge(record, value)
         return record
 
 
