@@ -45,13 +45,15 @@ class NodeProcess:
     peer: str = ""
 
 
-def start_node(path: Path, layers: str, dtype: str, key_dir: Path, join: str | None = None) -> NodeProcess:
+def start_node(path: Path, layers: str, dtype: str, key_dir: Path, join: str | None = None, threads: int | None = None) -> NodeProcess:
     cmd = [
         sys.executable, "-m", "shardmesh", "run", "--model", str(path), "--layers", layers, "--api", "off",
         "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--dtype", dtype,
         "--key-file", str(key_dir / f"{layers.replace(':', '-')}.key"),
     ] + (["--join", join] if join else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     node = NodeProcess(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
 
     def pump() -> None:
@@ -158,13 +160,13 @@ async def chain_rates(path: Path, prompt: list[int], tokens: int, repeats: int, 
     return decode, prefill
 
 
-def start_chain(path: Path, dtype: str, spans: list[str], key_dir: Path) -> list[NodeProcess]:
+def start_chain(path: Path, dtype: str, spans: list[str], key_dir: Path, threads: int | None) -> list[NodeProcess]:
     """Node processes for ``spans``; the first starts the swarm, the others join it."""
-    first = start_node(path, spans[0], dtype, key_dir)
+    first = start_node(path, spans[0], dtype, key_dir, threads=threads)
     nodes = [first]
     try:
         wait_serving(first)
-        nodes += [start_node(path, span, dtype, key_dir, first.address) for span in spans[1:]]
+        nodes += [start_node(path, span, dtype, key_dir, first.address, threads) for span in spans[1:]]
         for node in nodes:
             wait_serving(node)
         time.sleep(3)  # a gossip round or two, so every hop knows the next one's address
@@ -184,38 +186,65 @@ def stop_all(nodes: list[NodeProcess]) -> None:
             node.proc.kill()
 
 
-def run_mesh_bench(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int) -> int:
-    """One phase at a time, so that only one copy of the weights is alive while a path
-    is measured: idle copies would compete for the same CPU caches."""
-    from transformers import AutoConfig
+def measure(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int, threads: int | None, key_dir: Path) -> dict:
+    """The three paths with ``threads`` torch threads per process (None: torch's default).
+    One phase at a time, so that only one copy of the weights is alive while a path is
+    measured: idle copies would compete for the same CPU caches."""
+    import torch
 
-    key_dir = Path(tempfile.mkdtemp(prefix="shardmesh-bench-"))
-    print("phase 1/3: one process ...", flush=True)
-    local = trio.run(one_process_rate, path, dtype, prompt, tokens, repeats)
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads)
+    try:
+        print(f"  one process ({threads or default_threads} threads) ...", flush=True)
+        decode = {"one process": trio.run(one_process_rate, path, dtype, prompt, tokens, repeats)}
+    finally:
+        torch.set_num_threads(default_threads)
     gc.collect()
-    results = {}
+    prefill = {}
     for name, spans in (("3-node chain", ["0:4", "4:8", "8:12"]), ("1-node chain", ["0:12"])):
-        print(f"phase {2 if name.startswith('3') else 3}/3: {name}, node processes on 127.0.0.1 ...", flush=True)
-        nodes = start_chain(path, dtype, spans, key_dir)
+        print(f"  {name}: node processes on 127.0.0.1 ...", flush=True)
+        nodes = start_chain(path, dtype, spans, key_dir, threads)
         try:
             hops = [(n, *map(int, span.split(":"))) for n, span in zip(nodes, spans)]
-            results[name] = trio.run(chain_rates, path, prompt, tokens, repeats, hops)
+            decode[name], prefill[name] = trio.run(chain_rates, path, prompt, tokens, repeats, hops)
         finally:
             stop_all(nodes)
-    config = AutoConfig.from_pretrained(path)
-    item = 2 if dtype in ("bfloat16", "float16") else 4
-    hop_mb = PREFILL_TOKENS * config.hidden_size * item / 1e6
-    decode = {"one process": local, **{k: v[0] for k, v in results.items()}}
-    print(f"\n{'path':34s} {'decode tok/s':>12s} {'vs one process':>15s} {'ms/token':>9s}")
+    return {"decode": decode, "prefill": prefill}
+
+
+def report(title: str, result: dict, hop_mb: float) -> None:
+    decode, prefill = result["decode"], result["prefill"]
+    local = decode["one process"]
+    print(f"\n{title}\n{'path':34s} {'decode tok/s':>12s} {'vs one process':>15s} {'ms/token':>9s}")
     for name in ("one process", "1-node chain", "3-node chain"):
         rate = decode[name]
         print(f"{name:34s} {rate:12.1f} {rate / local:15.2f} {1000 / rate:9.2f}")
     per_hop_ms = (1000 / decode["3-node chain"] - 1000 / decode["1-node chain"]) / 2
-    print(f"\nadded latency per hop (decode step, (t3 - t1) / 2): {per_hop_ms:.2f} ms")
-    p1, p3 = results["1-node chain"][1], results["3-node chain"][1]
+    print(f"added latency per hop (decode step, (t3 - t1) / 2): {per_hop_ms:.2f} ms")
+    p1, p3 = prefill["1-node chain"], prefill["3-node chain"]
     extra = (p3 - p1) / 2
     print(
         f"{PREFILL_TOKENS}-token prefill: 1-node chain {p1 * 1000:.0f} ms, 3-node chain {p3 * 1000:.0f} ms; "
         f"one hop moves {hop_mb:.1f} MB in {extra * 1000:.0f} ms added = {hop_mb / extra if extra > 0 else float('inf'):.0f} MB/s"
     )
+
+
+def run_mesh_bench(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int) -> int:
+    """Twice: with torch's default threads (as deployed: every process uses every core),
+    and with one thread per process. On a machine with few cores the first puts three
+    processes' OpenMP teams on the same cores (one's spinning workers slow the next
+    one's compute); the second shows what the mesh itself costs."""
+    from transformers import AutoConfig
+
+    key_dir = Path(tempfile.mkdtemp(prefix="shardmesh-bench-"))
+    config = AutoConfig.from_pretrained(path)
+    hop_mb = PREFILL_TOKENS * config.hidden_size * (2 if dtype in ("bfloat16", "float16") else 4) / 1e6
+    results = {}
+    for threads in (None, 1):
+        print(f"measuring with {'default' if threads is None else threads} torch thread(s) per process ...", flush=True)
+        results[threads] = measure(path, dtype, prompt, tokens, repeats, threads, key_dir)
+    import torch
+
+    report(f"torch's default threads per process ({torch.get_num_threads()}; all on this machine's {os.cpu_count()} cores)", results[None], hop_mb)
+    report("1 torch thread per process", results[1], hop_mb)
     return 0

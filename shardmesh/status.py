@@ -30,8 +30,8 @@ from typing import Any
 import trio
 
 from .mesh.discovery import parse_join_address
-from .mesh.host import HostError, running_host
-from .mesh.records import NodeRecord, record_ttl
+from .mesh.host import DIAL_TIMEOUT, HostError, running_host
+from .mesh.records import NodeRecord, record_json
 from .mesh.swarm_map import SwarmMap, SwarmMapError, fetch_swarm_map
 from .placement.spans import ServerView, bottleneck, coverage, gaps, is_complete
 
@@ -50,7 +50,8 @@ class StatusError(Exception):
 async def probe(join: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[str, SwarmMap]:
     """Dial ``join``, fetch and verify its swarm map; ``(its peer id, the map)``.
 
-    Everything happens within ``timeout`` seconds; :class:`StatusError` otherwise.
+    Gives up after about ``timeout`` seconds (a frame already arriving may finish);
+    raises :class:`StatusError` with a one-line reason when there is no map.
     """
     try:
         _, address = parse_join_address(join)
@@ -66,7 +67,10 @@ async def probe(join: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[str, Swarm
         except trio.TooSlowError:
             raise StatusError(f"{address}: no answer within {timeout:g} s") from None
         except HostError as exc:
-            raise StatusError(f"cannot reach {address}: {_root_cause(exc)}") from None
+            cause = _root_cause(exc)
+            if isinstance(cause, (trio.Cancelled, trio.TooSlowError, TimeoutError)):  # the dial's own timeout
+                raise StatusError(f"{address}: no answer within {DIAL_TIMEOUT:g} s") from None
+            raise StatusError(f"cannot reach {address}: {_one_line(cause)}") from None
         try:
             swarm = await fetch_swarm_map(mesh, peer_id, max(0.5, deadline - trio.current_time()))
         except SwarmMapError as exc:
@@ -74,7 +78,7 @@ async def probe(join: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[str, Swarm
         return peer_id.to_base58(), swarm
 
 
-def _root_cause(exc: BaseException) -> str:
+def _root_cause(exc: BaseException) -> BaseException:
     """The innermost error of a failed dial ("Connection refused", ...).
 
     py-libp2p wraps it five deep (swarm, multi-error, transport, exception group), and
@@ -86,6 +90,10 @@ def _root_cause(exc: BaseException) -> str:
         if not isinstance(inner, BaseException):
             break
         exc = inner
+    return exc
+
+
+def _one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
 
@@ -113,24 +121,7 @@ def summarize(swarm: SwarmMap, via: str, now: float | None = None) -> dict[str, 
         "model": swarm.model,
         "total_blocks": total,
         "via": via,
-        "peers": [
-            {
-                "peer": r.peer,
-                "span": [r.start, r.end],
-                "gateway": not r.serves_blocks,
-                "state": r.state,
-                "throughput": r.throughput,
-                "cache_tokens_free": r.cache_tokens_free,
-                "backend": r.backend,
-                "device": r.device,
-                "dtype": r.dtype,
-                "api": r.api,
-                "addrs": list(r.addrs),
-                "version": r.version,
-                "expires_in": round(record_ttl(r, now), 1),
-            }
-            for r in records
-        ],
+        "peers": [record_json(r, now) for r in records],
         "coverage": coverage(views, total),
         "gaps": [list(g) for g in gaps(views, total)],
         "complete": is_complete(views, total),

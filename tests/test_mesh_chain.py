@@ -121,6 +121,21 @@ def test_gateway_learns_every_server_from_one_join_address(llama_swarm: Swarm) -
     print(f"complete route found {llama_swarm.ready_after:.1f} s after the gateway started")
 
 
+def test_gateway_measures_and_publishes_rtts(llama_swarm: Swarm) -> None:
+    """Routing prices a hop by the RTT from the previous peer: the gateway pings the
+    servers and publishes what it measured in its own record."""
+    servers = {node.peer_id for node in llama_swarm.servers}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        view = httpx.get(f"{llama_swarm.gateway.url}/v1/swarm", timeout=10).json()
+        mine = next(p for p in view["peers"] if p["peer"] == llama_swarm.gateway.peer_id)
+        if set(mine["rtt_ms"]) == servers:
+            assert all(0 < ms < 1000 for ms in mine["rtt_ms"].values()), mine["rtt_ms"]
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the gateway's record has RTTs for {sorted(mine['rtt_ms'])}, not {sorted(servers)}")
+
+
 def test_chat_through_three_nodes_equals_transformers(llama_swarm: Swarm, llama_ref: Transformers) -> None:
     want = llama_ref.greedy(llama_ref.chat_ids(MESSAGES), N)
     client = client_for(llama_swarm.gateway)

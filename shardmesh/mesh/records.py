@@ -125,6 +125,27 @@ def record_ttl(record: NodeRecord, now: float | None = None) -> float:
     return record.expires - (time.time() if now is None else now)
 
 
+def record_json(record: NodeRecord, now: float | None = None) -> dict:
+    """A record as plain JSON for people and dashboards (``/v1/swarm``, ``status --json``)."""
+    return {
+        "peer": record.peer,
+        "addrs": list(record.addrs),
+        "span": [record.start, record.end],
+        "gateway": not record.serves_blocks,
+        "state": record.state,
+        "throughput": record.throughput,
+        "cache_tokens_free": record.cache_tokens_free,
+        "backend": record.backend,
+        "device": record.device,
+        "dtype": record.dtype,
+        "api": record.api,
+        "rtt_ms": dict(record.rtt),
+        "version": record.version,
+        "seq": record.seq,
+        "expires_in": round(record_ttl(record, now), 1),
+    }
+
+
 # --- identities and DHT keys -----------------------------------------------------------
 
 

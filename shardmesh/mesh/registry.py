@@ -61,8 +61,8 @@ from .records import (
     block_key_multihash,
     content_of,
     expires_at,
+    record_json,
     record_key,
-    record_ttl,
     sign_record,
     verify_record,
 )
@@ -356,24 +356,7 @@ class Registry:
             "model": self.model_id,
             "total_blocks": total,
             "local_peer": self._me,
-            "peers": [
-                {
-                    "peer": r.peer,
-                    "addrs": list(r.addrs),
-                    "span": [r.start, r.end],
-                    "state": r.state,
-                    "throughput": r.throughput,
-                    "cache_tokens_free": r.cache_tokens_free,
-                    "backend": r.backend,
-                    "device": r.device,
-                    "dtype": r.dtype,
-                    "api": r.api,
-                    "version": r.version,
-                    "seq": r.seq,
-                    "expires_in": round(record_ttl(r, now), 1),
-                }
-                for r in records
-            ],
+            "peers": [record_json(r, now) for r in records],
             "coverage": coverage,
         }
 
