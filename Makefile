@@ -9,7 +9,7 @@ MODEL  ?= Qwen/Qwen3-0.6B
 ARGS   ?=
 JOBS   ?= auto
 
-.PHONY: run test venv bench clean browser
+.PHONY: run test venv bench clean testdeps
 
 $(STAMP): pyproject.toml
 	@command -v gcc >/dev/null || { echo "gcc is needed to build fastecdsa (py-libp2p)"; exit 1; }
@@ -27,14 +27,18 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/shardmesh run --model $(MODEL) $(ARGS)
 
-# The web UI tests drive a real Chromium; as root on Debian/Ubuntu it is installed here,
-# elsewhere those tests skip and say why.
-browser:
-	@if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		echo "installing chromium + chromium-driver (web UI tests)"; \
-		apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; fi
+# The web UI tests drive a real Chromium, the mDNS test runs inside a network namespace
+# (`ip netns`); as root on Debian/Ubuntu both are installed here, elsewhere those tests
+# skip and say why.
+testdeps:
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		pkgs=""; \
+		command -v chromedriver >/dev/null || pkgs="$$pkgs chromium chromium-driver"; \
+		command -v ip >/dev/null || pkgs="$$pkgs iproute2"; \
+		if [ -n "$$pkgs" ]; then echo "installing$$pkgs (web UI and mDNS tests)"; \
+			apt-get update -qq && apt-get install -y -qq $$pkgs >/dev/null; fi; fi
 
-test: $(STAMP) browser
+test: $(STAMP) testdeps
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile -q $(ARGS)
 
 bench: $(STAMP)

@@ -192,13 +192,16 @@ def measure(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int
     measured: idle copies would compete for the same CPU caches."""
     import torch
 
-    default_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or default_threads)
+    from .backends.compute_thread import compute_thread
+
+    # OpenMP's thread count is per calling thread: set it on the thread that runs torch.
+    default_threads = compute_thread().call(torch.get_num_threads)
+    compute_thread().call(torch.set_num_threads, threads or default_threads)
     try:
         print(f"  one process ({threads or default_threads} threads) ...", flush=True)
         decode = {"one process": trio.run(one_process_rate, path, dtype, prompt, tokens, repeats)}
     finally:
-        torch.set_num_threads(default_threads)
+        compute_thread().call(torch.set_num_threads, default_threads)
     gc.collect()
     prefill = {}
     for name, spans in (("3-node chain", ["0:4", "4:8", "8:12"]), ("1-node chain", ["0:12"])):
