@@ -282,7 +282,5 @@ def main(config: NodeConfig) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if os.environ.get("SHARDMESH_DEBUG"):
         logging.getLogger("shardmesh").setLevel(logging.DEBUG)
-    if os.environ.get("SHARDMESH_DEBUG") == "libp2p":
-        logging.getLogger("libp2p").setLevel(logging.DEBUG)
     trio.run(run_until_signalled, config)
     return 0

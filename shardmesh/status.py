@@ -208,7 +208,7 @@ def _quiet_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if os.environ.get("SHARDMESH_DEBUG"):
         logging.getLogger("shardmesh").setLevel(logging.DEBUG)
-    if os.environ.get("SHARDMESH_DEBUG") != "libp2p":
+    if not os.environ.get("LIBP2P_DEBUG"):
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 
 
