@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import trio
 
-from ..backends.base import CacheBudgetExceeded, StageError
+from ..backends.base import StageError
 from .host import MeshHost, close_quietly, reset_quietly
 from .pipe import pipe_pair
 from .wire import (
@@ -248,8 +248,6 @@ class StageServer:
         try:
             if not session.is_last:
                 downstream = await self._open_downstream(frame, route)
-                if downstream is None:
-                    return
             await fs.write({"t": RESULT, "session": session.session, "ok": True})
             # No task here is ever cancelled while it reads or writes a stream: py-libp2p
             # cannot take that (a cancelled read may drop the window update it was
@@ -278,8 +276,8 @@ class StageServer:
                 if session.attach is not None:
                     await close_quietly(session.attach.stream)
 
-    async def _open_downstream(self, frame: Frame, route: list[dict]) -> FrameStream | None:
-        """Open the rest of the chain; None if it failed (the error went upstream)."""
+    async def _open_downstream(self, frame: Frame, route: list[dict]) -> FrameStream:
+        """Open the rest of the chain; a :class:`WireError` naming the failed peer if not."""
         nxt = route[1]["peer"]
         try:
             stream = await self.open_stream(nxt)
@@ -336,14 +334,12 @@ class StageServer:
                 return
             try:
                 await self._step(session, frame, downstream, max_elements)
-            except CacheBudgetExceeded as exc:
+            except (StageError, WireError) as exc:  # refused input, full cache, a hop gone
                 await self._report(session, fs, exc.code, exc.message)
                 return
-            except StageError as exc:
-                await self._report(session, fs, exc.code, exc.message)
-                return
-            except WireError as exc:
-                await self._report(session, fs, exc.code, exc.message)
+            except Exception as exc:  # a bug, or e.g. NaN logits from a broken checkpoint
+                log.exception("session %s: step failed", session.id)
+                await self._report(session, fs, "internal", f"{type(exc).__name__}: {exc}")
                 return
 
     async def _step(self, session: HopSession, frame: Frame, downstream: FrameStream | None, max_elements: int) -> None:
