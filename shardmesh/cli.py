@@ -18,6 +18,8 @@ def _add_run(sub) -> None:
     p.add_argument("--api-key", default=None, help="require this bearer key (or set SHARDMESH_API_KEY)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"],
+                   help="auto: MLX on Apple silicon (when installed), torch elsewhere")
     p.add_argument("--kv-cache-gb", type=float, default=2.0, help="KV cache budget of this node (GiB)")
     p.add_argument("--listen", action="append", default=None, metavar="MULTIADDR",
                    help="libp2p listen address (repeatable; default /ip4/0.0.0.0/tcp/4001; tcp/0 picks a port)")
@@ -71,6 +73,7 @@ def run(args) -> int:
         api_key=args.api_key or env_api_key(),
         dtype=args.dtype,
         device=args.device,
+        backend=args.backend,
         kv_cache_gb=args.kv_cache_gb,
         listen=tuple(args.listen or NodeConfig.listen),
         join=tuple(args.join),

@@ -17,6 +17,7 @@ class NodeConfig:
     api: str = "127.0.0.1:8000"  # HOST:PORT of the OpenAI gateway, or "off"
     api_key: str | None = None  # bearer key the gateway requires; None = open
     dtype: str = "auto"
+    backend: str = "auto"  # "torch", "mlx", or "auto": MLX on Apple silicon, torch elsewhere
     device: str = "auto"
     kv_cache_gb: float = 2.0  # KV cache budget of this node's stage
     revision: str | None = None  # hub revision (branch, tag or commit)

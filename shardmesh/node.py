@@ -28,7 +28,8 @@ from .backends.local_chain import LocalChains
 from .backends.runner import StageRunner
 from .backends.served_stage import ServedStage
 from .backends.throughput import cached_block_throughput, default_cache_dir, throughput_cache_key
-from .backends.torch_stage import TorchStage
+from .backends.base import Stage
+from .backends.choose import build_stage, choose_backend
 from .backends.weights import ModelFiles, identity_bytes, resolve
 from .config import NodeConfig
 from .mesh.discovery import Discovery
@@ -100,17 +101,19 @@ async def expire_idle_sessions(runner: StageRunner, idle_seconds: float) -> None
 class LocalBlocks:
     """The blocks this node serves, once loaded."""
 
-    stage: TorchStage
+    stage: Stage
     runner: StageRunner
     throughput: float
 
 
 async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, span: tuple[int, int], say) -> LocalBlocks:
     start, end = span
-    say(f"loading blocks [{start}, {end}) of {model.name}")
+    backend = choose_backend(config.backend)
+    say(f"loading blocks [{start}, {end}) of {model.name} ({backend})")
     compute = compute_thread()
     stage = await compute.run(
-        lambda: TorchStage(
+        lambda: build_stage(
+            backend,
             model.files,
             start,
             end,
@@ -120,10 +123,10 @@ async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, spa
             cache_budget_bytes=int(config.kv_cache_gb * (1 << 30)),
         )
     )
-    key = throughput_cache_key(model_id, stage.info.device, stage.info.dtype)
+    key = throughput_cache_key(f"{model_id}|{backend}", stage.info.device, stage.info.dtype)
     throughput = await compute.run(cached_block_throughput, stage, default_cache_dir(), key)
     say(
-        f"serving {model.name} blocks [{start}, {end}) on {stage.info.device} in {stage.info.dtype} "
+        f"serving {model.name} blocks [{start}, {end}) with {backend} on {stage.info.device} in {stage.info.dtype} "
         f"({throughput:.0f} tokens/s per block)"
     )
     return LocalBlocks(stage, StageRunner(stage), throughput)
@@ -154,7 +157,7 @@ def local_record(mesh: MeshHost, model: LoadedModel, model_id: str, span, blocks
     )
 
 
-async def publish_free_cache(registry: Registry, stage: TorchStage, every: float = 2.0) -> None:
+async def publish_free_cache(registry: Registry, stage: Stage, every: float = 2.0) -> None:
     """Keeps ``cache_tokens_free`` in the record current, so routing sees busy nodes."""
     last = None
     while True:

@@ -73,6 +73,35 @@ def measure_block_throughput(stage: TorchStage, *, steps: int = 8, warmup: int =
     return steps * len(layers) / max(time.perf_counter() - began, 1e-9)
 
 
+def measure_stage_throughput(stage, *, steps: int = 8) -> float:
+    """The same figure for any :class:`~.base.Stage` (the MLX one), through its public
+    protocol: a private session, a short prefill, then timed single-token steps over the
+    whole span. Less exact than the torch path (it includes the head on a last stage)."""
+    from array import array
+
+    from .base import RawTensor, StepRequest
+
+    info = stage.info
+    session = f"throughput-probe-{time.monotonic_ns()}"
+
+    def inputs(n: int) -> RawTensor:
+        if info.start == 0:
+            return RawTensor("int64", (n,), array("q", [1] * n).tobytes())
+        return RawTensor("float32", (n, info.hidden_size), bytes(4 * n * info.hidden_size))
+
+    stage.open(session, PREFILL + steps + 2)
+    try:
+        stage.step([StepRequest(session, inputs(PREFILL), 0)])
+        stage.step([StepRequest(session, inputs(1), PREFILL)])  # warm-up
+        began = time.perf_counter()
+        for i in range(steps):
+            stage.step([StepRequest(session, inputs(1), PREFILL + 1 + i)])
+        elapsed = time.perf_counter() - began
+    finally:
+        stage.close(session)
+    return steps * (info.end - info.start) / max(elapsed, 1e-9)
+
+
 def throughput_cache_key(model_id: str, device: str, dtype: str) -> str:
     """The cache key of one measurement, e.g. ``"Qwen/Qwen3-0.6B|cuda|bfloat16"``."""
     return f"{model_id}|{device}|{dtype}"
@@ -103,7 +132,7 @@ def cached_block_throughput(stage: TorchStage, cache_dir: Path, key: str) -> flo
     value = _read_cache(path).get(key)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
         return float(value)
-    value = measure_block_throughput(stage)
+    value = measure_block_throughput(stage) if isinstance(stage, TorchStage) else measure_stage_throughput(stage)
     with contextlib.suppress(OSError):  # a read-only cache costs a re-measure, never a failed start
         path.parent.mkdir(parents=True, exist_ok=True)
         # Re-read just before writing, so another node's fresh entry is kept; write a
