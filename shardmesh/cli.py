@@ -82,6 +82,7 @@ def run(args) -> int:
     )
     try:
         config.api_host_port
+        _check_addresses(config)
         return node_main(config)
     except BaseException as exc:
         # Errors the user can fix (bad flags, a model that cannot be found) get one
@@ -92,6 +93,25 @@ def run(args) -> int:
         for leaf in leaves:
             print(f"shardmesh: {leaf}", file=sys.stderr)
         return 2
+
+
+def _check_addresses(config) -> None:
+    """Bad --listen / --join addresses are the user's to fix: one line, before anything starts."""
+    from multiaddr import Multiaddr
+
+    from .config import UsageError
+    from .mesh.discovery import parse_join_address
+
+    for address in config.listen:
+        try:
+            Multiaddr(address)
+        except Exception as exc:
+            raise UsageError(f"--listen {address}: not a multiaddr ({exc})") from exc
+    for address in config.join:
+        try:
+            parse_join_address(address)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

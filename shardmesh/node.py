@@ -142,7 +142,7 @@ def local_record(mesh: MeshHost, model: LoadedModel, model_id: str, span, blocks
         start=start,
         end=end,
         total_blocks=model.total_blocks,
-        state="online" if blocks or span is None else "joining",
+        state="online",  # blocks are loaded before the first record (`--layers auto` will announce joining)
         throughput=blocks.throughput if blocks else 0.0,
         cache_tokens_free=blocks.stage.cache_tokens_free if blocks else 0,
         backend=info.backend if info else "none",
@@ -196,12 +196,11 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
     span = config.span(model.total_blocks)
     model_id = model_identity(model.name, *identity_bytes(model.files))
     key_pair = load_or_create_identity(Path(config.key_file) if config.key_file else default_key_file())
-    discovery_args = list(config.join)
     limits = Limits(idle_timeout=config.session_idle_timeout)
     api = config.api_host_port
 
     async with running_host(key_pair, list(config.listen)) as mesh, trio.open_nursery() as nursery:
-        discovery = Discovery(mesh, discovery_args, mdns=config.mdns)
+        discovery = Discovery(mesh, list(config.join), mdns=config.mdns)
         for addr in mesh.addrs():
             say(f"listening on {addr}")
         blocks = await load_blocks(config, model, model_id, span, say) if span else None
