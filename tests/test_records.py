@@ -215,7 +215,7 @@ def test_expected_peer_and_model(key) -> None:
     verify_record(data, now=NOW, expected_peer=peer_of(key), expected_model=MODEL)
 
 
-@pytest.mark.parametrize("start, end, total", [(8, 4, 12), (-1, 4, 12), (4, 13, 12), (0, 1, 0)])
+@pytest.mark.parametrize("start, end, total", [(8, 4, 12), (-1, 4, 12), (4, 13, 12), (0, 1, 0), (0, 4, 2**40)])
 def test_bad_span(key, start: int, end: int, total: int) -> None:
     body = cbor2.loads(cbor2.loads(sign_record(make_record(key), key))["body"])
     body.update(start=start, end=end, total_blocks=total)

@@ -281,3 +281,34 @@ def test_remote_chain_reports_errors_as_chain_failed(model_path, expected) -> No
         await next_token()
 
     run(model_path, expected, attack)
+
+
+def test_a_frame_cut_at_a_boundary_is_a_truncation() -> None:
+    """A peer that dies right after a header (or before a payload) sent a truncated
+    frame, not a clean end: only the length prefixes can tell."""
+    from shardmesh.mesh.pipe import pipe_pair
+
+    async def main() -> None:
+        for cut in (4, None):  # after the length prefix; after the whole header
+            mine, theirs = pipe_pair()
+            data = encode_frame({"t": "step", "session": "s", "position": 0, "want": False, "dtype": "int64", "shape": [1]}, b"\0" * 8)
+            head_end = 4 + struct.unpack(">I", data[:4])[0]
+            await mine.write(data[: cut or head_end])
+            await mine.close()
+            with pytest.raises(WireError) as info:
+                await FrameStream(theirs).read_frame()
+            assert info.value.code == "truncated"
+
+    trio.run(main)
+
+
+def test_adjacent_hops_on_one_peer_are_refused(model_path, expected) -> None:
+    async def attack(raw, next_token, server, client):
+        fs = await raw()
+        await fs.write(open_header(server.me, client.peer_id_str, session="twice",
+                                   route=[{"peer": server.me, "start": 0, "end": 2}, {"peer": server.me, "start": 2, "end": 4}]))
+        await expect_error(fs, "bad_route")
+
+        await next_token()
+
+    run(model_path, expected, attack)

@@ -44,6 +44,7 @@ import cbor2
 
 RECORD_TTL = 30.0  # seconds a published record stays valid; refreshed well before
 MAX_RECORD_LIFETIME = 600.0  # a record may not claim to live longer than this
+MAX_BLOCKS = 10_000  # far beyond any model; bounds what a reader allocates per block
 MAX_RECORD_BYTES = 16 * 1024  # signed envelope, checked before decoding
 MAX_RTT_ENTRIES = 32  # rtt map keeps the nearest peers only
 SIGNING_PREFIX = b"shardmesh-record/1\0"
@@ -343,6 +344,8 @@ def _parse_body(body: bytes) -> NodeRecord:
         raise RecordError(RecordError.MALFORMED, "empty peer")
     if record.seq < 0 or record.cache_tokens_free < 0 or record.throughput < 0:
         raise RecordError(RecordError.MALFORMED, "seq, cache_tokens_free and throughput must be >= 0")
+    if record.total_blocks > MAX_BLOCKS:
+        raise RecordError(RecordError.BAD_SPAN, f"{record.total_blocks} blocks (at most {MAX_BLOCKS})")
     if not (0 <= record.start <= record.end <= record.total_blocks):
         raise RecordError(
             RecordError.BAD_SPAN, f"span [{record.start},{record.end}) outside [0,{record.total_blocks}]"

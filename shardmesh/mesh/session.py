@@ -207,8 +207,13 @@ class RemoteChain:
         token = h.get("token")
         if event.type != RESULT or not isinstance(token, int) or (position is not None and h.get("position") != position):
             raise ChainFailed(self.route[-1].peer, "bad_frame", f"unexpected {event.type} frame instead of a token")
-        top = h.get("top") or []
-        return ChainToken(token, h.get("logprob"), tuple((int(i), float(lp)) for i, lp in top))
+        try:
+            top = tuple((int(i), float(lp)) for i, lp in (h.get("top") or []))
+            logprob = h.get("logprob")
+            logprob = None if logprob is None else float(logprob)
+        except (TypeError, ValueError) as exc:
+            raise ChainFailed(self.route[-1].peer, "bad_frame", f"malformed logprobs in a result: {exc}") from exc
+        return ChainToken(token, logprob, top)
 
     async def close(self) -> None:
         """Tell the chain to end and close our streams; never raises. The hops close

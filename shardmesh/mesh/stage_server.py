@@ -90,6 +90,7 @@ class HopSession:
     attach: FrameStream | None = None
     attached: trio.Event = field(default_factory=trio.Event)
     closing: bool = False  # the upstream ended the session: the next hop's close is expected
+    attach_done: trio.Event = field(default_factory=trio.Event)
 
     @property
     def id(self) -> str:
@@ -142,7 +143,7 @@ class StageServer:
         if peer == self.me:
             assert self._nursery is not None, "StageServer.run is not running"
             mine, theirs = pipe_pair()
-            self._nursery.start_soon(self._handle, theirs, self.me)
+            self._nursery.start_soon(self._handle_guarded, theirs, self.me)
             return mine
         from libp2p.peer.id import ID
 
@@ -153,6 +154,15 @@ class StageServer:
         self.mesh.remember(peer_id, self.addrs_of(peer))
         self.mesh.protect(peer_id)
         return await self.mesh.open_stream(peer_id, PROTOCOL)
+
+    async def _handle_guarded(self, stream, upstream_peer: str) -> None:
+        """The in-process pipe's handler, guarded like every network stream handler
+        (MeshHost.set_handler): nothing it raises may reach the node's nursery."""
+        try:
+            await self._handle(stream, upstream_peer)
+        except Exception as exc:
+            log.warning("a local session failed: %s: %s", type(exc).__name__, exc)
+            await reset_quietly(stream)
 
     async def _handle_remote(self, stream) -> None:
         peer_id = stream.muxed_conn.peer_id
@@ -202,6 +212,8 @@ class StageServer:
         for a, b in zip(route, route[1:]):
             if a["end"] != b["start"]:
                 raise _fail("bad_route", "the route's hops must be contiguous")
+            if a["peer"] == b["peer"]:
+                raise _fail("bad_route", "two hops in a row on one peer (they would be one hop)")
         here = route[0]
         info = self.served.info
         if here["peer"] != self.me:
@@ -220,6 +232,9 @@ class StageServer:
         session = HopSession(sid, upstream_peer, header["gateway"], here["start"], here["end"], is_last=len(route) == 1)
         if session.id in self.sessions:
             raise _fail("bad_input", f"session {sid!r} is already open here")
+        # Reserved now, before any await: opens arriving together must all see it in
+        # the per-peer count.
+        self.sessions[session.id] = session
         return session, route, max_length
 
     def _history(self, frame: Frame) -> tuple[list[int], list[int]]:
@@ -233,17 +248,17 @@ class StageServer:
 
     async def _serve_session(self, fs: FrameStream, frame: Frame, upstream_peer: str) -> None:
         session, route, max_length = self._validated_open(frame.header, upstream_peer)
-        if session.is_last:
-            prompt, generated = self._history(frame)
-            try:
-                session.sampler = self.served.new_sampler(frame.header.get("sampling", {}), prompt, generated)
-            except StageError as exc:
-                raise _fail(exc.code, exc.message) from exc
         try:
+            if session.is_last:
+                prompt, generated = self._history(frame)
+                session.sampler = self.served.new_sampler(frame.header.get("sampling", {}), prompt, generated)
             await self.served.open(session.id, max_length, session.start, session.end)
         except StageError as exc:
+            self.sessions.pop(session.id, None)
             raise _fail(exc.code, exc.message) from exc
-        self.sessions[session.id] = session
+        except BaseException:
+            self.sessions.pop(session.id, None)
+            raise
         downstream: FrameStream | None = None
         try:
             if not session.is_last:
@@ -275,6 +290,9 @@ class StageServer:
                     await close_quietly(downstream.stream)
                 if session.attach is not None:
                     await close_quietly(session.attach.stream)
+                    # The gateway closes its side in turn; one that does not is reset.
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._reap_attach, session)
 
     async def _open_downstream(self, frame: Frame, route: list[dict]) -> FrameStream:
         """Open the rest of the chain; a :class:`WireError` naming the failed peer if not."""
@@ -284,7 +302,11 @@ class StageServer:
         except Exception as exc:
             raise WireError("peer_unreachable", f"cannot reach the next hop: {exc}", nxt) from exc
         downstream = FrameStream(stream, max_payload=self.max_payload)
-        await downstream.write({**frame.header, "route": route[1:]}, frame.payload)
+        try:
+            await downstream.write({**frame.header, "route": route[1:]}, frame.payload)
+        except WireError as exc:
+            await reset_quietly(stream)
+            raise WireError("peer_lost", f"the next hop went away during open: {exc.message}", nxt) from exc
         try:
             reply = await downstream.read_frame(idle_timeout=OPEN_TIMEOUT)
         except (StreamEnded, WireError) as exc:
@@ -354,7 +376,7 @@ class StageServer:
                 {"t": STEP, "session": session.session, "position": position, "want": want, **tensor_fields(out)}, out.data
             )
         elif want:
-            with trio.fail_after(FIRST_FRAME_TIMEOUT):
+            with trio.move_on_after(FIRST_FRAME_TIMEOUT):
                 await session.attached.wait()
             if session.attach is None:
                 raise _fail("gateway_gone", "the gateway's result stream is gone")
@@ -384,6 +406,12 @@ class StageServer:
         if session.attach is not None:
             await session.attach.send_error(code, message, self.me, session.session)
 
+    async def _reap_attach(self, session: HopSession) -> None:
+        with trio.move_on_after(RELAY_GRACE):
+            await session.attach_done.wait()
+        if not session.attach_done.is_set() and session.attach is not None:
+            await reset_quietly(session.attach.stream)
+
     # -- the gateway's result stream ------------------------------------------------
 
     async def _serve_attach(self, fs: FrameStream, frame: Frame, upstream_peer: str) -> None:
@@ -394,8 +422,8 @@ class StageServer:
         if upstream_peer != session.gateway or session.attached.is_set():
             raise _fail("forbidden", "only the session's gateway may attach, once")
         session.attach = fs
+        session.attached.set()  # before the write: a second attach must find it taken
         await fs.write({"t": RESULT, "session": session.session, "ok": True})
-        session.attached.set()
         # The gateway only listens here. It ends the session through the chain (close
         # from upstream, or its first stream ending); here we only notice it leaving.
         try:
@@ -405,4 +433,6 @@ class StageServer:
                     break
         except (StreamEnded, WireError) as exc:
             log.debug("session %s: the gateway's attach stream ended: %r", session.id, exc)
+        finally:
+            session.attach_done.set()
         session.attach = None

@@ -27,7 +27,7 @@ import cbor2
 import trio
 
 from .host import Handler, MeshHost, close_quietly, reset_quietly
-from .records import NodeRecord, RecordError, verify_record
+from .records import MAX_BLOCKS, NodeRecord, RecordError, verify_record
 from .wire import RESULT, FrameStream, StreamEnded, WireError
 
 log = logging.getLogger("shardmesh.mesh.swarm_map")
@@ -94,8 +94,6 @@ async def fetch_swarm_map(mesh: MeshHost, peer_id, timeout: float) -> SwarmMap:
     except Exception as exc:  # HostError, or the peer does not speak the protocol
         raise SwarmMapError(f"{peer_id} does not serve {PROTOCOL}: {exc}") from None
     try:
-        # read_frame keeps its own deadlines (idle, then the rest of the frame), so
-        # nothing cancels it half way through a read.
         frames = FrameStream(stream, max_payload=MAX_MAP_BYTES)
         frame = await frames.read_frame(idle_timeout=max(0.5, deadline - trio.current_time()))
     except StreamEnded:
@@ -120,7 +118,7 @@ def parse_swarm_map(header: dict[str, Any], payload: bytes, *, now: float | None
     model, total = header.get("model"), header.get("total_blocks")
     if not isinstance(model, str) or not model:
         raise SwarmMapError("the map names no model")
-    if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+    if not isinstance(total, int) or isinstance(total, bool) or not 0 <= total <= MAX_BLOCKS:
         raise SwarmMapError(f"bad block count {total!r}")
     try:
         entries = cbor2.loads(payload)

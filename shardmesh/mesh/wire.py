@@ -106,8 +106,9 @@ class FrameStream:
     _buf: bytearray = field(default_factory=bytearray)
     _write_lock: trio.Lock = field(default_factory=trio.Lock)
 
-    async def _fill(self, n: int) -> bool:
-        """Buffer at least ``n`` bytes; False on a clean end of stream before any byte."""
+    async def _fill(self, n: int, frame_start: bool = False) -> bool:
+        """Buffer at least ``n`` bytes. False on a clean end of stream before a frame's
+        first byte (``frame_start``); anywhere else an end of stream is a truncation."""
         start_len = len(self._buf)
         while len(self._buf) < n:
             try:
@@ -117,7 +118,7 @@ class FrameStream:
             except Exception as exc:
                 raise WireError("stream_error", f"stream failed: {type(exc).__name__}: {exc}") from exc
             if not chunk:
-                if len(self._buf) == 0 and start_len == 0:
+                if frame_start and len(self._buf) == 0 and start_len == 0:
                     return False
                 raise WireError("truncated", f"stream ended inside a frame ({len(self._buf)} of {n} bytes)")
             self._buf += chunk
@@ -136,7 +137,7 @@ class FrameStream:
         end between frames, :class:`WireError` on anything malformed. ``check`` sees the
         header before the payload is read, so limits hold before anything is allocated."""
         with trio.move_on_after(idle_timeout if idle_timeout is not None else float("inf")) as idle:
-            began = await self._fill(1)
+            began = await self._fill(1, frame_start=True)
         if idle.cancelled_caught:
             raise WireError("timeout", f"no frame within {idle_timeout:.0f} s")
         if not began:
