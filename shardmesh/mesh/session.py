@@ -59,12 +59,15 @@ class ChainToken:
     top_logprobs: tuple[tuple[int, float], ...]
 
 
-def _failure(frame: Frame, default_peer: str | None) -> Exception:
+def _failure(frame: Frame, default_peer: str | None, route: list[Hop]) -> Exception:
+    """The exception for an error frame. The peer it blames must be on the route: a hop
+    must not be able to make the gateway avoid some unrelated, honest peer."""
     h = frame.header
-    code, message, peer = str(h.get("code", "error")), str(h.get("message", "")), h.get("peer", default_peer)
+    code, message, peer = str(h.get("code", "error")), str(h.get("message", "")), h.get("peer")
     if code == CacheBudgetExceeded.code:
         return CacheBudgetExceeded(message)
-    return ChainFailed(peer if isinstance(peer, str) else default_peer, code, message)
+    on_route = {hop.peer for hop in route}
+    return ChainFailed(peer if peer in on_route else default_peer, code, message)
 
 
 class RemoteChain:
@@ -110,7 +113,7 @@ class RemoteChain:
         except (StreamEnded, WireError) as exc:
             raise ChainFailed(peer, "peer_lost", f"no answer to {what}: {exc}") from exc
         if reply.type == ERROR:
-            raise _failure(reply, peer)
+            raise _failure(reply, peer, self.route)
         if reply.type != RESULT or reply.header.get("ok") is not True:
             raise ChainFailed(peer, "bad_frame", f"{what} answered with {reply.type}")
 
@@ -202,7 +205,7 @@ class RemoteChain:
         if isinstance(event, Exception):
             raise event
         if event.type == ERROR:
-            raise _failure(event, self.route[-1].peer)
+            raise _failure(event, self.route[-1].peer, self.route)
         h = event.header
         token = h.get("token")
         if event.type != RESULT or not isinstance(token, int) or (position is not None and h.get("position") != position):
