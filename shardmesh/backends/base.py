@@ -137,3 +137,25 @@ class Stage(Protocol):
     def close(self, session_id: str) -> None: ...
 
     def expire_idle(self, idle_seconds: float) -> list[str]: ...
+
+
+def check_step(req: StepRequest, *, embeds: bool, hidden_size: int, length: int, max_length: int) -> int:
+    """The checks every backend makes before a step touches a cache; returns the token
+    count. ``embeds``: the session starts at block 0 and so takes token ids."""
+    raw = req.inputs
+    if embeds:
+        if raw.dtype not in ("int64", "int32") or len(raw.shape) != 1:
+            raise BadInput(f"the first stage takes token ids int64 [n], got {raw.dtype} {list(raw.shape)}")
+    else:
+        if len(raw.shape) != 2 or raw.shape[1] != hidden_size:
+            raise BadInput(f"expected hidden states [n, {hidden_size}], got {list(raw.shape)}")
+        if raw.dtype not in ("float32", "float16", "bfloat16"):
+            raise BadInput(f"hidden states must be floating point, got {raw.dtype}")
+    n = raw.shape[0]
+    if n == 0:
+        raise BadInput("a step needs at least one token")
+    if req.position != length:
+        raise BadInput(f"session {req.session_id!r} is at position {length}, step says {req.position}")
+    if length + n > max_length:
+        raise BadInput(f"session {req.session_id!r} would exceed its max_length {max_length}")
+    return n

@@ -34,7 +34,7 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import _get_classes, load_config  # private helper: pin mlx-lm
 
-from .base import BadInput, CacheBudgetExceeded, RawTensor, StageInfo, StepRequest, UnknownSession
+from .base import BadInput, CacheBudgetExceeded, RawTensor, StageInfo, StepRequest, UnknownSession, check_step
 from .torch_stage import DEFAULT_CACHE_BUDGET, GROWTH_STEP, MIN_CACHE_CHUNK
 from .weights import ModelFiles, block_of, ensure_span_files, span_tensor_names
 
@@ -235,21 +235,7 @@ class MlxStage:
         if session is None:
             raise UnknownSession(f"unknown session {req.session_id!r}")
         raw = req.inputs
-        if session.start == 0:
-            if raw.dtype not in ("int64", "int32") or len(raw.shape) != 1:
-                raise BadInput(f"the first stage takes token ids int64 [n], got {raw.dtype} {list(raw.shape)}")
-        else:
-            if len(raw.shape) != 2 or raw.shape[1] != self.hidden_size:
-                raise BadInput(f"expected hidden states [n, {self.hidden_size}], got {list(raw.shape)}")
-            if raw.dtype not in ("float32", "float16", "bfloat16"):
-                raise BadInput(f"hidden states must be floating point, got {raw.dtype}")
-        n = raw.shape[0]
-        if n == 0:
-            raise BadInput("a step needs at least one token")
-        if req.position != session.length:
-            raise BadInput(f"session {req.session_id!r} is at position {session.length}, step says {req.position}")
-        if session.length + n > session.max_length:
-            raise BadInput(f"session {req.session_id!r} would exceed its max_length {session.max_length}")
+        check_step(req, embeds=session.start == 0, hidden_size=self.hidden_size, length=session.length, max_length=session.max_length)
         array = mx_from_raw(raw)
         if session.start == 0:
             ids = np.frombuffer(raw.data, np.dtype(raw.dtype))

@@ -30,6 +30,7 @@ from . import kv_attention
 from .base import (
     BadInput,
     CacheBudgetExceeded,
+    check_step,
     RawTensor,
     StageInfo,
     StepRequest,
@@ -277,21 +278,7 @@ class TorchStage:
         if cache is None:
             raise UnknownSession(f"unknown session {req.session_id!r}")
         raw = req.inputs
-        if cache.start == 0:
-            if raw.dtype not in ("int64", "int32") or len(raw.shape) != 1:
-                raise BadInput(f"the first stage takes token ids int64 [n], got {raw.dtype} {list(raw.shape)}")
-        else:
-            if len(raw.shape) != 2 or raw.shape[1] != self.info.hidden_size:
-                raise BadInput(f"expected hidden states [n, {self.info.hidden_size}], got {list(raw.shape)}")
-            if raw.dtype not in ("float32", "float16", "bfloat16"):
-                raise BadInput(f"hidden states must be floating point, got {raw.dtype}")
-        n = raw.shape[0]
-        if n == 0:
-            raise BadInput("a step needs at least one token")
-        if req.position != cache.length:
-            raise BadInput(f"session {req.session_id!r} is at position {cache.length}, step says {req.position}")
-        if cache.length + n > cache.max_length:
-            raise BadInput(f"session {req.session_id!r} would exceed its max_length {cache.max_length}")
+        n = check_step(req, embeds=cache.start == 0, hidden_size=self.info.hidden_size, length=cache.length, max_length=cache.max_length)
         tensor = tensor_from_raw(raw)
         if cache.start == 0:
             tensor = tensor.to(torch.int64)
