@@ -101,12 +101,18 @@ def _check_addresses(config) -> None:
 
     from .config import UsageError
     from .mesh.discovery import parse_join_address
+    from .mesh.host import port_in_use
 
     for address in config.listen:
         try:
             Multiaddr(address)
         except Exception as exc:
             raise UsageError(f"--listen {address}: not a multiaddr ({exc})") from exc
+        if port_in_use(address):
+            raise UsageError(
+                f"--listen {address}: that port is in use (another node on this machine?); "
+                "pick another port, or tcp/0 for a free one"
+            )
     for address in config.join:
         try:
             parse_join_address(address)

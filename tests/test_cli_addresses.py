@@ -23,3 +23,19 @@ def test_bad_addresses_are_one_line_errors(flags: list[str], expected: str, tmp_
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+def test_a_port_in_use_is_refused(tmp_path) -> None:
+    """py-libp2p listens with SO_REUSEPORT, so without this check a second node on the
+    same port would start and the kernel would split connections between the two."""
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        cmd = [sys.executable, "-m", "shardmesh", "run", "--model", str(tmp_path), "--no-mdns",
+               "--listen", f"/ip4/127.0.0.1/tcp/{port}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert "port is in use" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

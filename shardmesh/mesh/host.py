@@ -78,6 +78,30 @@ def load_or_create_identity(path: Path):
     return key_pair
 
 
+def port_in_use(address: str) -> bool:
+    """True if another process listens on ``address``'s TCP port (``/ip4|ip6/HOST/tcp/PORT``).
+
+    py-libp2p listens with SO_REUSEPORT (for hole punching), so a second node started on
+    the same port binds without error and the kernel then splits incoming connections
+    between the two nodes. A plain bind, without that option, tells us first.
+    """
+    import socket
+
+    parts = address.split("/")
+    if len(parts) < 5 or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp" or not parts[4].isdigit():
+        return False
+    port = int(parts[4])
+    if port == 0:
+        return False
+    family = socket.AF_INET6 if parts[1] == "ip6" else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((parts[2], port))
+        except OSError:
+            return True
+    return False
+
+
 def peer_id_of(key_pair):
     from libp2p.peer.id import ID
 
