@@ -22,7 +22,6 @@ How it works:
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -34,8 +33,8 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import _get_classes, load_config  # private helper: pin mlx-lm
 
-from .base import BadInput, CacheBudgetExceeded, RawTensor, StageInfo, StepRequest, UnknownSession, check_step
-from .torch_stage import DEFAULT_CACHE_BUDGET, GROWTH_STEP, MIN_CACHE_CHUNK
+from .base import BadInput, RawTensor, StageInfo, StepRequest, UnknownSession, check_step
+from .kv_sessions import DEFAULT_CACHE_BUDGET, KVSessions
 from .weights import ModelFiles, block_of, ensure_span_files, span_tensor_names
 
 _MX = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "int64": mx.int64, "int32": mx.int32}
@@ -62,7 +61,7 @@ def raw_from_mx(array: mx.array) -> RawTensor:
 @dataclass
 class MlxSession:
     """One session's caches (one ``KVCache`` per layer of its sub-range) and bookkeeping.
-    Capacity, not length, is what counts against the budget (see torch_stage)."""
+    Capacity, not length, is what counts against the budget (see :mod:`.kv_sessions`)."""
 
     caches: list[KVCache]
     max_length: int
@@ -73,14 +72,8 @@ class MlxSession:
     length: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
-    def growth_options(self, needed: int) -> list[int]:
-        """Capacities that would hold ``needed`` tokens, most generous first."""
-        doubled = min(self.max_length, max(needed, 2 * self.capacity, MIN_CACHE_CHUNK))
-        snug = min(self.max_length, -(-needed // GROWTH_STEP) * GROWTH_STEP)
-        return [doubled, snug] if snug < doubled else [doubled]
 
-
-class MlxStage:
+class MlxStage(KVSessions):
     """Blocks ``[start, end)`` of a Hugging Face-layout model, run by mlx-lm."""
 
     backend = "mlx"
@@ -153,79 +146,41 @@ class MlxStage:
         self.hidden_size = config["hidden_size"]
         self.num_kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
         self.head_dim = config.get("head_dim") or self.hidden_size // config["num_attention_heads"]
-        self.bytes_per_token_per_layer = 2 * self.num_kv_heads * self.head_dim * self.dtype.size
-        self.bytes_per_token = (end - start) * self.bytes_per_token_per_layer
         self.windows = _layer_windows(config)
         self.info = StageInfo(
             model=model_name, start=start, end=end, total_blocks=total, hidden_size=self.hidden_size,
             vocab_size=config["vocab_size"], dtype=_NAMES[self.dtype],
             device="gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu", backend=self.backend,
         )
-        self.cache_budget_bytes = cache_budget_bytes
-        self.sessions: dict[str, MlxSession] = {}
-        self._lock = threading.Lock()
+        self._init_sessions(
+            cache_budget_bytes,
+            bytes_per_token_per_layer=2 * self.num_kv_heads * self.head_dim * self.dtype.size,
+            context_limit=config.get("max_position_embeddings"),
+        )
 
     # -- sessions -------------------------------------------------------------------
 
-    @property
-    def cache_bytes_used(self) -> int:
-        return sum(s.capacity * s.bytes_per_token for s in self.sessions.values())
-
-    @property
-    def cache_tokens_free(self) -> int:
-        return max(0, self.cache_budget_bytes - self.cache_bytes_used) // max(1, self.bytes_per_token)
-
     def open(self, session_id: str, max_length: int, start: int | None = None, end: int | None = None) -> None:
-        """Admit a session over blocks ``[start, end)`` if its first chunk of cache fits
-        the budget now; later growth is checked (and may be refused) step by step."""
-        start = self.start if start is None else start
-        end = self.end if end is None else end
-        if not self.start <= start < end <= self.end:
-            raise BadInput(f"blocks [{start}, {end}) are not inside this stage's [{self.start}, {self.end})")
-        if max_length <= 0:
-            raise BadInput("max_length must be positive")
-        limit = self.config.get("max_position_embeddings")
-        if limit and max_length > limit:
-            raise BadInput(f"max_length {max_length} exceeds the model's context of {limit} tokens")
+        """Start a session over blocks ``[start, end)`` (default: the whole span), if
+        its first chunk of cache fits the budget (see :meth:`KVSessions._admit`)."""
         with self._lock:
-            if session_id in self.sessions:
-                raise BadInput(f"session {session_id!r} is already open")
-            first_chunk = min(max_length, MIN_CACHE_CHUNK)
-            bytes_per_token = (end - start) * self.bytes_per_token_per_layer
-            free = max(0, self.cache_budget_bytes - self.cache_bytes_used) // bytes_per_token
-            if first_chunk > free:
-                raise CacheBudgetExceeded(f"the KV cache is full: {free} tokens free, a new session needs {first_chunk}")
+            start, end, bytes_per_token = self._admit(session_id, max_length, start, end)
             self.sessions[session_id] = MlxSession([KVCache() for _ in range(end - start)], max_length, start, end, bytes_per_token)
-
-    def close(self, session_id: str) -> None:
-        with self._lock:
-            self.sessions.pop(session_id, None)
-
-    def expire_idle(self, idle_seconds: float) -> list[str]:
-        cutoff = time.monotonic() - idle_seconds
-        with self._lock:
-            stale = [sid for sid, s in self.sessions.items() if s.last_used < cutoff]
-            for sid in stale:
-                del self.sessions[sid]
-        return stale
 
     def _make_room(self, session: MlxSession, needed: int) -> None:
         """Grow the session's caches to hold ``needed`` tokens, or refuse and change nothing.
         We grow the KVCache arrays ourselves so mlx-lm never reallocates behind our back."""
-        if needed <= session.capacity:
+        capacity = self._capacity_for(session, needed)
+        if capacity is None:
             return
-        free = (max(0, self.cache_budget_bytes - self.cache_bytes_used) // session.bytes_per_token) + session.capacity
-        fitting = [c for c in session.growth_options(needed) if c <= free]
-        if not fitting:
-            raise CacheBudgetExceeded(f"the KV cache is full: a session at {session.length} tokens cannot grow to {needed}")
-        shape = (1, self.num_kv_heads, fitting[0], self.head_dim)
+        shape = (1, self.num_kv_heads, capacity, self.head_dim)
         for cache in session.caches:
             keys, values = mx.zeros(shape, self.dtype), mx.zeros(shape, self.dtype)
             if cache.keys is not None and session.length:
                 keys[..., : session.length, :] = cache.keys[..., : session.length, :]
                 values[..., : session.length, :] = cache.values[..., : session.length, :]
             cache.keys, cache.values = keys, values
-        session.capacity = fitting[0]
+        session.capacity = capacity
 
     # -- compute --------------------------------------------------------------------
 

@@ -18,7 +18,6 @@ How it works:
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -29,18 +28,17 @@ from torch import nn
 from . import kv_attention
 from .base import (
     BadInput,
-    CacheBudgetExceeded,
     check_step,
     RawTensor,
     StageInfo,
     StepRequest,
     UnknownSession,
 )
+from .kv_sessions import DEFAULT_CACHE_BUDGET, KVSessions
 from .weights import ModelFiles, ensure_span_files, span_tensor_names
 from .torch_tensors import raw_from_tensor, tensor_from_raw, torch_dtype
 from .torch_weights import load_span_state
 
-DEFAULT_CACHE_BUDGET = 2 << 30  # bytes of KV cache per stage unless told otherwise
 
 
 def pick_device(device: str) -> torch.device:
@@ -65,18 +63,10 @@ def pick_dtype(dtype: str, config, device: torch.device) -> torch.dtype:
     return stored
 
 
-MIN_CACHE_CHUNK = 256  # tokens a session's cache starts with (or its max_length if smaller)
-GROWTH_STEP = 64  # when doubling does not fit the budget, grow to a multiple of this
-
-
 @dataclass
 class SessionCache:
-    """Keys and values of one session, one pair per local layer, grown on demand.
-
-    Memory, and what counts against the stage's budget, is the allocated capacity:
-    a request that allows 4k tokens but stops after 50 costs 256 tokens. Capacity
-    doubles as the session grows, or grows just enough when doubling does not fit.
-    """
+    """Keys and values of one session, one pair per local layer, grown on demand
+    (how much, and what counts against the budget: :mod:`.kv_sessions`)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -90,12 +80,6 @@ class SessionCache:
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[2] if self.keys else 0
-
-    def growth_options(self, needed: int) -> list[int]:
-        """Capacities that would hold ``needed`` tokens, most generous first."""
-        doubled = min(self.max_length, max(needed, 2 * self.capacity, MIN_CACHE_CHUNK))
-        snug = min(self.max_length, -(-needed // GROWTH_STEP) * GROWTH_STEP)
-        return [doubled, snug] if snug < doubled else [doubled]
 
     def grow(self, capacity: int) -> None:
         self.keys = [_grown(t, capacity, self.length) for t in self.keys]
@@ -122,7 +106,7 @@ class StageModule(nn.Module):
         self.rotary_emb = base.rotary_emb
 
 
-class TorchStage:
+class TorchStage(KVSessions):
     """Blocks ``[start, end)`` of a Hugging Face causal LM on one device."""
 
     backend = "torch"
@@ -177,9 +161,6 @@ class TorchStage:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.num_kv_heads = text.num_key_value_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        # Keys and values of one layer, one token.
-        self.bytes_per_token_per_layer = 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
-        self.bytes_per_token = (end - start) * self.bytes_per_token_per_layer  # whole span
         self.info = StageInfo(
             model=model_name,
             start=start,
@@ -191,9 +172,11 @@ class TorchStage:
             device=str(self.device),
             backend=self.backend,
         )
-        self.cache_budget_bytes = cache_budget_bytes
-        self.sessions: dict[str, SessionCache] = {}
-        self._lock = threading.Lock()
+        self._init_sessions(
+            cache_budget_bytes,
+            bytes_per_token_per_layer=2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize,
+            context_limit=getattr(config, "max_position_embeddings", None),
+        )
 
     # -- loading helpers ------------------------------------------------------------
 
@@ -204,39 +187,11 @@ class TorchStage:
 
     # -- sessions -------------------------------------------------------------------
 
-    @property
-    def cache_bytes_used(self) -> int:
-        return sum(s.capacity * s.bytes_per_token for s in self.sessions.values())
-
-    @property
-    def cache_tokens_free(self) -> int:
-        return max(0, self.cache_budget_bytes - self.cache_bytes_used) // max(1, self.bytes_per_token)
-
     def open(self, session_id: str, max_length: int, start: int | None = None, end: int | None = None) -> None:
-        """Admit a session over blocks ``[start, end)`` (default: the whole span) if its
-        first chunk of cache fits the budget now.
-
-        Nothing is reserved beyond that: if the budget runs out later, the step that
-        needs more room raises :class:`CacheBudgetExceeded` and changes nothing, and
-        the caller decides (end the answer, or continue it on another chain).
-        """
-        start = self.start if start is None else start
-        end = self.end if end is None else end
-        if not self.start <= start < end <= self.end:
-            raise BadInput(f"blocks [{start}, {end}) are not inside this stage's [{self.start}, {self.end})")
-        if max_length <= 0:
-            raise BadInput("max_length must be positive")
-        limit = getattr(self.config, "max_position_embeddings", None)
-        if limit and max_length > limit:
-            raise BadInput(f"max_length {max_length} exceeds the model's context of {limit} tokens")
+        """Start a session over blocks ``[start, end)`` (default: the whole span), if
+        its first chunk of cache fits the budget (see :meth:`KVSessions._admit`)."""
         with self._lock:
-            if session_id in self.sessions:
-                raise BadInput(f"session {session_id!r} is already open")
-            first_chunk = min(max_length, MIN_CACHE_CHUNK)
-            bytes_per_token = (end - start) * self.bytes_per_token_per_layer
-            free = max(0, self.cache_budget_bytes - self.cache_bytes_used) // bytes_per_token
-            if first_chunk > free:
-                raise CacheBudgetExceeded(f"the KV cache is full: {free} tokens free, a new session needs {first_chunk}")
+            start, end, bytes_per_token = self._admit(session_id, max_length, start, end)
             empty = torch.zeros((1, self.num_kv_heads, 0, self.head_dim), dtype=self.dtype, device=self.device)
             self.sessions[session_id] = SessionCache(
                 keys=[empty] * (end - start),
@@ -247,29 +202,6 @@ class TorchStage:
                 bytes_per_token=bytes_per_token,
                 last_used=time.monotonic(),
             )
-
-    def _make_room(self, cache: SessionCache, needed: int) -> None:
-        if needed <= cache.capacity:
-            return
-        # This session's own memory is reusable.
-        free = (max(0, self.cache_budget_bytes - self.cache_bytes_used) // cache.bytes_per_token) + cache.capacity
-        for capacity in cache.growth_options(needed):
-            if capacity <= free:
-                cache.grow(capacity)
-                return
-        raise CacheBudgetExceeded(f"the KV cache is full: a session at {cache.length} tokens cannot grow to {needed}")
-
-    def close(self, session_id: str) -> None:
-        with self._lock:
-            self.sessions.pop(session_id, None)
-
-    def expire_idle(self, idle_seconds: float) -> list[str]:
-        cutoff = time.monotonic() - idle_seconds
-        with self._lock:
-            stale = [sid for sid, s in self.sessions.items() if s.last_used < cutoff]
-            for sid in stale:
-                del self.sessions[sid]
-        return stale
 
     # -- compute --------------------------------------------------------------------
 
@@ -284,7 +216,8 @@ class TorchStage:
             tensor = tensor.to(torch.int64)
             if int(tensor.min()) < 0 or int(tensor.max()) >= self.info.vocab_size:
                 raise BadInput(f"token ids must lie in [0, {self.info.vocab_size})")
-        self._make_room(cache, cache.length + n)
+        if (capacity := self._capacity_for(cache, cache.length + n)) is not None:
+            cache.grow(capacity)
         return cache, tensor
 
     def step(self, batch: Sequence[StepRequest]) -> list[RawTensor]:
