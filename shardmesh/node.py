@@ -34,14 +34,13 @@ from .backends.weights import ModelFiles, identity_bytes, resolve
 from .config import NodeConfig
 from .mesh.discovery import Discovery
 from .mesh.host import MeshHost, default_key_file, load_or_create_identity, running_host
-from .mesh.records import NodeRecord, model_identity
+from .mesh.records import NodeRecord, model_identity, server_view
 from .mesh.registry import Registry
 from .mesh.rtt import publish_rtts
 from .mesh.session import MeshChains
 from .mesh.stage_server import Limits, StageServer
 from .mesh.swarm_map import PROTOCOL as SWARM_MAP_PROTOCOL, swarm_map_handler
 from .placement.routing import FailureBackoff, Hop, find_route
-from .placement.spans import ServerView
 
 log = logging.getLogger("shardmesh.node")
 
@@ -170,19 +169,7 @@ async def publish_free_cache(registry: Registry, stage: Stage, every: float = 2.
 
 def route_finder(registry: Registry, backoff: FailureBackoff, me: str, total_blocks: int):
     def find(tokens_needed: int) -> list[Hop] | None:
-        servers = [
-            ServerView(
-                peer=r.peer,
-                start=r.start,
-                end=r.end,
-                throughput=r.throughput,
-                state=r.state,
-                cache_tokens_free=r.cache_tokens_free,
-                rtt_ms=dict(r.rtt),
-            )
-            for r in registry.records()
-            if r.end > r.start
-        ]
+        servers = [server_view(r) for r in registry.records() if r.serves_blocks]
         return find_route(servers, total_blocks, origin=me, exclude=backoff.excluded(time.monotonic()), tokens_needed=tokens_needed)
 
     return find

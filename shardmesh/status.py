@@ -31,9 +31,9 @@ import trio
 
 from .mesh.discovery import parse_join_address
 from .mesh.host import DIAL_TIMEOUT, HostError, running_host
-from .mesh.records import NodeRecord, record_json
+from .mesh.records import NodeRecord, record_json, server_view
 from .mesh.swarm_map import SwarmMap, SwarmMapError, fetch_swarm_map
-from .placement.spans import ServerView, bottleneck, coverage, gaps, is_complete
+from .placement.spans import bottleneck, coverage, gaps, is_complete
 
 DEFAULT_TIMEOUT = 15.0  # seconds for the whole probe: dial, ask, read
 PROBE_LISTEN = "/ip4/127.0.0.1/tcp/0"  # a host must listen somewhere; nobody needs to reach it
@@ -110,12 +110,7 @@ def summarize(swarm: SwarmMap, via: str, now: float | None = None) -> dict[str, 
     """The map as plain data: what ``--json`` prints and what the table is drawn from."""
     now = time.time() if now is None else now
     records = sorted(swarm.records, key=_order)
-    views = [
-        ServerView(peer=r.peer, start=r.start, end=r.end, throughput=r.throughput, state=r.state,
-                   cache_tokens_free=r.cache_tokens_free)
-        for r in records
-        if r.serves_blocks
-    ]
+    views = [server_view(r) for r in records if r.serves_blocks]
     total = swarm.total_blocks
     return {
         "model": swarm.model,

@@ -42,6 +42,8 @@ from typing import Any, Mapping
 
 import cbor2
 
+from ..placement.spans import ServerView
+
 RECORD_TTL = 30.0  # seconds a published record stays valid; refreshed well before
 MAX_RECORD_LIFETIME = 600.0  # a record may not claim to live longer than this
 MAX_BLOCKS = 10_000  # far beyond any model; bounds what a reader allocates per block
@@ -124,6 +126,19 @@ def expires_at(ttl: float = RECORD_TTL, now: float | None = None) -> float:
 def record_ttl(record: NodeRecord, now: float | None = None) -> float:
     """Seconds left before ``record`` expires (negative once it has)."""
     return record.expires - (time.time() if now is None else now)
+
+
+def server_view(record: NodeRecord) -> ServerView:
+    """What placement needs of a record (placement stays free of records and I/O)."""
+    return ServerView(
+        peer=record.peer,
+        start=record.start,
+        end=record.end,
+        throughput=record.throughput,
+        state=record.state,
+        cache_tokens_free=record.cache_tokens_free,
+        rtt_ms=dict(record.rtt),
+    )
 
 
 def record_json(record: NodeRecord, now: float | None = None) -> dict:

@@ -50,6 +50,7 @@ import trio
 from libp2p.abc import INotifee
 from libp2p.records.validator import Validator
 
+from ..placement.spans import coverage
 from .host import reset_quietly
 from .records import (
     RECORD_NAMESPACE,
@@ -62,6 +63,7 @@ from .records import (
     content_of,
     expires_at,
     record_json,
+    server_view,
     record_key,
     sign_record,
     verify_record,
@@ -347,17 +349,12 @@ class Registry:
         now = time.time()
         records = self.records()
         total = self.total_blocks()
-        coverage = [0] * total
-        for r in records:
-            if r.state == "online":
-                for b in range(max(0, r.start), min(total, r.end)):
-                    coverage[b] += 1
         return {
             "model": self.model_id,
             "total_blocks": total,
             "local_peer": self._me,
             "peers": [record_json(r, now) for r in records],
-            "coverage": coverage,
+            "coverage": coverage([server_view(r) for r in records], total),
         }
 
     # --- changing our record -----------------------------------------------------------
