@@ -28,21 +28,31 @@ run: $(STAMP)
 	$(BIN)/shardmesh run --model $(MODEL) $(ARGS)
 
 # The web UI tests drive a real Chromium, the mDNS test runs inside a network namespace
-# (`ip netns`); as root on Debian/Ubuntu both are installed here, elsewhere those tests
-# skip and say why.
+# (`ip netns`), the interop tests run a js-libp2p peer on Node.js (18.18 or later; Debian
+# 12's apt package is 18.20); as root on Debian/Ubuntu all three are installed here,
+# elsewhere those tests skip and say why.
 testdeps:
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		pkgs=""; \
 		command -v chromedriver >/dev/null || pkgs="$$pkgs chromium chromium-driver"; \
 		command -v ip >/dev/null || pkgs="$$pkgs iproute2"; \
-		if [ -n "$$pkgs" ]; then echo "installing$$pkgs (web UI and mDNS tests)"; \
+		{ command -v node && command -v npm; } >/dev/null || pkgs="$$pkgs nodejs npm"; \
+		if [ -n "$$pkgs" ]; then echo "installing$$pkgs (web UI, mDNS and interop tests)"; \
 			apt-get update -qq && apt-get install -y -qq $$pkgs >/dev/null; fi; fi
 
-test: $(STAMP) testdeps
+# The interop peer's npm packages, exactly as interop/package-lock.json locks them.
+# After testdeps (which may install npm), but testdeps alone does not make them stale.
+interop/node_modules: interop/package.json interop/package-lock.json | testdeps
+	@if command -v npm >/dev/null; then \
+		echo "installing the interop peer's npm packages (npm ci)"; \
+		cd interop && npm ci --no-audit --no-fund --loglevel=error && touch node_modules; \
+	else echo "npm not found: the js-libp2p interop tests will skip"; fi
+
+test: $(STAMP) testdeps interop/node_modules
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile -q $(ARGS)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/shardmesh bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache interop/node_modules
