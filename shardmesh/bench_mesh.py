@@ -100,7 +100,7 @@ async def _prefill_seconds(chains: FixedRoute, prompt: list[int]) -> float:
     """One step of the whole prompt through the chain, first token back."""
     from .backends.sampling import SamplingParams
 
-    chain = chains.chain(f"prefill-{time.monotonic_ns()}", SamplingParams(temperature=0.0), prompt)
+    chain = chains.chain(f"prefill-{time.monotonic_ns()}", SamplingParams(temperature=0.0), prompt, [])
     try:
         await chain.open(len(prompt) + 1)
         t0 = time.perf_counter()

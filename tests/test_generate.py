@@ -189,3 +189,20 @@ def test_cancelled_request_frees_its_session(model_path):
 
     run_with(runners, abandon)
     assert all(r.stage.sessions == {} for r in runners)
+
+
+def test_closing_the_stream_early_closes_the_chain_at_once(model_path):
+    """The HTTP layer stops reading at Finished (or when a client leaves) and closes the
+    stream: the chain must be closed then, not when the garbage collector gets to it."""
+    generator, runners = make_generator(model_path)
+
+    async def stop_early():
+        for stop_after in (1, 4):
+            stream = generator.stream(GenerationRequest([5, 6, 7], 3, GREEDY))
+            events = [await anext(stream) for _ in range(stop_after)]
+            assert runners[0].stage.sessions, "the chain is open while the answer runs"
+            await stream.aclose()
+            assert all(r.stage.sessions == {} for r in runners), f"after {events[-1]}"
+            assert generator.active == 0
+
+    run_with(runners, stop_early)

@@ -1,33 +1,28 @@
 """One generation: prompt ids in, a stream of tokens with their text out.
 
 The loop is the same whoever holds the blocks: it asks a *chain opener* for a session
-over the whole model (local stages today, a chain of peers over the mesh), sends the
-prompt in chunks, then feeds each sampled token back until a stop condition. It holds
-only the tokenizer, never weights.
+over the whole model (local stages, or a chain of peers over the mesh), sends the
+prompt in chunks, then feeds each sampled token back until a stop condition. A chain
+that breaks mid-answer is replaced and replayed by :mod:`.resumable`, out of sight of
+this loop. It holds only the tokenizer, never weights.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-import uuid
+from contextlib import aclosing
 from dataclasses import dataclass, replace
-from typing import AsyncIterator, Protocol
-
-import trio
+from typing import AsyncIterator
 
 from ..backends.base import CacheBudgetExceeded
 from ..backends.sampling import SampledToken, SamplingParams
-from ..mesh.session import ChainFailed, NoRoute
+from .resumable import ChainOpener, ModelUnavailable, ResumableChain  # ModelUnavailable: raised through here
 from .text import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 512  # tokens per prefill step: long prompts pipeline through the stages
-
-
-class ModelUnavailable(Exception):
-    """No complete chain can serve the model right now (HTTP 503)."""
+DEFAULT_ROUTE_WAIT = 30.0  # seconds a request waits for a working chain before a 503
 
 
 class PromptTooLong(Exception):
@@ -71,22 +66,6 @@ class Finished:
     completion_tokens: int
 
 
-class Chain(Protocol):
-    """One session over blocks ``[0, L)``: opened, stepped, always closed."""
-
-    async def open(self, max_length: int) -> None: ...
-
-    async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None: ...
-
-    async def close(self) -> None: ...
-
-
-class ChainOpener(Protocol):
-    def available(self) -> bool: ...
-
-    def chain(self, session_id: str, sampling: SamplingParams, prompt_ids: list[int]) -> Chain: ...
-
-
 def eos_token_ids(tokenizer, generation_config=None) -> frozenset[int]:
     ids: set[int] = set()
     for source in (generation_config, tokenizer):
@@ -99,14 +78,30 @@ def eos_token_ids(tokenizer, generation_config=None) -> frozenset[int]:
 
 
 class Generator:
-    """Turns :class:`GenerationRequest` into a stream of events for the HTTP layer."""
+    """Turns :class:`GenerationRequest` into a stream of events for the HTTP layer.
 
-    def __init__(self, model_name: str, tokenizer, context_length: int, chains: ChainOpener, eos_ids: frozenset[int]):
+    ``route_wait`` is how long a request waits for a working chain, at the start or
+    after a chain broke mid-answer, before it fails with :class:`ModelUnavailable`.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        tokenizer,
+        context_length: int,
+        chains: ChainOpener,
+        eos_ids: frozenset[int],
+        *,
+        route_wait: float = DEFAULT_ROUTE_WAIT,
+    ):
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.chains = chains
         self.eos_ids = eos_ids
+        self.route_wait = route_wait
+        self.accepting = True  # False while the node drains: new requests get a 503
+        self.active = 0  # generations running now (a draining node waits for them)
 
     def ready(self) -> bool:
         return self.chains.available()
@@ -119,6 +114,19 @@ class Generator:
         return TokenEvent(token.token_id, text, token.logprob, top)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | Finished]:
+        if not self.accepting:
+            raise ModelUnavailable("this node is shutting down; send the request to another gateway")
+        self.active += 1
+        try:
+            # aclosing: when our caller stops early (a client gone, or after Finished),
+            # the inner generator's chain is closed now, not whenever it is collected.
+            async with aclosing(self._stream(req)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self.active -= 1
+
+    async def _stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | Finished]:
         prompt = list(req.prompt_ids)
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -126,26 +134,15 @@ class Generator:
             raise PromptTooLong(
                 f"the prompt has {len(prompt)} tokens; this model's context is {self.context_length} tokens"
             )
-        if not self.ready():
-            raise ModelUnavailable(f"no complete chain of peers serves {self.model_name} right now")
         max_tokens = min(req.max_tokens, self.context_length - len(prompt))
         sampling = req.sampling
         if sampling.seed is None:
             # Fix a seed per request: a replay after failover then draws the same tokens.
             sampling = replace(sampling, seed=secrets.randbits(63))
 
-        chain = self.chains.chain(uuid.uuid4().hex, sampling, prompt)
+        chain = ResumableChain(self.chains, sampling, prompt, len(prompt) + max_tokens, wait=self.route_wait)
         try:
-            try:
-                await chain.open(len(prompt) + max_tokens)
-                token = await self._prefill(chain, prompt)
-            except CacheBudgetExceeded as exc:
-                raise ModelUnavailable(f"busy: {exc}; retry later") from exc
-            except NoRoute as exc:
-                raise ModelUnavailable(str(exc)) from exc
-            except ChainFailed as exc:
-                raise ModelUnavailable(f"could not open a chain of peers: {exc}") from exc
-            position = len(prompt)
+            token = await chain.start()
             detok = IncrementalDetokenizer(self.tokenizer)
             stops = StopMatcher(req.stop)
             for produced in range(1, max_tokens + 1):
@@ -160,25 +157,13 @@ class Generator:
                 if produced == max_tokens:
                     break
                 try:
-                    token = await chain.step([token.token_id], position, True)
+                    token = await chain.next(token.token_id)
                 except CacheBudgetExceeded:
                     # Out of KV memory mid-answer: end it as if the context were full.
                     log.warning("KV cache full: ending a completion after %d tokens", produced)
                     max_tokens = produced
                     break
-                position += 1
             tail, hit = stops.feed(detok.flush())
             yield Finished("stop" if hit else "length", tail + ("" if hit else stops.flush()), len(prompt), max_tokens)
         finally:
-            with trio.CancelScope(shield=True):
-                await chain.close()
-
-    async def _prefill(self, chain: Chain, prompt: list[int]) -> SampledToken:
-        """The prompt in chunks, so that one step's work and activations stay bounded.
-        (Overlapping chunks across hops is for the mesh's push chain.)"""
-        token = None
-        for start in range(0, len(prompt), PREFILL_CHUNK):
-            chunk = prompt[start : start + PREFILL_CHUNK]
-            token = await chain.step(chunk, start, start + len(chunk) == len(prompt))
-        assert token is not None
-        return token
+            await chain.close()

@@ -17,12 +17,12 @@ from .torch_tensors import tensor_from_raw
 class LocalChain:
     """One session through local runners that together cover ``[0, total_blocks)``."""
 
-    def __init__(self, runners: list[StageRunner], session_id: str, sampling: SamplingParams, prompt_ids: list[int]):
+    def __init__(self, runners: list[StageRunner], session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]):
         self.runners = runners
         self.session_id = session_id
         self.sampling = sampling
         self.prompt_ids = list(prompt_ids)
-        self.generated: list[int] = []
+        self.generated = list(generated)  # drawn before this chain (a replay): the sampler counts them
 
     async def open(self, max_length: int) -> None:
         for runner in self.runners:
@@ -59,5 +59,5 @@ class LocalChains:
     def available(self) -> bool:
         return bool(self.runners)
 
-    def chain(self, session_id: str, sampling: SamplingParams, prompt_ids: list[int]) -> LocalChain:
-        return LocalChain(self.runners, session_id, sampling, prompt_ids)
+    def chain(self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]) -> LocalChain:
+        return LocalChain(self.runners, session_id, sampling, prompt_ids, generated)

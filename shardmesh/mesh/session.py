@@ -32,7 +32,6 @@ log = logging.getLogger("shardmesh.mesh.session")
 
 OPEN_TIMEOUT = 90.0  # the whole chain opens hop by hop within this
 STEP_TIMEOUT = 120.0  # one step's token (a long prefill on a slow CPU) arrives within this
-OPEN_ATTEMPTS = 3  # routes tried before a request gives up opening
 READER_GRACE = 10.0  # seconds the hops get to close their sides after a close
 
 
@@ -268,38 +267,37 @@ class MeshChains:
     def available(self) -> bool:
         return self.find_route(0) is not None
 
-    def chain(self, session_id: str, sampling, prompt_ids: list[int]) -> "RoutedChain":
-        return RoutedChain(self, session_id, sampling.to_dict(), prompt_ids)
+    def chain(self, session_id: str, sampling, prompt_ids: list[int], generated: list[int]) -> "RoutedChain":
+        return RoutedChain(self, session_id, sampling.to_dict(), prompt_ids, generated)
 
 
 class RoutedChain:
     """Picks its route when opened (the swarm may have changed since the request came)."""
 
-    def __init__(self, chains: MeshChains, session_id: str, sampling: dict[str, Any], prompt_ids: list[int]) -> None:
+    def __init__(self, chains: MeshChains, session_id: str, sampling: dict[str, Any], prompt_ids: list[int], generated: list[int]) -> None:
         self.chains = chains
         self.session_id = session_id
         self.sampling = sampling
         self.prompt_ids = prompt_ids
+        self.generated = generated  # already drawn (a replay after failover)
         self.inner: RemoteChain | None = None
 
     async def open(self, max_length: int) -> None:
-        """Open over the best route; a peer that fails to open is avoided and the next
-        best route tried, a few times."""
-        for attempt in range(OPEN_ATTEMPTS):
-            route = self.chains.find_route(max_length)
-            if route is None:
-                raise NoRoute(f"no complete chain of online peers serves {self.chains.model_id}")
-            try:
-                await self._open_route(route, max_length)
-                self.chains.on_success(route)
-                return
-            except ChainFailed as exc:
-                log.info("opening a chain failed (%s); routing around %s", exc, exc.peer)
-                await self.close()
-                self.inner = None
-                if exc.peer is None or attempt == OPEN_ATTEMPTS - 1:
-                    raise
+        """Open over the best route. A peer that fails is reported (routing avoids it
+        for a while) and the failure raised: the caller decides whether to try again."""
+        route = self.chains.find_route(max_length)
+        if route is None:
+            raise NoRoute(f"no complete chain of online peers serves {self.chains.model_id}")
+        try:
+            await self._open_route(route, max_length)
+        except ChainFailed as exc:
+            log.info("opening a chain failed (%s); routing around %s", exc, exc.peer)
+            await self.close()
+            self.inner = None
+            if exc.peer is not None:
                 self.chains.on_failure(exc.peer)
+            raise
+        self.chains.on_success(route)
 
     async def _open_route(self, route: list[Hop], max_length: int) -> None:
         self.inner = RemoteChain(
@@ -311,6 +309,7 @@ class RoutedChain:
             gateway=self.chains.gateway,
             sampling=self.sampling,
             prompt_ids=self.prompt_ids,
+            generated=self.generated,
         )
         log.debug("session %s via %s", self.session_id, " -> ".join(f"{h.peer[-6:]}[{h.start},{h.end})" for h in route))
         await self.inner.open(max_length)

@@ -1,0 +1,150 @@
+"""A generation's chain that outlives the peers it runs on.
+
+A chain of peers can break at any step: a node crashes, a connection resets, a hop
+answers with an error or not at all. ARCHITECTURE.md's answer is replay: the gateway
+routes again (the chain opener already avoids the peer that failed) and sends the whole
+history, the prompt plus every token generated so far, through the new chain as one
+prefill. The last hop draws token number ``k`` from ``(seed, k)`` and that history, so
+the new chain continues with exactly the token the old one would have produced, and
+the API client sees a pause instead of an error.
+
+:class:`ResumableChain` is that loop, kept apart from text and stop handling so that
+it can be read (and tested) on its own: :meth:`start` gives the first token,
+:meth:`next` feeds one token back and gives the one after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Protocol
+
+import trio
+
+from ..backends.base import CacheBudgetExceeded
+from ..backends.sampling import SampledToken, SamplingParams
+from ..mesh.session import ChainFailed, NoRoute
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 512  # tokens per prefill step: long prompts pipeline through the stages
+RETRY_PAUSE = 0.5  # seconds between attempts while no working chain exists
+QUICK_RETRIES = 2  # a chain that failed on a named peer is first retried at once (routing avoids it)
+
+
+class ModelUnavailable(Exception):
+    """No complete chain can serve the model right now (HTTP 503)."""
+
+
+class Chain(Protocol):
+    """One session over blocks ``[0, L)``: opened, stepped, always closed."""
+
+    async def open(self, max_length: int) -> None: ...
+
+    async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None: ...
+
+    async def close(self) -> None: ...
+
+
+class ChainOpener(Protocol):
+    def available(self) -> bool: ...
+
+    def chain(self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]) -> Chain:
+        """A new, unopened session whose last hop samples as if ``generated`` had
+        already been drawn after ``prompt_ids``."""
+        ...
+
+
+class ResumableChain:
+    """One generation's tokens, across as many chains as it takes; always :meth:`close` it.
+
+    ``wait`` bounds how long one recovery (or the first open) may look for a working
+    chain before giving up with :class:`ModelUnavailable`.
+    """
+
+    def __init__(self, opener: ChainOpener, sampling: SamplingParams, prompt_ids: list[int], max_length: int, *, wait: float) -> None:
+        self.opener = opener
+        self.sampling = sampling
+        self.prompt_ids = list(prompt_ids)
+        self.max_length = max_length
+        self.wait = wait
+        self.generated: list[int] = []
+        self.failovers = 0  # chains replaced after a failure mid-generation
+        self.paused_seconds = 0.0  # total time spent replacing them
+        self._base_id = uuid.uuid4().hex
+        self._chains_opened = 0
+        self._chain: Chain | None = None
+
+    async def start(self) -> SampledToken:
+        """Open a chain and prefill the prompt; the first generated token."""
+        return await self._open_and_replay(first=True)
+
+    async def next(self, token_id: int) -> SampledToken:
+        """Feed back ``token_id`` (just generated); the token after it."""
+        self.generated.append(token_id)
+        position = len(self.prompt_ids) + len(self.generated) - 1
+        assert self._chain is not None, "start() first"
+        try:
+            token = await self._chain.step([token_id], position, True)
+        except ChainFailed as exc:
+            log.warning("a chain broke after %d tokens (%s); replaying on a new one", len(self.generated), exc)
+            began = trio.current_time()
+            token = await self._open_and_replay(first=False)
+            pause = trio.current_time() - began
+            self.failovers += 1
+            self.paused_seconds += pause
+            log.info("generation resumed on a new chain after %.2f s", pause)
+        assert token is not None
+        return token
+
+    async def close(self) -> None:
+        """Close the current chain, if any; never raises."""
+        chain, self._chain = self._chain, None
+        if chain is not None:
+            with trio.CancelScope(shield=True):
+                await chain.close()
+
+    async def _open_and_replay(self, *, first: bool) -> SampledToken:
+        """A fresh chain that has seen the whole history; retried until ``wait`` runs out.
+
+        On the first open a full KV cache is an immediate 503 (the client can retry
+        elsewhere at once); later, waiting beats failing an answer half written.
+        """
+        deadline = trio.current_time() + self.wait
+        attempt = 0
+        while True:
+            await self.close()
+            attempt += 1
+            # A fresh id per chain: hops that survived may still hold the broken session.
+            session_id = f"{self._base_id}-{self._chains_opened}" if self._chains_opened else self._base_id
+            self._chains_opened += 1
+            self._chain = self.opener.chain(session_id, self.sampling, self.prompt_ids, list(self.generated))
+            try:
+                await self._chain.open(self.max_length)
+                return await self._replay(self._chain)
+            except CacheBudgetExceeded as exc:
+                if first:
+                    raise ModelUnavailable(f"busy: {exc}; retry later") from exc
+                problem = f"busy: {exc}"
+            except NoRoute as exc:
+                problem = str(exc)
+            except ChainFailed as exc:
+                problem = f"could not open a chain of peers: {exc}"
+                if exc.peer is not None and attempt <= QUICK_RETRIES and trio.current_time() < deadline:
+                    continue
+            if trio.current_time() + RETRY_PAUSE > deadline:
+                await self.close()
+                raise ModelUnavailable(f"{problem} (gave up after {self.wait:.0f} s)")
+            log.info("no working chain yet (%s); trying again", problem)
+            await trio.sleep(RETRY_PAUSE)
+
+    async def _replay(self, chain: Chain) -> SampledToken:
+        """Prompt and generated tokens in chunks, so that one step's work and
+        activations stay bounded and the hops of a push chain overlap."""
+        history = self.prompt_ids + self.generated
+        token = None
+        for start in range(0, len(history), PREFILL_CHUNK):
+            chunk = history[start : start + PREFILL_CHUNK]
+            token = await chain.step(chunk, start, start + len(chunk) == len(history))
+        assert token is not None
+        return token
