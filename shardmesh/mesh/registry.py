@@ -50,8 +50,8 @@ import trio
 from libp2p.abc import INotifee
 from libp2p.records.validator import Validator
 
-from ..placement.spans import coverage
-from .host import reset_quietly
+from ..placement.spans import DRAINING, coverage
+from .host import StillRunning, reset_quietly, without_cancel
 from .records import (
     RECORD_NAMESPACE,
     RECORD_TTL,
@@ -280,6 +280,8 @@ class Registry:
         self._publish_wake = trio.Event()
         self._dht_wake = trio.Event()
         self._provide_wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._in_flight: set[str] = set()  # kinds of network call still running past their deadline
         self._latest: tuple[NodeRecord, bytes] | None = None  # last signed local record
         self._new_dht_peers = False
         self._running = False
@@ -450,6 +452,7 @@ class Registry:
                     await pubsub.wait_until_ready()
                 subscription = await pubsub.subscribe(self.topic)
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     nursery.start_soon(self._adopt_peers, peers_recv, [*self.mesh_host.connected_peers()])
                     nursery.start_soon(self._receive_loop, subscription)
                     nursery.start_soon(self._purge_loop)
@@ -570,6 +573,23 @@ class Registry:
             self._provide_wake.set()
         return record, envelope
 
+    async def _call(self, kind: str, timeout: float, fn, *args):
+        """A py-libp2p call that our deadline must not cancel (see host.without_cancel);
+        one of each ``kind`` at a time, so that calls stuck past their deadline cannot
+        pile up."""
+        if kind in self._in_flight:
+            raise StillRunning(f"the previous {kind} is still running")
+        self._in_flight.add(kind)
+        assert self._nursery is not None
+
+        async def tracked(*a):
+            try:
+                return await fn(*a)
+            finally:
+                self._in_flight.discard(kind)
+
+        return await without_cancel(self._nursery, timeout, tracked, *args)
+
     async def _publish_loop(self) -> None:
         first = True
         while True:
@@ -577,9 +597,10 @@ class Registry:
             try:
                 _, envelope = self._latest if first else self._sign_next()
                 first = False
-                with trio.move_on_after(PUBLISH_TIMEOUT):
-                    await self.pubsub.publish(self.topic, envelope)
-                    self.stats.published += 1
+                await self._call("publish", PUBLISH_TIMEOUT, self.pubsub.publish, self.topic, envelope)
+                self.stats.published += 1
+            except StillRunning as exc:
+                log.debug("%s", exc)
             except Exception as exc:
                 log.warning("publishing our record failed: %s: %s", type(exc).__name__, exc)
             await trio.sleep(MIN_PUBLISH_GAP)
@@ -600,15 +621,21 @@ class Registry:
             await self._dht_wake.wait()
             self._dht_wake = trio.Event()
             record, envelope = self._latest
+            if record.state == DRAINING:
+                # Leaving: gossip tells the swarm at once, and the DHT copy expires by
+                # itself. A put now would open DHT streams to every neighbour at the
+                # moment our last sessions are finishing on those same connections.
+                continue
             served = dataclasses.replace(content_of(record), cache_tokens_free=0, throughput=0.0)
             now = trio.current_time()
             if served == last_served and now - last_put < self.ttl / 3:
                 continue
             try:
-                with trio.move_on_after(DHT_PUT_TIMEOUT):
-                    await self.dht.put_value(key, envelope)
-                    self.stats.dht_puts += 1
+                await self._call("put", DHT_PUT_TIMEOUT, self.dht.put_value, key, envelope)
+                self.stats.dht_puts += 1
                 last_served, last_put = served, now
+            except StillRunning as exc:
+                log.debug("%s", exc)
             except Exception as exc:
                 self.stats.dht_put_failures += 1
                 log.warning("storing our record in the DHT failed: %s: %s", type(exc).__name__, exc)
@@ -652,9 +679,8 @@ class Registry:
                 await bucket.take()
                 ok = False
                 try:
-                    with trio.move_on_after(PROVIDE_TIMEOUT):
-                        ok = await self.dht.provide(block_key(self.model_id, block))
-                except Exception as exc:
+                    ok = await self._call("provide", PROVIDE_TIMEOUT, self.dht.provide, block_key(self.model_id, block))
+                except Exception as exc:  # StillRunning included: retried later, like a failure
                     log.debug("providing block %d failed: %s: %s", block, type(exc).__name__, exc)
                 if ok:
                     provided[block] = trio.current_time()
