@@ -1,4 +1,4 @@
-"""``shardmesh run | status | tiny-model | bench``: the command line."""
+"""``shardmesh run | status | tiny-model | bench | sim``: the command line."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ def _add_run(sub) -> None:
     p = sub.add_parser("run", help="serve a model (or part of one) and the OpenAI gateway")
     p.add_argument("--model", required=True, help="local folder in Hugging Face layout, or a hub id like Qwen/Qwen3-0.6B")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    p.add_argument("--layers", default="all", help="blocks to serve: 'all', START:END, or 'none' (a gateway without weights)")
+    p.add_argument("--layers", default="auto",
+                   help="blocks to serve: 'auto' (default: what the swarm lacks most, as much as memory allows), "
+                        "'all', START:END, or 'none' (a gateway without weights)")
     p.add_argument("--api", default="127.0.0.1:8000", help="HOST:PORT of the OpenAI gateway (port 0 picks one), or 'off'")
     p.add_argument("--api-key", default=None, help="require this bearer key (or set SHARDMESH_API_KEY)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -27,6 +29,17 @@ def _add_run(sub) -> None:
                    help="a peer of the swarm to join, ending in /p2p/<peer id> (repeatable); none: start a new swarm")
     p.add_argument("--key-file", default=None, help="the node's identity key (created on first run; default in ~/.local/share/shardmesh)")
     p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN by multicast DNS")
+    p.add_argument("--max-blocks", type=int, default=None, metavar="N", help="with --layers auto: serve at most N blocks")
+    p.add_argument("--memory-fraction", type=float, default=0.8, metavar="F",
+                   help="with --layers auto: share of the free memory (VRAM on a GPU) to fill with weights + KV cache (default 0.8)")
+    p.add_argument("--memory-gb", type=float, default=None, metavar="GB",
+                   help="with --layers auto: memory for weights + KV cache, instead of measuring free memory")
+    p.add_argument("--rebalance-interval", type=float, default=30.0, metavar="S",
+                   help="mean seconds between checks whether moving to other blocks would help the swarm (default 30)")
+    p.add_argument("--route-wait", type=float, default=30.0, metavar="S",
+                   help="seconds a request waits for a working chain of peers before answering 503 (default 30)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds running sessions get to finish on stop (SIGINT/SIGTERM) or a move (default 30)")
 
 
 def _add_status(sub) -> None:
@@ -60,6 +73,12 @@ def _add_bench(sub) -> None:
     p.add_argument("--mesh", action="store_true", help="node processes on loopback: 3-node chain vs one process, per-hop cost")
 
 
+def _add_sim(sub) -> None:
+    from . import sim_cli
+
+    sim_cli.add_arguments(sub.add_parser("sim", help=sim_cli.HELP))
+
+
 def run(args) -> int:
     from .backends.weights import ModelSourceError
     from .config import NodeConfig, UsageError, env_api_key
@@ -79,6 +98,12 @@ def run(args) -> int:
         join=tuple(args.join),
         key_file=args.key_file,
         mdns=not args.no_mdns,
+        max_blocks=args.max_blocks,
+        memory_fraction=args.memory_fraction,
+        memory_gb=args.memory_gb,
+        rebalance_interval=args.rebalance_interval,
+        route_wait=args.route_wait,
+        drain_timeout=args.drain_timeout,
     )
     try:
         config.api_host_port
@@ -147,6 +172,12 @@ def bench(args) -> int:
     return run_bench(args)
 
 
+def sim(args) -> int:
+    from .sim_cli import run as run_sim
+
+    return run_sim(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardmesh", description="LLM inference across many machines, one service")
     parser.add_argument("--version", action="version", version=f"shardmesh {__version__}")
@@ -155,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_status(sub)
     _add_tiny(sub)
     _add_bench(sub)
+    _add_sim(sub)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return {"run": run, "status": status, "tiny-model": tiny_model, "bench": bench}[args.command](args)
+    return {"run": run, "status": status, "tiny-model": tiny_model, "bench": bench, "sim": sim}[args.command](args)

@@ -13,7 +13,7 @@ class UsageError(ValueError):
 @dataclass(frozen=True)
 class NodeConfig:
     model: str
-    layers: str = "all"  # "all", "A:B", or "none" (a gateway that holds no weights)
+    layers: str = "auto"  # "auto" (the swarm's weakest blocks), "all", "A:B", or "none" (no weights)
     api: str = "127.0.0.1:8000"  # HOST:PORT of the OpenAI gateway, or "off"
     api_key: str | None = None  # bearer key the gateway requires; None = open
     dtype: str = "auto"
@@ -26,6 +26,16 @@ class NodeConfig:
     join: tuple[str, ...] = ()  # bootstrap multiaddrs (.../p2p/<peer id>); none: a new swarm
     key_file: str | None = None  # the node's identity; None: in the user's data directory
     mdns: bool = True  # find peers on the LAN by multicast DNS
+    max_blocks: int | None = None  # `--layers auto` serves at most this many blocks
+    memory_fraction: float = 0.8  # share of the free memory `--layers auto` may fill
+    memory_gb: float | None = None  # memory for weights + KV cache instead of measuring free memory
+    rebalance_interval: float = 30.0  # mean seconds between checks whether moving would help
+    route_wait: float = 30.0  # seconds a request waits for a working chain before a 503
+    drain_timeout: float = 30.0  # seconds running sessions get to finish when stopping or moving
+
+    @property
+    def auto_layers(self) -> bool:
+        return self.layers == "auto"
 
     @property
     def api_host_port(self) -> tuple[str, int] | None:
@@ -37,14 +47,15 @@ class NodeConfig:
         return host.strip("[]"), int(port)
 
     def span(self, total_blocks: int) -> tuple[int, int] | None:
-        """The blocks ``[start, end)`` this node serves; None for ``--layers none``."""
+        """The blocks ``[start, end)`` this node serves; None for ``--layers none`` (and
+        for ``auto`` until the swarm has been looked at: see :mod:`shardmesh.span_keeper`)."""
+        if self.layers in ("none", "auto"):
+            return None
         if self.layers == "all":
             return 0, total_blocks
-        if self.layers == "none":
-            return None
         start_s, sep, end_s = self.layers.partition(":")
         if not sep or not start_s.isdigit() or not end_s.isdigit():
-            raise UsageError(f"--layers wants 'all', 'none' or START:END, got {self.layers!r}")
+            raise UsageError(f"--layers wants 'auto', 'all', 'none' or START:END, got {self.layers!r}")
         start, end = int(start_s), int(end_s)
         if not 0 <= start < end <= total_blocks:
             raise UsageError(f"--layers {self.layers} is not inside the model's {total_blocks} blocks")

@@ -2,9 +2,10 @@
 
 Everything a node does is started here and nowhere else, so the whole lifetime of a
 node is one readable function (:func:`run_node`): read the model's config, start the
-libp2p host, load this node's blocks, publish its signed record, serve its hop of other
-people's chains, and (unless ``--api off``) serve the OpenAI API over whatever chain of
-peers covers the model.
+libp2p host, publish its signed record, take a span (given by hand, or chosen from what
+the swarm lacks: :mod:`.span_keeper`), serve its hop of other people's chains, and
+(unless ``--api off``) serve the OpenAI API over whatever chain of peers covers the
+model, until a signal drains and stops it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +33,7 @@ from .backends.throughput import cached_block_throughput, default_cache_dir, thr
 from .backends.base import Stage
 from .backends.choose import build_stage, choose_backend
 from .backends.weights import ModelFiles, identity_bytes, resolve
-from .config import NodeConfig
+from .config import NodeConfig, UsageError
 from .mesh.discovery import Discovery
 from .mesh.host import MeshHost, default_key_file, load_or_create_identity, running_host
 from .mesh.records import NodeRecord, model_identity, server_view
@@ -41,6 +43,8 @@ from .mesh.session import MeshChains
 from .mesh.stage_server import Limits, StageServer
 from .mesh.swarm_map import PROTOCOL as SWARM_MAP_PROTOCOL, swarm_map_handler
 from .placement.routing import FailureBackoff, Hop, find_route
+from .placement.spans import ONLINE
+from .span_keeper import SpanKeeper
 
 log = logging.getLogger("shardmesh.node")
 
@@ -131,37 +135,71 @@ async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, spa
     return LocalBlocks(stage, StageRunner(stage), throughput)
 
 
-def local_record(mesh: MeshHost, model: LoadedModel, model_id: str, span, blocks: LocalBlocks | None, limits: Limits, api: str | None) -> NodeRecord:
-    start, end = span or (0, 0)
-    info = blocks.stage.info if blocks else None
+async def run_blocks(blocks: LocalBlocks, idle_seconds: float, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """A loaded stage at work: its batching runner and its idle-session sweeper."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(blocks.runner.run)
+        nursery.start_soon(expire_idle_sessions, blocks.runner, idle_seconds)
+        task_status.started()
+
+
+def auto_capacity(config: NodeConfig, model: LoadedModel) -> int:
+    """Blocks this node can hold (``--layers auto``): its memory budget less the KV
+    cache it reserves, over the model's per-block weight bytes."""
+    from .backends.footprint import free_memory_bytes, weight_bytes
+    from .placement.capacity import blocks_that_fit
+
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    sizes = weight_bytes(model.files, model.total_blocks, bool(getattr(text, "tie_word_embeddings", False)), config.dtype)
+    if config.memory_gb is not None:
+        memory = int(config.memory_gb * (1 << 30))
+    else:
+        memory = int(free_memory_bytes(config.device) * config.memory_fraction)
+    budget = memory - int(config.kv_cache_gb * (1 << 30))
+    capacity = blocks_that_fit(sizes.blocks, sizes.embeddings, sizes.head, budget)
+    if config.max_blocks is not None:
+        capacity = min(capacity, config.max_blocks)
+    if capacity < 1:
+        heaviest = max(sizes.blocks, default=0) + max(sizes.embeddings, sizes.head)
+        raise UsageError(
+            f"not enough memory for one block of {model.name}: {memory / 2**30:.2f} GiB for weights and KV cache, "
+            f"{config.kv_cache_gb:g} GiB of it reserved for the cache, and a block with embeddings or head needs "
+            f"{heaviest / 2**30:.2f} GiB (see --memory-gb, --memory-fraction, --kv-cache-gb, --max-blocks)"
+        )
+    return capacity
+
+
+def local_record(mesh: MeshHost, model: LoadedModel, model_id: str, limits: Limits) -> NodeRecord:
+    """The record a node starts with: no blocks yet (a span is announced when chosen)."""
     return NodeRecord(
         peer=mesh.peer_id_str,
         addrs=tuple(mesh.dialable_addrs()),
         model=model_id,
-        start=start,
-        end=end,
+        start=0,
+        end=0,
         total_blocks=model.total_blocks,
-        state="online",  # blocks are loaded before the first record (`--layers auto` will announce joining)
-        throughput=blocks.throughput if blocks else 0.0,
-        cache_tokens_free=blocks.stage.cache_tokens_free if blocks else 0,
-        backend=info.backend if info else "none",
-        device=info.device if info else "none",
-        dtype=info.dtype if info else "none",
+        state=ONLINE,
+        throughput=0.0,
+        cache_tokens_free=0,
+        backend="none",
+        device="none",
+        dtype="none",
         rtt={},
         version=__version__,
         seq=0,
         expires=0.0,
-        api=api,
+        api=None,
         limits=limits.as_record(),
     )
 
 
-async def publish_free_cache(registry: Registry, stage: Stage, every: float = 2.0) -> None:
+async def publish_free_cache(registry: Registry, keeper: SpanKeeper, every: float = 2.0) -> None:
     """Keeps ``cache_tokens_free`` in the record current, so routing sees busy nodes."""
     last = None
     while True:
         await trio.sleep(every)
-        free = stage.cache_tokens_free
+        held = keeper.held
+        free = held.blocks.stage.cache_tokens_free if held is not None and held.blocks is not None else 0
         if free != last:
             registry.update_local(cache_tokens_free=free)
             last = free
@@ -175,12 +213,38 @@ def route_finder(registry: Registry, backoff: FailureBackoff, me: str, total_blo
     return find
 
 
-async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = None) -> None:
-    """Join (or start) the swarm, load the span, start the gateway, serve until cancelled."""
+class NodeChains:
+    """The gateway's chains: this node's own stage when it holds the whole model (no
+    network in the way), a chain of peers otherwise."""
+
+    def __init__(self, keeper: SpanKeeper, mesh_chains: MeshChains, total_blocks: int) -> None:
+        self.keeper = keeper
+        self.mesh_chains = mesh_chains
+        self.total_blocks = total_blocks
+
+    def _whole_model_here(self) -> LocalChains | None:
+        held = self.keeper.held
+        if held is not None and held.blocks is not None and (held.start, held.end) == (0, self.total_blocks) and self.keeper.server.accepting:
+            return LocalChains([held.blocks.runner])
+        return None
+
+    def available(self) -> bool:
+        return self._whole_model_here() is not None or self.mesh_chains.available()
+
+    def chain(self, session_id: str, sampling, prompt_ids: list[int], generated: list[int]):
+        local = self._whole_model_here()
+        opener = local if local is not None else self.mesh_chains
+        return opener.chain(session_id, sampling, prompt_ids, generated)
+
+
+async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = None, stop: trio.Event | None = None) -> None:
+    """Join (or start) the swarm, take a span, start the gateway, serve until ``stop``
+    is set (then drain: see :func:`drain`) or until cancelled."""
     say = announce or (lambda line: print(line, flush=True))
     # Abandonable: Ctrl-C during a long download must stop the node, not wait for it.
     model = await trio.to_thread.run_sync(load_model_meta, config, abandon_on_cancel=True)
-    span = config.span(model.total_blocks)
+    fixed_span = config.span(model.total_blocks)
+    capacity = auto_capacity(config, model) if config.auto_layers else 0
     model_id = model_identity(model.name, *identity_bytes(model.files))
     key_pair = load_or_create_identity(Path(config.key_file) if config.key_file else default_key_file())
     limits = Limits(idle_timeout=config.session_idle_timeout)
@@ -190,26 +254,49 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
         discovery = Discovery(mesh, list(config.join), mdns=config.mdns)
         for addr in mesh.addrs():
             say(f"listening on {addr}")
-        blocks = await load_blocks(config, model, model_id, span, say) if span else None
-        if blocks:
-            await nursery.start(blocks.runner.run)
-            nursery.start_soon(expire_idle_sessions, blocks.runner, config.session_idle_timeout)
-        registry = Registry(mesh, model_id, local_record(mesh, model, model_id, span, blocks, limits, None))
+        registry = Registry(mesh, model_id, local_record(mesh, model, model_id, limits))
         await nursery.start(registry.run)
         mesh.set_handler(SWARM_MAP_PROTOCOL, swarm_map_handler(registry))  # for `shardmesh status`
         await nursery.start(discovery.run)
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         server = StageServer(
             mesh,
-            ServedStage(blocks.runner) if blocks else None,
+            None,
             model_id,
             model.total_blocks,
             model.context_length,
             limits,
             addrs_of=lambda peer: list(r.addrs) if (r := registry.get(peer)) else [],
+            hidden_size=int(text.hidden_size),
         )
         await nursery.start(server.run)
-        if blocks:
-            nursery.start_soon(publish_free_cache, registry, blocks.stage)
+        keeper = SpanKeeper(
+            registry=registry,
+            server=server,
+            total_blocks=model.total_blocks,
+            capacity=capacity,
+            load=lambda span: load_blocks(config, model, model_id, span, say),
+            run_blocks=lambda blocks, task_status=trio.TASK_STATUS_IGNORED: run_blocks(
+                blocks, config.session_idle_timeout, task_status=task_status
+            ),
+            make_served=lambda blocks: ServedStage(blocks.runner),
+            drain_timeout=config.drain_timeout,
+            say=say,
+        )
+        keeper.start(nursery)
+        if fixed_span is not None:
+            await keeper.serve_fixed(fixed_span)
+        elif config.auto_layers:
+            say(f"room for {capacity} of {model.total_blocks} blocks; looking for the blocks the swarm lacks most")
+            await nursery.start(
+                partial(
+                    keeper.run_auto,
+                    expect_peers=bool(config.join),
+                    throughput_guess=None,
+                    rebalance_interval=config.rebalance_interval,
+                )
+            )
+        nursery.start_soon(publish_free_cache, registry, keeper)
         me = mesh.peer_id_str
         nursery.start_soon(
             publish_rtts,
@@ -218,25 +305,23 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
             lambda rtt: registry.update_local(rtt=rtt),
         )
 
-        if blocks and span == (0, model.total_blocks):
-            chains = LocalChains([blocks.runner])  # the whole model here: no network in the way
-        else:
-            backoff = FailureBackoff()
-            chains = MeshChains(
-                nursery=nursery,
-                open_stream=server.open_stream,
-                find_route=route_finder(registry, backoff, mesh.peer_id_str, model.total_blocks),
-                model_id=model_id,
-                gateway=mesh.peer_id_str,
-                on_failure=lambda peer: backoff.failed(peer, time.monotonic()),
-                on_success=lambda route: [backoff.succeeded(h.peer) for h in route],
-            )
+        backoff = FailureBackoff()
+        mesh_chains = MeshChains(
+            nursery=nursery,
+            open_stream=server.open_stream,
+            find_route=route_finder(registry, backoff, mesh.peer_id_str, model.total_blocks),
+            model_id=model_id,
+            gateway=mesh.peer_id_str,
+            on_failure=lambda peer: backoff.failed(peer, time.monotonic()),
+            on_success=lambda route: [backoff.succeeded(h.peer) for h in route],
+        )
         generator = Generator(
             model.name,
             model.tokenizer,
             model.context_length,
-            chains,
+            NodeChains(keeper, mesh_chains, model.total_blocks),
             eos_token_ids(model.tokenizer, model.generation_config),
+            route_wait=config.route_wait,
         )
         if api is not None:
             app = create_app(generator, api_key=config.api_key, swarm=registry.to_json)
@@ -245,24 +330,48 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
             url = f"http://{host}:{port}"
             registry.update_local(api=url)
             say(f"gateway ready at {url} (OpenAI base URL {url}/v1)")
+        if stop is not None:
+            await stop.wait()
+            await drain(keeper, generator, config.drain_timeout, say)
+            nursery.cancel_scope.cancel()
+
+
+async def drain(keeper: SpanKeeper, generator: Generator, timeout: float, say: Callable[[str], None]) -> None:
+    """A graceful stop: announce ``draining`` (routing stops choosing this node), take
+    no new sessions or requests, and let the running ones finish, up to ``timeout``."""
+    say(f"draining: finishing running sessions (up to {timeout:.0f} s)")
+    generator.accepting = False
+    with trio.move_on_after(timeout):
+        await keeper.drain(timeout)
+        while generator.active:
+            await trio.sleep(0.1)
+    left = keeper.server.sessions_on(keeper.held.served) if keeper.held is not None else 0
+    if left or generator.active:
+        say(f"stopping with {left + generator.active} session(s) unfinished")
+    else:
+        say("drained; stopping")
 
 
 async def run_until_signalled(config: NodeConfig) -> None:
-    """Runs the node until SIGINT or SIGTERM, then cancels everything cleanly."""
+    """Runs the node until SIGINT or SIGTERM: the first drains and stops, a second
+    stops at once."""
+    stop = trio.Event()
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
-                    print(f"received {signal.Signals(signum).name}, stopping", file=sys.stderr, flush=True)
-                    nursery.cancel_scope.cancel()
-                    return
+                    name = signal.Signals(signum).name
+                    if stop.is_set():
+                        print(f"received {name} again, stopping now", file=sys.stderr, flush=True)
+                        nursery.cancel_scope.cancel()
+                        return
+                    print(f"received {name}, draining (again to stop at once)", file=sys.stderr, flush=True)
+                    stop.set()
 
         nursery.start_soon(stop_on_signal)
-        await run_node(config)
+        await run_node(config, stop=stop)
         nursery.cancel_scope.cancel()
-
-
 def main(config: NodeConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # The hub client's HTTP libraries log every request at INFO; downloads show progress

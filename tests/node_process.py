@@ -45,7 +45,7 @@ def _pump(node: Node) -> None:
         node.lines.append(line)
 
 
-def start_node(model: Path, *extra: str, api: bool = True, key_dir: Path | None = None) -> Node:
+def start_node(model: Path, *extra: str, api: bool = True, key_dir: Path | None = None, env: dict[str, str] | None = None) -> Node:
     """Start a node on free ports (loopback only, mDNS off, its own identity) and wait
     until it is ready: its ``gateway ready at`` line, or with ``api=False`` (pass
     ``--api off`` yourself) its ``serving`` line."""
@@ -56,7 +56,7 @@ def start_node(model: Path, *extra: str, api: bool = True, key_dir: Path | None 
     if api:
         cmd += ["--api", "127.0.0.1:0"]
     cmd += list(extra)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     node = Node(proc)
     threading.Thread(target=_pump, args=(node,), daemon=True).start()

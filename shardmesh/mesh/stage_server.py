@@ -86,6 +86,7 @@ class HopSession:
     start: int
     end: int
     is_last: bool
+    served: Any = None  # the stage this session runs on (it stays, even if the node moves)
     sampler: Any = None
     attach: FrameStream | None = None
     attached: trio.Event = field(default_factory=trio.Event)
@@ -114,6 +115,7 @@ class StageServer:
         context_length: int,
         limits: Limits = Limits(),
         addrs_of: Callable[[str], list[str]] | None = None,
+        hidden_size: int | None = None,
     ) -> None:
         self.mesh = mesh
         self.served = served
@@ -125,9 +127,27 @@ class StageServer:
         self.me = mesh.peer_id_str
         self.sessions: dict[str, HopSession] = {}
         self.accepting = True
-        hidden = served.info.hidden_size if served is not None else 0
+        # From the model, not the stage: a node that has not loaded its blocks yet (or
+        # is moving) still relays hidden states of that size.
+        hidden = hidden_size if hidden_size is not None else (served.info.hidden_size if served is not None else 0)
         self.max_payload = limits.max_payload(hidden, context_length)
         self._nursery: trio.Nursery | None = None
+
+    def serve(self, served: Any) -> None:
+        """New sessions run on ``served`` from now on (None: none are accepted); the
+        sessions already open stay on the stage they started on until they end."""
+        self.served = served
+
+    def sessions_on(self, served: Any) -> int:
+        """Sessions still running on ``served``."""
+        return sum(1 for s in self.sessions.values() if s.served is served)
+
+    async def wait_sessions_end(self, served: Any, timeout: float) -> int:
+        """Waits up to ``timeout`` s for the sessions on ``served`` to end; how many remain."""
+        with trio.move_on_after(timeout):
+            while self.sessions_on(served):
+                await trio.sleep(0.1)
+        return self.sessions_on(served)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -215,7 +235,8 @@ class StageServer:
             if a["peer"] == b["peer"]:
                 raise _fail("bad_route", "two hops in a row on one peer (they would be one hop)")
         here = route[0]
-        info = self.served.info
+        served = self.served
+        info = served.info
         if here["peer"] != self.me:
             raise _fail("bad_route", f"the route's next hop is {here['peer']}, not this node")
         if not info.start <= here["start"] < here["end"] <= info.end:
@@ -229,7 +250,7 @@ class StageServer:
         mine = sum(1 for s in self.sessions.values() if s.upstream_peer == upstream_peer)
         if mine >= self.limits.max_sessions_per_peer:
             raise _fail("too_many_sessions", f"peer has {mine} sessions open here (limit {self.limits.max_sessions_per_peer})")
-        session = HopSession(sid, upstream_peer, header["gateway"], here["start"], here["end"], is_last=len(route) == 1)
+        session = HopSession(sid, upstream_peer, header["gateway"], here["start"], here["end"], is_last=len(route) == 1, served=served)
         if session.id in self.sessions:
             raise _fail("bad_input", f"session {sid!r} is already open here")
         # Reserved now, before any await: opens arriving together must all see it in
@@ -251,8 +272,8 @@ class StageServer:
         try:
             if session.is_last:
                 prompt, generated = self._history(frame)
-                session.sampler = self.served.new_sampler(frame.header.get("sampling", {}), prompt, generated)
-            await self.served.open(session.id, max_length, session.start, session.end)
+                session.sampler = session.served.new_sampler(frame.header.get("sampling", {}), prompt, generated)
+            await session.served.open(session.id, max_length, session.start, session.end)
         except StageError as exc:
             self.sessions.pop(session.id, None)
             raise _fail(exc.code, exc.message) from exc
@@ -285,14 +306,17 @@ class StageServer:
         finally:
             self.sessions.pop(session.id, None)
             with trio.CancelScope(shield=True):
-                await self.served.close(session.id)
+                await session.served.close(session.id)
                 if downstream is not None:
                     await close_quietly(downstream.stream)
                 if session.attach is not None:
                     await close_quietly(session.attach.stream)
                     # The gateway closes its side in turn; one that does not is reset.
                     assert self._nursery is not None
-                    self._nursery.start_soon(self._reap_attach, session)
+                    try:
+                        self._nursery.start_soon(self._reap_attach, session)
+                    except RuntimeError:  # the node is stopping: no time to wait for the gateway
+                        await reset_quietly(session.attach.stream)
 
     async def _open_downstream(self, frame: Frame, route: list[dict]) -> FrameStream:
         """Open the rest of the chain; a :class:`WireError` naming the failed peer if not."""
@@ -331,7 +355,7 @@ class StageServer:
                 raise _fail("too_large", f"{shape[0]} tokens in one step (limit {self.limits.max_tokens_per_step})")
 
     async def _steps(self, session: HopSession, fs: FrameStream, downstream: FrameStream | None) -> None:
-        info = self.served.info
+        info = session.served.info
         max_elements = self.limits.max_tokens_per_step * max(1, info.hidden_size)
         while True:
             try:
@@ -370,7 +394,7 @@ class StageServer:
             raise _fail("bad_input", "step needs an integer position >= 0 and a boolean want")
         inputs = tensor_from_frame(frame, max_elements)
         sampler = session.sampler if (session.is_last and want) else None
-        out = await self.served.step(session.id, inputs, position, sampler)
+        out = await session.served.step(session.id, inputs, position, sampler)
         if downstream is not None:
             await downstream.write(
                 {"t": STEP, "session": session.session, "position": position, "want": want, **tensor_fields(out)}, out.data

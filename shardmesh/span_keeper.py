@@ -1,0 +1,236 @@
+"""Which blocks this node serves over its life: join, move, drain.
+
+Nobody assigns layers. A node started with ``--layers auto`` looks at the swarm's
+records, takes the window of blocks the swarm lacks most (:func:`choose_span`: gaps
+first, then the weakest throughput), announces it as ``joining`` so that others do not
+rush into the same gap, loads only those weights, and goes ``online``. From then on it
+asks at randomised intervals whether moving elsewhere would raise the swarm's
+bottleneck by a clear margin (:func:`plan_move`, with hysteresis); when a node leaves,
+gracefully or not, this is what closes the gap it left.
+
+A move keeps every running answer intact: the node announces the new span first (so
+no new sessions come for the old one), lets the sessions on the old stage finish (up
+to ``drain_timeout``; a gateway replays any that are cut), loads the new span, goes
+online with it, and only then frees the old stage.
+
+The decisions are the pure functions of :mod:`shardmesh.placement`; this module only
+wires them to the registry, the stage server and the backend.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import trio
+
+from .mesh.records import server_view
+from .mesh.registry import Registry
+from .mesh.stage_server import StageServer
+from .placement.rebalance import check_interval, plan_move
+from .placement.select import choose_span
+from .placement.spans import DRAINING, JOINING, ONLINE, ServerView
+
+log = logging.getLogger("shardmesh.span_keeper")
+
+SETTLE = 2.0  # seconds for an announcement to reach the swarm (gossip heartbeat is 1 s)
+FIRST_VIEW_WAIT = 10.0  # seconds a joining node waits to hear of the swarm it joins
+ANNOUNCE_ROUNDS = 3  # times a joining node may re-choose after seeing a clash
+
+
+@dataclass
+class Held:
+    """A loaded span: its stage (as the stage server runs it) and what keeps it running."""
+
+    start: int
+    end: int
+    served: Any  # backends.served_stage.ServedStage
+    blocks: Any  # node.LocalBlocks
+    scope: trio.CancelScope
+
+
+class SpanKeeper:
+    """Owns this node's span: what it loads, what its record says, when it moves.
+
+    ``load(span)`` is the node's loader: an async function returning its ``LocalBlocks``
+    for ``[start, end)``; ``run_blocks(blocks, task_status=...)`` runs a loaded stage (its
+    batching runner and housekeeping) until cancelled; ``make_served(blocks)`` wraps it
+    for the stage server. Call :meth:`start` (or :meth:`run`) first.
+    """
+
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        server: StageServer,
+        total_blocks: int,
+        capacity: int,
+        load: Callable[[tuple[int, int]], Any],
+        run_blocks: Callable[..., Any],
+        make_served: Callable[[Any], Any],
+        drain_timeout: float,
+        say: Callable[[str], None],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.registry = registry
+        self.server = server
+        self.total_blocks = total_blocks
+        self.capacity = capacity
+        self.load = load
+        self.run_blocks = run_blocks
+        self.make_served = make_served
+        self.drain_timeout = drain_timeout
+        self.say = say
+        self.rng = rng or random.Random()
+        self.held: Held | None = None
+        self.moves = 0
+        self._busy = trio.Lock()  # one join or move at a time
+        self._nursery: trio.Nursery | None = None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Loaded stages will run in ``nursery`` (the node's)."""
+        self._nursery = nursery
+
+    async def serve_fixed(self, span: tuple[int, int]) -> None:
+        """Serve a span given by hand (``--layers A:B`` or ``all``): never moves."""
+        async with self._busy:
+            await self._take(span)
+
+    @property
+    def me(self) -> str:
+        return self.registry.mesh_host.peer_id_str
+
+    def _others(self) -> list[ServerView]:
+        return [server_view(r) for r in self.registry.records() if r.peer != self.me and r.serves_blocks]
+
+    def _me_view(self) -> ServerView | None:
+        local = self.registry.local
+        if local is None or not local.serves_blocks:
+            return None
+        return server_view(local)
+
+    # -- joining -------------------------------------------------------------------
+
+    async def wait_for_swarm(self, expect_peers: bool) -> None:
+        """Give the records of the swarm we join time to arrive before choosing."""
+        if expect_peers:
+            with trio.move_on_after(FIRST_VIEW_WAIT):
+                while not self._others():
+                    await self.registry.wait_changed(timeout=0.5)
+        # Nodes started together would all pick the same gap: spread them out a little.
+        await trio.sleep(SETTLE + self.rng.uniform(0.0, SETTLE))
+
+    def _estimate_throughput(self, guess: float | None) -> float:
+        """What a joining record announces before its own measurement exists: the
+        cached figure if any, else the swarm's mean (placement needs a number)."""
+        if guess:
+            return guess
+        online = [v.throughput for v in self._others() if v.state == ONLINE and v.throughput > 0]
+        return sum(online) / len(online) if online else 1.0
+
+    async def join(self, *, expect_peers: bool, throughput_guess: float | None) -> None:
+        """Choose a span, announce it, load it, go online."""
+        async with self._busy:
+            await self.wait_for_swarm(expect_peers)
+            estimate = self._estimate_throughput(throughput_guess)
+            span = choose_span(self._others(), self.total_blocks, self.capacity)
+            for _ in range(ANNOUNCE_ROUNDS):
+                self.registry.update_local(start=span[0], end=span[1], state=JOINING, throughput=estimate)
+                log.info("announced blocks [%d, %d) (joining)", *span)
+                await trio.sleep(SETTLE)
+                clash = [v for v in self._others() if v.state == JOINING and v.start < span[1] and span[0] < v.end and v.peer < self.me]
+                if not clash:
+                    break
+                # Someone else announced an overlapping window at the same time; the
+                # lower peer id keeps it and we choose again with theirs counted.
+                span = choose_span(self._others(), self.total_blocks, self.capacity)
+            await self._take(span)
+
+    async def _take(self, span: tuple[int, int]) -> Held:
+        """Load ``span``, start serving it, publish ``online``; the old span is not touched."""
+        assert self._nursery is not None, "SpanKeeper.start() first"
+        blocks = await self.load(span)
+        served = self.make_served(blocks)
+        scope = await self._nursery.start(self._run_held, blocks)
+        held = Held(span[0], span[1], served, blocks, scope)
+        old, self.held = self.held, held
+        self.server.serve(served)
+        self.server.accepting = True
+        info = blocks.stage.info
+        self.registry.update_local(
+            start=span[0], end=span[1], state=ONLINE, throughput=blocks.throughput,
+            cache_tokens_free=blocks.stage.cache_tokens_free, backend=info.backend, device=info.device, dtype=info.dtype,
+        )
+        if old is not None:
+            self._free(old)
+        return held
+
+    async def _run_held(self, blocks, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.run_blocks, blocks)
+                task_status.started(scope)
+
+    def _free(self, held: Held) -> None:
+        held.scope.cancel()
+        held.blocks = held.served = None
+        gc.collect()  # the old stage's tensors go now, not at some later collection
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+    # -- rebalancing ---------------------------------------------------------------
+
+    async def run_auto(self, *, expect_peers: bool, throughput_guess: float | None,
+                       rebalance_interval: float, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """``--layers auto``: join, then keep checking whether to move, forever."""
+        await self.join(expect_peers=expect_peers, throughput_guess=throughput_guess)
+        task_status.started()
+        while True:
+            await trio.sleep(check_interval(self.rng, rebalance_interval))
+            await self.check_once()
+
+    async def check_once(self) -> tuple[int, int] | None:
+        """One rebalance check: move if that clearly helps. The new span, or None."""
+        async with self._busy:
+            mine = self._me_view()
+            if mine is None or mine.state != ONLINE or self.held is None:
+                return None
+            target = plan_move([*self._others(), mine], self.total_blocks, self.me, self.capacity)
+            if target is None or target == (self.held.start, self.held.end):
+                return None
+            await self._move(target)
+            return target
+
+    async def _move(self, target: tuple[int, int]) -> None:
+        assert self.held is not None
+        old = self.held
+        self.say(f"moving from blocks [{old.start}, {old.end}) to [{target[0]}, {target[1]}) to balance the swarm")
+        # Announce first: new sessions stop coming here for the old span, and others
+        # see the target as taken. The old stage keeps serving what it has.
+        self.registry.update_local(start=target[0], end=target[1], state=JOINING)
+        self.server.serve(None)
+        left = await self.server.wait_sessions_end(old.served, self.drain_timeout)
+        if left:
+            log.warning("moving with %d session(s) still open on the old span (their gateways replay them)", left)
+        await self._take(target)
+        self.moves += 1
+        self.say(f"serving blocks [{target[0]}, {target[1]}) after a move")
+
+    # -- leaving -------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> int:
+        """Announce ``draining``, take no new sessions, wait for running ones; how many
+        were still open at the deadline."""
+        self.registry.update_local(state=DRAINING)
+        self.server.accepting = False
+        if self.held is None:
+            return 0
+        return await self.server.wait_sessions_end(self.held.served, timeout)
