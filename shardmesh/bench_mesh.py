@@ -87,12 +87,13 @@ class FixedRoute:
     def available(self) -> bool:
         return True
 
-    def chain(self, session_id: str, sampling, prompt_ids: list[int]):
+    def chain(self, session_id: str, sampling, prompt_ids: list[int], generated: list[int]):
         from .mesh.session import RemoteChain
 
         return RemoteChain(
             nursery=self.nursery, open_stream=self.server.open_stream, route=self.route, session_id=session_id,
             model_id=self.model_id, gateway=self.gateway, sampling=sampling.to_dict(), prompt_ids=prompt_ids,
+            generated=generated,
         )
 
 

@@ -1,0 +1,33 @@
+"""The bench commands run end to end (on a tiny model; their figures are not checked).
+
+Benchmarks print figures and are never timed in tests, but their code must not rot:
+`shardmesh bench --mesh` starts real node processes and drives a chain through the same
+chain-opener protocol as the gateway, so a change there must keep it working.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_mesh_bench_runs_and_prints_its_three_figures(tmp_path) -> None:
+    from shardmesh.backends.tiny import cached_tiny_model
+
+    model = cached_tiny_model("llama", layers=12, hidden=64, context_length=4096)  # room for the 2,048-token prefill
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}  # its own throughput cache and keys
+    run = subprocess.run(
+        [sys.executable, "-m", "shardmesh", "bench", "--mesh", "--model", str(model), "--tokens", "8", "--repeats", "1", "--dtype", "float32"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
+    assert re.search(r"3-node chain\s+[\d.]+\s+[\d.]+", out), out
+    assert re.search(r"added latency per hop .*: -?[\d.]+ ms", out), out
+    assert re.search(r"prefill hop on the wire alone .*: \d+ MB/s", out), out
