@@ -292,7 +292,6 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
                 partial(
                     keeper.run_auto,
                     expect_peers=bool(config.join),
-                    throughput_guess=None,
                     rebalance_interval=config.rebalance_interval,
                 )
             )

@@ -87,6 +87,7 @@ class SpanKeeper:
         self.rng = rng or random.Random()
         self.held: Held | None = None
         self.moves = 0
+        self.draining = False  # set once, by drain(): no more moves, no going online
         self._busy = trio.Lock()  # one join or move at a time
         self._nursery: trio.Nursery | None = None
 
@@ -123,19 +124,17 @@ class SpanKeeper:
         # Nodes started together would all pick the same gap: spread them out a little.
         await trio.sleep(SETTLE + self.rng.uniform(0.0, SETTLE))
 
-    def _estimate_throughput(self, guess: float | None) -> float:
+    def _estimate_throughput(self) -> float:
         """What a joining record announces before its own measurement exists: the
-        cached figure if any, else the swarm's mean (placement needs a number)."""
-        if guess:
-            return guess
+        swarm's mean (placement needs a number; routing ignores joining nodes)."""
         online = [v.throughput for v in self._others() if v.state == ONLINE and v.throughput > 0]
         return sum(online) / len(online) if online else 1.0
 
-    async def join(self, *, expect_peers: bool, throughput_guess: float | None) -> None:
+    async def join(self, *, expect_peers: bool) -> None:
         """Choose a span, announce it, load it, go online."""
         async with self._busy:
             await self.wait_for_swarm(expect_peers)
-            estimate = self._estimate_throughput(throughput_guess)
+            estimate = self._estimate_throughput()
             span = choose_span(self._others(), self.total_blocks, self.capacity)
             for _ in range(ANNOUNCE_ROUNDS):
                 self.registry.update_local(start=span[0], end=span[1], state=JOINING, throughput=estimate)
@@ -150,7 +149,8 @@ class SpanKeeper:
             await self._take(span)
 
     async def _take(self, span: tuple[int, int]) -> Held:
-        """Load ``span``, start serving it, publish ``online``; the old span is not touched."""
+        """Load ``span``, start serving it, publish ``online``, then free the old stage
+        (whose running sessions have ended or been given up by then)."""
         assert self._nursery is not None, "SpanKeeper.start() first"
         blocks = await self.load(span)
         served = self.make_served(blocks)
@@ -158,10 +158,9 @@ class SpanKeeper:
         held = Held(span[0], span[1], served, blocks, scope)
         old, self.held = self.held, held
         self.server.serve(served)
-        self.server.accepting = True
         info = blocks.stage.info
         self.registry.update_local(
-            start=span[0], end=span[1], state=ONLINE, throughput=blocks.throughput,
+            start=span[0], end=span[1], state=DRAINING if self.draining else ONLINE, throughput=blocks.throughput,
             cache_tokens_free=blocks.stage.cache_tokens_free, backend=info.backend, device=info.device, dtype=info.dtype,
         )
         if old is not None:
@@ -188,10 +187,9 @@ class SpanKeeper:
 
     # -- rebalancing ---------------------------------------------------------------
 
-    async def run_auto(self, *, expect_peers: bool, throughput_guess: float | None,
-                       rebalance_interval: float, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run_auto(self, *, expect_peers: bool, rebalance_interval: float, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """``--layers auto``: join, then keep checking whether to move, forever."""
-        await self.join(expect_peers=expect_peers, throughput_guess=throughput_guess)
+        await self.join(expect_peers=expect_peers)
         task_status.started()
         while True:
             await trio.sleep(check_interval(self.rng, rebalance_interval))
@@ -201,7 +199,7 @@ class SpanKeeper:
         """One rebalance check: move if that clearly helps. The new span, or None."""
         async with self._busy:
             mine = self._me_view()
-            if mine is None or mine.state != ONLINE or self.held is None:
+            if mine is None or mine.state != ONLINE or self.held is None or self.draining:
                 return None
             target = plan_move([*self._others(), mine], self.total_blocks, self.me, self.capacity)
             if target is None or target == (self.held.start, self.held.end):
@@ -229,6 +227,7 @@ class SpanKeeper:
     async def drain(self, timeout: float) -> int:
         """Announce ``draining``, take no new sessions, wait for running ones; how many
         were still open at the deadline."""
+        self.draining = True
         self.registry.update_local(state=DRAINING)
         self.server.accepting = False
         if self.held is None:

@@ -190,7 +190,7 @@ def redundant_swarm(request, model: Path, tmp_path_factory) -> Iterator[list[Nod
         dump_on_failure(request, nodes, failed_before)
 
 
-ROUTE = re.compile(r"session (\w+) via (.+)")
+ROUTE = re.compile(r"session (\S+) via (.+)")
 
 
 def server_on_route(gateway: Node, since: int, servers: list[Node]) -> Node:
