@@ -12,17 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import struct
 from dataclasses import dataclass
 
-from .weights import ModelFiles, block_of, is_embedding, is_head
+from .weights import ModelFiles, block_of, is_embedding, is_head, safetensors_header
 
 log = logging.getLogger(__name__)
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1}
 LOADED_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-MAX_HEADER = 100 << 20  # a safetensors header larger than this is not one
 
 
 @dataclass(frozen=True)
@@ -36,11 +34,10 @@ class WeightBytes:
 
 
 def _header(path) -> dict:
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > MAX_HEADER:
-            raise ValueError(f"{path}: not a safetensors file")
-        return json.loads(f.read(length))
+    try:
+        return json.loads(safetensors_header(path))
+    except ValueError as exc:  # not JSON, or cut short at the size limit
+        raise ValueError(f"{path}: not a safetensors file") from exc
 
 
 def _hub_headers(files: ModelFiles) -> dict[str, dict]:

@@ -34,6 +34,7 @@ SMALL_FILES = (
 )
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+MAX_SAFETENSORS_HEADER = 100 << 20  # a real header (a table of tensor names and offsets) is far smaller
 
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -213,6 +214,12 @@ def identity_bytes(files: ModelFiles) -> tuple[bytes, bytes]:
     index = files.root / INDEX_FILE
     if index.exists():
         return config, index.read_bytes()
-    with open(files.root / SINGLE_FILE, "rb") as f:
+    return config, safetensors_header(files.root / SINGLE_FILE)
+
+
+def safetensors_header(path: Path) -> bytes:
+    """A safetensors file's JSON header as stored (its first 8 bytes give the length,
+    little-endian); at most ``MAX_SAFETENSORS_HEADER`` bytes of it are read."""
+    with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
-        return config, f.read(min(length, 100 << 20))
+        return f.read(min(length, MAX_SAFETENSORS_HEADER))
