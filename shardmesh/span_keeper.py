@@ -19,7 +19,6 @@ wires them to the registry, the stage server and the backend.
 
 from __future__ import annotations
 
-import gc
 import logging
 import random
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any, Callable
 
 import trio
 
+from .backends.footprint import release_unused_memory
 from .mesh.records import server_view
 from .mesh.registry import Registry
 from .mesh.stage_server import StageServer
@@ -176,14 +176,7 @@ class SpanKeeper:
     def _free(self, held: Held) -> None:
         held.scope.cancel()
         held.blocks = held.served = None
-        gc.collect()  # the old stage's tensors go now, not at some later collection
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+        release_unused_memory()
 
     # -- rebalancing ---------------------------------------------------------------
 

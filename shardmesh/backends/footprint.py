@@ -9,6 +9,7 @@ yet, the hub serves just the headers.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -102,3 +103,13 @@ def free_memory_bytes(device: str = "auto") -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
+
+
+def release_unused_memory() -> None:
+    """Hand the memory of dropped stages back now, not at some later collection (and,
+    on a GPU, out of torch's cache, so free VRAM reads true for the next capacity)."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
