@@ -64,9 +64,13 @@ class LoadedModel:
         return self.config.num_hidden_layers
 
     @property
+    def text_config(self):
+        """The language model's own config (multimodal configs nest it)."""
+        return self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+
+    @property
     def context_length(self) -> int:
-        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
-        return int(getattr(text, "max_position_embeddings", 2048))
+        return int(getattr(self.text_config, "max_position_embeddings", 2048))
 
 
 def model_name(files: ModelFiles) -> str:
@@ -149,8 +153,8 @@ def auto_capacity(config: NodeConfig, model: LoadedModel) -> int:
     from .backends.footprint import free_memory_bytes, weight_bytes
     from .placement.capacity import blocks_that_fit
 
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    sizes = weight_bytes(model.files, model.total_blocks, bool(getattr(text, "tie_word_embeddings", False)), config.dtype)
+    tied = bool(getattr(model.text_config, "tie_word_embeddings", False))
+    sizes = weight_bytes(model.files, model.total_blocks, tied, config.dtype)
     if config.memory_gb is not None:
         memory = int(config.memory_gb * (1 << 30))
     else:
@@ -199,7 +203,7 @@ async def publish_free_cache(registry: Registry, keeper: SpanKeeper, every: floa
     while True:
         await trio.sleep(every)
         held = keeper.held
-        free = held.blocks.stage.cache_tokens_free if held is not None and held.blocks is not None else 0
+        free = held.blocks.stage.cache_tokens_free if held is not None else 0
         if free != last:
             registry.update_local(cache_tokens_free=free)
             last = free
@@ -224,7 +228,7 @@ class NodeChains:
 
     def _whole_model_here(self) -> LocalChains | None:
         held = self.keeper.held
-        if held is not None and held.blocks is not None and (held.start, held.end) == (0, self.total_blocks) and self.keeper.server.accepting:
+        if held is not None and (held.start, held.end) == (0, self.total_blocks) and self.keeper.server.accepting:
             return LocalChains([held.blocks.runner])
         return None
 
@@ -258,7 +262,6 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
         await nursery.start(registry.run)
         mesh.set_handler(SWARM_MAP_PROTOCOL, swarm_map_handler(registry))  # for `shardmesh status`
         await nursery.start(discovery.run)
-        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         server = StageServer(
             mesh,
             None,
@@ -267,7 +270,7 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
             model.context_length,
             limits,
             addrs_of=lambda peer: list(r.addrs) if (r := registry.get(peer)) else [],
-            hidden_size=int(text.hidden_size),
+            hidden_size=int(model.text_config.hidden_size),
         )
         await nursery.start(server.run)
         keeper = SpanKeeper(
