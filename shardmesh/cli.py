@@ -29,6 +29,11 @@ def _add_run(sub) -> None:
                    help="a peer of the swarm to join, ending in /p2p/<peer id> (repeatable); none: start a new swarm")
     p.add_argument("--key-file", default=None, help="the node's identity key (created on first run; default in ~/.local/share/shardmesh)")
     p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN by multicast DNS")
+    p.add_argument("--link-port", type=int, default=0, metavar="PORT",
+                   help="TCP port for hop links, the sessions' direct encrypted connections (default 0: any free port; "
+                        "behind a NAT forward it along with the libp2p port)")
+    p.add_argument("--no-links", action="store_true",
+                   help="keep every session on its libp2p stream (slower per hop; for networks that allow one port only)")
     p.add_argument("--max-blocks", type=int, default=None, metavar="N", help="with --layers auto: serve at most N blocks")
     p.add_argument("--memory-fraction", type=float, default=0.8, metavar="F",
                    help="with --layers auto: share of the free memory (VRAM on a GPU) to fill with weights + KV cache (default 0.8)")
@@ -98,6 +103,8 @@ def run(args) -> int:
         join=tuple(args.join),
         key_file=args.key_file,
         mdns=not args.no_mdns,
+        links=not args.no_links,
+        link_port=args.link_port,
         max_blocks=args.max_blocks,
         memory_fraction=args.memory_fraction,
         memory_gb=args.memory_gb,

@@ -36,6 +36,7 @@ from .backends.weights import ModelFiles, identity_bytes, resolve
 from .config import NodeConfig, UsageError
 from .mesh.discovery import Discovery
 from .mesh.host import MeshHost, default_key_file, load_or_create_identity, running_host
+from .mesh.link import LinkListener, Links
 from .mesh.records import NodeRecord, model_identity, server_view
 from .mesh.registry import Registry
 from .mesh.rtt import publish_rtts
@@ -241,6 +242,25 @@ class NodeChains:
         return opener.chain(session_id, sampling, prompt_ids, generated)
 
 
+async def start_links(config: NodeConfig, nursery: trio.Nursery) -> Links | None:
+    """Hop links (mesh/link.py): a listener on the host of the first ``--listen``
+    address, unless ``--no-links``."""
+    if not config.links:
+        return None
+    from multiaddr import Multiaddr
+
+    first = Multiaddr(config.listen[0])
+    protocols = {p.name for p in first.protocols()}
+    host = first.value_for_protocol("ip4") if "ip4" in protocols else first.value_for_protocol("ip6")
+    try:
+        listener = await LinkListener.bind(host, config.link_port)
+    except OSError as exc:
+        raise UsageError(f"--link-port {config.link_port}: cannot listen on {host}: {exc.strerror or exc}; "
+                         "pick another port, 0 for a free one, or --no-links") from exc
+    nursery.start_soon(listener.run)
+    return Links(listener)
+
+
 async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = None, stop: trio.Event | None = None) -> None:
     """Join (or start) the swarm, take a span, start the gateway, serve until ``stop``
     is set (then drain: see :func:`drain`) or until cancelled."""
@@ -262,6 +282,7 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
         await nursery.start(registry.run)
         mesh.set_handler(SWARM_MAP_PROTOCOL, swarm_map_handler(registry))  # for `shardmesh status`
         await nursery.start(discovery.run)
+        links = await start_links(config, nursery)
         server = StageServer(
             mesh,
             None,
@@ -271,6 +292,7 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
             limits,
             addrs_of=lambda peer: list(r.addrs) if (r := registry.get(peer)) else [],
             hidden_size=int(model.text_config.hidden_size),
+            links=links,
         )
         await nursery.start(server.run)
         keeper = SpanKeeper(
@@ -316,6 +338,7 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
             gateway=mesh.peer_id_str,
             on_failure=lambda peer: backoff.failed(peer, time.monotonic()),
             on_success=lambda route: [backoff.succeeded(h.peer) for h in route],
+            links=links,
         )
         generator = Generator(
             model.name,

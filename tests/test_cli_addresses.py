@@ -39,3 +39,21 @@ def test_a_port_in_use_is_refused(tmp_path) -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2, proc.stderr
     assert "port is in use" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_link_port_in_use_is_refused(tmp_path) -> None:
+    import socket
+
+    from shardmesh.backends.tiny import cached_tiny_model
+
+    model = cached_tiny_model("llama", layers=4, hidden=64)
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        cmd = [sys.executable, "-m", "shardmesh", "run", "--model", str(model), "--no-mdns", "--layers", "none", "--api", "off",
+               "--listen", "/ip4/127.0.0.1/tcp/0", "--link-port", str(port), "--key-file", str(tmp_path / "key")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"--link-port {port}: cannot listen" in last and "--no-links" in last, proc.stderr

@@ -22,6 +22,7 @@ from shardmesh.backends.tiny import cached_tiny_model
 from shardmesh.backends.torch_stage import TorchStage
 from shardmesh.backends.weights import resolve
 from shardmesh.mesh.host import running_host
+from shardmesh.mesh.link import HopLink, LinkListener, Links, dial
 from shardmesh.mesh.session import ChainFailed, RemoteChain
 from shardmesh.mesh.stage_server import Limits, StageServer
 from shardmesh.mesh.wire import PROTOCOL, FrameStream, StreamEnded, WireError, encode_frame
@@ -69,10 +70,12 @@ async def serve_and_attack(model_path: Path, attack) -> None:
         async with trio.open_nursery() as nursery:
             runner = StageRunner(stage)
             await nursery.start(runner.run)
-            server = StageServer(server_host, ServedStage(runner), MODEL_ID, 4, 2048, limits)
+            listener = await LinkListener.bind("127.0.0.1")
+            nursery.start_soon(listener.run)
+            server = StageServer(server_host, ServedStage(runner), MODEL_ID, 4, 2048, limits, links=Links(listener))
             await nursery.start(server.run)
             await client.connect(server_host.addrs()[0])
-            me = StageServer(client, None, MODEL_ID, 4, 2048)  # the client's side: a gateway
+            me = StageServer(client, None, MODEL_ID, 4, 2048, links=Links())  # the client's side: a gateway
             await nursery.start(me.run)
             good = RemoteChain(
                 nursery=nursery,
@@ -83,8 +86,12 @@ async def serve_and_attack(model_path: Path, attack) -> None:
                 gateway=client.peer_id_str,
                 sampling=GREEDY,
                 prompt_ids=PROMPT,
+                links=me.links,
             )
             await good.open(64)
+            # The good session runs over hop links; the attacks below use libp2p streams
+            # (and links of their own).
+            assert isinstance(good._first.stream, HopLink) and isinstance(good._last.stream, HopLink)
             tokens = [(await good.step(PROMPT, 0, True)).token_id]
 
             async def next_token() -> int:
@@ -309,6 +316,63 @@ def test_adjacent_hops_on_one_peer_are_refused(model_path, expected) -> None:
                                    route=[{"peer": server.me, "start": 0, "end": 2}, {"peer": server.me, "start": 2, "end": 4}]))
         await expect_error(fs, "bad_route")
 
+        await next_token()
+
+    run(model_path, expected, attack)
+
+
+def test_a_step_with_a_bad_spent_field_is_refused(model_path, expected) -> None:
+    async def attack(raw, next_token, server, client):
+        for spent in (-1.0, "soon", float("nan")):
+            fs = await raw()
+            await fs.write(open_header(server.me, client.peer_id_str, session="spender"))
+            assert (await fs.read_frame()).header.get("ok") is True
+            step = {"t": "step", "session": "spender", "position": 0, "want": False, "dtype": "int64", "shape": [1], "spent": spent}
+            await fs.write(step, b"\1" + b"\0" * 7)
+            await expect_error(fs, "bad_input")
+            await next_token()
+
+    run(model_path, expected, attack)
+
+
+def test_link_frames_that_do_not_follow_an_offer_are_refused(model_path, expected) -> None:
+    async def attack(raw, next_token, server, client):
+        fs = await raw()  # a session that never asked for a link
+        await fs.write(open_header(server.me, client.peer_id_str, session="nolink"))
+        ok = await fs.read_frame()
+        assert ok.header.get("ok") is True and "link" not in ok.header
+        await fs.write({"t": "link", "session": "nolink"})
+        await expect_error(fs, "bad_frame")
+        await next_token()
+
+        fs = await raw()  # asked and offered, but no connection was ever made
+        await fs.write(open_header(server.me, client.peer_id_str, session="nodial", link=True))
+        ok = await fs.read_frame()
+        assert set(ok.header["link"]) == {"port", "token", "key"}
+        await fs.write({"t": "link", "session": "nodial"})
+        await expect_error(fs, "link_failed")
+        await next_token()
+
+    run(model_path, expected, attack)
+
+
+def test_forged_link_records_end_only_their_session(model_path, expected) -> None:
+    async def attack(raw, next_token, server, client):
+        fs = await raw()
+        await fs.write(open_header(server.me, client.peer_id_str, session="forger", link=True))
+        offer = (await fs.read_frame()).header["link"]
+        link = await dial("127.0.0.1", offer)
+        await fs.write({"t": "link", "session": "forger"})
+        # Bytes that are not a record sealed with the session's key.
+        await link._stream.send_all(struct.pack(">I", 100) + bytes(100))
+        await expect_error(FrameStream(link), "stream_error")
+        await next_token()
+
+        # A stranger on the link port: a wrong token gets the connection closed.
+        stranger = await trio.open_tcp_stream("127.0.0.1", offer["port"])
+        await stranger.send_all(b"x" * 16)
+        with trio.fail_after(10):
+            assert await stranger.receive_some(10) == b""
         await next_token()
 
     run(model_path, expected, attack)

@@ -10,7 +10,7 @@ MLX stage: only bytes travel.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 # Element sizes of the dtypes that may cross the boundary. bfloat16 travels as its
 # 2-byte pattern; nothing is ever pickled.
@@ -111,6 +111,17 @@ class StepRequest:
     session_id: str
     inputs: RawTensor
     position: int
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """A served step: its ``value`` (hidden states, or the last hop's sampled-token
+    dict), the compute ``seconds`` it took (the batch's forward plus this request's
+    sampling), and whether a ``then`` callback already ``sent`` it on its way."""
+
+    value: Any
+    seconds: float
+    sent: bool = False
 
 
 class Stage(Protocol):

@@ -4,6 +4,10 @@ Every session that wants a step calls :meth:`StageRunner.step` and waits. One lo
 whatever has queued up since the last batch started and runs it as a single batched
 ``stage.step`` on the compute thread (:mod:`.compute_thread`). Under load, batches form by themselves: while one
 batch computes, the next one gathers. A single waiting session costs one thread hop.
+
+A request may carry ``then``, called on the compute thread with the result and the
+compute seconds it took: the stage server uses it to send a decode step's output to the
+next hop at once, without waiting for the event loop to wake up (mesh/link.py).
 """
 
 from __future__ import annotations
@@ -11,19 +15,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import logging
+import time
+
 import trio
 
-from .base import RawTensor, Stage, StepRequest
+from .base import RawTensor, Stage, StepOutput, StepRequest
 from .compute_thread import compute_thread
+
+
+log = logging.getLogger("shardmesh.backends.runner")
 
 
 @dataclass
 class _Pending:
     request: StepRequest
     after: Callable[[RawTensor], Any] | None
+    then: Callable[[Any, float], bool] | None = None
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
+    seconds: float = 0.0
+    sent: bool = False
 
 
 class StageRunner:
@@ -50,13 +63,20 @@ class StageRunner:
     async def step(self, request: StepRequest, after: Callable[[RawTensor], Any] | None = None) -> Any:
         """One step of one session; returns the output, or ``after(output)`` computed in
         the compute thread (the last stage samples there, keeping the loop free)."""
-        pending = _Pending(request, after)
+        return (await self.step_timed(request, after)).value
+
+    async def step_timed(
+        self, request: StepRequest, after: Callable[[RawTensor], Any] | None = None, then: Callable[[Any, float], bool] | None = None
+    ) -> StepOutput:
+        """:meth:`step`, with its compute seconds; then ``then(result, seconds)`` runs on
+        the compute thread, and what it returns (True: it sent the result on) is ``sent``."""
+        pending = _Pending(request, after, then)
         self._queue.append(pending)
         self._wakeup.set()
         await pending.done.wait()
         if pending.error is not None:
             raise pending.error
-        return pending.result
+        return StepOutput(pending.result, pending.seconds, pending.sent)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -73,6 +93,7 @@ class StageRunner:
 
     def _step_batch(self, batch: list[_Pending]) -> None:
         """Compute thread: the batched step, then each request's ``after``."""
+        began = time.perf_counter()
         try:
             outputs = self.stage.step([p.request for p in batch])
         except Exception as exc:
@@ -90,3 +111,10 @@ class StageRunner:
                 pending.result = pending.after(output) if pending.after else output
             except Exception as exc:
                 pending.error = exc
+                continue
+            pending.seconds = time.perf_counter() - began
+            if pending.then is not None:
+                try:
+                    pending.sent = bool(pending.then(pending.result, pending.seconds))
+                except Exception:  # sending is best effort: the event loop sends instead
+                    log.exception("sending a step's output from the compute thread failed")

@@ -10,9 +10,9 @@ that produced the logits, so the event loop never touches a tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from .base import BadInput, RawTensor, StageInfo, StepRequest
+from .base import BadInput, RawTensor, StageInfo, StepOutput, StepRequest
 from .runner import StageRunner
 from .sampling import SamplingParams, sample
 from .torch_tensors import tensor_from_raw
@@ -65,9 +65,12 @@ class ServedStage:
     async def open(self, session_id: str, max_length: int, start: int, end: int) -> None:
         await self.runner.open(session_id, max_length, start, end)
 
-    async def step(self, session_id: str, inputs: RawTensor, position: int, sampler: SamplerState | None) -> Any:
-        """Hidden states out, or (last hop, ``sampler`` given) the sampled token dict."""
-        return await self.runner.step(StepRequest(session_id, inputs, position), after=sampler)
+    async def step(
+        self, session_id: str, inputs: RawTensor, position: int, sampler: SamplerState | None, then: Callable[[Any, float], bool] | None = None
+    ) -> StepOutput:
+        """Hidden states out, or (last hop, ``sampler`` given) the sampled token dict;
+        ``then(value, seconds)`` runs on the compute thread right after (see runner)."""
+        return await self.runner.step_timed(StepRequest(session_id, inputs, position), after=sampler, then=then)
 
     async def close(self, session_id: str) -> None:
         await self.runner.close(session_id)

@@ -26,6 +26,7 @@ import trio
 from ..backends.base import CacheBudgetExceeded
 from ..placement.routing import Hop
 from .host import close_quietly, reset_quietly
+from .link import Links, request_fields, upgrade_opener
 from .wire import ATTACH, CLOSE, ERROR, OPEN, RESULT, STEP, Frame, FrameStream, StreamEnded, WireError
 
 log = logging.getLogger("shardmesh.mesh.session")
@@ -56,6 +57,7 @@ class ChainToken:
     token_id: int
     logprob: float | None
     top_logprobs: tuple[tuple[int, float], ...]
+    spent: float | None = None  # compute seconds the hops report for this step (the rest was network)
 
 
 def _failure(frame: Frame, default_peer: str | None, route: list[Hop]) -> Exception:
@@ -84,8 +86,10 @@ class RemoteChain:
         sampling: dict[str, Any],
         prompt_ids: Sequence[int],
         generated: Sequence[int] = (),
+        links: Links | None = None,
     ) -> None:
         self.nursery = nursery
+        self.links = links
         self.open_stream = open_stream
         self.route = route
         self.session_id = session_id
@@ -107,6 +111,7 @@ class RemoteChain:
             raise ChainFailed(peer, "peer_unreachable", str(exc)) from exc
 
     async def _expect_ok(self, fs: FrameStream, peer: str, what: str) -> None:
+        """Reads the answer to ``what``; then moves ``fs`` to a hop link if one is offered."""
         try:
             reply = await fs.read_frame(idle_timeout=OPEN_TIMEOUT)
         except (StreamEnded, WireError) as exc:
@@ -115,6 +120,10 @@ class RemoteChain:
             raise _failure(reply, peer, self.route)
         if reply.type != RESULT or reply.header.get("ok") is not True:
             raise ChainFailed(peer, "bad_frame", f"{what} answered with {reply.type}")
+        try:
+            await upgrade_opener(self.links, fs, reply.header, peer, self.session_id)
+        except WireError as exc:
+            raise ChainFailed(peer, "peer_lost", f"moving to a link after {what}: {exc.message}") from exc
 
     async def open(self, max_length: int) -> None:
         first, last = self.route[0].peer, self.route[-1].peer
@@ -132,12 +141,13 @@ class RemoteChain:
                 "max_length": max_length,
                 "sampling": self.sampling,
                 "n_prompt": len(prompt),
+                **request_fields(self.links, self._first, first),
             },
             array("q", prompt + generated).tobytes(),
         )
         await self._expect_ok(self._first, first, "open")
         self._last = await self._connect(last)
-        await self._write(self._last, last, {"t": ATTACH, "session": self.session_id})
+        await self._write(self._last, last, {"t": ATTACH, "session": self.session_id, **request_fields(self.links, self._last, last)})
         await self._expect_ok(self._last, last, "attach")
         self._readers_running = 2
         self.nursery.start_soon(self._read_into_events, self._last, last)
@@ -213,9 +223,11 @@ class RemoteChain:
             top = tuple((int(i), float(lp)) for i, lp in (h.get("top") or []))
             logprob = h.get("logprob")
             logprob = None if logprob is None else float(logprob)
+            spent = h.get("spent")
+            spent = float(spent) if isinstance(spent, (int, float)) else None
         except (TypeError, ValueError) as exc:
             raise ChainFailed(self.route[-1].peer, "bad_frame", f"malformed logprobs in a result: {exc}") from exc
-        return ChainToken(token, logprob, top)
+        return ChainToken(token, logprob, top, spent)
 
     async def close(self) -> None:
         """Tell the chain to end and close our streams; never raises. The hops close
@@ -255,8 +267,10 @@ class MeshChains:
         gateway: str,
         on_failure: Callable[[str], None] = lambda peer: None,
         on_success: Callable[[list[Hop]], None] = lambda route: None,
+        links: Links | None = None,
     ) -> None:
         self.nursery = nursery
+        self.links = links
         self.open_stream = open_stream
         self.find_route = find_route  # tokens needed -> route avoiding peers that failed
         self.model_id = model_id
@@ -310,6 +324,7 @@ class RoutedChain:
             sampling=self.sampling,
             prompt_ids=self.prompt_ids,
             generated=self.generated,
+            links=self.chains.links,
         )
         log.debug("session %s via %s", self.session_id, " -> ".join(f"{h.peer[-6:]}[{h.start},{h.end})" for h in route))
         await self.inner.open(max_length)

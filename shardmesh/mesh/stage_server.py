@@ -33,11 +33,13 @@ import trio
 
 from ..backends.base import StageError
 from .host import MeshHost, close_quietly, reset_quietly
+from .link import HopLink, Links, Offer, accept_link, offer_fields, request_fields, upgrade_opener
 from .pipe import pipe_pair
 from .wire import (
     ATTACH,
     CLOSE,
     ERROR,
+    LINK,
     OPEN,
     PROTOCOL,
     RESULT,
@@ -46,6 +48,7 @@ from .wire import (
     FrameStream,
     StreamEnded,
     WireError,
+    encode_frame,
     tensor_fields,
     tensor_from_frame,
 )
@@ -116,8 +119,10 @@ class StageServer:
         limits: Limits = Limits(),
         addrs_of: Callable[[str], list[str]] | None = None,
         hidden_size: int | None = None,
+        links: Links | None = None,
     ) -> None:
         self.mesh = mesh
+        self.links = links  # hop links (link.py); None: libp2p streams only
         self.served = served
         self.model_id = model_id
         self.total_blocks = total_blocks
@@ -204,9 +209,12 @@ class StageServer:
         except WireError as exc:
             log.info("refused a stream from %s: %s", upstream_peer, exc.message)
             await fs.send_error(exc.code, exc.message, exc.peer or self.me)
-            await reset_quietly(stream)
+            await reset_quietly(fs.stream)
             return
-        await close_quietly(stream)
+        except BaseException:
+            await reset_quietly(fs.stream)  # a hop link is ours to drop; a libp2p stream, the host's too
+            raise
+        await close_quietly(fs.stream)  # the hop link, if the session moved to one
 
     def _check_open_header(self, header: dict[str, Any]) -> None:
         if header["t"] == OPEN and header.get("nbytes", 0) > self.context_length * 8:
@@ -281,10 +289,12 @@ class StageServer:
             self.sessions.pop(session.id, None)
             raise
         downstream: FrameStream | None = None
+        offer: Offer | None = None
         try:
             if not session.is_last:
                 downstream = await self._open_downstream(frame, route)
-            await fs.write({"t": RESULT, "session": session.session, "ok": True})
+            offer, link_fields = offer_fields(self.links, frame.header)
+            await fs.write({"t": RESULT, "session": session.session, "ok": True, **link_fields})
             # No task here is ever cancelled while it reads or writes a stream: py-libp2p
             # cannot take that (a cancelled read may drop the window update it was
             # sending, a cancelled write half a Noise message, and the peer then drops
@@ -294,7 +304,7 @@ class StageServer:
                 relay_done = trio.Event()
                 if downstream is not None:
                     nursery.start_soon(self._relay_back, session, downstream, fs, route[1]["peer"], relay_done)
-                await self._steps(session, fs, downstream)
+                await self._steps(session, fs, downstream, offer)
                 if downstream is not None:
                     # FIN to the next hop: it ends its session and closes its side,
                     # which ends our relay's read.
@@ -305,6 +315,8 @@ class StageServer:
                         await reset_quietly(downstream.stream)
         finally:
             self.sessions.pop(session.id, None)
+            if offer is not None and self.links is not None and self.links.listener is not None:
+                self.links.listener.withdraw(offer)
             with trio.CancelScope(shield=True):
                 await session.served.close(session.id)
                 if downstream is not None:
@@ -326,8 +338,10 @@ class StageServer:
         except Exception as exc:
             raise WireError("peer_unreachable", f"cannot reach the next hop: {exc}", nxt) from exc
         downstream = FrameStream(stream, max_payload=self.max_payload)
+        header = {k: v for k, v in frame.header.items() if k != "link"}  # the upstream's wish, not ours
+        header.update(route=route[1:], **request_fields(self.links, downstream, nxt))
         try:
-            await downstream.write({**frame.header, "route": route[1:]}, frame.payload)
+            await downstream.write(header, frame.payload)
         except WireError as exc:
             await reset_quietly(stream)
             raise WireError("peer_lost", f"the next hop went away during open: {exc.message}", nxt) from exc
@@ -344,6 +358,11 @@ class StageServer:
         if reply.type != RESULT or reply.header.get("ok") is not True:
             await reset_quietly(stream)
             raise _fail("bad_frame", f"the next hop answered open with {reply.type}")
+        try:
+            await upgrade_opener(self.links, downstream, reply.header, nxt, frame.header["session"])
+        except WireError as exc:
+            await reset_quietly(downstream.stream)
+            raise WireError("peer_lost", f"the next hop went away during open: {exc.message}", nxt) from exc
         return downstream
 
     # -- a session: steps -----------------------------------------------------------
@@ -354,7 +373,7 @@ class StageServer:
             if isinstance(shape, list) and shape and isinstance(shape[0], int) and shape[0] > self.limits.max_tokens_per_step:
                 raise _fail("too_large", f"{shape[0]} tokens in one step (limit {self.limits.max_tokens_per_step})")
 
-    async def _steps(self, session: HopSession, fs: FrameStream, downstream: FrameStream | None) -> None:
+    async def _steps(self, session: HopSession, fs: FrameStream, downstream: FrameStream | None, offer: Offer | None) -> None:
         info = session.served.info
         max_elements = self.limits.max_tokens_per_step * max(1, info.hidden_size)
         while True:
@@ -375,6 +394,14 @@ class StageServer:
                     except WireError:
                         pass
                 return
+            if frame.type == LINK:
+                try:
+                    await accept_link(self.links, fs, offer)
+                except WireError as exc:
+                    await self._report(session, fs, exc.code, exc.message)
+                    return
+                offer = None  # one link per session hop
+                continue
             if frame.type != STEP:
                 await self._report(session, fs, "bad_frame", f"unexpected {frame.type} frame in a session")
                 return
@@ -390,21 +417,40 @@ class StageServer:
 
     async def _step(self, session: HopSession, frame: Frame, downstream: FrameStream | None, max_elements: int) -> None:
         position, want = frame.header.get("position"), frame.header.get("want", False)
+        spent = frame.header.get("spent", 0.0)
         if not isinstance(position, int) or position < 0 or not isinstance(want, bool):
             raise _fail("bad_input", "step needs an integer position >= 0 and a boolean want")
+        if not isinstance(spent, (int, float)) or not 0 <= spent < 1e6:
+            raise _fail("bad_input", "spent must be a number of seconds >= 0")
         inputs = tensor_from_frame(frame, max_elements)
         sampler = session.sampler if (session.is_last and want) else None
-        out = await session.served.step(session.id, inputs, position, sampler)
-        if downstream is not None:
-            await downstream.write(
-                {"t": STEP, "session": session.session, "position": position, "want": want, **tensor_fields(out)}, out.data
-            )
-        elif want:
+
+        def frame_for(value: Any, seconds: float) -> tuple[dict[str, Any], bytes]:
+            """The frame this step's output travels in (next hop: a step; gateway: a result)."""
+            head = {"session": session.session, "position": position, "spent": spent + seconds}
+            if downstream is not None:
+                return {"t": STEP, **head, "want": want, **tensor_fields(value)}, value.data
+            return {"t": RESULT, **head, **value}, b""
+
+        # Where the output goes over a hop link, the compute thread sends it itself.
+        target = downstream if downstream is not None else (session.attach if want else None)
+        link = target.stream if target is not None and isinstance(target.stream, HopLink) else None
+
+        def send_now(value: Any, seconds: float) -> bool:
+            assert link is not None
+            return link.send_now(encode_frame(*frame_for(value, seconds)))
+
+        done = await session.served.step(session.id, inputs, position, sampler, send_now if link is not None else None)
+        if done.sent or (downstream is None and not want):
+            return
+        if downstream is None:
             with trio.move_on_after(FIRST_FRAME_TIMEOUT):
                 await session.attached.wait()
             if session.attach is None:
                 raise _fail("gateway_gone", "the gateway's result stream is gone")
-            await session.attach.write({"t": RESULT, "session": session.session, "position": position, **out})
+            target = session.attach
+        assert target is not None
+        await target.write(*frame_for(done.value, done.seconds))
 
     async def _relay_back(self, session: HopSession, downstream: FrameStream, fs: FrameStream, nxt: str, done: trio.Event) -> None:
         """Errors from further down travel back towards the gateway, which then ends
@@ -447,16 +493,23 @@ class StageServer:
             raise _fail("forbidden", "only the session's gateway may attach, once")
         session.attach = fs
         session.attached.set()  # before the write: a second attach must find it taken
-        await fs.write({"t": RESULT, "session": session.session, "ok": True})
-        # The gateway only listens here. It ends the session through the chain (close
-        # from upstream, or its first stream ending); here we only notice it leaving.
+        offer, link_fields = offer_fields(self.links, frame.header)
+        await fs.write({"t": RESULT, "session": session.session, "ok": True, **link_fields})
+        # The gateway only listens here (after moving to a link, if it asked for one). It
+        # ends the session through the chain (close from upstream, or its first stream
+        # ending); here we only notice it leaving.
         try:
             while True:
                 got = await fs.read_frame()
                 if got.type == CLOSE:
                     break
+                if got.type == LINK:
+                    await accept_link(self.links, fs, offer)
+                    offer = None
         except (StreamEnded, WireError) as exc:
             log.debug("session %s: the gateway's attach stream ended: %r", session.id, exc)
         finally:
             session.attach_done.set()
+            if offer is not None and self.links is not None and self.links.listener is not None:
+                self.links.listener.withdraw(offer)
         session.attach = None

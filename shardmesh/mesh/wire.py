@@ -39,7 +39,8 @@ STEP = "step"  # token ids (first hop) or hidden states, pushed down the chain
 RESULT = "result"  # "ok" acknowledgements, and sampled tokens from the last hop
 ERROR = "error"  # {code, message, peer}: flows back towards the gateway
 CLOSE = "close"  # end the session (flows down the chain)
-FRAME_TYPES = frozenset({OPEN, ATTACH, STEP, RESULT, ERROR, CLOSE})
+LINK = "link"  # opener -> hop: the rest of this session goes over the offered link (link.py)
+FRAME_TYPES = frozenset({OPEN, ATTACH, STEP, RESULT, ERROR, CLOSE, LINK})
 
 
 class WireError(Exception):
@@ -178,6 +179,15 @@ class FrameStream:
                     raise WireError("timeout", f"write not done within {FRAME_TIMEOUT:.0f} s") from exc
                 except Exception as exc:
                     raise WireError("stream_error", f"write failed: {type(exc).__name__}: {exc}") from exc
+
+    async def switch_to(self, stream: Any) -> Any:
+        """Carry the following frames on ``stream`` (a hop link); returns the old stream.
+        Only between frames, and only when the old stream has nothing more to give."""
+        async with self._write_lock:
+            if self._buf:
+                raise WireError("bad_frame", "data after a link frame")
+            old, self.stream = self.stream, stream
+            return old
 
     async def send_error(self, code: str, message: str, peer: str, session: str | None = None) -> None:
         """Best effort: the stream may already be gone."""
