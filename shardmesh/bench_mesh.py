@@ -9,11 +9,20 @@ figure, and this process plays the gateway (a libp2p host that holds no weights)
   messages (gateway → node → gateway).
 * **3-node chain**: three node processes hold 0:4, 4:8, 8:12; each decode step is four
   one-way messages (gateway → A → B → C → gateway).
+* **3-node chain, no links**: the same with ``--no-links``: every frame stays on its
+  libp2p stream (Yamux over Noise in py-libp2p) instead of moving to a hop link.
 
 The added latency per hop is ``(t3 - t1) / 2`` per decode step: two more hops, same
-compute. A 2,048-token prefill through each chain gives the bytes a hop moves (2,048 x
-hidden states) and, from ``(p3 - p1) / 2``, the time one hop adds: MB/s per hop.
-Decode figures are the best of ``--repeats`` interleaved runs.
+blocks. It is split in two. Each hop reports the compute seconds it spent on a step
+(``spent``, summed along the chain); a step's time minus that is the network and the
+hand-offs between threads, the part the mesh adds. The rest of the difference is the
+compute itself running slower when split over processes that share this machine's cores.
+A 2,048-token prefill through each chain gives the bytes a hop moves (2,048 x hidden
+states) and, from ``(p3 - p1) / 2``, the time one hop adds: MB/s per hop.
+
+Each chain is up on its own, next to the one-process path in this process, and the two
+take turns for ``--repeats`` rounds, so that a slow moment of a shared machine hits both
+alike; each path's best round is reported.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,12 +55,14 @@ class NodeProcess:
     peer: str = ""
 
 
-def start_node(path: Path, layers: str, dtype: str, key_dir: Path, join: str | None = None, threads: int | None = None) -> NodeProcess:
+def start_node(
+    path: Path, layers: str, dtype: str, key_dir: Path, join: str | None = None, threads: int | None = None, links: bool = True
+) -> NodeProcess:
     cmd = [
         sys.executable, "-m", "shardmesh", "run", "--model", str(path), "--layers", layers, "--api", "off",
         "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--dtype", dtype,
         "--key-file", str(key_dir / f"{layers.replace(':', '-')}.key"),
-    ] + (["--join", join] if join else [])
+    ] + (["--join", join] if join else []) + ([] if links else ["--no-links"])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -80,9 +92,9 @@ def wait_serving(node: NodeProcess, timeout: float = 300) -> None:
 class FixedRoute:
     """A chain opener over one hand-made route (the bench knows where everything is)."""
 
-    def __init__(self, nursery, server, route, model_id: str, gateway: str) -> None:
+    def __init__(self, nursery, server, route, model_id: str, gateway: str, links) -> None:
         self.nursery, self.server, self.route = nursery, server, route
-        self.model_id, self.gateway = model_id, gateway
+        self.model_id, self.gateway, self.links = model_id, gateway, links
 
     def available(self) -> bool:
         return True
@@ -93,7 +105,7 @@ class FixedRoute:
         return RemoteChain(
             nursery=self.nursery, open_stream=self.server.open_stream, route=self.route, session_id=session_id,
             model_id=self.model_id, gateway=self.gateway, sampling=sampling.to_dict(), prompt_ids=prompt_ids,
-            generated=generated,
+            generated=generated, links=self.links,
         )
 
 
@@ -111,7 +123,8 @@ async def _prefill_seconds(chains: FixedRoute, prompt: list[int]) -> float:
         await chain.close()
 
 
-async def one_process_rate(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int) -> float:
+async def _one_process(path: Path, dtype: str):
+    """The one-node stage path in this process: its generator, and the nursery task to run."""
     from transformers import AutoTokenizer
 
     from .api.generate import Generator
@@ -123,23 +136,41 @@ async def one_process_rate(path: Path, dtype: str, prompt: list[int], tokens: in
 
     stage = await compute_thread().run(lambda: TorchStage(resolve_local(str(path)), 0, dtype=dtype, model_name="bench"))
     runner = StageRunner(stage)
-    generator = Generator("bench", AutoTokenizer.from_pretrained(path), 1 << 20, LocalChains([runner]), frozenset())
-    async with trio.open_nursery() as nursery:
-        await nursery.start(runner.run)
-        await _decode_rate(generator, prompt, 4)  # warm-up
-        best = max([await _decode_rate(generator, prompt, tokens) for _ in range(repeats)])
-        nursery.cancel_scope.cancel()
-    return best
+    return Generator("bench", AutoTokenizer.from_pretrained(path), 1 << 20, LocalChains([runner]), frozenset()), runner
 
 
-async def chain_rates(path: Path, prompt: list[int], tokens: int, repeats: int, hops: list[tuple[NodeProcess, int, int]]) -> tuple[float, float]:
-    """Best decode tokens/s and best 2,048-token prefill seconds through ``hops``."""
+async def _chain_decode(opener: FixedRoute, prompt: list[int], tokens: int) -> tuple[float, float]:
+    """Median milliseconds per decode step through the chain, driven directly, and the
+    median compute milliseconds the hops report for it (``spent``): the difference is
+    what the network and the hand-offs around it cost."""
+    from .backends.sampling import SamplingParams
+
+    chain = opener.chain(f"split-{time.monotonic_ns()}", SamplingParams(temperature=0.0), prompt, [])
+    walls, spents = [], []
+    try:
+        await chain.open(len(prompt) + tokens + 1)
+        token = await chain.step(prompt, 0, True)
+        for i in range(tokens):
+            t0 = time.perf_counter()
+            token = await chain.step([token.token_id], len(prompt) + i, True)
+            walls.append(time.perf_counter() - t0)
+            spents.append(token.spent or 0.0)
+    finally:
+        await chain.close()
+    return 1000 * statistics.median(walls), 1000 * statistics.median(spents)
+
+
+async def measure_paths(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int, chain: "Chain") -> dict:
+    """One process and ``chain``, taking turns for ``repeats`` rounds (so that a slow
+    moment of a shared machine hits both alike): best decode tokens/s of each, the
+    chain's step time split into compute and the rest, and its best 2,048-token prefill."""
     from libp2p.crypto.ed25519 import create_new_key_pair
     from transformers import AutoConfig, AutoTokenizer
 
     from .api.generate import Generator
     from .backends.weights import identity_bytes, resolve_local
     from .mesh.host import running_host
+    from .mesh.link import Links
     from .mesh.records import model_identity
     from .mesh.stage_server import StageServer
     from .placement.routing import Hop
@@ -149,25 +180,41 @@ async def chain_rates(path: Path, prompt: list[int], tokens: int, repeats: int, 
     async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as mesh, trio.open_nursery() as nursery:
         server = StageServer(mesh, None, model_id, config.num_hidden_layers, config.max_position_embeddings)
         await nursery.start(server.run)
-        for node, _, _ in hops:
+        local, runner = await _one_process(path, dtype)
+        await nursery.start(runner.run)
+        for node, _, _ in chain.hops:
             await mesh.connect(node.address)
-        chains = FixedRoute(nursery, server, [Hop(n.peer, s, e) for n, s, e in hops], model_id, mesh.peer_id_str)
-        generator = Generator("bench", AutoTokenizer.from_pretrained(path), 1 << 20, chains, frozenset())
-        await _decode_rate(generator, prompt, 4)  # warm-up
-        decode = max([await _decode_rate(generator, prompt, tokens) for _ in range(repeats)])
+        route = [Hop(n.peer, s, e) for n, s, e in chain.hops]
+        opener = FixedRoute(nursery, server, route, model_id, mesh.peer_id_str, Links() if chain.links else None)
+        remote = Generator("bench", AutoTokenizer.from_pretrained(path), 1 << 20, opener, frozenset())
+        for generator in (local, remote):
+            await _decode_rate(generator, prompt, 4)  # warm-up
+        one = rate = 0.0
+        for _ in range(repeats):
+            one = max(one, await _decode_rate(local, prompt, tokens))
+            rate = max(rate, await _decode_rate(remote, prompt, tokens))
+        step_ms, compute_ms = min([await _chain_decode(opener, prompt, tokens) for _ in range(repeats)])
         long_prompt = (prompt * (PREFILL_TOKENS // len(prompt) + 1))[:PREFILL_TOKENS]
-        prefill = min([await _prefill_seconds(chains, long_prompt) for _ in range(max(2, repeats))])
+        prefill = min([await _prefill_seconds(opener, long_prompt) for _ in range(max(2, repeats))])
         nursery.cancel_scope.cancel()
-    return decode, prefill
+    return {"one process": one, "chain": rate, "step ms": step_ms, "compute ms": compute_ms, "prefill": prefill}
 
 
-def start_chain(path: Path, dtype: str, spans: list[str], key_dir: Path, threads: int | None) -> list[NodeProcess]:
+@dataclass
+class Chain:
+    """Node processes serving a route: (process, start, end) per hop."""
+
+    hops: list[tuple[NodeProcess, int, int]]
+    links: bool = True  # nodes and the gateway use hop links (mesh/link.py)
+
+
+def start_chain(path: Path, dtype: str, spans: list[str], key_dir: Path, threads: int | None, links: bool = True) -> list[NodeProcess]:
     """Node processes for ``spans``; the first starts the swarm, the others join it."""
-    first = start_node(path, spans[0], dtype, key_dir, threads=threads)
+    first = start_node(path, spans[0], dtype, key_dir, threads=threads, links=links)
     nodes = [first]
     try:
         wait_serving(first)
-        nodes += [start_node(path, span, dtype, key_dir, first.address, threads) for span in spans[1:]]
+        nodes += [start_node(path, span, dtype, key_dir, first.address, threads, links) for span in spans[1:]]
         for node in nodes:
             wait_serving(node)
         time.sleep(3)  # a gossip round or two, so every hop knows the next one's address
@@ -187,10 +234,18 @@ def stop_all(nodes: list[NodeProcess]) -> None:
             node.proc.kill()
 
 
+CHAINS = {  # name: (spans, hop links)
+    "3-node chain": (["0:4", "4:8", "8:12"], True),
+    "1-node chain": (["0:12"], True),
+    "3-node chain, no links": (["0:4", "4:8", "8:12"], False),
+}
+
+
 def measure(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int, threads: int | None, key_dir: Path) -> dict:
-    """The three paths with ``threads`` torch threads per process (None: torch's default).
-    One phase at a time, so that only one copy of the weights is alive while a path is
-    measured: idle copies would compete for the same CPU caches."""
+    """Each chain of :data:`CHAINS` in turn, next to one process, with ``threads`` torch
+    threads per process (None: torch's default). One chain is up at a time: on this
+    project's VMs the L3 cache (shared with other tenants) holds about two copies of the
+    100M model's weights, not four."""
     import torch
 
     from .backends.compute_thread import compute_thread
@@ -198,34 +253,43 @@ def measure(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int
     # OpenMP's thread count is per calling thread: set it on the thread that runs torch.
     default_threads = compute_thread().call(torch.get_num_threads)
     compute_thread().call(torch.set_num_threads, threads or default_threads)
+    results = {}
     try:
-        print(f"  one process ({threads or default_threads} threads) ...", flush=True)
-        decode = {"one process": trio.run(one_process_rate, path, dtype, prompt, tokens, repeats)}
+        for name, (spans, links) in CHAINS.items():
+            print(f"  {name} and one process ({threads or default_threads} threads): node processes on 127.0.0.1 ...", flush=True)
+            nodes = start_chain(path, dtype, spans, key_dir, threads, links)
+            try:
+                chain = Chain([(n, *map(int, span.split(":"))) for n, span in zip(nodes, spans)], links)
+                results[name] = trio.run(measure_paths, path, dtype, prompt, tokens, repeats, chain)
+            finally:
+                stop_all(nodes)
+                gc.collect()
     finally:
         compute_thread().call(torch.set_num_threads, default_threads)
-    gc.collect()
-    prefill = {}
-    for name, spans in (("3-node chain", ["0:4", "4:8", "8:12"]), ("1-node chain", ["0:12"])):
-        print(f"  {name}: node processes on 127.0.0.1 ...", flush=True)
-        nodes = start_chain(path, dtype, spans, key_dir, threads)
-        try:
-            hops = [(n, *map(int, span.split(":"))) for n, span in zip(nodes, spans)]
-            decode[name], prefill[name] = trio.run(chain_rates, path, prompt, tokens, repeats, hops)
-        finally:
-            stop_all(nodes)
-    return {"decode": decode, "prefill": prefill}
+    return results
 
 
-def report(title: str, result: dict, hop_mb: float) -> None:
-    decode, prefill = result["decode"], result["prefill"]
-    local = decode["one process"]
-    print(f"\n{title}\n{'path':34s} {'decode tok/s':>12s} {'vs one process':>15s} {'ms/token':>9s}")
-    for name in ("one process", "1-node chain", "3-node chain"):
-        rate = decode[name]
-        print(f"{name:34s} {rate:12.1f} {rate / local:15.2f} {1000 / rate:9.2f}")
-    per_hop_ms = (1000 / decode["3-node chain"] - 1000 / decode["1-node chain"]) / 2
-    print(f"added latency per hop (decode step, (t3 - t1) / 2): {per_hop_ms:.2f} ms")
-    p1, p3 = prefill["1-node chain"], prefill["3-node chain"]
+def report(title: str, results: dict, hop_mb: float) -> None:
+    print(f"\n{title}")
+    print(f"{'path':24s} {'decode tok/s':>12s} {'one process':>12s} {'ratio':>6s} {'step ms':>8s} {'compute':>8s} {'rest':>6s}")
+    for name, r in results.items():
+        rest = r["step ms"] - r["compute ms"]
+        print(
+            f"{name:24s} {r['chain']:12.1f} {r['one process']:12.1f} {r['chain'] / r['one process']:6.2f} "
+            f"{r['step ms']:8.2f} {r['compute ms']:8.2f} {rest:6.2f}"
+        )
+    one, three = results["1-node chain"], results["3-node chain"]
+    per_hop = (1000 / three["chain"] - 1000 / one["chain"]) / 2
+    network = ((three["step ms"] - three["compute ms"]) - (one["step ms"] - one["compute ms"])) / 2
+    compute = (three["compute ms"] - one["compute ms"]) / 2
+    print(f"added latency per hop (decode step, (t3 - t1) / 2): {per_hop:.2f} ms")
+    print(f"  network and hand-offs (step minus the compute the hops report): {network:.2f} ms per hop")
+    print(f"  compute: {compute:.2f} ms per hop (the same blocks, split over processes that share this machine's cores)")
+    if "3-node chain, no links" in results:
+        bare = results["3-node chain, no links"]
+        network_bare = ((bare["step ms"] - bare["compute ms"]) - (one["step ms"] - one["compute ms"])) / 2
+        print(f"  network and hand-offs with --no-links (libp2p streams only): {network_bare:.2f} ms per hop")
+    p1, p3 = one["prefill"], three["prefill"]
     extra = (p3 - p1) / 2
     print(
         f"{PREFILL_TOKENS}-token prefill: 1-node chain {p1 * 1000:.0f} ms, 3-node chain {p3 * 1000:.0f} ms; "

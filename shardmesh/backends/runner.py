@@ -12,17 +12,15 @@ next hop at once, without waiting for the event loop to wake up (mesh/link.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
-
 import logging
 import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import trio
 
 from .base import RawTensor, Stage, StepOutput, StepRequest
 from .compute_thread import compute_thread
-
 
 log = logging.getLogger("shardmesh.backends.runner")
 

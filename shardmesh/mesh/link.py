@@ -458,6 +458,12 @@ def offer_fields(links: Links | None, request: dict) -> tuple[Offer | None, dict
     return offer, {"link": offer.fields}
 
 
+def withdraw(links: Links | None, offer: Offer | None) -> None:
+    """The session hop ended: its offer, if still open, can no longer be taken."""
+    if offer is not None and links is not None and links.listener is not None:
+        links.listener.withdraw(offer)
+
+
 async def accept_link(links: Links | None, fs: FrameStream, offer: Offer | None) -> None:
     """The answering side's step 4, on reading a ``link`` frame: move ``fs`` onto the
     link the opener made for ``offer``. Raises :class:`WireError` if there is none."""

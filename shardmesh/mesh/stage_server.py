@@ -33,7 +33,7 @@ import trio
 
 from ..backends.base import StageError
 from .host import MeshHost, close_quietly, reset_quietly
-from .link import HopLink, Links, Offer, accept_link, offer_fields, request_fields, upgrade_opener
+from .link import HopLink, Links, Offer, accept_link, offer_fields, request_fields, upgrade_opener, withdraw
 from .pipe import pipe_pair
 from .wire import (
     ATTACH,
@@ -315,8 +315,7 @@ class StageServer:
                         await reset_quietly(downstream.stream)
         finally:
             self.sessions.pop(session.id, None)
-            if offer is not None and self.links is not None and self.links.listener is not None:
-                self.links.listener.withdraw(offer)
+            withdraw(self.links, offer)
             with trio.CancelScope(shield=True):
                 await session.served.close(session.id)
                 if downstream is not None:
@@ -420,7 +419,7 @@ class StageServer:
         spent = frame.header.get("spent", 0.0)
         if not isinstance(position, int) or position < 0 or not isinstance(want, bool):
             raise _fail("bad_input", "step needs an integer position >= 0 and a boolean want")
-        if not isinstance(spent, (int, float)) or not 0 <= spent < 1e6:
+        if isinstance(spent, bool) or not isinstance(spent, (int, float)) or not 0 <= spent < 1e6:
             raise _fail("bad_input", "spent must be a number of seconds >= 0")
         inputs = tensor_from_frame(frame, max_elements)
         sampler = session.sampler if (session.is_last and want) else None
@@ -510,6 +509,5 @@ class StageServer:
             log.debug("session %s: the gateway's attach stream ended: %r", session.id, exc)
         finally:
             session.attach_done.set()
-            if offer is not None and self.links is not None and self.links.listener is not None:
-                self.links.listener.withdraw(offer)
+            withdraw(self.links, offer)
         session.attach = None
