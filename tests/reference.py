@@ -56,6 +56,14 @@ class Transformers:
             finish_reason=finish,
         )
 
+    def greedy_forwards(self, prompt_ids: list[int], n: int) -> list[int]:
+        """``n`` greedy tokens by full forwards of the unsplit model (eos does not stop it)."""
+        ids = list(prompt_ids)
+        with self.torch.no_grad():
+            for _ in range(n):
+                ids.append(int(self.model(self.torch.tensor([ids])).logits[0, -1].argmax()))
+        return ids[len(prompt_ids) :]
+
     def sample(self, prompt_ids: list[int], params: Any, max_new_tokens: int) -> list[int]:
         """The node's token loop, by hand: transformers' logits, shardmesh's sampler.
 

@@ -194,16 +194,9 @@ def model_id(model_path: Path) -> str:
 @pytest.fixture(scope="module")
 def expected(model_path: Path) -> list[int]:
     """Greedy tokens of single-process transformers (full forwards; eos does not stop it)."""
-    import torch
-
     from reference import Transformers
 
-    model = Transformers(model_path).model
-    ids = list(PROMPT)
-    with torch.no_grad():
-        for _ in range(STEADY_TOKENS):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(PROMPT) :]
+    return Transformers(model_path).greedy_forwards(PROMPT, STEADY_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -259,14 +259,7 @@ def model_path() -> Path:
 
 @pytest.fixture(scope="module")
 def expected(model_path: Path) -> list[int]:
-    import torch
-
-    model = Transformers(model_path).model
-    ids = list(PROMPT)
-    with torch.no_grad():
-        for _ in range(8):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(PROMPT) :]
+    return Transformers(model_path).greedy_forwards(PROMPT, 8)
 
 
 def new_key():

@@ -45,14 +45,7 @@ PROMPT = [1, 17, 42, 99, 7, 300]
 @pytest.fixture(scope="module")
 def expected(model_path: Path) -> list[int]:
     """Greedy tokens by full forwards of the unsplit model (eos does not stop it)."""
-    import torch
-
-    model = Transformers(model_path).model
-    ids = list(PROMPT)
-    with torch.no_grad():
-        for _ in range(20):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(PROMPT) :]
+    return Transformers(model_path).greedy_forwards(PROMPT, 20)
 
 
 def new_key():
