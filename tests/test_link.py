@@ -240,6 +240,27 @@ def test_tokens_are_single_use_and_unknown_tokens_are_dropped() -> None:
     trio.run(main)
 
 
+def test_strangers_holding_connections_open_cannot_lock_links_out() -> None:
+    from shardmesh.mesh.link import MAX_UNIDENTIFIED
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            listener = await LinkListener.bind("127.0.0.1")
+            nursery.start_soon(listener.run)
+            strangers = [await trio.open_tcp_stream("127.0.0.1", listener.port) for _ in range(MAX_UNIDENTIFIED + 8)]
+            await trio.sleep(0.2)  # all of them accepted, none has sent a byte
+            offer = listener.offer()
+            a = await dial("127.0.0.1", offer.fields)
+            b = await listener.take(offer)
+            await a.write(b"through")
+            assert await b.read(10) == b"through"
+            with trio.fail_after(10):  # the oldest strangers were dropped
+                assert await strangers[0].receive_some(10) == b""
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def test_bad_offers_are_refused_without_dialling() -> None:
     async def main() -> None:
         for offer in ({"port": 0, "token": b"t" * 16, "key": b"k" * 32}, {"port": 1, "token": b"t", "key": b"k" * 32}, {}):

@@ -65,7 +65,7 @@ DIAL_TIMEOUT = 2.0  # seconds to reach a link port; then the session stays on li
 TOKEN_TIMEOUT = 5.0  # a connection must show its token within this
 OFFER_LIFETIME = 60.0  # seconds an offered token stays valid
 ARRIVAL_WAIT = 5.0  # seconds the listener waits for a linked opener's connection
-MAX_UNIDENTIFIED = 64  # connections that have not shown a token yet
+MAX_UNIDENTIFIED = 64  # connections waiting to show a token (past this, the oldest is dropped)
 MAX_OFFERS = 4096
 RETRY_AFTER = 300.0  # seconds before a peer whose link port we could not reach is tried again
 
@@ -278,7 +278,7 @@ class LinkListener:
         self._listeners = listeners
         self.port: int = listeners[0].socket.getsockname()[1]
         self._offers: dict[bytes, _Offer] = {}
-        self._unidentified = 0
+        self._unidentified: list[trio.CancelScope] = []  # oldest first
 
     @classmethod
     async def bind(cls, host: str, port: int = 0) -> "LinkListener":
@@ -351,13 +351,16 @@ class LinkListener:
             await stream.aclose()
 
     async def _identify(self, stream: trio.SocketStream) -> None:
-        if self._unidentified >= MAX_UNIDENTIFIED:
-            await stream.aclose()
-            return
-        self._unidentified += 1
+        # Connections still waiting to show a token are bounded; past the bound the
+        # oldest is dropped, not the newest: an opener sends its token at once, so
+        # strangers holding connections open cannot lock real links out.
+        waiting = trio.CancelScope(deadline=trio.current_time() + TOKEN_TIMEOUT)
+        self._unidentified.append(waiting)
+        if len(self._unidentified) > MAX_UNIDENTIFIED:
+            self._unidentified.pop(0).cancel()
+        token = b""
         try:
-            token = b""
-            with trio.move_on_after(TOKEN_TIMEOUT):
+            with waiting:
                 while len(token) < TOKEN_BYTES:
                     chunk = await stream.receive_some(TOKEN_BYTES - len(token))
                     if not chunk:
@@ -366,7 +369,8 @@ class LinkListener:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             token = b""
         finally:
-            self._unidentified -= 1
+            if waiting in self._unidentified:
+                self._unidentified.remove(waiting)
         entry = self._offers.get(token) if len(token) == TOKEN_BYTES else None
         if entry is None:
             await stream.aclose()
