@@ -170,7 +170,7 @@ async def measure_paths(path: Path, dtype: str, prompt: list[int], tokens: int, 
     from .api.generate import Generator
     from .backends.weights import identity_bytes, resolve_local
     from .mesh.host import running_host
-    from .mesh.link import Links
+    from .mesh.link_offers import Links
     from .mesh.records import model_identity
     from .mesh.stage_server import StageServer
     from .placement.routing import Hop

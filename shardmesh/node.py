@@ -36,7 +36,7 @@ from .backends.weights import ModelFiles, identity_bytes, resolve
 from .config import NodeConfig, UsageError
 from .mesh.discovery import Discovery
 from .mesh.host import MeshHost, default_key_file, load_or_create_identity, running_host
-from .mesh.link import LinkListener, Links
+from .mesh.link_offers import LinkListener, Links
 from .mesh.records import NodeRecord, model_identity, server_view
 from .mesh.registry import Registry
 from .mesh.rtt import publish_rtts

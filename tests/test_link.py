@@ -20,7 +20,8 @@ from shardmesh.backends.tiny import cached_tiny_model
 from shardmesh.backends.torch_stage import TorchStage
 from shardmesh.backends.weights import resolve
 from shardmesh.mesh.host import running_host
-from shardmesh.mesh.link import DIRECT_MAX, MAX_RECORD, HopLink, LinkError, LinkListener, Links, dial
+from shardmesh.mesh.link import DIRECT_MAX, MAX_RECORD, HopLink, LinkError, dial
+from shardmesh.mesh.link_offers import LinkListener, Links
 from shardmesh.mesh.session import RemoteChain
 from shardmesh.mesh.stage_server import StageServer
 from shardmesh.placement.routing import Hop
@@ -241,7 +242,7 @@ def test_tokens_are_single_use_and_unknown_tokens_are_dropped() -> None:
 
 
 def test_strangers_holding_connections_open_cannot_lock_links_out() -> None:
-    from shardmesh.mesh.link import MAX_UNIDENTIFIED
+    from shardmesh.mesh.link_offers import MAX_UNIDENTIFIED
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

@@ -22,7 +22,8 @@ from shardmesh.backends.tiny import cached_tiny_model
 from shardmesh.backends.torch_stage import TorchStage
 from shardmesh.backends.weights import resolve
 from shardmesh.mesh.host import running_host
-from shardmesh.mesh.link import HopLink, LinkListener, Links, dial
+from shardmesh.mesh.link import HopLink, dial
+from shardmesh.mesh.link_offers import LinkListener, Links
 from shardmesh.mesh.session import ChainFailed, RemoteChain
 from shardmesh.mesh.stage_server import Limits, StageServer
 from shardmesh.mesh.wire import PROTOCOL, FrameStream, StreamEnded, WireError, encode_frame

@@ -32,11 +32,13 @@ A record::
     nonce = u32 direction (0: dialer to listener, 1: listener to dialer) | u64 count
 
 The count starts at 0 in each direction and goes up by one per record.
+
+This module is the record layer (:class:`HopLink`) and the dial; offering, taking and
+the upgrade of a session live in :mod:`.link_offers`.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import socket
@@ -44,17 +46,12 @@ import struct
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from .host import close_quietly
-from .wire import LINK, FrameStream, WireError
-
-log = logging.getLogger("shardmesh.mesh.link")
 
 TOKEN_BYTES = 16
 KEY_BYTES = 32
@@ -62,12 +59,6 @@ MAX_RECORD = 1 << 20  # plaintext bytes per record: a 3 MB prefill frame is 3 re
 DIRECT_MAX = 64 << 10  # frames up to this size may be sent straight from the compute thread
 SEAL_BYTES = 16  # the Poly1305 tag
 DIAL_TIMEOUT = 2.0  # seconds to reach a link port; then the session stays on libp2p
-TOKEN_TIMEOUT = 5.0  # a connection must show its token within this
-OFFER_LIFETIME = 60.0  # seconds an offered token stays valid
-ARRIVAL_WAIT = 5.0  # seconds the listener waits for a linked opener's connection
-MAX_UNIDENTIFIED = 64  # connections waiting to show a token (past this, the oldest is dropped)
-MAX_OFFERS = 4096
-RETRY_AFTER = 300.0  # seconds before a peer whose link port we could not reach is tried again
 
 
 class LinkError(Exception):
@@ -255,132 +246,6 @@ class HopLink:
         await self._stream.aclose()
 
 
-@dataclass
-class _Offer:
-    key: bytes
-    expires: float
-    arrived: trio.MemorySendChannel
-    waiting: trio.MemoryReceiveChannel
-
-
-@dataclass
-class Offer:
-    """What an ``ok`` header carries (``fields``) and what the listener waits on."""
-
-    token: bytes
-    fields: dict
-
-
-class LinkListener:
-    """Accepts the links this node offered. :meth:`run` must be running in a nursery."""
-
-    def __init__(self, listeners: list[trio.SocketListener]) -> None:
-        self._listeners = listeners
-        self.port: int = listeners[0].socket.getsockname()[1]
-        self._offers: dict[bytes, _Offer] = {}
-        self._unidentified: list[trio.CancelScope] = []  # oldest first
-
-    @classmethod
-    async def bind(cls, host: str, port: int = 0) -> "LinkListener":
-        """Listening on ``host:port`` (0: any free port); raises OSError if it cannot."""
-        return cls(await trio.open_tcp_listeners(port, host=host))
-
-    async def run(self) -> None:
-        # Not trio.serve_listeners: it closes each connection when its handler returns,
-        # and a link outlives the task that identified it.
-        async with trio.open_nursery() as nursery:
-            for listener in self._listeners:
-                nursery.start_soon(self._accept_loop, listener, nursery)
-
-    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:  # out of file descriptors, for one: wait, then go on
-                log.warning("link listener: %s", exc)
-                await trio.sleep(0.1)
-                continue
-            nursery.start_soon(self._accept, stream)
-
-    def offer(self) -> Offer:
-        """A fresh token and key for one session hop."""
-        now = time.monotonic()
-        for token in [t for t, o in self._offers.items() if o.expires < now]:
-            self._drop(token)
-        if len(self._offers) >= MAX_OFFERS:
-            raise LinkError("too many link offers outstanding")
-        token, key = os.urandom(TOKEN_BYTES), os.urandom(KEY_BYTES)
-        arrived, waiting = trio.open_memory_channel[trio.SocketStream](1)
-        self._offers[token] = _Offer(key, now + OFFER_LIFETIME, arrived, waiting)
-        return Offer(token, {"port": self.port, "token": token, "key": key})
-
-    async def take(self, offer: Offer) -> HopLink:
-        """The connection the opener made for ``offer``, once it has arrived."""
-        entry = self._offers.get(offer.token)
-        if entry is None:
-            raise LinkError("the link offer has expired")
-        try:
-            with trio.move_on_after(ARRIVAL_WAIT):
-                stream = await entry.waiting.receive()
-                return HopLink(stream, entry.key, dialer=False)
-            raise LinkError(f"the opener's link connection did not arrive within {ARRIVAL_WAIT:.0f} s")
-        finally:
-            self._drop(offer.token)
-
-    def withdraw(self, offer: Offer) -> None:
-        """The session ended without taking its link."""
-        self._drop(offer.token)
-
-    def _drop(self, token: bytes) -> None:
-        entry = self._offers.pop(token, None)
-        if entry is None:
-            return
-        entry.arrived.close()
-        try:
-            stream = entry.waiting.receive_nowait()
-        except (trio.WouldBlock, trio.EndOfChannel):
-            return
-        # Arrived but never claimed: its socket is closed outright.
-        stream.socket.close()
-
-    async def _accept(self, stream: trio.SocketStream) -> None:
-        try:
-            await self._identify(stream)
-        except Exception as exc:  # nothing a stranger sends may stop the listener
-            log.warning("a link connection failed: %s: %s", type(exc).__name__, exc)
-            await stream.aclose()
-
-    async def _identify(self, stream: trio.SocketStream) -> None:
-        # Connections still waiting to show a token are bounded; past the bound the
-        # oldest is dropped, not the newest: an opener sends its token at once, so
-        # strangers holding connections open cannot lock real links out.
-        waiting = trio.CancelScope(deadline=trio.current_time() + TOKEN_TIMEOUT)
-        self._unidentified.append(waiting)
-        if len(self._unidentified) > MAX_UNIDENTIFIED:
-            self._unidentified.pop(0).cancel()
-        token = b""
-        try:
-            with waiting:
-                while len(token) < TOKEN_BYTES:
-                    chunk = await stream.receive_some(TOKEN_BYTES - len(token))
-                    if not chunk:
-                        break
-                    token += chunk
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            token = b""
-        finally:
-            if waiting in self._unidentified:
-                self._unidentified.remove(waiting)
-        entry = self._offers.get(token) if len(token) == TOKEN_BYTES else None
-        if entry is None:
-            await stream.aclose()
-            return
-        try:
-            entry.arrived.send_nowait(stream)
-        except (trio.WouldBlock, trio.ClosedResourceError):  # the token was used already
-            await stream.aclose()
-
-
 async def dial(ip: str, offer: dict) -> HopLink:
     """Connect to the link ``offer`` (an ``ok`` header's ``link``) describes."""
     port, token, key = offer.get("port"), offer.get("token"), offer.get("key")
@@ -395,86 +260,3 @@ async def dial(ip: str, offer: dict) -> HopLink:
     except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
         raise LinkError(f"cannot reach link port {ip}:{port}: {exc}") from exc
     return HopLink(stream, key, dialer=True)
-
-
-@dataclass
-class Links:
-    """A node's side of links: its listener (None: it offers none) and which peers it
-    should not try to dial for a while."""
-
-    listener: LinkListener | None = None
-    dial_enabled: bool = True
-    _unreachable: dict[str, float] = field(default_factory=dict)
-
-    def may_dial(self, peer: str) -> bool:
-        return self.dial_enabled and self._unreachable.get(peer, 0.0) <= time.monotonic()
-
-    def unreachable(self, peer: str) -> None:
-        self._unreachable[peer] = time.monotonic() + RETRY_AFTER
-
-
-# -- the upgrade, as the two ends of a libp2p stream see it ----------------------------
-
-
-def _remote_ip(stream) -> str | None:
-    """The IP of the libp2p connection under ``stream`` (None for the in-process pipe)."""
-    address = getattr(stream, "get_remote_address", lambda: None)()
-    return address[0] if address else None
-
-
-def request_fields(links: Links | None, fs: FrameStream, peer: str) -> dict:
-    """Header fields for an ``open`` or ``attach`` that ask ``peer`` for a link."""
-    if links is not None and links.may_dial(peer) and _remote_ip(fs.stream) is not None:
-        return {"link": True}
-    return {}
-
-
-async def upgrade_opener(links: Links | None, fs: FrameStream, ok: dict, peer: str, session: str) -> None:
-    """The opener's step 3: dial the offered link and move ``fs`` onto it. Without an
-    offer, or when the dial fails, ``fs`` stays on its libp2p stream."""
-    offer = ok.get("link")
-    ip = _remote_ip(fs.stream)
-    if links is None or not isinstance(offer, dict) or ip is None:
-        return
-    try:
-        link = await dial(ip, offer)
-    except LinkError as exc:
-        log.info("no link to %s (%s); staying on libp2p for %.0f s", peer, exc, RETRY_AFTER)
-        links.unreachable(peer)
-        return
-    try:
-        await fs.write({"t": LINK, "session": session})
-    except WireError:
-        await link.reset()
-        raise
-    await close_quietly(await fs.switch_to(link))
-
-
-def offer_fields(links: Links | None, request: dict) -> tuple[Offer | None, dict]:
-    """The answering side's step 2: an offer for an ``ok`` header, if one was asked for."""
-    if request.get("link") is not True or links is None or links.listener is None:
-        return None, {}
-    try:
-        offer = links.listener.offer()
-    except LinkError as exc:
-        log.warning("offering no link: %s", exc)
-        return None, {}
-    return offer, {"link": offer.fields}
-
-
-def withdraw(links: Links | None, offer: Offer | None) -> None:
-    """The session hop ended: its offer, if still open, can no longer be taken."""
-    if offer is not None and links is not None and links.listener is not None:
-        links.listener.withdraw(offer)
-
-
-async def accept_link(links: Links | None, fs: FrameStream, offer: Offer | None) -> None:
-    """The answering side's step 4, on reading a ``link`` frame: move ``fs`` onto the
-    link the opener made for ``offer``. Raises :class:`WireError` if there is none."""
-    if offer is None or links is None or links.listener is None:
-        raise WireError("bad_frame", "a link frame without a link offer")
-    try:
-        link = await links.listener.take(offer)
-    except LinkError as exc:
-        raise WireError("link_failed", str(exc)) from exc
-    await close_quietly(await fs.switch_to(link))

@@ -26,7 +26,7 @@ import trio
 from ..backends.base import CacheBudgetExceeded
 from ..placement.routing import Hop
 from .host import close_quietly, reset_quietly
-from .link import Links, request_fields, upgrade_opener
+from .link_offers import Links, request_fields, upgrade_opener
 from .wire import ATTACH, CLOSE, ERROR, OPEN, RESULT, STEP, Frame, FrameStream, StreamEnded, WireError
 
 log = logging.getLogger("shardmesh.mesh.session")

@@ -33,7 +33,8 @@ import trio
 
 from ..backends.base import StageError
 from .host import MeshHost, close_quietly, reset_quietly
-from .link import HopLink, Links, Offer, accept_link, offer_fields, request_fields, upgrade_opener, withdraw
+from .link import HopLink
+from .link_offers import Links, Offer, accept_link, offer_fields, request_fields, upgrade_opener, withdraw
 from .pipe import pipe_pair
 from .wire import (
     ATTACH,
