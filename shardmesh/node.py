@@ -251,7 +251,10 @@ async def start_links(config: NodeConfig, nursery: trio.Nursery) -> Links | None
 
     first = Multiaddr(config.listen[0])
     protocols = {p.name for p in first.protocols()}
-    host = first.value_for_protocol("ip4") if "ip4" in protocols else first.value_for_protocol("ip6")
+    if not protocols & {"ip4", "ip6"}:
+        log.warning("no hop links: the first --listen address %s names no IP to listen on", first)
+        return None
+    host = first.value_for_protocol("ip4" if "ip4" in protocols else "ip6")
     try:
         listener = await LinkListener.bind(host, config.link_port)
     except OSError as exc:
@@ -283,6 +286,8 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
         mesh.set_handler(SWARM_MAP_PROTOCOL, swarm_map_handler(registry))  # for `shardmesh status`
         await nursery.start(discovery.run)
         links = await start_links(config, nursery)
+        if links is not None and links.listener is not None:
+            say(f"hop links on tcp port {links.listener.port} (forward it with the libp2p port behind a NAT)")
         server = StageServer(
             mesh,
             None,
