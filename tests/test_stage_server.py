@@ -357,9 +357,12 @@ def test_forged_link_records_end_only_their_session(model_path, expected) -> Non
         offer = (await fs.read_frame()).header["link"]
         link = await dial("127.0.0.1", offer)
         await fs.write({"t": "link", "session": "forger"})
+        linked = FrameStream(link)
+        confirmed = await linked.read_frame()  # the node moved to the link and says so
+        assert confirmed.type == "result" and confirmed.header.get("linked") is True
         # Bytes that are not a record sealed with the session's key.
         await link._stream.send_all(struct.pack(">I", 100) + bytes(100))
-        await expect_error(FrameStream(link), "stream_error")
+        await expect_error(linked, "stream_error")
         await next_token()
 
         # A stranger on the link port: a wrong token gets the connection closed.

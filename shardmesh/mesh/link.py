@@ -16,7 +16,10 @@ to a link:
    Noise-encrypted stream, and authentic because that stream is bound to the peer id;
 3. the opener dials TCP to the IP of its libp2p connection to that peer, on that port,
    sends the token, then sends a ``link`` frame on the libp2p stream and closes it;
-4. from then on both ends read and write the session's frames on the link, each record
+4. the answering node, on reading that frame, takes the connection, closes its side of
+   the stream and confirms on the link (``{"t": "result", "linked": true}``); the opener
+   sends nothing more until then, so no frame can go to the stream it has left;
+5. from then on both ends read and write the session's frames on the link, each record
    sealed with ChaCha20-Poly1305 under the key.
 
 Anyone can connect to the link port; without a live token the connection is dropped,
@@ -40,11 +43,9 @@ the upgrade of a session live in :mod:`.link_offers`.
 from __future__ import annotations
 
 import os
-import select
 import socket
 import struct
 import threading
-import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -81,8 +82,9 @@ class HopLink:
         self._plain = bytearray()
         self._send_lock = trio.Lock()  # one trio writer at a time
         self._lock = threading.Lock()  # the socket's writers: trio, or the compute thread
-        self._busy = False  # a trio write holds the socket
+        self._busy = False  # a trio writer (or the tail of a send_now) holds the socket
         self._fd = stream.socket.fileno()
+        self._token = trio.lowlevel.current_trio_token()
         self._eof_sent = False
         self._eof_seen = False
         self._closed = False
@@ -139,7 +141,8 @@ class HopLink:
     # instead of waking the event loop to do it: on a 2-core VM that wake-up and the
     # write after it cost ~0.5 ms per hop. ``_lock`` (a thread lock, never held across
     # an await) guards the record count and who may touch the socket; ``_busy`` says a
-    # trio write is in flight, and then ``send_now`` declines so bytes never interleave.
+    # trio write (or the tail of a frame ``send_now`` began) is in flight, and then
+    # ``send_now`` declines and other trio writers wait, so bytes never interleave.
 
     def _seal(self, data: bytes | bytearray | memoryview) -> bytes:
         """Records for ``data``; advances the count (call with ``_lock`` held)."""
@@ -152,45 +155,57 @@ class HopLink:
             parts += (struct.pack(">I", len(sealed)), sealed)
         return b"".join(parts)
 
-    def send_now(self, data: bytes, timeout: float = 5.0) -> bool:
-        """From any thread: send ``data`` (1 to :data:`DIRECT_MAX` bytes) now. False,
-        having sent nothing, when a trio write is in flight or the link is closed: the
-        caller then writes from trio. If the socket has no room for ``timeout`` s (or
-        fails), the link is shut down: the frame is lost with it, and both ends see the
-        link end."""
+    def send_now(self, data: bytes) -> bool:
+        """From any thread: send ``data`` (1 to :data:`DIRECT_MAX` bytes) now, never
+        waiting on a slow reader. False, having sent nothing, when a trio write is in
+        flight, the link is closed, or the socket has no room: the caller then writes
+        from trio. If only part of the frame fits, the rest is handed to a trio task,
+        and every other writer waits until it is out."""
         if not data or len(data) > DIRECT_MAX:
             return False
         with self._lock:
             if self._busy or self._eof_sent or self._closed:
                 return False
+            count = self._sent
             out = memoryview(self._seal(data))
-            deadline = time.monotonic() + timeout
-            room = None
-            while out:
+            try:
+                written = os.write(self._fd, out)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                self._break()
+                return True  # the frame is lost with the link; both ends see it end
+            if written == 0:  # not a byte out: take the records back
+                self._sent = count
+                return False
+            if written < len(out):
+                self._busy = True  # the rest of the record must come next, from trio
                 try:
-                    out = out[os.write(self._fd, out) :]
-                except BlockingIOError:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    if room is None:  # poll, not select: a busy node's fds go past 1024
-                        room = select.poll()
-                        room.register(self._fd, select.POLLOUT)
-                    room.poll(left * 1000)
-                except OSError:
-                    break
-            if out:
-                self._eof_sent = True  # part of a record may be out: no byte may follow
-                try:
-                    self._stream.socket.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                    self._token.run_sync_soon(trio.lowlevel.spawn_system_task, self._send_rest, bytes(out[written:]))
+                except trio.RunFinishedError:
+                    self._break()
             return True
+
+    async def _send_rest(self, rest: bytes) -> None:
+        """A system task (it must not raise): the tail of a frame ``send_now`` began."""
+        try:
+            await self._stream.send_all(rest)
+        except Exception:
+            self._break()
+        finally:
+            self._busy = False
+
+    def _break(self) -> None:
+        """Part of a record may be out: no byte may follow it. Both ends see the end."""
+        self._eof_sent = True
+        try:
+            self._stream.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     @asynccontextmanager
     async def _holding_lock(self) -> AsyncIterator[None]:
-        """``_lock`` from trio without blocking the event loop while ``send_now`` waits
-        for room in the socket."""
+        """``_lock`` from trio without blocking the event loop on the compute thread."""
         while not self._lock.acquire(blocking=False):
             await trio.sleep(0.0005)
         try:
@@ -198,32 +213,49 @@ class HopLink:
         finally:
             self._lock.release()
 
+    async def _claim_socket(self) -> None:
+        """Become the socket's only writer: wait out ``send_now`` and a tail it left."""
+        while True:
+            async with self._holding_lock():
+                if not self._busy:
+                    self._busy = True
+                    return
+            await trio.sleep(0.0005)
+
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
         async with self._send_lock:
-            async with self._holding_lock():
-                if self._eof_sent or self._closed:
-                    raise LinkError("the link is closed for writing")
-                sealed = self._seal(data)
-                self._busy = True
+            await self._claim_socket()
             try:
-                await self._stream.send_all(sealed)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise LinkError(f"the link broke: {exc}") from exc
+                async with self._holding_lock():
+                    if self._eof_sent or self._closed:
+                        raise LinkError("the link is closed for writing")
+                    sealed = self._seal(data)
+                try:
+                    await self._stream.send_all(sealed)
+                except BaseException as exc:  # cut off by a deadline, or broken
+                    self._break()
+                    if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
+                        raise LinkError(f"the link broke: {exc}") from exc
+                    raise
             finally:
                 self._busy = False
 
     async def close(self) -> None:
         async with self._send_lock:
-            async with self._holding_lock():
-                if self._eof_sent or self._closed:
-                    return
-                self._eof_sent = True
+            await self._claim_socket()
             try:
-                await self._stream.send_eof()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+                async with self._holding_lock():
+                    if self._eof_sent or self._closed:
+                        return
+                    self._eof_sent = True
+                try:
+                    await self._stream.send_eof()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            finally:
+                self._busy = False
         await self._release_if_done()
 
     async def reset(self) -> None:
@@ -253,10 +285,13 @@ async def dial(ip: str, offer: dict) -> HopLink:
         raise LinkError(f"bad link port {port!r}")
     if not (isinstance(token, bytes) and len(token) == TOKEN_BYTES and isinstance(key, bytes) and len(key) == KEY_BYTES):
         raise LinkError("a link offer needs a 16-byte token and a 32-byte key")
+    stream = None
     try:
         with trio.fail_after(DIAL_TIMEOUT):
             stream = await trio.open_tcp_stream(ip, port)
             await stream.send_all(token)
     except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
         raise LinkError(f"cannot reach link port {ip}:{port}: {exc}") from exc
     return HopLink(stream, key, dialer=True)

@@ -1,4 +1,4 @@
-"""Offering hop links and moving sessions onto them (steps 1 to 4 of :mod:`.link`).
+"""Offering hop links and moving sessions onto them (steps 1 to 5 of :mod:`.link`).
 
 The answering side: a :class:`LinkListener` accepts connections on the link port and
 hands each to the session hop whose one-time token it shows; :func:`offer_fields` and
@@ -18,7 +18,7 @@ import trio
 
 from .host import close_quietly
 from .link import KEY_BYTES, TOKEN_BYTES, HopLink, LinkError, dial
-from .wire import LINK, FrameStream, WireError
+from .wire import ERROR, LINK, RESULT, FrameStream, StreamEnded, WireError
 
 log = logging.getLogger("shardmesh.mesh.link_offers")
 
@@ -28,6 +28,7 @@ ARRIVAL_WAIT = 5.0  # seconds the listener waits for a linked opener's connectio
 MAX_UNIDENTIFIED = 64  # connections waiting to show a token (past this, the oldest is dropped)
 MAX_OFFERS = 4096
 RETRY_AFTER = 300.0  # seconds before a peer whose link port we could not reach is tried again
+CONFIRM_WAIT = ARRIVAL_WAIT + 1.0  # seconds the opener waits for the other end to confirm
 
 
 @dataclass
@@ -99,6 +100,8 @@ class LinkListener:
                 stream = await entry.waiting.receive()
                 return HopLink(stream, entry.key, dialer=False)
             raise LinkError(f"the opener's link connection did not arrive within {ARRIVAL_WAIT:.0f} s")
+        except (trio.EndOfChannel, trio.ClosedResourceError) as exc:  # expired while waiting
+            raise LinkError("the link offer has expired") from exc
         finally:
             self._drop(offer.token)
 
@@ -203,10 +206,24 @@ async def upgrade_opener(links: Links | None, fs: FrameStream, ok: dict, peer: s
         return
     try:
         await fs.write({"t": LINK, "session": session})
+        old = await fs.switch_to(link)
     except WireError:
         await link.reset()
         raise
-    await close_quietly(await fs.switch_to(link))
+    await close_quietly(old)
+    # Nothing goes out until the other end has moved too: before that, what it writes
+    # (a token, an error) would still go to the stream we just left. No confirmation
+    # means the link is no use (the connection never reached the session, or the port
+    # is not the node's): the session fails, and the next one stays on libp2p.
+    try:
+        reply = await fs.read_frame(idle_timeout=CONFIRM_WAIT)
+    except (StreamEnded, WireError) as exc:
+        links.unreachable(peer)
+        raise WireError("link_failed", f"the link to {peer} was not confirmed: {exc}") from exc
+    if reply.type == ERROR:
+        raise WireError(str(reply.header.get("code", "error")), str(reply.header.get("message", "")))
+    if reply.type != RESULT or reply.header.get("linked") is not True:
+        raise WireError("bad_frame", f"a link was answered with {reply.type}")
 
 
 def offer_fields(links: Links | None, request: dict) -> tuple[Offer | None, dict]:
@@ -227,13 +244,20 @@ def withdraw(links: Links | None, offer: Offer | None) -> None:
         links.listener.withdraw(offer)
 
 
-async def accept_link(links: Links | None, fs: FrameStream, offer: Offer | None) -> None:
+async def accept_link(links: Links | None, fs: FrameStream, offer: Offer | None, session: str) -> None:
     """The answering side's step 4, on reading a ``link`` frame: move ``fs`` onto the
-    link the opener made for ``offer``. Raises :class:`WireError` if there is none."""
+    link the opener made for ``offer``, and confirm on it. Raises :class:`WireError` if
+    there is none."""
     if offer is None or links is None or links.listener is None:
         raise WireError("bad_frame", "a link frame without a link offer")
     try:
         link = await links.listener.take(offer)
     except LinkError as exc:
         raise WireError("link_failed", str(exc)) from exc
-    await close_quietly(await fs.switch_to(link))
+    try:
+        old = await fs.switch_to(link)
+    except WireError:
+        await link.reset()
+        raise
+    await close_quietly(old)
+    await fs.write({"t": RESULT, "session": session, "linked": True})

@@ -396,7 +396,7 @@ class StageServer:
                 return
             if frame.type == LINK:
                 try:
-                    await accept_link(self.links, fs, offer)
+                    await accept_link(self.links, fs, offer, session.session)
                 except WireError as exc:
                     await self._report(session, fs, exc.code, exc.message)
                     return
@@ -504,7 +504,7 @@ class StageServer:
                 if got.type == CLOSE:
                     break
                 if got.type == LINK:
-                    await accept_link(self.links, fs, offer)
+                    await accept_link(self.links, fs, offer, session.session)
                     offer = None
         except (StreamEnded, WireError) as exc:
             log.debug("session %s: the gateway's attach stream ended: %r", session.id, exc)
