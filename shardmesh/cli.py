@@ -10,10 +10,12 @@ from . import __version__
 
 
 def _add_run(sub) -> None:
+    from .config import NodeConfig  # its defaults are the flags' defaults
+
     p = sub.add_parser("run", help="serve a model (or part of one) and the OpenAI gateway")
     p.add_argument("--model", required=True, help="local folder in Hugging Face layout, or a hub id like Qwen/Qwen3-0.6B")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    p.add_argument("--layers", default="auto",
+    p.add_argument("--layers", default=NodeConfig.layers,
                    help="blocks to serve: 'auto' (default: what the swarm lacks most, as much as memory allows), "
                         "'all', START:END, or 'none' (a gateway without weights)")
     p.add_argument("--api", default="127.0.0.1:8000", help="HOST:PORT of the OpenAI gateway (port 0 picks one), or 'off'")
@@ -29,22 +31,22 @@ def _add_run(sub) -> None:
                    help="a peer of the swarm to join, ending in /p2p/<peer id> (repeatable); none: start a new swarm")
     p.add_argument("--key-file", default=None, help="the node's identity key (created on first run; default in ~/.local/share/shardmesh)")
     p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN by multicast DNS")
-    p.add_argument("--link-port", type=int, default=0, metavar="PORT",
+    p.add_argument("--link-port", type=int, default=NodeConfig.link_port, metavar="PORT",
                    help="TCP port for hop links, the sessions' direct encrypted connections (default 0: any free port; "
                         "behind a NAT forward it along with the libp2p port)")
     p.add_argument("--no-links", action="store_true",
                    help="keep every session on its libp2p stream (slower per hop; for networks that allow one port only)")
-    p.add_argument("--max-blocks", type=int, default=None, metavar="N", help="with --layers auto: serve at most N blocks")
-    p.add_argument("--memory-fraction", type=float, default=0.8, metavar="F",
-                   help="with --layers auto: share of the free memory (VRAM on a GPU) to fill with weights + KV cache (default 0.8)")
-    p.add_argument("--memory-gb", type=float, default=None, metavar="GB",
+    p.add_argument("--max-blocks", type=int, default=NodeConfig.max_blocks, metavar="N", help="with --layers auto: serve at most N blocks")
+    p.add_argument("--memory-fraction", type=float, default=NodeConfig.memory_fraction, metavar="F",
+                   help="with --layers auto: share of the free memory (VRAM on a GPU) to fill with weights + KV cache (default %(default)g)")
+    p.add_argument("--memory-gb", type=float, default=NodeConfig.memory_gb, metavar="GB",
                    help="with --layers auto: memory for weights + KV cache, instead of measuring free memory")
-    p.add_argument("--rebalance-interval", type=float, default=30.0, metavar="S",
-                   help="mean seconds between checks whether moving to other blocks would help the swarm (default 30)")
-    p.add_argument("--route-wait", type=float, default=30.0, metavar="S",
-                   help="seconds a request waits for a working chain of peers before answering 503 (default 30)")
-    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
-                   help="seconds running sessions get to finish on stop (SIGINT/SIGTERM) or a move (default 30)")
+    p.add_argument("--rebalance-interval", type=float, default=NodeConfig.rebalance_interval, metavar="S",
+                   help="mean seconds between checks whether moving to other blocks would help the swarm (default %(default)g)")
+    p.add_argument("--route-wait", type=float, default=NodeConfig.route_wait, metavar="S",
+                   help="seconds a request waits for a working chain of peers before answering 503 (default %(default)g)")
+    p.add_argument("--drain-timeout", type=float, default=NodeConfig.drain_timeout, metavar="S",
+                   help="seconds running sessions get to finish on stop (SIGINT/SIGTERM) or a move (default %(default)g)")
 
 
 def _add_status(sub) -> None:
