@@ -15,13 +15,13 @@ import logging
 import math
 from dataclasses import dataclass
 
+from .base import DTYPE_SIZES
 from .weights import ModelFiles, block_of, is_embedding, is_head, safetensors_header
 
 log = logging.getLogger(__name__)
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1}
-LOADED_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def weight_bytes(files: ModelFiles, total_blocks: int, tied_embeddings: bool, dt
     embeddings = head = 0
     for name, info in tensor_table(files).items():
         stored = DTYPE_BYTES.get(info["dtype"], 4)
-        per_element = LOADED_BYTES.get(dtype, stored) if stored >= 2 else stored
+        per_element = DTYPE_SIZES.get(dtype, stored) if stored >= 2 else stored  # "auto": as stored
         size = math.prod(info["shape"]) * per_element
         block = block_of(name)
         if block is not None and block < total_blocks:
