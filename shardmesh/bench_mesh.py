@@ -13,7 +13,10 @@ figure, and this process plays the gateway (a libp2p host that holds no weights)
   libp2p stream (Yamux over Noise in py-libp2p) instead of moving to a hop link.
 
 The added latency per hop is ``(t3 - t1) / 2`` per decode step: two more hops, same
-blocks. It is split in two. Each hop reports the compute seconds it spent on a step
+blocks. It is printed twice: from the tokens/s figures (means, so a step slowed by some
+background work in any of four processes counts in full) and from the median step of a
+decode loop that drives the chain directly (the latency a typical step sees). The
+second is split in two. Each hop reports the compute seconds it spent on a step
 (``spent``, summed along the chain); a step's time minus that is the network and the
 hand-offs between threads, the part the mesh adds. The rest of the difference is the
 compute itself running slower when split over processes that share this machine's cores.
@@ -282,13 +285,15 @@ def report(title: str, results: dict, hop_mb: float) -> None:
     per_hop = (1000 / three["chain"] - 1000 / one["chain"]) / 2
     network = ((three["step ms"] - three["compute ms"]) - (one["step ms"] - one["compute ms"])) / 2
     compute = (three["compute ms"] - one["compute ms"]) / 2
-    print(f"added latency per hop (decode step, (t3 - t1) / 2): {per_hop:.2f} ms")
-    print(f"  network and hand-offs (step minus the compute the hops report): {network:.2f} ms per hop")
-    print(f"  compute: {compute:.2f} ms per hop (the same blocks, split over processes that share this machine's cores)")
+    print(f"added latency per hop (decode step, (t3 - t1) / 2): {per_hop:.2f} ms from the tokens/s above (means)")
+    median_hop = (three["step ms"] - one["step ms"]) / 2
+    print(f"  {median_hop:.2f} ms from the median decode step (1-node {one['step ms']:.2f} ms, 3-node {three['step ms']:.2f} ms), of which:")
+    print(f"    network and hand-offs (step minus the compute the hops report): {network:.2f} ms per hop")
+    print(f"    compute: {compute:.2f} ms per hop (the same blocks, split over processes that share this machine's cores)")
     if "3-node chain, no links" in results:
         bare = results["3-node chain, no links"]
         network_bare = ((bare["step ms"] - bare["compute ms"]) - (one["step ms"] - one["compute ms"])) / 2
-        print(f"  network and hand-offs with --no-links (libp2p streams only): {network_bare:.2f} ms per hop")
+        print(f"    network and hand-offs with --no-links (libp2p streams only): {network_bare:.2f} ms per hop")
     p1, p3 = one["prefill"], three["prefill"]
     extra = (p3 - p1) / 2
     print(
@@ -362,8 +367,10 @@ def measure_hop_transfer(nbytes: int, repeats: int) -> float:
 def run_mesh_bench(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int) -> int:
     """Twice: with torch's default threads (as deployed: every process uses every core),
     and with one thread per process. On a machine with few cores the first puts three
-    processes' OpenMP teams on the same cores (one's spinning workers slow the next
-    one's compute); the second shows what the mesh itself costs."""
+    processes' OpenMP teams on the same cores (waking, and any spin left after
+    :mod:`.backends.openmp_spin` shortened it, slow the next one's compute); the second
+    shows what the mesh itself costs. Every process here (this one too) runs with the
+    spin the command line sets, unless ``GOMP_SPINCOUNT`` says otherwise."""
     from transformers import AutoConfig
 
     key_dir = Path(tempfile.mkdtemp(prefix="shardmesh-bench-"))

@@ -7,6 +7,7 @@ import os
 import sys
 
 from . import __version__
+from .backends.openmp_spin import limit_idle_spin
 
 
 def _add_run(sub) -> None:
@@ -188,6 +189,7 @@ def sim(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    limit_idle_spin()  # first: building the parsers imports torch
     parser = argparse.ArgumentParser(prog="shardmesh", description="LLM inference across many machines, one service")
     parser.add_argument("--version", action="version", version=f"shardmesh {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

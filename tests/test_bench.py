@@ -30,4 +30,5 @@ def test_mesh_bench_runs_and_prints_its_three_figures(tmp_path) -> None:
     out = run.stdout
     assert re.search(r"3-node chain\s+[\d.]+\s+[\d.]+", out), out
     assert re.search(r"added latency per hop .*: -?[\d.]+ ms", out), out
+    assert re.search(r"-?[\d.]+ ms from the median decode step", out), out
     assert re.search(r"prefill hop on the wire alone .*: \d+ MB/s", out), out
