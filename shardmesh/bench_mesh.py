@@ -31,6 +31,7 @@ alike; each path's best round is reported.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import re
 import statistics
@@ -373,6 +374,9 @@ def run_mesh_bench(path: Path, dtype: str, prompt: list[int], tokens: int, repea
     spin the command line sets, unless ``GOMP_SPINCOUNT`` says otherwise."""
     from transformers import AutoConfig
 
+    # py-libp2p warns, with a traceback, about a connection that arrives while this
+    # gateway's host shuts down between chains: a race of no consequence to the figures.
+    logging.getLogger("libp2p").setLevel(logging.ERROR)
     key_dir = Path(tempfile.mkdtemp(prefix="shardmesh-bench-"))
     config = AutoConfig.from_pretrained(path)
     hop_mb = PREFILL_TOKENS * config.hidden_size * (2 if dtype in ("bfloat16", "float16") else 4) / 1e6
