@@ -11,7 +11,6 @@ import pytest
 from shardmesh.backends.openmp_spin import NODE_SPIN_COUNT, VARIABLE
 
 
-
 def _run(code: str, **env: str) -> list[str]:
     clean = {k: v for k, v in os.environ.items() if k not in (VARIABLE, "OMP_WAIT_POLICY")}
     out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=120, check=True)
