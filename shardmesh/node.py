@@ -283,7 +283,7 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
             say(f"listening on {addr}")
         registry = Registry(mesh, model_id, local_record(mesh, model, model_id, limits))
         await nursery.start(registry.run)
-        mesh.set_handler(SWARM_MAP_PROTOCOL, swarm_map_handler(registry))  # for `shardmesh status`
+        mesh.set_handler(SWARM_MAP_PROTOCOL, swarm_map_handler(registry))  # `shardmesh status`, joining nodes
         await nursery.start(discovery.run)
         links = await start_links(config, nursery)
         if links is not None and links.listener is not None:

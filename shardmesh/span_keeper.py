@@ -38,6 +38,7 @@ log = logging.getLogger("shardmesh.span_keeper")
 
 SETTLE = 2.0  # seconds for an announcement to reach the swarm (gossip heartbeat is 1 s)
 FIRST_VIEW_WAIT = 10.0  # seconds a joining node waits to hear of the swarm it joins
+SYNC_PEERS = 3  # peers a joining node then asks for their whole view
 ANNOUNCE_ROUNDS = 3  # times a joining node may re-choose after seeing a clash
 
 
@@ -121,6 +122,9 @@ class SpanKeeper:
             with trio.move_on_after(FIRST_VIEW_WAIT):
                 while not self._others():
                     await self.registry.wait_changed(timeout=0.5)
+            # Gossip has shown us the nodes that happened to publish since we joined;
+            # the peers we heard from hold the rest of the swarm's records.
+            await self.registry.sync_from([r.peer for r in self.registry.records() if r.peer != self.me][:SYNC_PEERS])
         # Nodes started together would all pick the same gap: spread them out a little.
         await trio.sleep(SETTLE + self.rng.uniform(0.0, SETTLE))
 

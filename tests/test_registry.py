@@ -326,6 +326,33 @@ def test_lookup_block_through_the_dht_and_forged_puts() -> None:
     trio.run(_with_deadline, main)
 
 
+def test_a_newcomer_gets_the_whole_view_from_one_peer() -> None:
+    """What a ``--layers auto`` node does before it chooses blocks: gossip would show it
+    each record only at that node's next publish."""
+    from shardmesh.mesh.swarm_map import PROTOCOL as SWARM_MAP, swarm_map_handler
+
+    async def main() -> None:
+        async with swarm("line") as nodes:
+            g = nodes["G"]
+            everyone = {n.host.peer_id_str for n in nodes.values()}
+            await eventually(lambda: peers_seen(g) == everyone, 10, "G sees everyone")
+            g.host.set_handler(SWARM_MAP, swarm_map_handler(g.registry))  # node.py does this for every node
+            async with running_host(create_new_key_pair(), LOCAL) as newcomer_host:
+                # Not running: no gossip, so only the sync can fill its view.
+                newcomer = Registry(newcomer_host, MODEL, None, ttl=TTL, publish_interval=PUBLISH)
+                await newcomer_host.connect(g.host.dialable_addrs()[0])
+                assert await newcomer.sync_from([g.host.peer_id_str, newcomer_host.peer_id_str]) == len(everyone)
+                assert peers_seen_by(newcomer) == everyone
+                assert newcomer.get(nodes["B"].host.peer_id_str).span == (4, 8)
+                assert newcomer.stats.synced == len(everyone)
+                # A peer that does not answer costs the timeout, nothing else.
+                stranger = create_new_key_pair()
+                assert await newcomer.sync_from([ID.from_pubkey(stranger.public_key).to_base58()], timeout=1) == 0
+                assert peers_seen_by(newcomer) == everyone
+
+    trio.run(_with_deadline, main)
+
+
 def test_connected_peers_join_the_dht_routing_table() -> None:
     """KadDHT adds a peer only once it sends us a DHT request or turns up in a lookup.
 

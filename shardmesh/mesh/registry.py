@@ -52,6 +52,7 @@ from libp2p.records.validator import Validator
 
 from ..placement.spans import DRAINING, coverage
 from .host import StillRunning, reset_quietly, without_cancel
+from .swarm_map import SwarmMapError, fetch_swarm_map
 from .records import (
     RECORD_NAMESPACE,
     RECORD_TTL,
@@ -77,6 +78,7 @@ PUBLISH_TIMEOUT = 5.0
 DHT_PUT_TIMEOUT = 30.0
 PROVIDE_TIMEOUT = 30.0
 LOOKUP_TIMEOUT = 20.0
+SYNC_TIMEOUT = 5.0  # for a newcomer to get a peer's whole view (sync_from)
 ADOPT_PEER_TIMEOUT = 15.0  # how long to wait for identify before giving up on a new peer
 MIN_PUBLISH_GAP = 0.2  # a burst of update_local() calls becomes one message per gap
 
@@ -109,6 +111,7 @@ class RegistryStats:
     provides: int = 0
     dht_records_fetched: int = 0
     dht_records_invalid: int = 0
+    synced: int = 0  # records that entered the view from a peer's whole map (sync_from)
     expired_purged: int = 0
 
 
@@ -775,6 +778,41 @@ class Registry:
                 for peer in providers:
                     nursery.start_soon(self._fetch_record, peer)
         return [r for r in self.records() if r.serves(block) and (r.peer in providers or r.peer == self._me)]
+
+    async def sync_from(self, peers: list[str], *, timeout: float = SYNC_TIMEOUT) -> int:
+        """Merge the whole view of each of ``peers`` (``/shardmesh/swarm/1.0.0``, served
+        by every node); how many records entered ours.
+
+        Gossip shows a newcomer each record only at its node's next publish, up to
+        ``publish_interval`` later, so a node that chose blocks on what gossip had said
+        so far could take a span someone already holds. Every record is verified
+        against its own peer id (:func:`~.swarm_map.parse_swarm_map`), so a peer can
+        leave records out but not forge one. A peer that fails to answer is skipped.
+        """
+        from libp2p.peer.id import ID
+
+        merged = 0
+
+        async def sync(peer: str) -> None:
+            nonlocal merged
+            try:
+                swarm = await fetch_swarm_map(self.mesh_host, ID.from_base58(peer), timeout)
+            except (SwarmMapError, ValueError) as exc:
+                log.debug("no swarm map from %s: %s", peer, exc)
+                return
+            if swarm.model != self.model_id:
+                return
+            for record in swarm.records:
+                if self._merge(record, swarm.envelopes[record.peer]):
+                    merged += 1
+
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for peer in peers:
+                    if peer != self._me:
+                        nursery.start_soon(sync, peer)
+        self.stats.synced += merged
+        return merged
 
     async def _find_providers(self, key: bytes, found: set[str]) -> None:
         """Add the provider peer ids for ``key`` to ``found``: local store, then the network.

@@ -50,6 +50,7 @@ class SwarmMap:
     total_blocks: int
     records: list[NodeRecord]  # valid, one per peer (highest seq)
     dropped: list[RecordError] = field(default_factory=list)  # entries that failed verification
+    envelopes: dict[str, bytes] = field(default_factory=dict)  # peer -> the signed bytes of its record above
 
 
 # --- serving ------------------------------------------------------------------------------
@@ -131,6 +132,7 @@ def parse_swarm_map(header: dict[str, Any], payload: bytes, *, now: float | None
 
     now = time.time() if now is None else now
     best: dict[str, NodeRecord] = {}
+    envelopes: dict[str, bytes] = {}
     dropped: list[RecordError] = []
     for entry in entries:
         try:
@@ -142,5 +144,5 @@ def parse_swarm_map(header: dict[str, Any], payload: bytes, *, now: float | None
             continue
         current = best.get(record.peer)
         if current is None or record.seq > current.seq:
-            best[record.peer] = record
-    return SwarmMap(model, total, list(best.values()), dropped)
+            best[record.peer], envelopes[record.peer] = record, bytes(entry)
+    return SwarmMap(model, total, list(best.values()), dropped, envelopes)
