@@ -11,6 +11,9 @@ Two channels feed it, and it feeds both:
   serves. A newcomer in a large swarm asks "who serves block i?" with
   :meth:`Registry.lookup_block` instead of waiting for gossip.
 
+A newcomer that must see everyone now (a ``--layers auto`` node about to choose its
+blocks) also asks a few peers for their whole view: :meth:`Registry.sync_from`.
+
 Everything that enters the view is verified (signature from the peer id itself, model,
 expiry); per peer the highest ``seq`` wins; records expire unless refreshed, so a node
 that vanishes leaves the view within a TTL.
