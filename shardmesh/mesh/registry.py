@@ -55,7 +55,6 @@ from libp2p.records.validator import Validator
 
 from ..placement.spans import DRAINING, coverage
 from .host import StillRunning, reset_quietly, without_cancel
-from .swarm_map import SwarmMapError, fetch_swarm_map
 from .records import (
     RECORD_NAMESPACE,
     RECORD_TTL,
@@ -72,6 +71,7 @@ from .records import (
     sign_record,
     verify_record,
 )
+from .swarm_map import SwarmMapError, fetch_swarm_map
 
 log = logging.getLogger("shardmesh.mesh.registry")
 
