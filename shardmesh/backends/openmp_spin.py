@@ -9,9 +9,10 @@ milliseconds. With one node per machine that core has nothing better to do. With
 several nodes on one machine (a test swarm, ``bench --mesh``, a workstation also running
 other work) it is the core the next stage needs. Measured on this project's 2-core VM,
 three stage processes passing one decode step around (12 blocks of the 100M tiny Llama,
-bf16, 2 threads each) took 35 ms of compute per token with the default spin and 27-28 ms
-with 30,000-100,000, against 23-26 ms in one process, which the shorter spin did not
-slow. Below about 10,000 the spin ends inside a step and one process slows by 15%.
+bf16, 2 threads each) took 34-37 ms of compute per token with the default spin and
+27-28 ms with 30,000-60,000 (27-32 with 100,000), against 23-27 ms in one process,
+which the shorter spin did not slow. Below about 10,000 the spin ends inside a step
+and one process slows by 15%.
 
 The count is read once, when libgomp loads (the first ``import torch``), so it must be
 in the environment before that: the command line sets it first thing.
