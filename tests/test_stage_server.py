@@ -134,6 +134,16 @@ def open_header(server_peer: str, client_peer: str, **overrides) -> dict:
     return header
 
 
+async def open_and_step(raw, server, client, session: str, payload: bytes, **step) -> FrameStream:
+    """Open ``session`` (it must be accepted), then send it one step at position 0
+    made of ``step``'s fields and ``payload``; the stream, for the answer."""
+    fs = await raw()
+    await fs.write(open_header(server.me, client.peer_id_str, session=session))
+    assert (await fs.read_frame()).header.get("ok") is True
+    await fs.write({"t": "step", "session": session, "position": 0, "want": False, **step}, payload)
+    return fs
+
+
 def test_good_session_matches_transformers(model_path, expected) -> None:
     async def attack(raw, next_token, server, client):
         for _ in range(5):
@@ -181,11 +191,7 @@ def test_oversized_payloads_are_refused_before_reading_them(model_path, expected
         await expect_error(fs, "too_large")
 
         # A session whose step carries more tokens than this peer allows.
-        fs = await raw()
-        await fs.write(open_header(server.me, client.peer_id_str, session="big"))
-        ok = await fs.read_frame()
-        assert ok.header.get("ok") is True
-        await fs.write({"t": "step", "session": "big", "position": 0, "want": False, "dtype": "int64", "shape": [65]}, b"\0" * 8 * 65)
+        fs = await open_and_step(raw, server, client, "big", b"\0" * 8 * 65, dtype="int64", shape=[65])
         await expect_error(fs, "too_large")
         await next_token()
 
@@ -212,17 +218,12 @@ def test_unknown_sessions_and_wrong_shapes(model_path, expected) -> None:
             ("int64", [2, 2, 2], 64),  # too many dimensions
             ("complex", [1], 8),  # unknown dtype
         ]):
-            fs = await raw()
-            await fs.write(open_header(server.me, client.peer_id_str, session=f"shape{i}"))
-            assert (await fs.read_frame()).header.get("ok") is True
-            await fs.write({"t": "step", "session": f"shape{i}", "position": 0, "want": False, "dtype": dtype, "shape": shape}, b"\1" * nbytes)
+            fs = await open_and_step(raw, server, client, f"shape{i}", b"\1" * nbytes, dtype=dtype, shape=shape)
             await expect_error(fs, "bad_input")
             await next_token()
 
-        fs = await raw()  # token ids outside the vocabulary
-        await fs.write(open_header(server.me, client.peer_id_str, session="vocab"))
-        assert (await fs.read_frame()).header.get("ok") is True
-        await fs.write({"t": "step", "session": "vocab", "position": 0, "want": False, "dtype": "int64", "shape": [1]}, struct.pack("<q", 10**9))
+        # Token ids outside the vocabulary.
+        fs = await open_and_step(raw, server, client, "vocab", struct.pack("<q", 10**9), dtype="int64", shape=[1])
         await expect_error(fs, "bad_input")
         await next_token()
         assert list(server.sessions) == ["good@0"], "refused sessions must be gone"
@@ -318,11 +319,7 @@ def test_adjacent_hops_on_one_peer_are_refused(model_path, expected) -> None:
 def test_a_step_with_a_bad_spent_field_is_refused(model_path, expected) -> None:
     async def attack(raw, next_token, server, client):
         for spent in (-1.0, "soon", float("nan")):
-            fs = await raw()
-            await fs.write(open_header(server.me, client.peer_id_str, session="spender"))
-            assert (await fs.read_frame()).header.get("ok") is True
-            step = {"t": "step", "session": "spender", "position": 0, "want": False, "dtype": "int64", "shape": [1], "spent": spent}
-            await fs.write(step, b"\1" + b"\0" * 7)
+            fs = await open_and_step(raw, server, client, "spender", b"\1" + b"\0" * 7, dtype="int64", shape=[1], spent=spent)
             await expect_error(fs, "bad_input")
             await next_token()
 
