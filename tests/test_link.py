@@ -206,18 +206,12 @@ def test_a_tampered_record_fails_authentication() -> None:
 def test_a_replayed_record_fails_authentication() -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            listener = await LinkListener.bind("127.0.0.1")
-            nursery.start_soon(listener.run)
-            offer = listener.offer()
-            raw = await trio.open_tcp_stream("127.0.0.1", listener.port)
-            await raw.send_all(offer.token)
-            b = await listener.take(offer)
-            # Seal one record as the dialer would, then send it twice.
-            sender = HopLink(raw, offer.fields["key"], dialer=True)
+            sender, b, _ = await linked_pair(nursery)
             await sender.write(b"once")
+            # Seal the next record as the dialer would, then send it twice.
             record = struct.pack(">I", 4 + 16)
             sealed = sender._aead.encrypt(struct.pack(">IQ", 0, 1), b"more", None)
-            await raw.send_all(record + sealed + record + sealed)
+            await sender._stream.send_all(record + sealed + record + sealed)
             assert await b.read(10) == b"once"
             assert await b.read(10) == b"more"
             with pytest.raises(LinkError, match="authentication"):
