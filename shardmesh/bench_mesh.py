@@ -11,6 +11,11 @@ figure, and this process plays the gateway (a libp2p host that holds no weights)
   one-way messages (gateway → A → B → C → gateway).
 * **3-node chain, no links**: the same with ``--no-links``: every frame stays on its
   libp2p stream (Yamux over Noise in py-libp2p) instead of moving to a hop link.
+* **the same split with no mesh** (:mod:`.bench_plain`): plain processes holding the
+  same spans pass each step over socketpairs, the same one-way messages and nothing
+  else, next to one of them running the decode loop alone. It shows what splitting a
+  step over processes costs on this machine whatever the mesh does, and the last line
+  says how much of that the 3-node chain reaches.
 
 The added latency per hop is ``(t3 - t1) / 2`` per decode step: two more hops, same
 blocks. It is printed twice: from the tokens/s figures (means, so a step slowed by some
@@ -46,6 +51,7 @@ from pathlib import Path
 import trio
 
 from .bench import _decode_rate
+from .bench_plain import measure_plain, report_plain, split_ratio
 
 LISTENING = re.compile(r"listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+))")
 PREFILL_TOKENS = 2048
@@ -238,6 +244,7 @@ def stop_all(nodes: list[NodeProcess]) -> None:
             node.proc.kill()
 
 
+PLAIN = "no mesh"  # the key of :func:`measure_plain`'s figures in :func:`measure`'s results
 CHAINS = {  # name: (spans, hop links)
     "3-node chain": (["0:4", "4:8", "8:12"], True),
     "1-node chain": (["0:12"], True),
@@ -270,6 +277,9 @@ def measure(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int
                 gc.collect()
     finally:
         compute_thread().call(torch.set_num_threads, default_threads)
+    print(f"  the same split with no mesh ({threads or default_threads} threads): plain processes ...", flush=True)
+    whole, three = CHAINS["1-node chain"][0][0], CHAINS["3-node chain"][0]
+    results[PLAIN] = measure_plain(str(path), dtype, prompt, tokens, repeats, threads, whole, three)
     return results
 
 
@@ -277,6 +287,8 @@ def report(title: str, results: dict, hop_mb: float) -> None:
     print(f"\n{title}")
     print(f"{'path':24s} {'decode tok/s':>12s} {'one process':>12s} {'ratio':>6s} {'step ms':>8s} {'compute':>8s} {'rest':>6s}")
     for name, r in results.items():
+        if name == PLAIN:
+            continue
         rest = r["step ms"] - r["compute ms"]
         print(
             f"{name:24s} {r['chain']:12.1f} {r['one process']:12.1f} {r['chain'] / r['one process']:6.2f} "
@@ -301,6 +313,9 @@ def report(title: str, results: dict, hop_mb: float) -> None:
         f"{PREFILL_TOKENS}-token prefill: 1-node chain {p1 * 1000:.0f} ms, 3-node chain {p3 * 1000:.0f} ms; "
         f"one hop moves {hop_mb:.1f} MB in {extra * 1000:.0f} ms added = {hop_mb / extra if extra > 0 else float('inf'):.0f} MB/s"
     )
+    report_plain(results[PLAIN])
+    floor, mesh = split_ratio(results[PLAIN]), three["chain"] / three["one process"]
+    print(f"the 3-node chain reaches {mesh / floor:.2f} of what the plain 3-process route reaches ({mesh:.2f} against {floor:.2f} of one process)")
 
 
 SINK_PROTOCOL = "/shardmesh/bench-sink/1.0.0"

@@ -17,7 +17,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_mesh_bench_runs_and_prints_its_three_figures(tmp_path) -> None:
+def test_mesh_bench_runs_and_prints_its_figures(tmp_path) -> None:
     from shardmesh.backends.tiny import cached_tiny_model
 
     model = cached_tiny_model("llama", layers=12, hidden=64, context_length=4096)  # room for the 2,048-token prefill
@@ -32,3 +32,27 @@ def test_mesh_bench_runs_and_prints_its_three_figures(tmp_path) -> None:
     assert re.search(r"added latency per hop .*: -?[\d.]+ ms", out), out
     assert re.search(r"-?[\d.]+ ms from the median decode step", out), out
     assert re.search(r"prefill hop on the wire alone .*: \d+ MB/s", out), out
+    assert re.search(r"3-process route\s+[\d.]+ tok/s\s+[\d.]+ of one process", out), out
+    assert re.search(r"the 3-node chain reaches [\d.]+ of what the plain 3-process route reaches", out), out
+
+
+def test_plain_processes_draw_the_tokens_one_process_draws() -> None:
+    """The floor ``bench --mesh`` prints is only worth something if the plain processes
+    really run the model: the split route draws the one process's greedy tokens."""
+    from shardmesh.backends.tiny import cached_tiny_model
+    from shardmesh.bench_plain import PlainRoute
+
+    model = str(cached_tiny_model("llama", layers=12, hidden=64))
+    prompt = [5, 17, 42, 8, 99]
+    whole = PlainRoute(model, "float32", ["0:12"], threads=1)
+    try:
+        split = PlainRoute(model, "float32", ["0:5", "5:9", "9:12"], threads=1)
+        try:
+            alone = whole.alone(prompt, 12)
+            assert len(alone.seconds) == 12
+            assert whole.decode(prompt, 12).tokens == alone.tokens
+            assert split.decode(prompt, 12).tokens == alone.tokens
+        finally:
+            split.close()
+    finally:
+        whole.close()
