@@ -26,6 +26,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import time
 from array import array
 from dataclasses import dataclass
 
@@ -97,8 +98,6 @@ class PlainStage:
     def alone(self, prompt: bytes, tokens: int) -> bytes:
         """The one-process loop: prompt, then ``tokens`` greedy steps. Seconds per step
         (float64), then the tokens (int64)."""
-        import time
-
         n = len(prompt) // 8
         self.reset(n + tokens + 1)
         token = self.step(0, prompt)
@@ -181,8 +180,6 @@ class PlainRoute:
 
     def decode(self, prompt: list[int], tokens: int) -> Decode:
         """Greedy decode of ``tokens`` tokens through the route, timed per step here."""
-        import time
-
         write_message(self.send, RESET, len(prompt) + tokens + 1)
         self._expect(RESET)
         write_message(self.send, STEP, 0, array("q", prompt).tobytes())
