@@ -30,6 +30,8 @@ import time
 from array import array
 from dataclasses import dataclass
 
+from .backends.base import DTYPE_SIZES, RawTensor, StepRequest
+
 HEADER = struct.Struct("<iqq")
 READY, RESET, STEP, ALONE = range(4)
 SESSION = "plain"
@@ -81,15 +83,14 @@ class PlainStage:
 
     def step(self, position: int, payload: bytes) -> bytes:
         """Token ids (first) or hidden states in; hidden states or the argmax (last) out."""
-        from .backends.base import RawTensor, StepRequest
         from .backends.torch_tensors import tensor_from_raw
 
         if self.first:
             inputs = RawTensor("int64", (len(payload) // 8,), payload)
         else:
             info = self.stage.info
-            width = info.hidden_size * (2 if info.dtype in ("bfloat16", "float16") else 4)
-            inputs = RawTensor(info.dtype, (len(payload) // width, info.hidden_size), payload)
+            rows = len(payload) // (info.hidden_size * DTYPE_SIZES[info.dtype])
+            inputs = RawTensor(info.dtype, (rows, info.hidden_size), payload)
         output = self.stage.step([StepRequest(SESSION, inputs, position)])[0]
         if self.last:
             return struct.pack("<q", int(tensor_from_raw(output).argmax()))
