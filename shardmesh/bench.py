@@ -52,11 +52,12 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
 class GenerateReference:
     """transformers ``generate`` on the same weights: the figure to compare against."""
 
-    def __init__(self, path: Path, dtype: torch.dtype, prompt: list[int]) -> None:
+    def __init__(self, path: Path, dtype: torch.dtype, prompt: list[int], device: str) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        self.ids = torch.tensor([prompt])
+        # On the stage's device: a GPU stage against a CPU reference would be no comparison.
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.ids = torch.tensor([prompt], device=device)
         self.params_m = sum(p.numel() for p in self.model.parameters()) / 1e6
 
     def _timed(self, n: int) -> float:
@@ -128,7 +129,7 @@ async def bench_ours(path: Path, dtype: str, prompt: list[int], tokens: int, rep
 
     compute = compute_thread()  # torch runs on this one thread, for both paths
     stage = await compute.run(lambda: TorchStage(resolve_local(str(path)), 0, dtype=dtype, model_name="bench"))
-    reference = await compute.run(GenerateReference, path, getattr(torch, dtype), prompt)
+    reference = await compute.run(GenerateReference, path, getattr(torch, dtype), prompt, stage.info.device)
     runner = StageRunner(stage)
     tokenizer = AutoTokenizer.from_pretrained(path)
     generator = Generator("bench", tokenizer, 1 << 20, LocalChains([runner]), frozenset())
@@ -180,17 +181,19 @@ def run_bench(args) -> int:
     path = bench_model_path(args.model)
     from transformers import AutoConfig
 
+    from .backends.torch_stage import pick_device
+
     vocab = AutoConfig.from_pretrained(path).vocab_size
     prompt = prompt_ids(vocab, args.prompt_tokens)
     print(
-        f"model {path}\ndtype {args.dtype}, torch threads {torch.get_num_threads()}, "
+        f"model {path}\ndtype {args.dtype}, device {pick_device('auto')}, torch threads {torch.get_num_threads()}, "
         f"prompt {args.prompt_tokens} tokens, decode {args.tokens} tokens, best of {args.repeats}",
         flush=True,
     )
     if args.mesh:
         from .bench_mesh import run_mesh_bench
 
-        return run_mesh_bench(path, args.dtype, prompt, args.tokens, args.repeats)
+        return run_mesh_bench(path, args.dtype, prompt, args.tokens, args.repeats, args.threads)
     figures = trio.run(bench_ours, path, args.dtype, prompt, args.tokens, args.repeats, args.sessions)
     reference = figures[0]
     print(f"\n{'path':44s} {'decode tok/s':>12s} {'vs generate':>12s}")

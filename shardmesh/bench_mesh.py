@@ -380,13 +380,16 @@ def measure_hop_transfer(nbytes: int, repeats: int) -> float:
         stop_all([sink])
 
 
-def run_mesh_bench(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int) -> int:
-    """Twice: with torch's default threads (as deployed: every process uses every core),
-    and with one thread per process. On a machine with few cores the first puts three
-    processes' OpenMP teams on the same cores (waking, and any spin left after
-    :mod:`.backends.openmp_spin` shortened it, slow the next one's compute); the second
-    shows what the mesh itself costs. Every process here (this one too) runs with the
-    spin the command line sets, unless ``GOMP_SPINCOUNT`` says otherwise."""
+def run_mesh_bench(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int, thread_settings: list[int | None]) -> int:
+    """Once per thread setting; by default twice: with torch's default threads (as
+    deployed: every process uses every core), and with one thread per process. On a
+    machine with few cores the first puts three processes' OpenMP teams on the same
+    cores (waking, and any spin left after :mod:`.backends.openmp_spin` shortened it,
+    slow the next one's compute); the second shows what the mesh itself costs. On a
+    machine with many cores, a setting such that three processes fit side by side
+    (``--threads 4`` on 16 cores) stands for three machines. Every process here (this
+    one too) runs with the spin the command line sets, unless ``GOMP_SPINCOUNT`` says
+    otherwise."""
     from transformers import AutoConfig
 
     # py-libp2p warns, with a traceback, about a connection that arrives while this
@@ -396,13 +399,17 @@ def run_mesh_bench(path: Path, dtype: str, prompt: list[int], tokens: int, repea
     config = AutoConfig.from_pretrained(path)
     hop_mb = PREFILL_TOKENS * config.hidden_size * (2 if dtype in ("bfloat16", "float16") else 4) / 1e6
     results = {}
-    for threads in (None, 1):
+    for threads in thread_settings:
         print(f"measuring with {'default' if threads is None else threads} torch thread(s) per process ...", flush=True)
         results[threads] = measure(path, dtype, prompt, tokens, repeats, threads, key_dir)
     import torch
 
-    report(f"torch's default threads per process ({torch.get_num_threads()}; all on this machine's {os.cpu_count()} cores)", results[None], hop_mb)
-    report("1 torch thread per process", results[1], hop_mb)
+    for threads, result in results.items():
+        if threads is None:
+            title = f"torch's default threads per process ({torch.get_num_threads()} each; this machine has {os.cpu_count()} cores)"
+        else:
+            title = f"{threads} torch thread{'s' if threads > 1 else ''} per process (this machine has {os.cpu_count()} cores)"
+        report(title, result, hop_mb)
     rate = measure_hop_transfer(int(hop_mb * 1e6), max(3, repeats))
     print(f"\none {PREFILL_TOKENS}-token prefill hop on the wire alone ({hop_mb:.1f} MB frame to another process, acknowledged): {rate:.0f} MB/s")
     return 0

@@ -70,6 +70,20 @@ def _add_tiny(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _thread_settings(text: str) -> list[int | None]:
+    """``default,1`` -> [None, 1]: None leaves torch's own thread count."""
+    settings: list[int | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "default":
+            settings.append(None)
+        elif part.isdigit() and int(part) > 0:
+            settings.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a thread count: use positive integers or 'default'")
+    return settings
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="measure decode speed against transformers generate")
     p.add_argument("--model", default=None, help="model folder (default: a cached 100M-parameter tiny Llama)")
@@ -79,6 +93,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--sessions", type=int, default=4, help="concurrent sessions for the batching figure")
     p.add_argument("--mesh", action="store_true", help="node processes on loopback: 3-node chain vs one process, per-hop cost")
+    p.add_argument(
+        "--threads", type=_thread_settings, default=[None, 1], metavar="N[,N...]",
+        help="with --mesh: torch threads per process, one measurement for each; 'default' is torch's own count (default: default,1)",
+    )
 
 
 def _add_sim(sub) -> None:

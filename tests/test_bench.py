@@ -23,7 +23,8 @@ def test_mesh_bench_runs_and_prints_its_figures(tmp_path) -> None:
     model = cached_tiny_model("llama", layers=12, hidden=64, context_length=4096)  # room for the 2,048-token prefill
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}  # its own throughput cache and keys
     run = subprocess.run(
-        [sys.executable, "-m", "shardmesh", "bench", "--mesh", "--model", str(model), "--tokens", "8", "--repeats", "1", "--dtype", "float32"],
+        [sys.executable, "-m", "shardmesh", "bench", "--mesh", "--model", str(model), "--tokens", "8", "--repeats", "1", "--dtype", "float32",
+         "--threads", "1"],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert run.returncode == 0, run.stdout + run.stderr
@@ -34,6 +35,17 @@ def test_mesh_bench_runs_and_prints_its_figures(tmp_path) -> None:
     assert re.search(r"prefill hop on the wire alone .*: \d+ MB/s", out), out
     assert re.search(r"3-process route\s+[\d.]+ tok/s\s+[\d.]+ of one process", out), out
     assert re.search(r"the 3-node chain reaches [\d.]+ of what the plain 3-process route reaches", out), out
+    # One measurement per --threads setting, and only those asked for.
+    assert "1 torch thread per process" in out and "default threads" not in out, out
+
+
+def test_bench_thread_settings_are_checked() -> None:
+    from shardmesh.cli import _thread_settings
+
+    assert _thread_settings("default,1") == [None, 1]
+    assert _thread_settings("4") == [4]
+    run = subprocess.run([sys.executable, "-m", "shardmesh", "bench", "--mesh", "--threads", "0"], capture_output=True, text=True)
+    assert run.returncode == 2 and "'0' is not a thread count" in run.stderr, run.stderr
 
 
 def test_plain_processes_draw_the_tokens_one_process_draws() -> None:

@@ -286,6 +286,8 @@ class Registry:
         self._publish_wake = trio.Event()
         self._dht_wake = trio.Event()
         self._provide_wake = trio.Event()
+        self._purge_wake = trio.Event()
+        self._purge_at = math.inf  # when _purge_loop wakes next (the earliest expiry it saw)
         self._nursery: trio.Nursery | None = None
         self._in_flight: set[str] = set()  # kinds of network call still running past their deadline
         self._latest: tuple[NodeRecord, bytes] | None = None  # last signed local record
@@ -531,6 +533,8 @@ class Registry:
             return False
         self._view[record.peer] = record
         self._raw[record.peer] = bytes(signed)
+        if record.expires < self._purge_at:
+            self._purge_wake.set()
         self._remember(record)  # every time: peerstore addresses lapse unless refreshed
         if current is None or content_of(current) != content_of(record):
             self._signal_changed()
@@ -549,8 +553,12 @@ class Registry:
         self._changed = trio.Event()
 
     async def _purge_loop(self) -> None:
+        """Drops each peer's record when it expires. It sleeps until the earliest expiry
+        in the view, not on a fixed tick: an idle node then wakes every few seconds
+        instead of every second (on a machine shared with other nodes each wake-up can
+        land in their compute), and a record goes at its expiry, not up to a tick late.
+        :meth:`_merge` cuts the sleep short for a record that expires sooner."""
         while True:
-            await trio.sleep(min(1.0, self.ttl / 5))
             now = time.time()
             expired = [p for p, r in self._view.items() if r.expires < now and p != self._me]
             for peer in expired:
@@ -560,6 +568,11 @@ class Registry:
             if expired:
                 self.stats.expired_purged += len(expired)
                 self._signal_changed()
+            self._purge_at = min((r.expires for p, r in self._view.items() if p != self._me), default=math.inf)
+            self._purge_wake = trio.Event()
+            # A hair past the expiry: records() already hides a record from its expiry on.
+            with trio.move_on_after(max(0.0, self._purge_at - time.time()) + 0.01):
+                await self._purge_wake.wait()
 
     # --- our record out ----------------------------------------------------------------
 
