@@ -76,11 +76,14 @@ def _thread_settings(text: str) -> list[int | None]:
     for part in text.split(","):
         part = part.strip()
         if part == "default":
-            settings.append(None)
+            setting = None
         elif part.isdigit() and int(part) > 0:
-            settings.append(int(part))
+            setting = int(part)
         else:
             raise argparse.ArgumentTypeError(f"{part!r} is not a thread count: use positive integers or 'default'")
+        if setting in settings:
+            raise argparse.ArgumentTypeError(f"{part!r} is given twice")
+        settings.append(setting)
     return settings
 
 

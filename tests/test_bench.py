@@ -7,6 +7,7 @@ chain-opener protocol as the gateway, so a change there must keep it working.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -44,6 +45,8 @@ def test_bench_thread_settings_are_checked() -> None:
 
     assert _thread_settings("default,1") == [None, 1]
     assert _thread_settings("4") == [4]
+    with pytest.raises(argparse.ArgumentTypeError, match="given twice"):
+        _thread_settings("2,2")
     run = subprocess.run([sys.executable, "-m", "shardmesh", "bench", "--mesh", "--threads", "0"], capture_output=True, text=True)
     assert run.returncode == 2 and "'0' is not a thread count" in run.stderr, run.stderr
 
