@@ -50,6 +50,7 @@ from pathlib import Path
 
 import trio
 
+from .backends.base import DTYPE_SIZES
 from .bench import _decode_rate
 from .bench_plain import measure_plain, report_plain, split_ratio
 
@@ -397,7 +398,7 @@ def run_mesh_bench(path: Path, dtype: str, prompt: list[int], tokens: int, repea
     logging.getLogger("libp2p").setLevel(logging.ERROR)
     key_dir = Path(tempfile.mkdtemp(prefix="shardmesh-bench-"))
     config = AutoConfig.from_pretrained(path)
-    hop_mb = PREFILL_TOKENS * config.hidden_size * (2 if dtype in ("bfloat16", "float16") else 4) / 1e6
+    hop_mb = PREFILL_TOKENS * config.hidden_size * DTYPE_SIZES[dtype] / 1e6
     results = {}
     for threads in thread_settings:
         print(f"measuring with {'default' if threads is None else threads} torch thread(s) per process ...", flush=True)
