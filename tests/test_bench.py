@@ -40,6 +40,22 @@ def test_mesh_bench_runs_and_prints_its_figures(tmp_path) -> None:
     assert "1 torch thread per process" in out and "default threads" not in out, out
 
 
+def test_mesh_report_reads_no_rate_from_a_prefill_lost_in_noise(capsys) -> None:
+    """Two prefills differ by their noise as well as by the hops: when the 3-node one
+    comes out faster, the report says so instead of printing an infinite rate."""
+    from shardmesh.bench_mesh import PLAIN, report
+
+    def chain(prefill: float) -> dict:
+        return {"one process": 40.0, "chain": 36.0, "step ms": 27.0, "compute ms": 25.0, "prefill": prefill}
+
+    plain = {"one process": (40.0, 25.0), "1-process route": (39.0, 25.5), "3-process route": (36.0, 27.5)}
+    report("t", {"3-node chain": chain(0.500), "1-node chain": chain(0.520), PLAIN: plain}, 3.1)
+    out = capsys.readouterr().out
+    assert "lost in the noise" in out and "inf" not in out, out
+    report("t", {"3-node chain": chain(0.540), "1-node chain": chain(0.520), PLAIN: plain}, 3.1)
+    assert "one hop moves 3.1 MB in 10 ms added = 310 MB/s" in capsys.readouterr().out
+
+
 def test_bench_thread_settings_are_checked() -> None:
     from shardmesh.cli import _thread_settings
 
