@@ -48,7 +48,9 @@ interop/node_modules: interop/package.json interop/package-lock.json | testdeps
 		cd interop && npm ci --no-audit --no-fund --loglevel=error && touch node_modules; \
 	else echo "npm not found: the js-libp2p interop tests will skip"; fi
 
+# The import rules first (pyproject.toml, [tool.importlinter]): a broken door fails the run.
 test: $(STAMP) testdeps interop/node_modules
+	$(BIN)/lint-imports --no-cache
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile -q $(ARGS)
 
 bench: $(STAMP)

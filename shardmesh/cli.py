@@ -7,11 +7,11 @@ import os
 import sys
 
 from . import __version__
-from .backends.openmp_spin import limit_idle_spin
+from .node.openmp_spin import limit_idle_spin
 
 
 def _add_run(sub) -> None:
-    from .config import NodeConfig  # its defaults are the flags' defaults
+    from .node.config import NodeConfig
 
     p = sub.add_parser("run", help="serve a model (or part of one) and the OpenAI gateway")
     p.add_argument("--model", required=True, help="local folder in Hugging Face layout, or a hub id like Qwen/Qwen3-0.6B")
@@ -60,7 +60,7 @@ def _add_status(sub) -> None:
 
 
 def _add_tiny(sub) -> None:
-    from .backends.tiny import ARCHS
+    from .tools.tiny_model import ARCHS
 
     p = sub.add_parser("tiny-model", help="write a tiny random model + tokenizer (offline tests and demos)")
     p.add_argument("path")
@@ -103,15 +103,15 @@ def _add_bench(sub) -> None:
 
 
 def _add_sim(sub) -> None:
-    from . import sim_cli
+    from .tools import sim as sim_cli
 
     sim_cli.add_arguments(sub.add_parser("sim", help=sim_cli.HELP))
 
 
 def run(args) -> int:
     from .backends.weights import ModelSourceError
-    from .config import NodeConfig, UsageError, env_api_key
-    from .node import main as node_main
+    from .node.config import NodeConfig, UsageError, env_api_key
+    from .node.run import main as node_main
 
     config = NodeConfig(
         model=args.model,
@@ -155,7 +155,7 @@ def _check_addresses(config) -> None:
     """Bad --listen / --join addresses are the user's to fix: one line, before anything starts."""
     from multiaddr import Multiaddr
 
-    from .config import UsageError
+    from .node.config import UsageError
     from .mesh.discovery import parse_join_address
     from .mesh.host import port_in_use
 
@@ -184,13 +184,13 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def status(args) -> int:
-    from .status import main as status_main
+    from .tools.status import main as status_main
 
     return status_main(args.join, as_json=args.json, timeout=args.timeout)
 
 
 def tiny_model(args) -> int:
-    from .backends.tiny import build_tiny_model
+    from .tools.tiny_model import build_tiny_model
 
     path = build_tiny_model(args.path, args.arch, layers=args.layers, hidden=args.hidden, seed=args.seed)
     print(f"wrote a tiny {args.arch} model to {path}; serve it with: shardmesh run --model {path}")
@@ -198,13 +198,13 @@ def tiny_model(args) -> int:
 
 
 def bench(args) -> int:
-    from .bench import run_bench
+    from .tools.bench import run_bench
 
     return run_bench(args)
 
 
 def sim(args) -> int:
-    from .sim_cli import run as run_sim
+    from .tools.sim import run as run_sim
 
     return run_sim(args)
 

@@ -73,7 +73,7 @@ class Transformers:
         """
         from transformers import DynamicCache
 
-        from shardmesh.backends.sampling import sample
+        from shardmesh.backends.torch.sampling import sample
 
         torch = self.torch
         cache = DynamicCache(config=self.model.config)

@@ -42,7 +42,7 @@ PROMPT = "Once upon a time, in a small village by the sea,"
 
 @pytest.fixture(scope="module")
 def model_path() -> Path:
-    from shardmesh.backends.tiny import cached_tiny_model
+    from shardmesh.tools.tiny_model import cached_tiny_model
 
     return cached_tiny_model("llama", layers=4, hidden=64)
 
@@ -322,7 +322,7 @@ def test_chat_control_tokens_in_user_text_stay_text(
     client: openai.OpenAI, model_id: str, tokenizer: Any, reference: Transformers
 ) -> None:
     """A user who types ``<|im_start|>system`` gets those characters, not the control token."""
-    from shardmesh.api.openai import ChatMessage, chat_prompt_ids
+    from shardmesh.api.schemas import ChatMessage, chat_prompt_ids
 
     im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert im_start == 1
@@ -357,7 +357,7 @@ class _NoSanitizing:
 
 
 def test_chat_template_type_error_is_not_retried_unguarded() -> None:
-    from shardmesh.api.openai import ChatMessage, chat_prompt_ids
+    from shardmesh.api.schemas import ChatMessage, chat_prompt_ids
 
     messages = [ChatMessage(role="user", content="<|im_start|>system")]
     tokenizer = _TemplateRaises()
@@ -493,7 +493,7 @@ def test_completion_sampling_knobs_match_local_replay(
     ``sample`` in a local loop; the node (float32 on CPU) computes the same logits
     bit for bit, so any difference is a knob lost or changed on the way.
     """
-    from shardmesh.backends.sampling import SamplingParams
+    from shardmesh.contract import SamplingParams
 
     prompt_ids = reference.prompt_ids(PROMPT)
     expected = reference.sample(prompt_ids, SamplingParams(**knobs), N)
@@ -677,7 +677,8 @@ class ScriptedGenerator:
     async def stream(self, req: Any) -> Any:
         import trio
 
-        from shardmesh.api.generate import Finished, ModelUnavailable, PromptTooLong, TokenEvent
+        from shardmesh.api.generate import Finished, PromptTooLong, TokenEvent
+        from shardmesh.contract import ModelUnavailable
 
         try:
             if self.behaviour == "unavailable":

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_mesh_bench_runs_and_prints_its_figures(tmp_path) -> None:
-    from shardmesh.backends.tiny import cached_tiny_model
+    from shardmesh.tools.tiny_model import cached_tiny_model
 
     model = cached_tiny_model("llama", layers=12, hidden=64, context_length=4096)  # room for the 2,048-token prefill
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}  # its own throughput cache and keys
@@ -43,7 +43,7 @@ def test_mesh_bench_runs_and_prints_its_figures(tmp_path) -> None:
 def test_mesh_report_reads_no_rate_from_a_prefill_lost_in_noise(capsys) -> None:
     """Two prefills differ by their noise as well as by the hops: when the 3-node one
     comes out faster, the report says so instead of printing an infinite rate."""
-    from shardmesh.bench_mesh import PLAIN, report
+    from shardmesh.tools.bench_mesh import PLAIN, report
 
     def chain(prefill: float) -> dict:
         return {"one process": 40.0, "chain": 36.0, "step ms": 27.0, "compute ms": 25.0, "prefill": prefill}
@@ -70,8 +70,8 @@ def test_bench_thread_settings_are_checked() -> None:
 def test_plain_processes_draw_the_tokens_one_process_draws() -> None:
     """The floor ``bench --mesh`` prints is only worth something if the plain processes
     really run the model: the split route draws the one process's greedy tokens."""
-    from shardmesh.backends.tiny import cached_tiny_model
-    from shardmesh.bench_plain import PlainRoute
+    from shardmesh.tools.tiny_model import cached_tiny_model
+    from shardmesh.tools.bench_no_mesh import PlainRoute
 
     model = str(cached_tiny_model("llama", layers=12, hidden=64))
     prompt = [5, 17, 42, 8, 99]

@@ -44,7 +44,7 @@ def test_a_port_in_use_is_refused(tmp_path) -> None:
 def test_a_link_port_in_use_is_refused(tmp_path) -> None:
     import socket
 
-    from shardmesh.backends.tiny import cached_tiny_model
+    from shardmesh.tools.tiny_model import cached_tiny_model
 
     model = cached_tiny_model("llama", layers=4, hidden=64)
     with socket.socket() as other:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from shardmesh.backends.footprint import weight_bytes
-from shardmesh.backends.tiny import cached_tiny_model
+from shardmesh.tools.tiny_model import cached_tiny_model
 from shardmesh.backends.weights import block_of, is_embedding, is_head, resolve_local
 
 

@@ -7,13 +7,14 @@ import torch
 import trio
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shardmesh.api.generate import Finished, GenerationRequest, Generator, ModelUnavailable, PromptTooLong, TokenEvent
+from shardmesh.api.generate import Finished, GenerationRequest, Generator, PromptTooLong, TokenEvent
+from shardmesh.contract import ModelUnavailable
 from shardmesh.api.text import IncrementalDetokenizer, StopMatcher
 from shardmesh.backends.local_chain import LocalChains
-from shardmesh.backends.runner import StageRunner
-from shardmesh.backends.sampling import SamplingParams
-from shardmesh.backends.tiny import cached_tiny_model
-from shardmesh.backends.torch_stage import TorchStage
+from shardmesh.backends.batcher import StepBatcher
+from shardmesh.contract import SamplingParams
+from shardmesh.tools.tiny_model import cached_tiny_model
+from shardmesh.backends.torch.stage import TorchStage
 from shardmesh.backends.weights import resolve_local
 
 LAYERS = 4
@@ -30,8 +31,8 @@ def reference(model_path):
     return AutoModelForCausalLM.from_pretrained(model_path).eval()
 
 
-def make_generator(path, cuts=(0, 2, LAYERS), eos=frozenset(), **stage_kw) -> tuple[Generator, list[StageRunner]]:
-    runners = [StageRunner(TorchStage(resolve_local(str(path)), a, b, **stage_kw)) for a, b in zip(cuts, cuts[1:])]
+def make_generator(path, cuts=(0, 2, LAYERS), eos=frozenset(), **stage_kw) -> tuple[Generator, list[StepBatcher]]:
+    runners = [StepBatcher(TorchStage(resolve_local(str(path)), a, b, **stage_kw)) for a, b in zip(cuts, cuts[1:])]
     tokenizer = AutoTokenizer.from_pretrained(path)
     return Generator("tiny", tokenizer, 2048, LocalChains(runners), eos), runners
 

@@ -37,7 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from shardmesh.backends.tiny import cached_tiny_model
+from shardmesh.tools.tiny_model import cached_tiny_model
 from shardmesh.backends.weights import INDEX_FILE, SMALL_FILES, span_tensor_names
 
 LAYERS = 6
@@ -292,7 +292,7 @@ def client_env(hub: FakeHub, cache: Path, *, offline: bool = False) -> dict[str,
 STAGE_SCRIPT = """
 import json, sys
 from shardmesh.backends.weights import resolve
-from shardmesh.backends.torch_stage import TorchStage
+from shardmesh.backends.torch.stage import TorchStage
 files = resolve(sys.argv[1])
 stage = TorchStage(files, int(sys.argv[2]), int(sys.argv[3]), dtype="float32", device="cpu")
 print("RESULT " + json.dumps({

@@ -169,7 +169,7 @@ def js_peer_factory() -> Iterator:
 
 @pytest.fixture(scope="module")
 def model_path() -> Path:
-    from shardmesh.backends.tiny import cached_tiny_model
+    from shardmesh.tools.tiny_model import cached_tiny_model
 
     return cached_tiny_model("llama", layers=BLOCKS, hidden=64)
 

@@ -14,16 +14,17 @@ import pytest
 import trio
 
 from shardmesh.backends.compute_thread import compute_thread
-from shardmesh.backends.runner import StageRunner
-from shardmesh.backends.served_stage import ServedStage
-from shardmesh.backends.tiny import cached_tiny_model
-from shardmesh.backends.torch_stage import TorchStage
+from shardmesh.backends.batcher import StepBatcher
+from shardmesh.backends.hop_compute import StageHopCompute
+from shardmesh.tools.tiny_model import cached_tiny_model
+from shardmesh.backends.torch.stage import TorchStage
 from shardmesh.backends.weights import resolve
 from shardmesh.mesh.host import running_host
 from shardmesh.mesh.link import DIRECT_MAX, MAX_RECORD, HopLink, LinkError, dial
 from shardmesh.mesh.link_offers import LinkListener, Links
-from shardmesh.mesh.session import ChainFailed, RemoteChain
-from shardmesh.mesh.stage_server import StageServer
+from shardmesh.contract import ChainFailed
+from shardmesh.mesh.chain_client import RemoteChain
+from shardmesh.mesh.hop_server import HopServer
 from shardmesh.placement.routing import Hop
 from reference import Transformers
 
@@ -320,7 +321,7 @@ async def two_hop_chain(model_path: Path, second_port: str = "its own") -> dict:
     ):
         servers = []
         for host, stage in ((h1, stages[0]), (h2, stages[1])):
-            runner = StageRunner(stage)
+            runner = StepBatcher(stage)
             await nursery.start(runner.run)
             listener = await LinkListener.bind("127.0.0.1")
             if host is h2 and second_port == "closed":
@@ -330,14 +331,14 @@ async def two_hop_chain(model_path: Path, second_port: str = "its own") -> dict:
                 nursery.start_soon(listener.run)
             if host is h2 and second_port == "foreign":
                 listener.port = (await nursery.start(trio.serve_tcp, lambda stream: trio.sleep_forever(), 0))[0].socket.getsockname()[1]
-            server = StageServer(host, ServedStage(runner), MODEL_ID, 4, 2048, links=Links(listener))
+            server = HopServer(host, StageHopCompute(runner), MODEL_ID, 4, 2048, links=Links(listener))
             await nursery.start(server.run)
             servers.append(server)
         for host in (gateway, h1):
             for target in (h1, h2):
                 if host is not target:
                     await host.connect(target.addrs()[0])
-        me = StageServer(gateway, None, MODEL_ID, 4, 2048, links=Links())
+        me = HopServer(gateway, None, MODEL_ID, 4, 2048, links=Links())
         await nursery.start(me.run)
         failures = []
         for attempt in range(3):  # an unconfirmed link fails its chain; the next one avoids it

@@ -91,7 +91,7 @@ def client_for(node: Node) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def llama_path() -> Path:
-    from shardmesh.backends.tiny import cached_tiny_model
+    from shardmesh.tools.tiny_model import cached_tiny_model
 
     return cached_tiny_model("llama", layers=12, hidden=64)
 
@@ -168,7 +168,7 @@ def test_concurrent_sessions_each_get_their_own_answer(llama_swarm: Swarm, llama
 
 @pytest.fixture(scope="module")
 def moe_path() -> Path:
-    from shardmesh.backends.tiny import cached_tiny_model
+    from shardmesh.tools.tiny_model import cached_tiny_model
 
     return cached_tiny_model("qwen3_moe", layers=12, hidden=64)
 

@@ -28,7 +28,7 @@ MESSAGES = [{"role": "user", "content": "The quick brown fox jumps over the lazy
 
 @pytest.fixture(scope="module")
 def model_path() -> Path:
-    from shardmesh.backends.tiny import cached_tiny_model
+    from shardmesh.tools.tiny_model import cached_tiny_model
 
     return cached_tiny_model("llama", layers=12, hidden=64)
 
@@ -81,7 +81,7 @@ def test_chain_of_a_torch_node_and_an_mlx_node(model_path: Path, want: str, tmp_
 
 
 def test_auto_picks_mlx_only_on_apple_silicon(monkeypatch) -> None:
-    from shardmesh.backends import choose
+    from shardmesh.node import backend as choose
 
     monkeypatch.setattr(choose.sys, "platform", "linux")
     assert choose.choose_backend("auto") == "torch"

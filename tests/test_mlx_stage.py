@@ -15,12 +15,12 @@ pytest.importorskip("mlx_lm", reason="mlx-lm is not installed (pip install mlx-l
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from shardmesh.backends.base import BadInput, CacheBudgetExceeded, RawTensor, StepRequest, UnknownSession  # noqa: E402
-from shardmesh.backends.mlx_stage import MlxStage, mx_from_raw, raw_from_mx  # noqa: E402
-from shardmesh.backends.tiny import ARCHS, cached_tiny_model  # noqa: E402
-from shardmesh.backends.torch_stage import TorchStage  # noqa: E402
-from shardmesh.backends.torch_tensors import raw_from_tensor, tensor_from_raw  # noqa: E402
-from shardmesh.backends.weights import block_of, resolve_local  # noqa: E402
+from shardmesh.contract import BadInput, CacheBudgetExceeded, RawTensor, StepRequest, UnknownSession
+from shardmesh.backends.mlx.stage import MlxStage, mx_from_raw, raw_from_mx
+from shardmesh.tools.tiny_model import ARCHS, cached_tiny_model
+from shardmesh.backends.torch.stage import TorchStage
+from shardmesh.backends.torch.tensors import raw_from_tensor, tensor_from_raw
+from shardmesh.backends.weights import block_of, resolve_local
 
 LAYERS = 6
 PROMPT = [5, 17, 99, 3, 42, 7, 8, 60, 61]

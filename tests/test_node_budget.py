@@ -16,7 +16,7 @@ import pytest
 from node_process import Node, start_node, stop_node
 from transformers import AutoConfig
 
-from shardmesh.backends.tiny import cached_tiny_model
+from shardmesh.tools.tiny_model import cached_tiny_model
 
 pytestmark = pytest.mark.slow
 SESSION_TOKENS = 300  # the budget: one session's first 256 tokens fit, two do not

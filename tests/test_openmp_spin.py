@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from shardmesh.backends.openmp_spin import NODE_SPIN_COUNT, VARIABLE
+from shardmesh.node.openmp_spin import NODE_SPIN_COUNT, VARIABLE
 
 
 def _run(code: str, **env: str) -> list[str]:
@@ -20,7 +20,7 @@ def _run(code: str, **env: str) -> list[str]:
 def test_the_command_line_sets_the_spin_before_torch_loads() -> None:
     code = (
         "import os, sys\n"
-        "from shardmesh.backends import openmp_spin\n"
+        "from shardmesh.node import openmp_spin\n"
         "seen = []\n"
         "original = openmp_spin.limit_idle_spin\n"
         "def spy(*a, **k):\n"
@@ -39,10 +39,10 @@ def test_the_command_line_sets_the_spin_before_torch_loads() -> None:
 
 @pytest.mark.parametrize("chosen", [{VARIABLE: "7"}, {"OMP_WAIT_POLICY": "PASSIVE"}])
 def test_a_spin_the_user_chose_is_kept(chosen: dict[str, str]) -> None:
-    code = "import os\nfrom shardmesh.backends.openmp_spin import limit_idle_spin\nprint(limit_idle_spin(), os.environ.get('GOMP_SPINCOUNT'))\n"
+    code = "import os\nfrom shardmesh.node.openmp_spin import limit_idle_spin\nprint(limit_idle_spin(), os.environ.get('GOMP_SPINCOUNT'))\n"
     assert _run(code, **chosen)[-2] == f"False {chosen.get(VARIABLE)}"
 
 
 def test_too_late_once_torch_is_loaded() -> None:
-    code = "import os, torch\nfrom shardmesh.backends.openmp_spin import limit_idle_spin\nprint(limit_idle_spin(), os.environ.get('GOMP_SPINCOUNT'))\n"
+    code = "import os, torch\nfrom shardmesh.node.openmp_spin import limit_idle_spin\nprint(limit_idle_spin(), os.environ.get('GOMP_SPINCOUNT'))\n"
     assert _run(code)[-2] == "False None"

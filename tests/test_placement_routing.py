@@ -12,13 +12,7 @@ import random
 
 import pytest
 
-from shardmesh.placement.routing import (
-    CACHE_PENALTY_MS,
-    FailureBackoff,
-    Hop,
-    find_route,
-    route_cost,
-)
+from shardmesh.placement.routing import CACHE_PENALTY_MS, FailureBackoff, Hop, find_route, route_cost
 from shardmesh.placement.spans import ServerView, valid_span
 
 

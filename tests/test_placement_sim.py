@@ -11,7 +11,7 @@ import argparse
 
 import pytest
 
-from shardmesh import sim_cli
+from shardmesh.tools import sim as sim_cli
 from shardmesh.placement.rebalance import BlockSums
 from shardmesh.placement.sim import SimConfig, _Swarm, draw_arrivals, simulate
 from shardmesh.placement.spans import ServerView

@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-from shardmesh.placement.spans import (
-    ServerView,
-    block_throughput,
-    bottleneck,
-    coverage,
-    gaps,
-    is_complete,
-    valid_span,
-)
+from shardmesh.placement.spans import ServerView, block_throughput, bottleneck, coverage, gaps, is_complete, valid_span
 
 
 def sv(peer: str, start: int, end: int, throughput: float = 100.0, **kw) -> ServerView:

@@ -11,15 +11,16 @@ import pytest
 import trio
 from transformers import AutoTokenizer
 
-from shardmesh.api.generate import Finished, GenerationRequest, Generator, ModelUnavailable
+from shardmesh.api.generate import Finished, GenerationRequest, Generator
+from shardmesh.contract import ModelUnavailable
 from shardmesh.api.resumable import ResumableChain
 from shardmesh.backends.local_chain import LocalChains
-from shardmesh.backends.runner import StageRunner
-from shardmesh.backends.sampling import SamplingParams
-from shardmesh.backends.tiny import cached_tiny_model
-from shardmesh.backends.torch_stage import TorchStage
+from shardmesh.backends.batcher import StepBatcher
+from shardmesh.contract import SamplingParams
+from shardmesh.tools.tiny_model import cached_tiny_model
+from shardmesh.backends.torch.stage import TorchStage
 from shardmesh.backends.weights import resolve_local
-from shardmesh.mesh.session import ChainFailed, NoRoute
+from shardmesh.contract import ChainFailed, NoRoute
 
 LAYERS = 4
 
@@ -68,7 +69,7 @@ class BreakingChains:
 
 
 def generate(model_path, sampling, fail_at=(), no_route_for=0, wait=5.0, n=16):
-    runners = [StageRunner(TorchStage(resolve_local(str(model_path)), a, b)) for a, b in ((0, 2), (2, LAYERS))]
+    runners = [StepBatcher(TorchStage(resolve_local(str(model_path)), a, b)) for a, b in ((0, 2), (2, LAYERS))]
     chains = BreakingChains(LocalChains(runners), set(fail_at), no_route_for=no_route_for)
     generator = Generator("tiny", AutoTokenizer.from_pretrained(model_path), 2048, chains, frozenset(), route_wait=wait)
 
@@ -123,7 +124,7 @@ def test_no_route_past_the_deadline_is_model_unavailable(model_path):
 
 def test_failover_counts_its_pauses(model_path):
     async def main():
-        runners = [StageRunner(TorchStage(resolve_local(str(model_path)), 0, LAYERS))]
+        runners = [StepBatcher(TorchStage(resolve_local(str(model_path)), 0, LAYERS))]
         chains = BreakingChains(LocalChains(runners), {3})
         async with trio.open_nursery() as nursery:
             await nursery.start(runners[0].run)

@@ -1,4 +1,4 @@
-"""Tests for shardmesh.backends.sampling: correctness, reproducibility, validation.
+"""Tests for shardmesh.backends.torch.sampling: correctness, reproducibility, validation.
 
 Every random test uses fixed seeds, so the statistical checks are deterministic: they
 either always pass or always fail; the bounds are generous (several standard
@@ -12,15 +12,9 @@ import math
 import pytest
 import torch
 
-from shardmesh.backends import sampling
-from shardmesh.backends.sampling import (
-    SampledToken,
-    SamplingParams,
-    apply_penalties,
-    sample,
-    sample_batch,
-    step_seed,
-)
+from shardmesh.backends.torch import sampling
+from shardmesh.contract import SampledToken, SamplingParams
+from shardmesh.backends.torch.sampling import apply_penalties, sample, sample_batch, step_seed
 
 
 def _logits(vocab: int = 64, seed: int = 0) -> torch.Tensor:

@@ -76,7 +76,7 @@ def memory_for(model: Path, capacity: int) -> float:
 
 @pytest.fixture(scope="module")
 def model() -> Path:
-    from shardmesh.backends.tiny import cached_tiny_model
+    from shardmesh.tools.tiny_model import cached_tiny_model
 
     return cached_tiny_model("llama", layers=BLOCKS, hidden=64)
 

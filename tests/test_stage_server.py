@@ -16,16 +16,17 @@ import pytest
 import trio
 
 from shardmesh.backends.compute_thread import compute_thread
-from shardmesh.backends.runner import StageRunner
-from shardmesh.backends.served_stage import ServedStage
-from shardmesh.backends.tiny import cached_tiny_model
-from shardmesh.backends.torch_stage import TorchStage
+from shardmesh.backends.batcher import StepBatcher
+from shardmesh.backends.hop_compute import StageHopCompute
+from shardmesh.tools.tiny_model import cached_tiny_model
+from shardmesh.backends.torch.stage import TorchStage
 from shardmesh.backends.weights import resolve
 from shardmesh.mesh.host import running_host
 from shardmesh.mesh.link import HopLink, dial
 from shardmesh.mesh.link_offers import LinkListener, Links
-from shardmesh.mesh.session import ChainFailed, RemoteChain
-from shardmesh.mesh.stage_server import Limits, StageServer
+from shardmesh.contract import ChainFailed
+from shardmesh.mesh.chain_client import RemoteChain
+from shardmesh.mesh.hop_server import Limits, HopServer
 from shardmesh.mesh.wire import PROTOCOL, FrameStream, StreamEnded, WireError, encode_frame
 from shardmesh.placement.routing import Hop
 from reference import Transformers
@@ -62,14 +63,14 @@ async def serve_and_attack(model_path: Path, attack) -> None:
     limits = Limits(max_sessions_per_peer=4, max_tokens_per_step=64)
     async with running_host(new_key(), LOCAL) as server_host, running_host(new_key(), LOCAL) as client:
         async with trio.open_nursery() as nursery:
-            runner = StageRunner(stage)
+            runner = StepBatcher(stage)
             await nursery.start(runner.run)
             listener = await LinkListener.bind("127.0.0.1")
             nursery.start_soon(listener.run)
-            server = StageServer(server_host, ServedStage(runner), MODEL_ID, 4, 2048, limits, links=Links(listener))
+            server = HopServer(server_host, StageHopCompute(runner), MODEL_ID, 4, 2048, limits, links=Links(listener))
             await nursery.start(server.run)
             await client.connect(server_host.addrs()[0])
-            me = StageServer(client, None, MODEL_ID, 4, 2048, links=Links())  # the client's side: a gateway
+            me = HopServer(client, None, MODEL_ID, 4, 2048, links=Links())  # the client's side: a gateway
             await nursery.start(me.run)
             good = RemoteChain(
                 nursery=nursery,
@@ -269,7 +270,7 @@ def test_a_failed_hop_is_named(model_path, expected) -> None:
 
 def test_remote_chain_reports_errors_as_chain_failed(model_path, expected) -> None:
     async def attack(raw, next_token, server, client):
-        me = StageServer(client, None, MODEL_ID, 4, 2048)
+        me = HopServer(client, None, MODEL_ID, 4, 2048)
         async with trio.open_nursery() as nursery:
             await nursery.start(me.run)
             chain = RemoteChain(nursery=nursery, open_stream=me.open_stream, route=[Hop(server.me, 0, 4)],

@@ -30,9 +30,16 @@ from node_process import Node, start_node, stop_node
 from shardmesh.mesh.host import running_host
 from shardmesh.mesh.records import NodeRecord, RecordError, expires_at, sign_record
 from shardmesh.mesh.registry import Registry
-from shardmesh.mesh.swarm_map import PROTOCOL, SwarmMap, SwarmMapError, fetch_swarm_map, parse_swarm_map, swarm_map_handler
+from shardmesh.mesh.swarm_map import (
+    PROTOCOL,
+    SwarmMap,
+    SwarmMapError,
+    fetch_swarm_map,
+    parse_swarm_map,
+    swarm_map_handler,
+)
 from shardmesh.mesh.wire import RESULT
-from shardmesh.status import render, summarize
+from shardmesh.tools.status import render, summarize
 
 MODEL = "tiny@0123456789ab"
 HEADER = {"t": RESULT, "model": MODEL, "total_blocks": 12}
@@ -187,7 +194,7 @@ def shardmesh_status(*args: str, timeout: float = 60) -> subprocess.CompletedPro
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory) -> Iterator[tuple[Node, Node]]:
     """0:6 (no API) and 6:12 (API, joined to the first), once each knows the other."""
-    from shardmesh.backends.tiny import cached_tiny_model
+    from shardmesh.tools.tiny_model import cached_tiny_model
 
     model: Path = cached_tiny_model("llama", layers=12, hidden=64)
     keys = tmp_path_factory.mktemp("status-keys")

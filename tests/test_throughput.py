@@ -8,17 +8,17 @@ import math
 import pytest
 import torch
 
-from shardmesh.backends import throughput
-from shardmesh.backends.base import StepRequest
-from shardmesh.backends.throughput import (
+from shardmesh.backends.torch import throughput
+from shardmesh.contract import StepRequest
+from shardmesh.backends.torch.throughput import (
     cached_block_throughput,
     default_cache_dir,
     measure_block_throughput,
     throughput_cache_key,
 )
-from shardmesh.backends.tiny import cached_tiny_model
-from shardmesh.backends.torch_stage import TorchStage
-from shardmesh.backends.torch_tensors import raw_from_tensor, tensor_from_raw
+from shardmesh.tools.tiny_model import cached_tiny_model
+from shardmesh.backends.torch.stage import TorchStage
+from shardmesh.backends.torch.tensors import raw_from_tensor, tensor_from_raw
 from shardmesh.backends.weights import resolve_local
 
 KEY = throughput_cache_key("tiny-llama", "cpu", "float32")

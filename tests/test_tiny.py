@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from shardmesh.backends import tiny
-from shardmesh.backends.tiny import ARCHS, build_tiny_model, cached_tiny_model
+from shardmesh.tools import tiny_model as tiny
+from shardmesh.tools.tiny_model import ARCHS, build_tiny_model, cached_tiny_model
 
 PROMPTS = ("Hello, how are you?", "The node sends a packet", "def add(a, b):")
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from shardmesh.backends.base import BadInput, CacheBudgetExceeded, StepRequest, UnknownSession
-from shardmesh.backends.tiny import ARCHS, cached_tiny_model
-from shardmesh.backends.torch_stage import TorchStage
-from shardmesh.backends.torch_tensors import raw_from_tensor, tensor_from_raw
+from shardmesh.contract import BadInput, CacheBudgetExceeded, StepRequest, UnknownSession
+from shardmesh.tools.tiny_model import ARCHS, cached_tiny_model
+from shardmesh.backends.torch.stage import TorchStage
+from shardmesh.backends.torch.tensors import raw_from_tensor, tensor_from_raw
 from shardmesh.backends.weights import block_of, resolve_local
 
 LAYERS = 6

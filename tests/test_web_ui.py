@@ -11,7 +11,7 @@ import torch
 from node_process import start_node, stop_node
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shardmesh.backends.tiny import cached_tiny_model
+from shardmesh.tools.tiny_model import cached_tiny_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

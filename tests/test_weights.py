@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shardmesh.backends.tiny import cached_tiny_model
+from shardmesh.tools.tiny_model import cached_tiny_model
 from shardmesh.backends.weights import ModelSourceError, resolve, span_tensor_names
 
 LAYERS = 6
@@ -56,7 +56,7 @@ def test_hub_layout_serves_a_span_with_only_its_shards(tmp_path):
 
     code = f"""
 from shardmesh.backends.weights import resolve
-from shardmesh.backends.torch_stage import TorchStage
+from shardmesh.backends.torch.stage import TorchStage
 files = resolve({REPO!r})
 assert files.hub == ({REPO!r}, {COMMIT!r}), files.hub
 stage = TorchStage(files, 0, 2)
@@ -70,7 +70,7 @@ print("OK", stage.info.start, stage.info.end, len(set(files.weight_map[n] for n 
     # clear error naming what to do, not a traceback from deep inside the hub client.
     code = f"""
 from shardmesh.backends.weights import resolve, ModelSourceError
-from shardmesh.backends.torch_stage import TorchStage
+from shardmesh.backends.torch.stage import TorchStage
 try:
     TorchStage(resolve({REPO!r}), 2, {LAYERS})
 except ModelSourceError as exc:
@@ -107,7 +107,7 @@ def test_hub_layout_single_file_checkpoint(tmp_path):
     cache = hub_cache_with(tmp_path, model, keep_shards={"model.safetensors"})
     code = f"""
 from shardmesh.backends.weights import resolve
-from shardmesh.backends.torch_stage import TorchStage
+from shardmesh.backends.torch.stage import TorchStage
 stage = TorchStage(resolve({REPO!r}), 2, {LAYERS})
 print("OK", stage.info.start, stage.info.end, stage.info.is_last)
 """

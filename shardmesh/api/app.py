@@ -13,7 +13,7 @@ Routes::
 How a generation request flows:
 
 1. The body is read (at most 1 MiB, else 413) and decoded as JSON
-   (``request_body.py``), then validated into a request model (``openai.py``);
+   (``request_body.py``), then validated into a request model (``schemas.py``);
    anything wrong is a 400 in OpenAI's error body (``errors.py``).
 2. The model name, readiness and sampling parameters are checked, the prompt is
    tokenized in a worker thread (chat templates can be slow), and the context window
@@ -55,9 +55,10 @@ from starlette.routing import BaseRoute, Route
 from .auth import RequireApiKey
 from .errors import ApiError, error_body, internal_error, unavailable
 from .formats import ChatFormat, CompletionFormat
-from .generate import Finished, GenerationRequest, Generator, ModelUnavailable, PromptTooLong, TokenEvent
+from .generate import Finished, GenerationRequest, Generator, PromptTooLong, TokenEvent
+from ..contract import ModelUnavailable
 from .metrics import CountRequests, Metrics
-from .openai import (
+from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     chat_prompt_ids,
@@ -67,11 +68,11 @@ from .openai import (
     parse_request,
 )
 from .request_body import read_json
-from .responses import now
+from .response_json import now
 from .server import serve
 from .streaming import GenerationResponse, closing
 
-# ``serve`` is re-exported: node.py and bench.py import both from here.
+# ``serve`` is re-exported: node/run.py and tools/bench.py import both from here.
 __all__ = ["create_app", "serve"]
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from .generate import Finished, TokenEvent
-from .responses import (
+from .response_json import (
     chat_chunk,
     chat_completion,
     chat_logprob_entry,

@@ -15,9 +15,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
-from ..backends.base import CacheBudgetExceeded
-from ..backends.sampling import SampledToken, SamplingParams
-from .resumable import ChainOpener, ModelUnavailable, ResumableChain  # ModelUnavailable: raised through here
+from ..contract import CacheBudgetExceeded, ChainOpener, ModelUnavailable, SampledToken, SamplingParams
+from .resumable import ResumableChain
 from .text import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)

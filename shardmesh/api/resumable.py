@@ -17,42 +17,16 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Protocol
 
 import trio
 
-from ..backends.base import CacheBudgetExceeded
-from ..backends.sampling import SampledToken, SamplingParams
-from ..mesh.session import ChainFailed, NoRoute
+from ..contract import CacheBudgetExceeded, Chain, ChainFailed, ChainOpener, ModelUnavailable, NoRoute, SampledToken, SamplingParams
 
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512  # tokens per prefill step: long prompts pipeline through the stages
 RETRY_PAUSE = 0.5  # seconds between attempts while no working chain exists
 QUICK_RETRIES = 2  # a chain that failed on a named peer is first retried at once (routing avoids it)
-
-
-class ModelUnavailable(Exception):
-    """No complete chain can serve the model right now (HTTP 503)."""
-
-
-class Chain(Protocol):
-    """One session over blocks ``[0, L)``: opened, stepped, always closed."""
-
-    async def open(self, max_length: int) -> None: ...
-
-    async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None: ...
-
-    async def close(self) -> None: ...
-
-
-class ChainOpener(Protocol):
-    def available(self) -> bool: ...
-
-    def chain(self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]) -> Chain:
-        """A new, unopened session whose last hop samples as if ``generated`` had
-        already been drawn after ``prompt_ids``."""
-        ...
 
 
 class ResumableChain:

@@ -15,7 +15,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from .base import DTYPE_SIZES
+from ..contract import DTYPE_SIZES
 from .weights import ModelFiles, block_of, is_embedding, is_head, safetensors_header
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from .base import BadInput, CacheBudgetExceeded
+from ..contract import BadInput, CacheBudgetExceeded
 
 DEFAULT_CACHE_BUDGET = 2 << 30  # bytes of KV cache per stage unless told otherwise
 MIN_CACHE_CHUNK = 256  # tokens a session's cache starts with (or its max_length if smaller)

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from array import array
 
-from .base import RawTensor, StepRequest
-from .runner import StageRunner
-from .sampling import SampledToken, SamplingParams, sample
-from .torch_tensors import tensor_from_raw
+from ..contract import RawTensor, SampledToken, SamplingParams, StepRequest
+from .batcher import StepBatcher
+from .torch.sampling import sample
+from .torch.tensors import tensor_from_raw
 
 
 class LocalChain:
     """One session through local runners that together cover ``[0, total_blocks)``."""
 
-    def __init__(self, runners: list[StageRunner], session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]):
+    def __init__(self, runners: list[StepBatcher], session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]):
         self.runners = runners
         self.session_id = session_id
         self.sampling = sampling
@@ -53,7 +53,7 @@ class LocalChain:
 class LocalChains:
     """Makes :class:`LocalChain` sessions over a fixed list of local runners."""
 
-    def __init__(self, runners: list[StageRunner]) -> None:
+    def __init__(self, runners: list[StepBatcher]) -> None:
         self.runners = runners
 
     def available(self) -> bool:

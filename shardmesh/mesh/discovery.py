@@ -40,7 +40,7 @@ from typing import Callable
 import trio
 from multiaddr import Multiaddr
 
-from shardmesh.mesh.host import DIAL_TIMEOUT, HostError, MeshHost, advertised_addrs
+from .host import DIAL_TIMEOUT, HostError, MeshHost, advertised_addrs
 
 log = logging.getLogger("shardmesh.mesh.discovery")
 
@@ -109,7 +109,7 @@ def backoff(failures: int, base: float, cap: float) -> float:
 class Discovery:
     """Keeps this node connected to the peers it was told about or found on the LAN.
 
-    Usage (``node.py``)::
+    Usage (``node/run.py``)::
 
         discovery = Discovery(mesh_host, config.join, mdns=config.mdns)  # ValueError on a bad --join
         await nursery.start(discovery.run)  # returns at once; bootstrapping goes on

@@ -53,7 +53,7 @@ import trio
 from libp2p.abc import INotifee
 from libp2p.records.validator import Validator
 
-from ..placement.spans import DRAINING, coverage
+from ..placement.spans import DRAINING, ServerView, coverage
 from .host import StillRunning, reset_quietly, without_cancel
 from .records import (
     RECORD_NAMESPACE,
@@ -304,6 +304,10 @@ class Registry:
     def get(self, peer: str) -> NodeRecord | None:
         record = self._view.get(peer)
         return record if record is not None and record.expires >= time.time() else None
+
+    def servers(self) -> list[ServerView]:
+        """What placement and routing see of the live records that serve blocks."""
+        return [server_view(r) for r in self.records() if r.serves_blocks]
 
     def peers_serving(self, block: int) -> list[NodeRecord]:
         """Live records whose span covers ``block`` (any state; routing decides)."""

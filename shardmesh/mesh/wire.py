@@ -25,7 +25,7 @@ import cbor2
 import trio
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 
-from ..backends.base import DTYPE_SIZES, RawTensor
+from ..contract import DTYPE_SIZES, RawTensor
 
 PROTOCOL = "/shardmesh/infer/1.0.0"
 

@@ -64,8 +64,8 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from shardmesh.placement.select import best_start, one_per_peer, planned_blocks, window_size
-from shardmesh.placement.spans import ONLINE, ServerView, block_throughput, coverage, valid_span
+from .select import best_start, one_per_peer, planned_blocks, window_size
+from .spans import ONLINE, ServerView, block_throughput, coverage, valid_span
 
 MARGIN = 0.1  # how much weaker elsewhere must be before a node moves; see the module docstring
 

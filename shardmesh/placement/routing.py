@@ -32,7 +32,7 @@ import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from shardmesh.placement.spans import ONLINE, ServerView, valid_span
+from .spans import ONLINE, ServerView, valid_span
 
 CACHE_PENALTY_MS = 10_000.0  # added to a hop whose server lacks the KV cache asked for
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Sequence
 
-from shardmesh.placement.spans import JOINING, ONLINE, ServerView, valid_span
+from .spans import JOINING, ONLINE, ServerView, valid_span
 
 PLANNED = (ONLINE, JOINING)
 

@@ -54,8 +54,8 @@ import math
 import random
 from dataclasses import dataclass
 
-from shardmesh.placement.rebalance import MARGIN, BlockSums, check_interval, move_target
-from shardmesh.placement.select import best_start, window_size
+from .rebalance import MARGIN, BlockSums, check_interval, move_target
+from .select import best_start, window_size
 
 BOOTSTRAP_S = 300.0  # the first `nodes` nodes arrive in this window
 

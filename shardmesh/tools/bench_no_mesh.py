@@ -6,7 +6,7 @@ one decode step split over processes that share its cores, each process's comput
 starting after an idle gap. This module measures the second part alone, so that a run
 says how much of the gap any mesh could close.
 
-Plain processes, each a bare loop around a :class:`~.backends.torch_stage.TorchStage`
+Plain processes, each a bare loop around a :class:`~shardmesh.backends.torch.stage.TorchStage`
 (no event loop, no libp2p, no threads of ours), are linked by socketpairs in the shape
 of a chain. For a decode step the driver (the bench process) sends the token id to the
 first, each hands its hidden states to the next, and the last takes the argmax and sends
@@ -30,7 +30,7 @@ import time
 from array import array
 from dataclasses import dataclass
 
-from .backends.base import DTYPE_SIZES, RawTensor, StepRequest
+from ..contract import DTYPE_SIZES, RawTensor, StepRequest
 
 HEADER = struct.Struct("<iqq")
 READY, RESET, STEP, ALONE = range(4)
@@ -69,8 +69,8 @@ class PlainStage:
     """One process's blocks and how its messages turn into steps."""
 
     def __init__(self, path: str, dtype: str, start: int, end: int) -> None:
-        from .backends.torch_stage import TorchStage
-        from .backends.weights import resolve_local
+        from ..backends.torch.stage import TorchStage
+        from ..backends.weights import resolve_local
 
         self.stage = TorchStage(resolve_local(path), start, end, dtype=dtype, model_name="plain")
         self.first = start == 0
@@ -83,7 +83,7 @@ class PlainStage:
 
     def step(self, position: int, payload: bytes) -> bytes:
         """Token ids (first) or hidden states in; hidden states or the argmax (last) out."""
-        from .backends.torch_tensors import tensor_from_raw
+        from ..backends.torch.tensors import tensor_from_raw
 
         if self.first:
             inputs = RawTensor("int64", (len(payload) // 8,), payload)
@@ -158,7 +158,7 @@ class PlainRoute:
             for i, span in enumerate(spans):
                 up, down = links[i][1], links[i + 1][0]
                 fds = (up.fileno(), down.fileno())
-                cmd = [sys.executable, "-m", "shardmesh.bench_plain", path, dtype, *span.split(":"), *map(str, fds)]
+                cmd = [sys.executable, "-m", "shardmesh.tools.bench_no_mesh", path, dtype, *span.split(":"), *map(str, fds)]
                 self.procs.append(subprocess.Popen(cmd, pass_fds=fds, env=env))
         finally:
             for i in range(len(spans)):  # the children hold their ends now

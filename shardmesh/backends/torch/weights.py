@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from .weights import ModelFiles
+from ..weights import ModelFiles
 
 _EXPERT = re.compile(r"^(?P<base>.*\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
 _LAYER = re.compile(r"^layers\.(\d+)\.")

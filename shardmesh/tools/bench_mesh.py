@@ -11,7 +11,7 @@ figure, and this process plays the gateway (a libp2p host that holds no weights)
   one-way messages (gateway → A → B → C → gateway).
 * **3-node chain, no links**: the same with ``--no-links``: every frame stays on its
   libp2p stream (Yamux over Noise in py-libp2p) instead of moving to a hop link.
-* **the same split with no mesh** (:mod:`.bench_plain`): plain processes holding the
+* **the same split with no mesh** (:mod:`.bench_no_mesh`): plain processes holding the
   same spans pass each step over socketpairs, the same one-way messages and nothing
   else, next to one of them running the decode loop alone. It shows what splitting a
   step over processes costs on this machine whatever the mesh does, and the last line
@@ -38,66 +38,21 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from .backends.base import DTYPE_SIZES
-from .bench import _decode_rate
-from .bench_plain import measure_plain, report_plain, split_ratio
+from ..contract import DTYPE_SIZES
+from .bench_common import decode_rate
+from .bench_no_mesh import measure_plain, report_plain, split_ratio
+from .bench_wire import measure_hop_transfer
+from .node_processes import NodeProcess, start_chain, stop_all
 
-LISTENING = re.compile(r"listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+))")
 PREFILL_TOKENS = 2048
-
-
-@dataclass
-class NodeProcess:
-    proc: subprocess.Popen
-    lines: list[str] = field(default_factory=list)
-    address: str = ""
-    peer: str = ""
-
-
-def start_node(
-    path: Path, layers: str, dtype: str, key_dir: Path, join: str | None = None, threads: int | None = None, links: bool = True
-) -> NodeProcess:
-    cmd = [
-        sys.executable, "-m", "shardmesh", "run", "--model", str(path), "--layers", layers, "--api", "off",
-        "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--dtype", dtype,
-        "--key-file", str(key_dir / f"{layers.replace(':', '-')}.key"),
-    ] + (["--join", join] if join else []) + ([] if links else ["--no-links"])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    node = NodeProcess(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
-
-    def pump() -> None:
-        for line in node.proc.stdout:  # type: ignore[union-attr]
-            node.lines.append(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return node
-
-
-def wait_serving(node: NodeProcess, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = "".join(node.lines)
-        if (m := LISTENING.search(text)) and "\nserving " in "\n" + text:
-            node.address, node.peer = m.group(1), m.group(2)
-            return
-        if node.proc.poll() is not None:
-            raise RuntimeError(f"a bench node exited:\n{text}")
-        time.sleep(0.1)
-    raise RuntimeError("a bench node did not start in time:\n" + "".join(node.lines))
 
 
 class FixedRoute:
@@ -111,7 +66,7 @@ class FixedRoute:
         return True
 
     def chain(self, session_id: str, sampling, prompt_ids: list[int], generated: list[int]):
-        from .mesh.session import RemoteChain
+        from ..mesh.chain_client import RemoteChain
 
         return RemoteChain(
             nursery=self.nursery, open_stream=self.server.open_stream, route=self.route, session_id=session_id,
@@ -122,7 +77,7 @@ class FixedRoute:
 
 async def _prefill_seconds(chains: FixedRoute, prompt: list[int]) -> float:
     """One step of the whole prompt through the chain, first token back."""
-    from .backends.sampling import SamplingParams
+    from ..contract import SamplingParams
 
     chain = chains.chain(f"prefill-{time.monotonic_ns()}", SamplingParams(temperature=0.0), prompt, [])
     try:
@@ -138,15 +93,15 @@ async def _one_process(path: Path, dtype: str):
     """The one-node stage path in this process: its generator, and the nursery task to run."""
     from transformers import AutoTokenizer
 
-    from .api.generate import Generator
-    from .backends.compute_thread import compute_thread
-    from .backends.local_chain import LocalChains
-    from .backends.runner import StageRunner
-    from .backends.torch_stage import TorchStage
-    from .backends.weights import resolve_local
+    from ..api.generate import Generator
+    from ..backends.compute_thread import compute_thread
+    from ..backends.local_chain import LocalChains
+    from ..backends.batcher import StepBatcher
+    from ..backends.torch.stage import TorchStage
+    from ..backends.weights import resolve_local
 
     stage = await compute_thread().run(lambda: TorchStage(resolve_local(str(path)), 0, dtype=dtype, model_name="bench"))
-    runner = StageRunner(stage)
+    runner = StepBatcher(stage)
     return Generator("bench", AutoTokenizer.from_pretrained(path), 1 << 20, LocalChains([runner]), frozenset()), runner
 
 
@@ -154,7 +109,7 @@ async def _chain_decode(opener: FixedRoute, prompt: list[int], tokens: int) -> t
     """Median milliseconds per decode step through the chain, driven directly, and the
     median compute milliseconds the hops report for it (``spent``): the difference is
     what the network and the hand-offs around it cost."""
-    from .backends.sampling import SamplingParams
+    from ..contract import SamplingParams
 
     chain = opener.chain(f"split-{time.monotonic_ns()}", SamplingParams(temperature=0.0), prompt, [])
     walls, spents = [], []
@@ -178,18 +133,18 @@ async def measure_paths(path: Path, dtype: str, prompt: list[int], tokens: int, 
     from libp2p.crypto.ed25519 import create_new_key_pair
     from transformers import AutoConfig, AutoTokenizer
 
-    from .api.generate import Generator
-    from .backends.weights import identity_bytes, resolve_local
-    from .mesh.host import running_host
-    from .mesh.link_offers import Links
-    from .mesh.records import model_identity
-    from .mesh.stage_server import StageServer
-    from .placement.routing import Hop
+    from ..api.generate import Generator
+    from ..backends.weights import identity_bytes, resolve_local
+    from ..mesh.host import running_host
+    from ..mesh.link_offers import Links
+    from ..mesh.records import model_identity
+    from ..mesh.hop_server import HopServer
+    from ..placement.routing import Hop
 
     config = AutoConfig.from_pretrained(path)
     model_id = model_identity(path.resolve().name, *identity_bytes(resolve_local(str(path))))
     async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as mesh, trio.open_nursery() as nursery:
-        server = StageServer(mesh, None, model_id, config.num_hidden_layers, config.max_position_embeddings)
+        server = HopServer(mesh, None, model_id, config.num_hidden_layers, config.max_position_embeddings)
         await nursery.start(server.run)
         local, runner = await _one_process(path, dtype)
         await nursery.start(runner.run)
@@ -199,11 +154,11 @@ async def measure_paths(path: Path, dtype: str, prompt: list[int], tokens: int, 
         opener = FixedRoute(nursery, server, route, model_id, mesh.peer_id_str, Links() if chain.links else None)
         remote = Generator("bench", AutoTokenizer.from_pretrained(path), 1 << 20, opener, frozenset())
         for generator in (local, remote):
-            await _decode_rate(generator, prompt, 4)  # warm-up
+            await decode_rate(generator, prompt, 4)  # warm-up
         one = rate = 0.0
         for _ in range(repeats):
-            one = max(one, await _decode_rate(local, prompt, tokens))
-            rate = max(rate, await _decode_rate(remote, prompt, tokens))
+            one = max(one, await decode_rate(local, prompt, tokens))
+            rate = max(rate, await decode_rate(remote, prompt, tokens))
         step_ms, compute_ms = min([await _chain_decode(opener, prompt, tokens) for _ in range(repeats)])
         long_prompt = (prompt * (PREFILL_TOKENS // len(prompt) + 1))[:PREFILL_TOKENS]
         prefill = min([await _prefill_seconds(opener, long_prompt) for _ in range(max(2, repeats))])
@@ -217,32 +172,6 @@ class Chain:
 
     hops: list[tuple[NodeProcess, int, int]]
     links: bool = True  # nodes and the gateway use hop links (mesh/link.py)
-
-
-def start_chain(path: Path, dtype: str, spans: list[str], key_dir: Path, threads: int | None, links: bool = True) -> list[NodeProcess]:
-    """Node processes for ``spans``; the first starts the swarm, the others join it."""
-    first = start_node(path, spans[0], dtype, key_dir, threads=threads, links=links)
-    nodes = [first]
-    try:
-        wait_serving(first)
-        nodes += [start_node(path, span, dtype, key_dir, first.address, threads, links) for span in spans[1:]]
-        for node in nodes:
-            wait_serving(node)
-        time.sleep(3)  # a gossip round or two, so every hop knows the next one's address
-        return nodes
-    except BaseException:
-        stop_all(nodes)
-        raise
-
-
-def stop_all(nodes: list[NodeProcess]) -> None:
-    for node in nodes:
-        node.proc.terminate()
-    for node in nodes:
-        try:
-            node.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            node.proc.kill()
 
 
 PLAIN = "no mesh"  # the key of :func:`measure_plain`'s figures in :func:`measure`'s results
@@ -260,7 +189,7 @@ def measure(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int
     100M model's weights, not four."""
     import torch
 
-    from .backends.compute_thread import compute_thread
+    from ..backends.compute_thread import compute_thread
 
     # OpenMP's thread count is per calling thread: set it on the thread that runs torch.
     default_threads = compute_thread().call(torch.get_num_threads)
@@ -322,73 +251,11 @@ def report(title: str, results: dict, hop_mb: float) -> None:
     print(f"the 3-node chain reaches {mesh / floor:.2f} of what the plain 3-process route reaches ({mesh:.2f} against {floor:.2f} of one process)")
 
 
-SINK_PROTOCOL = "/shardmesh/bench-sink/1.0.0"
-
-
-async def _sink() -> None:
-    """A peer that acknowledges every frame it receives (``python -m shardmesh.bench_mesh``)."""
-    from libp2p.crypto.ed25519 import create_new_key_pair
-
-    from .mesh.host import running_host
-    from .mesh.wire import RESULT, FrameStream, StreamEnded
-
-    async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as mesh:
-
-        async def ack(stream) -> None:
-            fs = FrameStream(stream, max_payload=1 << 30)
-            try:
-                while True:
-                    frame = await fs.read_frame()
-                    await fs.write({"t": RESULT, "nbytes_seen": len(frame.payload)})
-            except StreamEnded:
-                pass
-
-        mesh.set_handler(SINK_PROTOCOL, ack)
-        print(f"listening on {mesh.addrs()[0]}", flush=True)
-        await trio.sleep_forever()
-
-
-async def hop_transfer_mb_s(address: str, nbytes: int, repeats: int) -> float:
-    """MB/s of one frame of ``nbytes`` (a prefill's hidden states) to another process:
-    the network part of a prefill hop, without the compute around it."""
-    from libp2p.crypto.ed25519 import create_new_key_pair
-
-    from .mesh.host import running_host
-    from .mesh.wire import STEP, FrameStream
-
-    async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as mesh:
-        peer = await mesh.connect(address)
-        fs = FrameStream(await mesh.open_stream(peer, SINK_PROTOCOL))
-        payload = bytes(nbytes)
-        best = float("inf")
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            await fs.write({"t": STEP, "dtype": "bfloat16", "shape": [nbytes // 2]}, payload)
-            await fs.read_frame(idle_timeout=60)
-            best = min(best, time.perf_counter() - t0)
-        return nbytes / best / 1e6
-
-
-def measure_hop_transfer(nbytes: int, repeats: int) -> float:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    sink = NodeProcess(subprocess.Popen([sys.executable, "-m", "shardmesh.bench_mesh"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
-    threading.Thread(target=lambda: [sink.lines.append(line) for line in sink.proc.stdout], daemon=True).start()  # type: ignore[union-attr]
-    try:
-        deadline = time.monotonic() + 60
-        while not (m := LISTENING.search("".join(sink.lines))):
-            if time.monotonic() > deadline or sink.proc.poll() is not None:
-                raise RuntimeError("the bench sink did not start:\n" + "".join(sink.lines))
-            time.sleep(0.1)
-        return trio.run(hop_transfer_mb_s, m.group(1), nbytes, repeats)
-    finally:
-        stop_all([sink])
-
-
 def run_mesh_bench(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int, thread_settings: list[int | None]) -> int:
     """Once per thread setting; by default twice: with torch's default threads (as
     deployed: every process uses every core), and with one thread per process. On a
     machine with few cores the first puts three processes' OpenMP teams on the same
-    cores (waking, and any spin left after :mod:`.backends.openmp_spin` shortened it,
+    cores (waking, and any spin left after :mod:`shardmesh.node.openmp_spin` shortened it,
     slow the next one's compute); the second shows what the mesh itself costs. On a
     machine with many cores, a setting such that three processes fit side by side
     (``--threads 4`` on 16 cores) stands for three machines. Every process here (this
@@ -417,7 +284,3 @@ def run_mesh_bench(path: Path, dtype: str, prompt: list[int], tokens: int, repea
     rate = measure_hop_transfer(int(hop_mb * 1e6), max(3, repeats))
     print(f"\none {PREFILL_TOKENS}-token prefill hop on the wire alone ({hop_mb:.1f} MB frame to another process, acknowledged): {rate:.0f} MB/s")
     return 0
-
-
-if __name__ == "__main__":
-    trio.run(_sink)

@@ -3,7 +3,7 @@
 This module knows what a body sent to ``/v1/chat/completions`` or ``/v1/completions``
 may hold and nothing about HTTP servers. It validates a parsed JSON body into a request
 model, tokenizes its prompt and turns it into a
-:class:`~shardmesh.api.generate.GenerationRequest`. ``responses.py`` writes the answers;
+:class:`~shardmesh.api.generate.GenerationRequest`. ``response_json.py`` writes the answers;
 ``app.py`` does the HTTP part.
 
 Decisions worth knowing (where OpenAI's own behaviour is not the obvious choice):
@@ -39,7 +39,7 @@ from typing import Any, Literal, Sequence, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..backends.sampling import SamplingParams
+from ..contract import SamplingParams
 from .errors import bad_request
 from .generate import GenerationRequest
 

@@ -50,7 +50,7 @@ class NodeConfig:
 
     def span(self, total_blocks: int) -> tuple[int, int] | None:
         """The blocks ``[start, end)`` this node serves; None for ``--layers none`` (and
-        for ``auto`` until the swarm has been looked at: see :mod:`shardmesh.span_keeper`)."""
+        for ``auto`` until the swarm has been looked at: see :mod:`shardmesh.node.span_keeper`)."""
         if self.layers in ("none", "auto"):
             return None
         if self.layers == "all":

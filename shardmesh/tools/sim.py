@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .placement.rebalance import MARGIN
-from .placement.sim import PolicyRun, Sample, SimConfig, SimResult, simulate
+from ..placement.rebalance import MARGIN
+from ..placement.sim import PolicyRun, Sample, SimConfig, SimResult, simulate
 
 HELP = "simulate placement on a large swarm with churn: rebalancing vs join-only"
 

@@ -12,7 +12,7 @@ import importlib.util
 import platform
 import sys
 
-from ..config import UsageError
+from .config import UsageError
 
 
 def mlx_available() -> bool:
@@ -34,9 +34,9 @@ def choose_backend(requested: str) -> str:
 def build_stage(backend: str, files, start: int, end: int, *, model_name: str, dtype: str, device: str, cache_budget_bytes: int):
     """The stage for blocks ``[start, end)``; call it on the compute thread."""
     if backend == "mlx":
-        from .mlx_stage import MlxStage
+        from ..backends.mlx.stage import MlxStage
 
         return MlxStage(files, start, end, model_name=model_name, dtype=dtype, cache_budget_bytes=cache_budget_bytes)
-    from .torch_stage import TorchStage
+    from ..backends.torch.stage import TorchStage
 
     return TorchStage(files, start, end, model_name=model_name, dtype=dtype, device=device, cache_budget_bytes=cache_budget_bytes)

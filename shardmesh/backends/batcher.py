@@ -1,6 +1,6 @@
 """Runs a :class:`Stage` off the trio event loop and batches concurrent steps.
 
-Every session that wants a step calls :meth:`StageRunner.step` and waits. One loop takes
+Every session that wants a step calls :meth:`StepBatcher.step` and waits. One loop takes
 whatever has queued up since the last batch started and runs it as a single batched
 ``stage.step`` on the compute thread (:mod:`.compute_thread`). Under load, batches form by themselves: while one
 batch computes, the next one gathers. A single waiting session costs one thread hop.
@@ -19,10 +19,10 @@ from typing import Any, Callable
 
 import trio
 
-from .base import RawTensor, Stage, StepOutput, StepRequest
+from ..contract import RawTensor, Stage, StepOutput, StepRequest
 from .compute_thread import compute_thread
 
-log = logging.getLogger("shardmesh.backends.runner")
+log = logging.getLogger("shardmesh.backends.batcher")
 
 
 @dataclass
@@ -37,7 +37,7 @@ class _Pending:
     sent: bool = False
 
 
-class StageRunner:
+class StepBatcher:
     """Owns one stage; :meth:`run` must be running in a nursery for steps to complete."""
 
     def __init__(self, stage: Stage, max_batch: int = 32) -> None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .base import BadInput, RawTensor, StageInfo, StepOutput, StepRequest
-from .runner import StageRunner
-from .sampling import SamplingParams, sample
-from .torch_tensors import tensor_from_raw
+from ..contract import BadInput, RawTensor, SamplingParams, StageInfo, StepOutput, StepRequest
+from .batcher import StepBatcher
+from .torch.sampling import sample
+from .torch.tensors import tensor_from_raw
 
 
 @dataclass
@@ -37,10 +37,10 @@ class SamplerState:
         }
 
 
-class ServedStage:
-    """Wraps a :class:`StageRunner` for :mod:`shardmesh.mesh.stage_server`."""
+class StageHopCompute:
+    """Wraps a :class:`StepBatcher` for :mod:`shardmesh.mesh.hop_server`."""
 
-    def __init__(self, runner: StageRunner) -> None:
+    def __init__(self, runner: StepBatcher) -> None:
         self.runner = runner
 
     @property

@@ -1,6 +1,6 @@
 """A range of an mlx-lm model's blocks, served with per-session KV caches.
 
-The MLX twin of :mod:`.torch_stage`, for Apple machines (and CPU-only MLX on Linux).
+The MLX twin of :mod:`shardmesh.backends.torch.stage`, for Apple machines (and CPU-only MLX on Linux).
 Both speak the same :class:`~.base.Stage` protocol, so torch and MLX stages can sit in
 one chain: only raw bytes (:class:`RawTensor`) cross between them.
 
@@ -15,7 +15,7 @@ How it works:
   dropped before anything else is ever computed.
 * Each session owns one mlx-lm ``KVCache`` per local layer. We preallocate its arrays
   ourselves (the cache never grows on its own), so the memory a session costs is the
-  capacity we chose and can be counted against a byte budget, as torch_stage does.
+  capacity we chose and can be counted against a byte budget, as the torch stage does.
 * Requests run one at a time (MLX's KVCache is one sequence): the results cannot depend
   on what a request was batched with.
 """
@@ -33,9 +33,9 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import _get_classes, load_config  # private helper: pin mlx-lm
 
-from .base import BadInput, RawTensor, StageInfo, StepRequest, UnknownSession, check_step
-from .kv_sessions import DEFAULT_CACHE_BUDGET, KVSessions
-from .weights import ModelFiles, block_of, ensure_span_files, span_tensor_names
+from ...contract import BadInput, RawTensor, StageInfo, StepRequest, UnknownSession, check_step
+from ..kv_sessions import DEFAULT_CACHE_BUDGET, KVSessions
+from ..weights import ModelFiles, block_of, ensure_span_files, span_tensor_names
 
 _MX = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "int64": mx.int64, "int32": mx.int32}
 _NAMES = {v: k for k, v in _MX.items()}
@@ -185,7 +185,7 @@ class MlxStage(KVSessions):
     # -- compute --------------------------------------------------------------------
 
     def _checked_inputs(self, req: StepRequest) -> tuple[MlxSession, mx.array]:
-        """Validate like torch_stage (same error classes), then make room in the cache."""
+        """Validate like the torch stage (same error classes), then make room in the cache."""
         session = self.sessions.get(req.session_id)
         if session is None:
             raise UnknownSession(f"unknown session {req.session_id!r}")

@@ -22,19 +22,21 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Awaitable, Callable
 
 import trio
 
-from .backends.footprint import release_unused_memory
-from .mesh.records import server_view
-from .mesh.registry import Registry
-from .mesh.stage_server import StageServer
-from .placement.rebalance import check_interval, plan_move
-from .placement.select import choose_span
-from .placement.spans import DRAINING, JOINING, ONLINE, ServerView
+from ..backends.footprint import release_unused_memory
+from ..contract import HopCompute
+from ..mesh.records import server_view
+from ..mesh.registry import Registry
+from ..mesh.hop_server import HopServer
+from ..placement.rebalance import check_interval, plan_move
+from ..placement.select import choose_span
+from ..placement.spans import DRAINING, JOINING, ONLINE, ServerView
+from .blocks import LocalBlocks
 
-log = logging.getLogger("shardmesh.span_keeper")
+log = logging.getLogger("shardmesh.node.span_keeper")
 
 SETTLE = 2.0  # seconds for an announcement to reach the swarm (gossip heartbeat is 1 s)
 FIRST_VIEW_WAIT = 10.0  # seconds a joining node waits to hear of the swarm it joins
@@ -44,34 +46,33 @@ ANNOUNCE_ROUNDS = 3  # times a joining node may re-choose after seeing a clash
 
 @dataclass
 class Held:
-    """A loaded span: its stage (as the stage server runs it) and what keeps it running."""
+    """A loaded span: its blocks (and the hop the hop server runs) and what keeps it running."""
 
     start: int
     end: int
-    served: Any  # backends.served_stage.ServedStage
-    blocks: Any  # node.LocalBlocks
+    hop: HopCompute | None  # the blocks as the hop server runs them (None once freed)
+    blocks: LocalBlocks | None
     scope: trio.CancelScope
 
 
 class SpanKeeper:
     """Owns this node's span: what it loads, what its record says, when it moves.
 
-    ``load(span)`` is the node's loader: an async function returning its ``LocalBlocks``
-    for ``[start, end)``; ``run_blocks(blocks, task_status=...)`` runs a loaded stage (its
-    batching runner and housekeeping) until cancelled; ``make_served(blocks)`` wraps it
-    for the stage server. Call :meth:`start` (or :meth:`run`) first.
+    ``load(span)`` is the node's loader: an async function returning its
+    :class:`~shardmesh.node.blocks.LocalBlocks` for ``[start, end)``;
+    ``run_blocks(blocks, task_status=...)`` runs a loaded stage (its batcher and
+    housekeeping) until cancelled. Call :meth:`start` (or :meth:`run`) first.
     """
 
     def __init__(
         self,
         *,
         registry: Registry,
-        server: StageServer,
+        server: HopServer,
         total_blocks: int,
         capacity: int,
-        load: Callable[[tuple[int, int]], Any],
-        run_blocks: Callable[..., Any],
-        make_served: Callable[[Any], Any],
+        load: Callable[[tuple[int, int]], Awaitable[LocalBlocks]],
+        run_blocks: Callable[..., Awaitable[None]],
         drain_timeout: float,
         say: Callable[[str], None],
         rng: random.Random | None = None,
@@ -82,7 +83,6 @@ class SpanKeeper:
         self.capacity = capacity
         self.load = load
         self.run_blocks = run_blocks
-        self.make_served = make_served
         self.drain_timeout = drain_timeout
         self.say = say
         self.rng = rng or random.Random()
@@ -106,7 +106,7 @@ class SpanKeeper:
         return self.registry.mesh_host.peer_id_str
 
     def _others(self) -> list[ServerView]:
-        return [server_view(r) for r in self.registry.records() if r.peer != self.me and r.serves_blocks]
+        return [s for s in self.registry.servers() if s.peer != self.me]
 
     def _me_view(self) -> ServerView | None:
         local = self.registry.local
@@ -157,11 +157,10 @@ class SpanKeeper:
         (whose running sessions have ended or been given up by then)."""
         assert self._nursery is not None, "SpanKeeper.start() first"
         blocks = await self.load(span)
-        served = self.make_served(blocks)
         scope = await self._nursery.start(self._run_held, blocks)
-        held = Held(span[0], span[1], served, blocks, scope)
+        held = Held(span[0], span[1], blocks.hop, blocks, scope)
         old, self.held = self.held, held
-        self.server.serve(served)
+        self.server.serve(blocks.hop)
         info = blocks.stage.info
         self.registry.update_local(
             start=span[0], end=span[1], state=DRAINING if self.draining else ONLINE, throughput=blocks.throughput,
@@ -179,7 +178,7 @@ class SpanKeeper:
 
     def _free(self, held: Held) -> None:
         held.scope.cancel()
-        held.blocks = held.served = None
+        held.blocks = held.hop = None
         release_unused_memory()
 
     # -- rebalancing ---------------------------------------------------------------
@@ -212,7 +211,7 @@ class SpanKeeper:
         # see the target as taken. The old stage keeps serving what it has.
         self.registry.update_local(start=target[0], end=target[1], state=JOINING)
         self.server.serve(None)
-        left = await self.server.wait_sessions_end(old.served, self.drain_timeout)
+        left = await self.server.wait_sessions_end(old.hop, self.drain_timeout)
         if left:
             log.warning("moving with %d session(s) still open on the old span (their gateways replay them)", left)
         await self._take(target)
@@ -229,4 +228,4 @@ class SpanKeeper:
         self.server.accepting = False
         if self.held is None:
             return 0
-        return await self.server.wait_sessions_end(self.held.served, timeout)
+        return await self.server.wait_sessions_end(self.held.hop, timeout)

@@ -18,46 +18,21 @@ from __future__ import annotations
 
 import logging
 from array import array
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import trio
 
-from ..backends.base import CacheBudgetExceeded
+from ..contract import CacheBudgetExceeded, ChainFailed, NoRoute, SampledToken
 from ..placement.routing import Hop
 from .host import close_quietly, reset_quietly
 from .link_offers import Links, request_fields, upgrade_opener
 from .wire import ATTACH, CLOSE, ERROR, OPEN, RESULT, STEP, Frame, FrameStream, StreamEnded, WireError
 
-log = logging.getLogger("shardmesh.mesh.session")
+log = logging.getLogger("shardmesh.mesh.chain_client")
 
 OPEN_TIMEOUT = 90.0  # the whole chain opens hop by hop within this
 STEP_TIMEOUT = 120.0  # one step's token (a long prefill on a slow CPU) arrives within this
 READER_GRACE = 10.0  # seconds the hops get to close their sides after a close
-
-
-class ChainFailed(Exception):
-    """A chain broke: ``peer`` is the hop to avoid next time (None: unknown)."""
-
-    def __init__(self, peer: str | None, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}" + (f" (peer {peer})" if peer else ""))
-        self.peer = peer
-        self.code = code
-        self.message = message
-
-
-class NoRoute(Exception):
-    """No set of online peers covers every block of the model right now."""
-
-
-@dataclass(frozen=True)
-class ChainToken:
-    """A sampled token as the last hop reports it (the fields the gateway reads)."""
-
-    token_id: int
-    logprob: float | None
-    top_logprobs: tuple[tuple[int, float], ...]
-    spent: float | None = None  # compute seconds the hops report for this step (the rest was network)
 
 
 def _failure(frame: Frame, default_peer: str | None, route: list[Hop]) -> Exception:
@@ -160,7 +135,7 @@ class RemoteChain:
             raise ChainFailed(peer, "peer_lost", exc.message) from exc
 
     async def _read_into_events(self, fs: FrameStream, peer: str) -> None:
-        """Never cancelled (see stage_server): it ends when the stream ends, which
+        """Never cancelled (see hop_server): it ends when the stream ends, which
         :meth:`close` brings about."""
         try:
             while True:
@@ -183,7 +158,7 @@ class RemoteChain:
             if self._readers_running == 0:
                 self._readers_done.set()
 
-    async def step(self, token_ids: list[int], position: int, want_token: bool) -> ChainToken | None:
+    async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None:
         """Send ``token_ids`` at ``position`` into the chain; wait for the token if asked."""
         assert self._first is not None, "open the chain first"
         first = self.route[0].peer
@@ -210,7 +185,7 @@ class RemoteChain:
         self._token(event, None)
         raise ChainFailed(self.route[-1].peer, "bad_frame", "a result arrived that nobody asked for")
 
-    def _token(self, event: Frame | Exception, position: int | None) -> ChainToken:
+    def _token(self, event: Frame | Exception, position: int | None) -> SampledToken:
         if isinstance(event, Exception):
             raise event
         if event.type == ERROR:
@@ -227,7 +202,7 @@ class RemoteChain:
             spent = float(spent) if isinstance(spent, (int, float)) else None
         except (TypeError, ValueError) as exc:
             raise ChainFailed(self.route[-1].peer, "bad_frame", f"malformed logprobs in a result: {exc}") from exc
-        return ChainToken(token, logprob, top, spent)
+        return SampledToken(token, logprob, top, spent)
 
     async def close(self) -> None:
         """Tell the chain to end and close our streams; never raises. The hops close
@@ -329,7 +304,7 @@ class RoutedChain:
         log.debug("session %s via %s", self.session_id, " -> ".join(f"{h.peer[-6:]}[{h.start},{h.end})" for h in route))
         await self.inner.open(max_length)
 
-    async def step(self, token_ids: list[int], position: int, want_token: bool) -> ChainToken | None:
+    async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None:
         assert self.inner is not None
         try:
             return await self.inner.step(token_ids, position, want_token)

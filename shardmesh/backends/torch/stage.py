@@ -26,18 +26,11 @@ import torch
 from torch import nn
 
 from . import kv_attention
-from .base import (
-    BadInput,
-    check_step,
-    RawTensor,
-    StageInfo,
-    StepRequest,
-    UnknownSession,
-)
-from .kv_sessions import DEFAULT_CACHE_BUDGET, KVSessions
-from .weights import ModelFiles, ensure_span_files, span_tensor_names
-from .torch_tensors import raw_from_tensor, tensor_from_raw, torch_dtype
-from .torch_weights import load_span_state
+from ...contract import BadInput, check_step, RawTensor, StageInfo, StepRequest, UnknownSession
+from ..kv_sessions import DEFAULT_CACHE_BUDGET, KVSessions
+from ..weights import ModelFiles, ensure_span_files, span_tensor_names
+from .tensors import raw_from_tensor, tensor_from_raw, torch_dtype
+from .weights import load_span_state
 
 
 

@@ -29,11 +29,11 @@ from typing import Any
 
 import trio
 
-from .mesh.discovery import parse_join_address
-from .mesh.host import DIAL_TIMEOUT, HostError, running_host
-from .mesh.records import NodeRecord, record_json, server_view
-from .mesh.swarm_map import SwarmMap, SwarmMapError, fetch_swarm_map
-from .placement.spans import bottleneck, coverage, gaps, is_complete
+from ..mesh.discovery import parse_join_address
+from ..mesh.host import DIAL_TIMEOUT, HostError, running_host
+from ..mesh.records import NodeRecord, record_json, server_view
+from ..mesh.swarm_map import SwarmMap, SwarmMapError, fetch_swarm_map
+from ..placement.spans import bottleneck, coverage, gaps, is_complete
 
 DEFAULT_TIMEOUT = 15.0  # seconds for the whole probe: dial, ask, read
 PROBE_LISTEN = "/ip4/127.0.0.1/tcp/0"  # a host must listen somewhere; nobody needs to reach it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import BadInput, RawTensor
+from ...contract import BadInput, RawTensor
 
 _DTYPES = {
     "float32": torch.float32,

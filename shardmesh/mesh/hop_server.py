@@ -12,7 +12,7 @@ path")::
 
 The last hop has no downstream: the gateway opens a second stream to it (``attach``) and
 it sends each sampled token there. Every hop serves all its sessions through one
-:class:`~shardmesh.backends.runner.StageRunner`, so concurrent sessions' steps run as
+:class:`~shardmesh.backends.batcher.StepBatcher`, so concurrent sessions' steps run as
 one batch. A session ends when its upstream closes or fails, when the gateway's attach
 stream goes away, or on any error, which is sent back towards the gateway with the id of
 the peer that failed.
@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import trio
 
-from ..backends.base import StageError
+from ..contract import HopCompute, Sampler, StageError
 from .host import MeshHost, close_quietly, reset_quietly
 from .link import HopLink
 from .link_offers import Links, Offer, accept_link, offer_fields, request_fields, upgrade_opener, withdraw
@@ -54,7 +54,7 @@ from .wire import (
     tensor_from_frame,
 )
 
-log = logging.getLogger("shardmesh.mesh.stage_server")
+log = logging.getLogger("shardmesh.mesh.hop_server")
 
 FIRST_FRAME_TIMEOUT = 30.0  # an opened stream must say what it wants within this
 OPEN_TIMEOUT = 60.0  # the rest of the chain must open within this (loading is done already)
@@ -90,8 +90,8 @@ class HopSession:
     start: int
     end: int
     is_last: bool
-    served: Any = None  # the stage this session runs on (it stays, even if the node moves)
-    sampler: Any = None
+    served: HopCompute | None = None  # the blocks this session runs on (they stay, even if the node moves)
+    sampler: Sampler | None = None
     attach: FrameStream | None = None
     attached: trio.Event = field(default_factory=trio.Event)
     closing: bool = False  # the upstream ended the session: the next hop's close is expected
@@ -106,14 +106,14 @@ def _fail(code: str, message: str) -> WireError:
     return WireError(code, message)
 
 
-class StageServer:
+class HopServer:
     """The stage server of one node. ``served`` is None on a gateway-only node: it
     answers every session with an error, but still dials chains for its gateway."""
 
     def __init__(
         self,
         mesh: MeshHost,
-        served: Any,  # backends.served_stage.ServedStage, or None
+        served: HopCompute | None,
         model_id: str,
         total_blocks: int,
         context_length: int,
@@ -139,16 +139,16 @@ class StageServer:
         self.max_payload = limits.max_payload(hidden, context_length)
         self._nursery: trio.Nursery | None = None
 
-    def serve(self, served: Any) -> None:
+    def serve(self, served: HopCompute | None) -> None:
         """New sessions run on ``served`` from now on (None: none are accepted); the
         sessions already open stay on the stage they started on until they end."""
         self.served = served
 
-    def sessions_on(self, served: Any) -> int:
+    def sessions_on(self, served: HopCompute | None) -> int:
         """Sessions still running on ``served``."""
         return sum(1 for s in self.sessions.values() if s.served is served)
 
-    async def wait_sessions_end(self, served: Any, timeout: float) -> int:
+    async def wait_sessions_end(self, served: HopCompute | None, timeout: float) -> int:
         """Waits up to ``timeout`` s for the sessions on ``served`` to end; how many remain."""
         with trio.move_on_after(timeout):
             while self.sessions_on(served):
@@ -167,7 +167,7 @@ class StageServer:
     async def open_stream(self, peer: str) -> Any:
         """A stream to ``peer``'s stage server; to ourselves through an in-process pipe."""
         if peer == self.me:
-            assert self._nursery is not None, "StageServer.run is not running"
+            assert self._nursery is not None, "HopServer.run is not running"
             mine, theirs = pipe_pair()
             self._nursery.start_soon(self._handle_guarded, theirs, self.me)
             return mine

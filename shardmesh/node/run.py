@@ -15,163 +15,34 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import trio
 
-from . import __version__
-from .api.app import create_app, serve
-from .api.generate import Generator, eos_token_ids
-from .backends.compute_thread import compute_thread
-from .backends.local_chain import LocalChains
-from .backends.runner import StageRunner
-from .backends.served_stage import ServedStage
-from .backends.throughput import cached_block_throughput, default_cache_dir, throughput_cache_key
-from .backends.base import Stage
-from .backends.choose import build_stage, choose_backend
-from .backends.weights import ModelFiles, identity_bytes, resolve
+from .. import __version__
+from ..api.app import create_app, serve
+from ..api.generate import Generator, eos_token_ids
+from ..backends.weights import identity_bytes
+from ..mesh.chain_client import MeshChains
+from ..mesh.discovery import Discovery
+from ..mesh.hop_server import HopServer, Limits
+from ..mesh.host import MeshHost, default_key_file, load_or_create_identity, running_host
+from ..mesh.link_offers import LinkListener, Links
+from ..mesh.records import NodeRecord, model_identity
+from ..mesh.registry import Registry
+from ..mesh.rtt import publish_rtts
+from ..mesh.swarm_map import PROTOCOL as SWARM_MAP_PROTOCOL, swarm_map_handler
+from ..placement.routing import FailureBackoff
+from ..placement.spans import ONLINE
+from .blocks import auto_capacity, load_blocks, run_blocks
+from .chains import NodeChains, route_finder
 from .config import NodeConfig, UsageError
-from .mesh.discovery import Discovery
-from .mesh.host import MeshHost, default_key_file, load_or_create_identity, running_host
-from .mesh.link_offers import LinkListener, Links
-from .mesh.records import NodeRecord, model_identity, server_view
-from .mesh.registry import Registry
-from .mesh.rtt import publish_rtts
-from .mesh.session import MeshChains
-from .mesh.stage_server import Limits, StageServer
-from .mesh.swarm_map import PROTOCOL as SWARM_MAP_PROTOCOL, swarm_map_handler
-from .placement.routing import FailureBackoff, Hop, find_route
-from .placement.spans import ONLINE
+from .model import LoadedModel, load_model_meta
 from .span_keeper import SpanKeeper
 
 log = logging.getLogger("shardmesh.node")
-
-
-@dataclass
-class LoadedModel:
-    """What a node knows about its model once the files are local."""
-
-    name: str
-    files: ModelFiles
-    tokenizer: object
-    config: object
-    generation_config: object | None
-
-    @property
-    def total_blocks(self) -> int:
-        return self.config.num_hidden_layers
-
-    @property
-    def text_config(self):
-        """The language model's own config (multimodal configs nest it)."""
-        return self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
-
-    @property
-    def context_length(self) -> int:
-        return int(getattr(self.text_config, "max_position_embeddings", 2048))
-
-
-def model_name(files: ModelFiles) -> str:
-    """The id clients use: the hub id, or the folder's name for a local model."""
-    return files.hub[0] if files.hub else files.root.resolve().name
-
-
-def load_model_meta(config: NodeConfig) -> LoadedModel:
-    """Config, tokenizer and weight index; no weights yet (may download small files)."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    files = resolve(config.model, config.revision)
-    try:
-        generation_config = GenerationConfig.from_pretrained(files.root)
-    except OSError:
-        generation_config = None
-    return LoadedModel(
-        name=model_name(files),
-        files=files,
-        tokenizer=AutoTokenizer.from_pretrained(files.root),
-        config=AutoConfig.from_pretrained(files.root),
-        generation_config=generation_config,
-    )
-
-
-async def expire_idle_sessions(runner: StageRunner, idle_seconds: float) -> None:
-    """Frees the caches of sessions whose client vanished without closing them."""
-    while True:
-        await trio.sleep(min(30.0, idle_seconds))
-        for session_id in await runner.expire_idle(idle_seconds):
-            log.info("closed idle session %s", session_id)
-
-
-@dataclass
-class LocalBlocks:
-    """The blocks this node serves, once loaded."""
-
-    stage: Stage
-    runner: StageRunner
-    throughput: float
-
-
-async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, span: tuple[int, int], say) -> LocalBlocks:
-    start, end = span
-    backend = choose_backend(config.backend)
-    say(f"loading blocks [{start}, {end}) of {model.name} ({backend})")
-    compute = compute_thread()
-    stage = await compute.run(
-        lambda: build_stage(
-            backend,
-            model.files,
-            start,
-            end,
-            model_name=model.name,
-            dtype=config.dtype,
-            device=config.device,
-            cache_budget_bytes=int(config.kv_cache_gb * (1 << 30)),
-        )
-    )
-    key = throughput_cache_key(f"{model_id}|{backend}", stage.info.device, stage.info.dtype)
-    throughput = await compute.run(cached_block_throughput, stage, default_cache_dir(), key)
-    say(
-        f"serving {model.name} blocks [{start}, {end}) with {backend} on {stage.info.device} in {stage.info.dtype} "
-        f"({throughput:.0f} tokens/s per block)"
-    )
-    return LocalBlocks(stage, StageRunner(stage), throughput)
-
-
-async def run_blocks(blocks: LocalBlocks, idle_seconds: float, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """A loaded stage at work: its batching runner and its idle-session sweeper."""
-    async with trio.open_nursery() as nursery:
-        await nursery.start(blocks.runner.run)
-        nursery.start_soon(expire_idle_sessions, blocks.runner, idle_seconds)
-        task_status.started()
-
-
-def auto_capacity(config: NodeConfig, model: LoadedModel) -> int:
-    """Blocks this node can hold (``--layers auto``): its memory budget less the KV
-    cache it reserves, over the model's per-block weight bytes."""
-    from .backends.footprint import free_memory_bytes, weight_bytes
-    from .placement.capacity import blocks_that_fit
-
-    tied = bool(getattr(model.text_config, "tie_word_embeddings", False))
-    sizes = weight_bytes(model.files, model.total_blocks, tied, config.dtype)
-    if config.memory_gb is not None:
-        memory = int(config.memory_gb * (1 << 30))
-    else:
-        memory = int(free_memory_bytes(config.device) * config.memory_fraction)
-    budget = memory - int(config.kv_cache_gb * (1 << 30))
-    capacity = blocks_that_fit(sizes.blocks, sizes.embeddings, sizes.head, budget)
-    if config.max_blocks is not None:
-        capacity = min(capacity, config.max_blocks)
-    if capacity < 1:
-        heaviest = max(sizes.blocks, default=0) + max(sizes.embeddings, sizes.head)
-        raise UsageError(
-            f"not enough memory for one block of {model.name}: {memory / 2**30:.2f} GiB for weights and KV cache, "
-            f"{config.kv_cache_gb:g} GiB of it reserved for the cache, and a block with embeddings or head needs "
-            f"{heaviest / 2**30:.2f} GiB (see --memory-gb, --memory-fraction, --kv-cache-gb, --max-blocks)"
-        )
-    return capacity
 
 
 def local_record(mesh: MeshHost, model: LoadedModel, model_id: str, limits: Limits) -> NodeRecord:
@@ -204,42 +75,10 @@ async def publish_free_cache(registry: Registry, keeper: SpanKeeper, every: floa
     while True:
         await trio.sleep(every)
         held = keeper.held
-        free = held.blocks.stage.cache_tokens_free if held is not None else 0
+        free = held.hop.cache_tokens_free if held is not None and held.hop is not None else 0
         if free != last:
             registry.update_local(cache_tokens_free=free)
             last = free
-
-
-def route_finder(registry: Registry, backoff: FailureBackoff, me: str, total_blocks: int):
-    def find(tokens_needed: int) -> list[Hop] | None:
-        servers = [server_view(r) for r in registry.records() if r.serves_blocks]
-        return find_route(servers, total_blocks, origin=me, exclude=backoff.excluded(time.monotonic()), tokens_needed=tokens_needed)
-
-    return find
-
-
-class NodeChains:
-    """The gateway's chains: this node's own stage when it holds the whole model (no
-    network in the way), a chain of peers otherwise."""
-
-    def __init__(self, keeper: SpanKeeper, mesh_chains: MeshChains, total_blocks: int) -> None:
-        self.keeper = keeper
-        self.mesh_chains = mesh_chains
-        self.total_blocks = total_blocks
-
-    def _whole_model_here(self) -> LocalChains | None:
-        held = self.keeper.held
-        if held is not None and (held.start, held.end) == (0, self.total_blocks) and self.keeper.server.accepting:
-            return LocalChains([held.blocks.runner])
-        return None
-
-    def available(self) -> bool:
-        return self._whole_model_here() is not None or self.mesh_chains.available()
-
-    def chain(self, session_id: str, sampling, prompt_ids: list[int], generated: list[int]):
-        local = self._whole_model_here()
-        opener = local if local is not None else self.mesh_chains
-        return opener.chain(session_id, sampling, prompt_ids, generated)
 
 
 async def start_links(config: NodeConfig, nursery: trio.Nursery) -> Links | None:
@@ -288,7 +127,7 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
         links = await start_links(config, nursery)
         if links is not None and links.listener is not None:
             say(f"hop links on tcp port {links.listener.port} (forward it with the libp2p port behind a NAT)")
-        server = StageServer(
+        server = HopServer(
             mesh,
             None,
             model_id,
@@ -296,7 +135,7 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
             model.context_length,
             limits,
             addrs_of=lambda peer: list(r.addrs) if (r := registry.get(peer)) else [],
-            hidden_size=int(model.text_config.hidden_size),
+            hidden_size=model.hidden_size,
             links=links,
         )
         await nursery.start(server.run)
@@ -309,7 +148,6 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
             run_blocks=lambda blocks, task_status=trio.TASK_STATUS_IGNORED: run_blocks(
                 blocks, config.session_idle_timeout, task_status=task_status
             ),
-            make_served=lambda blocks: ServedStage(blocks.runner),
             drain_timeout=config.drain_timeout,
             say=say,
         )
@@ -375,7 +213,7 @@ async def drain(keeper: SpanKeeper, generator: Generator, timeout: float, say: C
         await keeper.drain(timeout)
         while generator.active:
             await trio.sleep(0.1)
-    left = keeper.server.sessions_on(keeper.held.served) if keeper.held is not None else 0
+    left = keeper.server.sessions_on(keeper.held.hop) if keeper.held is not None else 0
     if left or generator.active:
         say(f"stopping with {left + generator.active} session(s) unfinished")
     else:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import kv_attention
-from .torch_stage import TorchStage
+from .stage import TorchStage
 
 PREFILL = 16  # tokens of context before the timed steps: a decode step attends over a cache
 # Several layers: one layer run over and over keeps its weights in the CPU/GPU cache, where
@@ -79,7 +79,7 @@ def measure_stage_throughput(stage, *, steps: int = 8) -> float:
     whole span. Less exact than the torch path (it includes the head on a last stage)."""
     from array import array
 
-    from .base import RawTensor, StepRequest
+    from ...contract import RawTensor, StepRequest
 
     info = stage.info
     session = f"throughput-probe-{time.monotonic_ns()}"

@@ -1,10 +1,9 @@
-"""The one interface between the node and a compute backend.
+"""A stage: the blocks ``[start, end)`` of one model, with per-session KV caches.
 
-A *stage* serves the transformer blocks ``[start, end)`` of one model. The first stage
-also embeds token ids; the last one also applies the final norm and the LM head and so
-returns logits. Everything crosses this boundary as :class:`RawTensor` (dtype name,
-shape, raw bytes), so the mesh never imports torch or mlx and a torch stage can feed an
-MLX stage: only bytes travel.
+The first stage also embeds token ids; the last one also applies the final norm and
+the LM head and so returns logits. Backends implement :class:`Stage`; the node runs
+one behind a batcher on a compute thread, and the mesh serves it as a hop
+(:class:`~shardmesh.contract.hop.HopCompute`).
 """
 
 from __future__ import annotations
@@ -12,67 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
-# Element sizes of the dtypes that may cross the boundary. bfloat16 travels as its
-# 2-byte pattern; nothing is ever pickled.
-DTYPE_SIZES: dict[str, int] = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "int64": 8,
-    "int32": 4,
-}
-
-
-class StageError(Exception):
-    """A request a stage refuses. ``code`` is stable and travels in error frames."""
-
-    code = "stage_error"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class BadInput(StageError):
-    code = "bad_input"
-
-
-class UnknownSession(StageError):
-    code = "unknown_session"
-
-
-class CacheBudgetExceeded(StageError):
-    """The KV cache budget cannot hold another session of the requested length."""
-
-    code = "cache_full"
-
-
-@dataclass(frozen=True)
-class RawTensor:
-    """A tensor as plain bytes: what crosses the stage boundary and the wire."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    data: bytes | bytearray | memoryview
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_SIZES:
-            raise BadInput(f"unsupported dtype {self.dtype!r}")
-        if any((not isinstance(d, int)) or d < 0 for d in self.shape):
-            raise BadInput(f"bad shape {self.shape!r}")
-        if len(memoryview(self.data).cast("B")) != self.nbytes:
-            raise BadInput(f"payload holds {len(memoryview(self.data).cast('B'))} bytes, {self.shape} {self.dtype} needs {self.nbytes}")
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_SIZES[self.dtype]
+from .errors import BadInput
+from .tensors import RawTensor
 
 
 @dataclass(frozen=True)

@@ -19,35 +19,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import trio
 
-BENCH_MODEL = dict(arch="llama", layers=12, hidden=768, heads=12, kv_heads=4, intermediate=2048, vocab_size=16384, context_length=4096)
-
-
-@dataclass
-class Figure:
-    name: str
-    tokens_per_s: float
-    note: str = ""
-
-
-def bench_model_path(model: str | None) -> Path:
-    if model:
-        return Path(model)
-    from .backends.tiny import cached_tiny_model
-
-    print("building (once) the 100M-parameter tiny Llama: hidden 768, 12 layers ...", flush=True)
-    return cached_tiny_model(**BENCH_MODEL)
-
-
-def prompt_ids(vocab: int, n: int) -> list[int]:
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(10, vocab, (n,), generator=g).tolist()
-
+from .bench_common import Figure, bench_model_path, decode_rate, prompt_ids
 
 class GenerateReference:
     """transformers ``generate`` on the same weights: the figure to compare against."""
@@ -75,24 +52,6 @@ class GenerateReference:
         return (tokens - 1) / (self._timed(tokens) - first)
 
 
-async def _decode_rate(generator, prompt: list[int], tokens: int) -> float:
-    from .api.generate import Finished, GenerationRequest
-    from .backends.sampling import SamplingParams
-
-    req = GenerationRequest(prompt, tokens, SamplingParams(temperature=0.0))
-    first = last = None
-    count = 0
-    async for event in generator.stream(req):
-        if isinstance(event, Finished):
-            break
-        count += 1
-        last = time.perf_counter()
-        if first is None:
-            first = last
-    assert count == tokens, f"generated {count} of {tokens} tokens (eos?)"
-    return (count - 1) / (last - first)
-
-
 async def _http_rate(url: str, model: str, prompt: str, tokens: int) -> float:
     import httpx
 
@@ -118,19 +77,19 @@ async def _http_rate(url: str, model: str, prompt: str, tokens: int) -> float:
 
 
 async def bench_ours(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int, sessions: int) -> list[Figure]:
-    from .api.app import create_app, serve
-    from .api.generate import Generator
-    from .backends.compute_thread import compute_thread
-    from .backends.local_chain import LocalChains
-    from .backends.runner import StageRunner
-    from .backends.torch_stage import TorchStage
-    from .backends.weights import resolve_local
+    from ..api.app import create_app, serve
+    from ..api.generate import Generator
+    from ..backends.compute_thread import compute_thread
+    from ..backends.local_chain import LocalChains
+    from ..backends.batcher import StepBatcher
+    from ..backends.torch.stage import TorchStage
+    from ..backends.weights import resolve_local
     from transformers import AutoTokenizer
 
     compute = compute_thread()  # torch runs on this one thread, for both paths
     stage = await compute.run(lambda: TorchStage(resolve_local(str(path)), 0, dtype=dtype, model_name="bench"))
     reference = await compute.run(GenerateReference, path, getattr(torch, dtype), prompt, stage.info.device)
-    runner = StageRunner(stage)
+    runner = StepBatcher(stage)
     tokenizer = AutoTokenizer.from_pretrained(path)
     generator = Generator("bench", tokenizer, 1 << 20, LocalChains([runner]), frozenset())
     async with trio.open_nursery() as nursery:
@@ -139,13 +98,13 @@ async def bench_ours(path: Path, dtype: str, prompt: list[int], tokens: int, rep
         url = f"http://127.0.0.1:{port}"
         text = tokenizer.decode(prompt)
         await compute.run(reference.decode_rate, 4)  # warm-up
-        await _decode_rate(generator, prompt, 4)
+        await decode_rate(generator, prompt, 4)
 
         # Interleaved, so that a slow moment of the machine hits every path alike.
         best = {"generate": 0.0, "stage": 0.0, "http": 0.0}
         for _ in range(repeats):
             best["generate"] = max(best["generate"], await compute.run(reference.decode_rate, tokens))
-            best["stage"] = max(best["stage"], await _decode_rate(generator, prompt, tokens))
+            best["stage"] = max(best["stage"], await decode_rate(generator, prompt, tokens))
             best["http"] = max(best["http"], await _http_rate(url, "bench", text, tokens))
         figures = [
             Figure("transformers generate", best["generate"], f"{reference.params_m:.0f}M parameters"),
@@ -156,7 +115,7 @@ async def bench_ours(path: Path, dtype: str, prompt: list[int], tokens: int, rep
         rates: list[float] = []
 
         async def one() -> None:
-            rates.append(await _decode_rate(generator, prompt, tokens))
+            rates.append(await decode_rate(generator, prompt, tokens))
 
         before = runner.batched_requests, runner.batches
         t0 = time.perf_counter()
@@ -181,7 +140,7 @@ def run_bench(args) -> int:
     path = bench_model_path(args.model)
     from transformers import AutoConfig
 
-    from .backends.torch_stage import pick_device
+    from ..backends.torch.stage import pick_device
 
     vocab = AutoConfig.from_pretrained(path).vocab_size
     prompt = prompt_ids(vocab, args.prompt_tokens)

@@ -1,0 +1,37 @@
+"""The ground floor: the types every room of shardmesh shares, and no torch.
+
+``placement`` imports nothing of ours; ``mesh``, ``api`` and ``backends`` import this
+package (and ``mesh`` also ``placement``); only ``node`` and ``tools`` import more than
+one room. See ``docs/ARCHITECTURE.md``.
+"""
+
+from .chains import Chain, ChainOpener
+from .errors import BadInput, CacheBudgetExceeded, ChainFailed, ModelUnavailable, NoRoute, StageError, UnknownSession
+from .hop import HopCompute, Sampler
+from .sampling import MAX_TOP_LOGPROBS, SampledToken, SamplingParams
+from .stage import Stage, StageInfo, StepOutput, StepRequest, check_step
+from .tensors import DTYPE_SIZES, RawTensor
+
+__all__ = [
+    "BadInput",
+    "CacheBudgetExceeded",
+    "Chain",
+    "ChainFailed",
+    "ChainOpener",
+    "DTYPE_SIZES",
+    "HopCompute",
+    "MAX_TOP_LOGPROBS",
+    "ModelUnavailable",
+    "NoRoute",
+    "RawTensor",
+    "SampledToken",
+    "Sampler",
+    "SamplingParams",
+    "Stage",
+    "StageError",
+    "StageInfo",
+    "StepOutput",
+    "StepRequest",
+    "UnknownSession",
+    "check_step",
+]

@@ -1,0 +1,33 @@
+"""A chain: one session over all of a model's blocks, wherever they are.
+
+The gateway's generation loop sees only these two protocols. A chain may be local
+stages in this process or a route of peers over the mesh; the loop opens it, feeds it
+tokens, and reads back what the last hop sampled.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .sampling import SampledToken, SamplingParams
+
+
+class Chain(Protocol):
+    """One session over blocks ``[0, L)``: opened, stepped, always closed."""
+
+    async def open(self, max_length: int) -> None: ...
+
+    async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None: ...
+
+    async def close(self) -> None: ...
+
+
+class ChainOpener(Protocol):
+    """Makes chains; ``available`` says whether one could be opened now."""
+
+    def available(self) -> bool: ...
+
+    def chain(self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]) -> Chain:
+        """A new, unopened session whose last hop samples as if ``generated`` had
+        already been drawn after ``prompt_ids``."""
+        ...

@@ -1,0 +1,51 @@
+"""What one hop of a chain computes, as the mesh's hop server sees it.
+
+The hop server (:mod:`shardmesh.mesh.hop_server`) speaks the wire protocol and knows
+nothing of torch or mlx; the node hands it a :class:`HopCompute` that runs the local
+blocks (and, on the last hop, samples the next token) on the compute thread. Only raw
+tensors, plain dicts and :class:`~shardmesh.contract.stage.StepOutput` cross here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, Sequence
+
+from .stage import StageInfo, StepOutput
+from .tensors import RawTensor
+
+
+class Sampler(Protocol):
+    """One session's sampling on the last hop: logits in, the token dict out
+    (``{"token": id, "logprob": float | None, "top": [[id, logprob], ...]}``)."""
+
+    def __call__(self, logits: RawTensor) -> dict[str, Any]: ...
+
+
+class HopCompute(Protocol):
+    """The local blocks as a hop: open a session, step it, close it."""
+
+    @property
+    def info(self) -> StageInfo: ...
+
+    @property
+    def cache_tokens_free(self) -> int: ...
+
+    def new_sampler(self, sampling: dict[str, Any], prompt_ids: Sequence[int], generated: Sequence[int]) -> Sampler:
+        """Checks what the gateway sent; raises :class:`~shardmesh.contract.errors.BadInput`."""
+        ...
+
+    async def open(self, session_id: str, max_length: int, start: int, end: int) -> None: ...
+
+    async def step(
+        self,
+        session_id: str,
+        inputs: RawTensor,
+        position: int,
+        sampler: Sampler | None,
+        then: Callable[[Any, float], bool] | None = None,
+    ) -> StepOutput:
+        """Hidden states out, or (``sampler`` given) the sampled token dict; ``then(value,
+        seconds)`` runs on the compute thread right after and says whether it sent it."""
+        ...
+
+    async def close(self, session_id: str) -> None: ...

@@ -1,0 +1,148 @@
+"""How to pick a token, and the token picked: plain values every room shares.
+
+:class:`SamplingParams` travels from the HTTP request through the gateway to the last
+hop of a chain (as a plain dict on the wire), where the backend's sampler turns logits
+into a :class:`SampledToken`. Both are plain data, importable without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+__all__ = ["MAX_TOP_LOGPROBS", "SampledToken", "SamplingParams"]
+
+#: The most alternatives a client may ask for per token (OpenAI's limit too).
+MAX_TOP_LOGPROBS = 20
+
+# Seeds are reduced modulo 2**64. Bound what we accept so untrusted input cannot hand
+# us a million-digit integer; this range covers both signed and unsigned 64-bit seeds.
+_SEED_MIN = -(2**63)
+_SEED_MAX = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick a token from logits. All fields are plain, JSON/CBOR-able values.
+
+    ``temperature == 0`` means greedy decoding. ``top_k == 0`` and ``top_p == 1`` mean
+    "no truncation". Penalty semantics follow the APIs clients already know:
+
+    * ``presence_penalty`` / ``frequency_penalty`` (OpenAI): for every token already
+      *generated* in this completion, ``logit -= frequency * count + presence``.
+      The prompt does not count.
+    * ``repetition_penalty`` (HF ``transformers`` / CTRL): for every token seen in the
+      prompt *or* the completion, a positive logit is divided by the penalty and a
+      negative one multiplied by it, so a penalty > 1 always makes it less likely.
+
+    Instances are not validated on construction (so that :meth:`validate` can report
+    a readable error); :func:`sample` and :meth:`from_dict` always validate.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def validate(self) -> None:
+        """Raise :class:`ValueError` naming the first out-of-range or mistyped field.
+
+        Comparisons are written as ``lo <= x <= hi`` so NaN (which compares false with
+        everything) is rejected along with out-of-range values.
+        """
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name} must be a number, got {type(v).__name__}")
+        for name in ("top_k", "top_logprobs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an integer, got {type(v).__name__}")
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"logprobs must be a boolean, got {type(self.logprobs).__name__}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or null, got {type(self.seed).__name__}")
+
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.seed is not None and not _SEED_MIN <= self.seed <= _SEED_MAX:
+            raise ValueError(f"seed must fit in 64 bits ([{_SEED_MIN}, {_SEED_MAX}]), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is deterministic argmax (``temperature == 0``)."""
+        return self.temperature == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a plain dict (ints, floats, bools, None): safe for JSON and CBOR."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SamplingParams:
+        """Build validated params from a dict that may come from the network.
+
+        Missing keys take their defaults. Unknown keys, wrong types (a string for a
+        number, a bool for an int, a float for ``top_k``) and out-of-range values raise
+        :class:`ValueError`. Integers are accepted for float fields (JSON has ``1`` for
+        ``1.0``) and are converted, so ``from_dict(p.to_dict()) == p`` always holds.
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"sampling params must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(sorted(map(str, unknown)))}")
+
+        kwargs: dict[str, Any] = {}
+        for name, value in d.items():
+            if name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+                # bool is an int subclass: reject it explicitly, "temperature": true is a bug.
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+                value = float(value)
+            elif name in ("top_k", "top_logprobs"):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
+            elif name == "seed":
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                    raise ValueError(f"seed must be an integer or null, got {type(value).__name__}")
+            elif name == "logprobs":
+                if not isinstance(value, bool):
+                    raise ValueError(f"logprobs must be a boolean, got {type(value).__name__}")
+            kwargs[name] = value
+        params = cls(**kwargs)
+        params.validate()
+        return params
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    """The chosen token and, if asked for, how likely the model found it.
+
+    ``logprob`` and ``top_logprobs`` come from ``log_softmax`` of the *raw* logits,
+    before penalties and temperature. ``top_logprobs`` is sorted by logprob, highest
+    first, ties broken by the lower token id; it is empty unless requested.
+    """
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    spent: float | None = None  # compute seconds the hops report for this step (the rest was network)

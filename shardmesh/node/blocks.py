@@ -1,0 +1,108 @@
+"""The blocks this node serves: how many fit, loading them, keeping them running.
+
+Everything that needs torch (or mlx) is imported inside these functions, so that a
+node with ``--layers none`` (a gateway) never loads a tensor library at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import trio
+
+from ..backends.batcher import StepBatcher
+from ..backends.compute_thread import compute_thread
+from ..contract import ChainOpener, HopCompute, Stage
+from .backend import build_stage, choose_backend
+from .config import NodeConfig, UsageError
+from .model import LoadedModel
+
+log = logging.getLogger("shardmesh.node.blocks")
+
+
+@dataclass
+class LocalBlocks:
+    """A loaded span: its stage, the batcher that runs it, the stage as a hop of other
+    people's chains, and (when it holds the whole model) chains with no network."""
+
+    stage: Stage
+    batcher: StepBatcher
+    hop: HopCompute
+    local_chains: ChainOpener
+    throughput: float
+
+
+async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, span: tuple[int, int], say: Callable[[str], None]) -> LocalBlocks:
+    """Loads blocks ``[start, end)`` on the compute thread and measures their speed."""
+    from ..backends.hop_compute import StageHopCompute
+    from ..backends.local_chain import LocalChains
+    from ..backends.torch.throughput import cached_block_throughput, default_cache_dir, throughput_cache_key
+
+    start, end = span
+    backend = choose_backend(config.backend)
+    say(f"loading blocks [{start}, {end}) of {model.name} ({backend})")
+    compute = compute_thread()
+    stage = await compute.run(
+        lambda: build_stage(
+            backend,
+            model.files,
+            start,
+            end,
+            model_name=model.name,
+            dtype=config.dtype,
+            device=config.device,
+            cache_budget_bytes=int(config.kv_cache_gb * (1 << 30)),
+        )
+    )
+    key = throughput_cache_key(f"{model_id}|{backend}", stage.info.device, stage.info.dtype)
+    throughput = await compute.run(cached_block_throughput, stage, default_cache_dir(), key)
+    say(
+        f"serving {model.name} blocks [{start}, {end}) with {backend} on {stage.info.device} in {stage.info.dtype} "
+        f"({throughput:.0f} tokens/s per block)"
+    )
+    batcher = StepBatcher(stage)
+    return LocalBlocks(stage, batcher, StageHopCompute(batcher), LocalChains([batcher]), throughput)
+
+
+async def expire_idle_sessions(batcher: StepBatcher, idle_seconds: float) -> None:
+    """Frees the caches of sessions whose client vanished without closing them."""
+    while True:
+        await trio.sleep(min(30.0, idle_seconds))
+        for session_id in await batcher.expire_idle(idle_seconds):
+            log.info("closed idle session %s", session_id)
+
+
+async def run_blocks(blocks: LocalBlocks, idle_seconds: float, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """A loaded stage at work: its batcher and its idle-session sweeper."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(blocks.batcher.run)
+        nursery.start_soon(expire_idle_sessions, blocks.batcher, idle_seconds)
+        task_status.started()
+
+
+def auto_capacity(config: NodeConfig, model: LoadedModel) -> int:
+    """Blocks this node can hold (``--layers auto``): its memory budget less the KV
+    cache it reserves, over the model's per-block weight bytes."""
+    from ..backends.footprint import free_memory_bytes, weight_bytes
+    from ..placement.capacity import blocks_that_fit
+
+    tied = bool(getattr(model.text_config, "tie_word_embeddings", False))
+    sizes = weight_bytes(model.files, model.total_blocks, tied, config.dtype)
+    if config.memory_gb is not None:
+        memory = int(config.memory_gb * (1 << 30))
+    else:
+        memory = int(free_memory_bytes(config.device) * config.memory_fraction)
+    budget = memory - int(config.kv_cache_gb * (1 << 30))
+    capacity = blocks_that_fit(sizes.blocks, sizes.embeddings, sizes.head, budget)
+    if config.max_blocks is not None:
+        capacity = min(capacity, config.max_blocks)
+    if capacity < 1:
+        heaviest = max(sizes.blocks, default=0) + max(sizes.embeddings, sizes.head)
+        raise UsageError(
+            f"not enough memory for one block of {model.name}: {memory / 2**30:.2f} GiB for weights and KV cache, "
+            f"{config.kv_cache_gb:g} GiB of it reserved for the cache, and a block with embeddings or head needs "
+            f"{heaviest / 2**30:.2f} GiB (see --memory-gb, --memory-fraction, --kv-cache-gb, --max-blocks)"
+        )
+    return capacity

@@ -1,0 +1,53 @@
+"""What every bench shares: the bench model, its prompt, and how decode speed is timed."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..api.generate import Finished, GenerationRequest, Generator
+from ..contract import SamplingParams
+
+BENCH_MODEL = dict(arch="llama", layers=12, hidden=768, heads=12, kv_heads=4, intermediate=2048, vocab_size=16384, context_length=4096)
+
+
+@dataclass
+class Figure:
+    name: str
+    tokens_per_s: float
+    note: str = ""
+
+
+def bench_model_path(model: str | None) -> Path:
+    if model:
+        return Path(model)
+    from .tiny_model import cached_tiny_model
+
+    print("building (once) the 100M-parameter tiny Llama: hidden 768, 12 layers ...", flush=True)
+    return cached_tiny_model(**BENCH_MODEL)
+
+
+def prompt_ids(vocab: int, n: int) -> list[int]:
+    """The same pseudo-random prompt in every run and process."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(10, vocab, (n,), generator=g).tolist()
+
+
+async def decode_rate(generator: Generator, prompt: list[int], tokens: int) -> float:
+    """Greedy decode tokens/s of ``generator`` after ``prompt``, from the first
+    generated token to the last (the prompt's prefill is left out)."""
+    req = GenerationRequest(prompt, tokens, SamplingParams(temperature=0.0))
+    first = last = None
+    count = 0
+    async for event in generator.stream(req):
+        if isinstance(event, Finished):
+            break
+        count += 1
+        last = time.perf_counter()
+        if first is None:
+            first = last
+    assert count == tokens, f"generated {count} of {tokens} tokens (eos?)"
+    return (count - 1) / (last - first)

@@ -1,0 +1,86 @@
+"""Node processes for the benches: ``shardmesh run`` started, read and stopped.
+
+Each node is a real process on loopback; its output is read on a thread so that a
+bench can wait for the line it needs (its address, or that it serves its blocks).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LISTENING = re.compile(r"listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+))")
+
+
+@dataclass
+class NodeProcess:
+    proc: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+    address: str = ""
+    peer: str = ""
+
+
+def start_node(
+    path: Path, layers: str, dtype: str, key_dir: Path, join: str | None = None, threads: int | None = None, links: bool = True
+) -> NodeProcess:
+    cmd = [
+        sys.executable, "-m", "shardmesh", "run", "--model", str(path), "--layers", layers, "--api", "off",
+        "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--dtype", dtype,
+        "--key-file", str(key_dir / f"{layers.replace(':', '-')}.key"),
+    ] + (["--join", join] if join else []) + ([] if links else ["--no-links"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    node = NodeProcess(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+
+    def pump() -> None:
+        for line in node.proc.stdout:  # type: ignore[union-attr]
+            node.lines.append(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return node
+
+
+def wait_serving(node: NodeProcess, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = "".join(node.lines)
+        if (m := LISTENING.search(text)) and "\nserving " in "\n" + text:
+            node.address, node.peer = m.group(1), m.group(2)
+            return
+        if node.proc.poll() is not None:
+            raise RuntimeError(f"a bench node exited:\n{text}")
+        time.sleep(0.1)
+    raise RuntimeError("a bench node did not start in time:\n" + "".join(node.lines))
+
+
+def start_chain(path: Path, dtype: str, spans: list[str], key_dir: Path, threads: int | None, links: bool = True) -> list[NodeProcess]:
+    """Node processes for ``spans``; the first starts the swarm, the others join it."""
+    first = start_node(path, spans[0], dtype, key_dir, threads=threads, links=links)
+    nodes = [first]
+    try:
+        wait_serving(first)
+        nodes += [start_node(path, span, dtype, key_dir, first.address, threads, links) for span in spans[1:]]
+        for node in nodes:
+            wait_serving(node)
+        time.sleep(3)  # a gossip round or two, so every hop knows the next one's address
+        return nodes
+    except BaseException:
+        stop_all(nodes)
+        raise
+
+
+def stop_all(nodes: list[NodeProcess]) -> None:
+    for node in nodes:
+        node.proc.terminate()
+    for node in nodes:
+        try:
+            node.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            node.proc.kill()
