@@ -60,7 +60,7 @@ def _add_status(sub) -> None:
 
 
 def _add_tiny(sub) -> None:
-    from .tools.tiny_model import ARCHS
+    from .tools.tiny_config import ARCHS  # torch-free: every command builds this parser
 
     p = sub.add_parser("tiny-model", help="write a tiny random model + tokenizer (offline tests and demos)")
     p.add_argument("path")
@@ -96,6 +96,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--sessions", type=int, default=4, help="concurrent sessions for the batching figure")
     p.add_argument("--mesh", action="store_true", help="node processes on loopback: 3-node chain vs one process, per-hop cost")
+    p.add_argument("--memory", action="store_true",
+                   help="resident memory of a --layers none gateway and of a serving node (beyond weights and KV cache)")
     p.add_argument(
         "--threads", type=_thread_settings, default=[None, 1], metavar="N[,N...]",
         help="with --mesh: torch threads per process, one measurement for each; 'default' is torch's own count (default: default,1)",
@@ -156,7 +158,7 @@ def _check_addresses(config) -> None:
     from multiaddr import Multiaddr
 
     from .node.config import UsageError
-    from .mesh.discovery import parse_join_address
+    from .mesh.addresses import parse_join_address
     from .mesh.host import port_in_use
 
     for address in config.listen:
@@ -190,7 +192,7 @@ def status(args) -> int:
 
 
 def tiny_model(args) -> int:
-    from .tools.tiny_model import build_tiny_model
+    from .tools.tiny_build import build_tiny_model
 
     path = build_tiny_model(args.path, args.arch, layers=args.layers, hidden=args.hidden, seed=args.seed)
     print(f"wrote a tiny {args.arch} model to {path}; serve it with: shardmesh run --model {path}")

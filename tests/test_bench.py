@@ -87,3 +87,23 @@ def test_plain_processes_draw_the_tokens_one_process_draws() -> None:
             split.close()
     finally:
         whole.close()
+
+
+def test_memory_bench_runs_and_prints_its_figures(tmp_path) -> None:
+    """``bench --memory`` starts a serving node and a gateway, and prints every figure
+    with its target (the figures themselves depend on the machine)."""
+    from shardmesh.tools.tiny_model import cached_tiny_model
+
+    model = cached_tiny_model("llama", layers=4, hidden=64)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}  # its own throughput cache and keys
+    run = subprocess.run(
+        [sys.executable, "-m", "shardmesh", "bench", "--memory", "--model", str(model), "--dtype", "float32"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
+    assert re.search(r"gateway \(--layers none\) RSS\s+[\d.]+ MB\s+target <= 150 MB; torch loaded: (yes|no)", out), out
+    assert re.search(r"serving node \(--layers all\) RSS\s+[\d.]+ MB", out), out
+    assert re.search(r"  weights\s+[\d.]+ MB", out), out
+    assert re.search(r"  KV cache allocated\s+[\d.]+ MB .*budget \d+ MB", out), out
+    assert re.search(r"  overhead \(RSS - weights - KV\)\s+-?[\d.]+ MB\s+target <= 350 MB", out), out

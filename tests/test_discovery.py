@@ -20,7 +20,8 @@ import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from shardmesh.mesh.discovery import Discovery, backoff, parse_join_address
+from shardmesh.mesh.addresses import parse_join_address
+from shardmesh.mesh.discovery import Discovery, backoff
 from shardmesh.mesh.host import MeshHost, peer_id_of, running_host
 
 LOCAL = "/ip4/127.0.0.1/tcp/0"
@@ -265,12 +266,12 @@ def test_add_known_ignores_bad_input():
 
 def test_mdns_failure_is_logged_and_the_node_goes_on(monkeypatch, caplog):
     """No multicast (or port 5353 refused) must not take the node down; no real mDNS here."""
-    from shardmesh.mesh import discovery as discovery_module
+    from shardmesh.mesh.mdns import MdnsService
 
     def fail(self):
         raise OSError("no multicast here (test)")
 
-    monkeypatch.setattr(discovery_module._Mdns, "start", fail)
+    monkeypatch.setattr(MdnsService, "start", fail)
 
     async def body(nursery):
         a = await start_host(nursery)

@@ -32,9 +32,9 @@ def reference(model_path):
 
 
 def make_generator(path, cuts=(0, 2, LAYERS), eos=frozenset(), **stage_kw) -> tuple[Generator, list[StepBatcher]]:
-    runners = [StepBatcher(TorchStage(resolve_local(str(path)), a, b, **stage_kw)) for a, b in zip(cuts, cuts[1:])]
+    batchers = [StepBatcher(TorchStage(resolve_local(str(path)), a, b, **stage_kw)) for a, b in zip(cuts, cuts[1:])]
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return Generator("tiny", tokenizer, 2048, LocalChains(runners), eos), runners
+    return Generator("tiny", tokenizer, 2048, LocalChains(batchers), eos), batchers
 
 
 async def collect(generator: Generator, req: GenerationRequest) -> tuple[list[TokenEvent], Finished]:
@@ -43,10 +43,10 @@ async def collect(generator: Generator, req: GenerationRequest) -> tuple[list[To
     return events[:-1], events[-1]
 
 
-def run_with(runners, fn):
+def run_with(batchers, fn):
     async def main():
         async with trio.open_nursery() as nursery:
-            for r in runners:
+            for r in batchers:
                 await nursery.start(r.run)
             result = await fn()
             nursery.cancel_scope.cancel()
@@ -63,16 +63,16 @@ def greedy_reference(reference, prompt: list[int], n: int) -> list[int]:
 
 def test_long_prompt_is_chunked_and_matches_generate(model_path, reference):
     prompt = torch.randint(3, 700, (1100,), generator=torch.Generator().manual_seed(1)).tolist()  # 3 chunks
-    generator, runners = make_generator(model_path)
-    events, done = run_with(runners, lambda: collect(generator, GenerationRequest(prompt, 12, GREEDY)))
+    generator, batchers = make_generator(model_path)
+    events, done = run_with(batchers, lambda: collect(generator, GenerationRequest(prompt, 12, GREEDY)))
     assert [e.token_id for e in events] == greedy_reference(reference, prompt, 12)
     assert (done.reason, done.prompt_tokens, done.completion_tokens) == ("length", 1100, 12)
-    assert runners[0].stage.sessions == {}, "the session must be closed when the stream ends"
+    assert batchers[0].stage.sessions == {}, "the session must be closed when the stream ends"
 
 
 def test_concurrent_sessions_each_get_their_own_output(model_path, reference):
     prompts = [[5, 6, 7], [100, 200, 300, 400, 500], [42] * 9, [9, 8, 7, 6, 5, 4, 3]]
-    generator, runners = make_generator(model_path)
+    generator, batchers = make_generator(model_path)
 
     async def all_at_once():
         results: dict[int, list[int]] = {}
@@ -86,14 +86,14 @@ def test_concurrent_sessions_each_get_their_own_output(model_path, reference):
                 nursery.start_soon(one, i)
         return results
 
-    results = run_with(runners, all_at_once)
+    results = run_with(batchers, all_at_once)
     for i, prompt in enumerate(prompts):
         assert results[i] == greedy_reference(reference, prompt, 10)
-    assert runners[0].batched_requests > runners[0].batches, "concurrent decode steps should have been batched"
+    assert batchers[0].batched_requests > batchers[0].batches, "concurrent decode steps should have been batched"
 
 
 def test_seeded_sampling_is_reproducible(model_path):
-    generator, runners = make_generator(model_path)
+    generator, batchers = make_generator(model_path)
     params = SamplingParams(temperature=1.0, seed=1234, top_p=0.95)
     req = GenerationRequest([5, 6, 7, 8], 16, params)
 
@@ -102,7 +102,7 @@ def test_seeded_sampling_is_reproducible(model_path):
         b, _ = await collect(generator, req)
         return [e.token_id for e in a], [e.token_id for e in b]
 
-    a, b = run_with(runners, twice)
+    a, b = run_with(batchers, twice)
     assert a == b
 
 
@@ -110,8 +110,8 @@ def test_eos_stops_and_text_is_whole(model_path, reference):
     prompt = [5, 6, 7, 8]
     expected = greedy_reference(reference, prompt, 12)
     eos = expected[5]
-    generator, runners = make_generator(model_path, eos=frozenset({eos}))
-    events, done = run_with(runners, lambda: collect(generator, GenerationRequest(prompt, 12, GREEDY)))
+    generator, batchers = make_generator(model_path, eos=frozenset({eos}))
+    events, done = run_with(batchers, lambda: collect(generator, GenerationRequest(prompt, 12, GREEDY)))
     stop_at = expected.index(eos)
     assert [e.token_id for e in events] == expected[:stop_at]
     assert done.reason == "stop" and done.completion_tokens == stop_at
@@ -121,17 +121,17 @@ def test_eos_stops_and_text_is_whole(model_path, reference):
 
 def test_stop_sequence_cuts_text(model_path, reference):
     prompt = [5, 6, 7, 8]
-    generator, runners = make_generator(model_path)
+    generator, batchers = make_generator(model_path)
     full = generator.tokenizer.decode(greedy_reference(reference, prompt, 16), skip_special_tokens=True)
     stop = full[len(full) // 2 : len(full) // 2 + 3]
-    events, done = run_with(runners, lambda: collect(generator, GenerationRequest(prompt, 16, GREEDY, stop=(stop,))))
+    events, done = run_with(batchers, lambda: collect(generator, GenerationRequest(prompt, 16, GREEDY, stop=(stop,))))
     text = "".join(e.text for e in events) + done.text
     assert done.reason == "stop"
     assert text == full[: full.index(stop)]
 
 
 def test_prompt_too_long_and_busy(model_path):
-    generator, runners = make_generator(model_path, cache_budget_bytes=0)
+    generator, batchers = make_generator(model_path, cache_budget_bytes=0)
 
     async def attempts():
         with pytest.raises(PromptTooLong):
@@ -139,7 +139,7 @@ def test_prompt_too_long_and_busy(model_path):
         with pytest.raises(ModelUnavailable):  # no KV cache budget at all: busy, not a crash
             await collect(generator, GenerationRequest([5, 6], 4, GREEDY))
 
-    run_with(runners, attempts)
+    run_with(batchers, attempts)
 
 
 def test_stop_matcher_holds_back_possible_starts():
@@ -170,40 +170,40 @@ def test_kv_budget_running_out_mid_answer_ends_it_cleanly(model_path, reference)
     finish_reason "length", its tokens are still the right ones, and nothing leaks."""
     stage_probe = TorchStage(resolve_local(str(model_path)), 0, 2)
     budget = 260 * stage_probe.bytes_per_token
-    generator, runners = make_generator(model_path, cache_budget_bytes=budget)
+    generator, batchers = make_generator(model_path, cache_budget_bytes=budget)
     prompt = [5, 6, 7, 8]
-    events, done = run_with(runners, lambda: collect(generator, GenerationRequest(prompt, 400, GREEDY)))
+    events, done = run_with(batchers, lambda: collect(generator, GenerationRequest(prompt, 400, GREEDY)))
     assert done.reason == "length"
     assert done.completion_tokens == len(events) == 256 - len(prompt) + 1
     assert [e.token_id for e in events[:20]] == greedy_reference(reference, prompt, 20)
-    assert all(r.stage.sessions == {} for r in runners)
+    assert all(r.stage.sessions == {} for r in batchers)
 
 
 def test_cancelled_request_frees_its_session(model_path):
     """A client that goes away mid-answer must not leave its KV cache behind."""
-    generator, runners = make_generator(model_path)
+    generator, batchers = make_generator(model_path)
 
     async def abandon():
         with trio.move_on_after(0.5):
             async for _ in generator.stream(GenerationRequest([5, 6, 7], 1000, GREEDY)):
                 pass
 
-    run_with(runners, abandon)
-    assert all(r.stage.sessions == {} for r in runners)
+    run_with(batchers, abandon)
+    assert all(r.stage.sessions == {} for r in batchers)
 
 
 def test_closing_the_stream_early_closes_the_chain_at_once(model_path):
     """The HTTP layer stops reading at Finished (or when a client leaves) and closes the
     stream: the chain must be closed then, not when the garbage collector gets to it."""
-    generator, runners = make_generator(model_path)
+    generator, batchers = make_generator(model_path)
 
     async def stop_early():
         for stop_after in (1, 4):
             stream = generator.stream(GenerationRequest([5, 6, 7], 3, GREEDY))
             events = [await anext(stream) for _ in range(stop_after)]
-            assert runners[0].stage.sessions, "the chain is open while the answer runs"
+            assert batchers[0].stage.sessions, "the chain is open while the answer runs"
             await stream.aclose()
-            assert all(r.stage.sessions == {} for r in runners), f"after {events[-1]}"
+            assert all(r.stage.sessions == {} for r in batchers), f"after {events[-1]}"
             assert generator.active == 0
 
-    run_with(runners, stop_early)
+    run_with(batchers, stop_early)

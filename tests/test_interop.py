@@ -485,7 +485,7 @@ def cbor_head(header: Any) -> str:
 
 
 def test_abuse_gets_error_frames_and_the_node_keeps_serving(node: Node, client: JsPeer, model_id: str, expected) -> None:
-    """Mirrors tests/test_stage_server.py over a js-libp2p connection. A good session stays
+    """Mirrors tests/test_hop_server.py over a js-libp2p connection. A good session stays
     open throughout, and a whole greedy chain runs again at the end."""
     client.call("dial", addr=node.address)
     client.call("chain_open", session="steady", model=model_id, route=one_hop(node), prompt=PROMPT, max_length=64)

@@ -321,8 +321,8 @@ async def two_hop_chain(model_path: Path, second_port: str = "its own") -> dict:
     ):
         servers = []
         for host, stage in ((h1, stages[0]), (h2, stages[1])):
-            runner = StepBatcher(stage)
-            await nursery.start(runner.run)
+            batcher = StepBatcher(stage)
+            await nursery.start(batcher.run)
             listener = await LinkListener.bind("127.0.0.1")
             if host is h2 and second_port == "closed":
                 for sock_listener in listener._listeners:
@@ -331,7 +331,7 @@ async def two_hop_chain(model_path: Path, second_port: str = "its own") -> dict:
                 nursery.start_soon(listener.run)
             if host is h2 and second_port == "foreign":
                 listener.port = (await nursery.start(trio.serve_tcp, lambda stream: trio.sleep_forever(), 0))[0].socket.getsockname()[1]
-            server = HopServer(host, StageHopCompute(runner), MODEL_ID, 4, 2048, links=Links(listener))
+            server = HopServer(host, StageHopCompute(batcher), MODEL_ID, 4, 2048, links=Links(listener))
             await nursery.start(server.run)
             servers.append(server)
         for host in (gateway, h1):

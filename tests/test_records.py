@@ -8,6 +8,7 @@ fail the round-trip test, and one that rejected nothing would fail the others.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 
 import cbor2
@@ -15,6 +16,7 @@ import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
+from shardmesh.mesh.record_keys import block_key, block_key_multihash, model_identity, record_key
 from shardmesh.mesh.records import (
     MAX_RECORD_BYTES,
     MAX_RTT_ENTRIES,
@@ -22,11 +24,7 @@ from shardmesh.mesh.records import (
     SIGNING_PREFIX,
     NodeRecord,
     RecordError,
-    block_key,
-    block_key_multihash,
     content_of,
-    model_identity,
-    record_key,
     record_ttl,
     sign_record,
     verify_record,
@@ -232,8 +230,6 @@ def test_unknown_state(key) -> None:
 
 def test_peer_id_without_embedded_key(key) -> None:
     """An RSA-style peer id is a hash of the key: nothing to verify against, so refused."""
-    import hashlib
-
     import multihash
 
     hashed_id = ID(multihash.encode(hashlib.sha256(b"some rsa key").digest(), "sha2-256")).to_base58()
@@ -246,7 +242,9 @@ def test_model_identity() -> None:
     config, index = b'{"hidden_size": 64}', b'{"weight_map": {"a": "model.safetensors"}}'
     ident = model_identity("tiny", config, index)
     name, digest = ident.split("@")
-    assert name == "tiny" and len(digest) == 12 and int(digest, 16) >= 0
+    # Every node must derive the same id from the same files: the first 12 hex digits
+    # of sha256(config, NUL, index).
+    assert name == "tiny" and digest == hashlib.sha256(config + b"\0" + index).hexdigest()[:12]
     assert model_identity("tiny", config, index) == ident  # pure
     assert model_identity("tiny", config + b" ", index) != ident
     assert model_identity("tiny", config, index + b" ") != ident
@@ -266,8 +264,6 @@ def test_record_key_is_short_namespaced_and_per_peer(key) -> None:
 
 def test_block_key_is_a_cid_py_libp2p_and_js_accept() -> None:
     """CIDv1, raw codec, sha2-256 of "shardmesh/<model>/block/<i>"; the DHT sees its multihash."""
-    import hashlib
-
     from libp2p.bitswap.cid import compute_cid_v1_obj, parse_cid
     from libp2p.kad_dht.kad_dht import _encode_key
 

@@ -22,7 +22,10 @@ from libp2p.peer.id import ID
 
 from shardmesh.mesh.host import MeshHost, running_host
 from shardmesh.mesh.records import NodeRecord, RecordError, expires_at, record_key, sign_record, verify_record
-from shardmesh.mesh.registry import RecordValidator, Registry, _TokenBucket, records_topic
+from shardmesh.mesh import gossip
+from shardmesh.mesh.dht import RecordValidator, TokenBucket
+from shardmesh.mesh.gossip import records_topic
+from shardmesh.mesh.registry import Registry
 
 MODEL = "tiny@0123456789ab"
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
@@ -261,6 +264,55 @@ def test_forged_gossip_is_ignored() -> None:
     trio.run(_with_deadline, main)
 
 
+def test_each_gossip_message_is_verified_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """G's topic validator verifies a record message and its receive loop merges what
+    the validator verified: one signature check per message, not a second one on delivery.
+
+    A publishes through a plain pubsub (no registry, so no verification of its own) and
+    G is an observer (no record of its own to publish): every call counted is G's, for
+    one of A's messages.
+    """
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12, GossipSub
+    from libp2p.pubsub.pubsub import Pubsub
+    from libp2p.tools.anyio_service import background_trio_service
+
+    checks: dict[bytes, int] = {}
+    real_verify = gossip.verify_record
+
+    def counting_verify(data, **kwargs):
+        checks[bytes(data)] = checks.get(bytes(data), 0) + 1
+        return real_verify(data, **kwargs)
+
+    monkeypatch.setattr(gossip, "verify_record", counting_verify)
+
+    async def main() -> None:
+        a_key = create_new_key_pair()
+        async with running_host(create_new_key_pair(), LOCAL) as g_host, running_host(a_key, LOCAL) as a_host:
+            g = Registry(g_host, MODEL, None, ttl=TTL, publish_interval=PUBLISH)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(g.run)
+                router = GossipSub([PROTOCOL_ID_V12], 6, 4, 12, heartbeat_interval=1)
+                pubsub = Pubsub(a_host.host, router)
+                async with background_trio_service(pubsub), background_trio_service(router):
+                    await pubsub.subscribe(records_topic(MODEL))
+                    await a_host.connect(g_host.dialable_addrs()[0])
+                    await pubsub.wait_for_subscription(g_host.peer_id, records_topic(MODEL), timeout=5)
+                    envelopes = [
+                        sign_record(make_record(a_host, 0, 4, seq=seq, expires=expires_at(TTL)), a_key)
+                        for seq in (1, 2, 3)
+                    ]
+                    for envelope in envelopes:
+                        await pubsub.publish(records_topic(MODEL), envelope)
+                        await eventually(lambda: g.stats.gossip_accepted == envelopes.index(envelope) + 1, 5, "merged")
+                    assert g.get(a_host.peer_id_str).seq == 3
+                    assert g.signed_records() == [envelopes[-1]]
+                    assert [checks.get(e, 0) for e in envelopes] == [1, 1, 1]
+                    assert g.stats.invalid_dropped == 0
+                nursery.cancel_scope.cancel()
+
+    trio.run(_with_deadline, main)
+
+
 # --- the DHT ---------------------------------------------------------------------------
 
 
@@ -284,7 +336,7 @@ def test_lookup_block_through_the_dht_and_forged_puts() -> None:
                     await nursery.start(newcomer.run)
                     await newcomer_host.connect(g.host.dialable_addrs()[0])
                     await eventually(lambda: newcomer.dht.get_routing_table_size() >= 1, 5, "newcomer adopted G")
-                    newcomer._view.clear()  # forget what gossip may already have said
+                    newcomer.view._records.clear()  # forget what gossip may already have said
                     start = trio.current_time()
                     found = await newcomer.lookup_block(5)
                     print(f"lookup_block(5) took {trio.current_time() - start:.2f} s")
@@ -490,7 +542,7 @@ def test_provide_pacing_stays_under_py_libp2p_add_provider_limit() -> None:
     """A receiver drops more than 10 ADD_PROVIDER per 10 s from one peer (fixed window)."""
 
     async def main() -> None:
-        bucket = _TokenBucket(5, 0.5)
+        bucket = TokenBucket(5, 0.5)
         times = []
         for _ in range(30):
             await bucket.take()

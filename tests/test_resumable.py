@@ -69,13 +69,13 @@ class BreakingChains:
 
 
 def generate(model_path, sampling, fail_at=(), no_route_for=0, wait=5.0, n=16):
-    runners = [StepBatcher(TorchStage(resolve_local(str(model_path)), a, b)) for a, b in ((0, 2), (2, LAYERS))]
-    chains = BreakingChains(LocalChains(runners), set(fail_at), no_route_for=no_route_for)
+    batchers = [StepBatcher(TorchStage(resolve_local(str(model_path)), a, b)) for a, b in ((0, 2), (2, LAYERS))]
+    chains = BreakingChains(LocalChains(batchers), set(fail_at), no_route_for=no_route_for)
     generator = Generator("tiny", AutoTokenizer.from_pretrained(model_path), 2048, chains, frozenset(), route_wait=wait)
 
     async def main():
         async with trio.open_nursery() as nursery:
-            for r in runners:
+            for r in batchers:
                 await nursery.start(r.run)
             try:
                 events = [e async for e in generator.stream(GenerationRequest([5, 6, 7, 8, 9], n, sampling))]
@@ -88,7 +88,7 @@ def generate(model_path, sampling, fail_at=(), no_route_for=0, wait=5.0, n=16):
     if isinstance(events, ModelUnavailable):
         raise events
     assert isinstance(events[-1], Finished)
-    assert all(r.stage.sessions == {} for r in runners), "every chain, broken or not, must be closed"
+    assert all(r.stage.sessions == {} for r in batchers), "every chain, broken or not, must be closed"
     return [e.token_id for e in events[:-1]], chains
 
 
@@ -124,10 +124,10 @@ def test_no_route_past_the_deadline_is_model_unavailable(model_path):
 
 def test_failover_counts_its_pauses(model_path):
     async def main():
-        runners = [StepBatcher(TorchStage(resolve_local(str(model_path)), 0, LAYERS))]
-        chains = BreakingChains(LocalChains(runners), {3})
+        batchers = [StepBatcher(TorchStage(resolve_local(str(model_path)), 0, LAYERS))]
+        chains = BreakingChains(LocalChains(batchers), {3})
         async with trio.open_nursery() as nursery:
-            await nursery.start(runners[0].run)
+            await nursery.start(batchers[0].run)
             chain = ResumableChain(chains, SamplingParams(temperature=0.0), [5, 6, 7], 32, wait=5.0)
             token = await chain.start()
             for _ in range(4):

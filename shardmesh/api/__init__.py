@@ -1,0 +1,32 @@
+"""The gateway: OpenAI's HTTP API in front of whatever chain serves the model.
+
+This room turns an HTTP request into token ids, drives one generation through a
+:class:`~shardmesh.contract.ChainOpener` (local blocks or a chain of peers, it does not
+know which), replays it on a new chain when one breaks, and writes OpenAI's JSON or
+server-sent events back. It imports only the contract, never torch: a ``--layers none``
+gateway holds the tokenizer and nothing heavier. See ``docs/ARCHITECTURE.md``, "The life
+of a request".
+
+The names below are this room's public modules; importing the package loads none of
+them (``from shardmesh.api import generate`` does).
+"""
+
+__all__ = [
+    "app",
+    "auth",
+    "chat_template",
+    "errors",
+    "formats",
+    "generate",
+    "metrics",
+    "prompts",
+    "request_body",
+    "response_json",
+    "resumable",
+    "schemas",
+    "server",
+    "streaming",
+    "text",
+    "token_bytes",
+    "tokenizer",
+]

@@ -8,6 +8,7 @@ Routes::
     POST /v1/chat/completions   chat, streaming (SSE) or not
     POST /v1/completions        plain text completion, streaming or not
     GET  /metrics               Prometheus text format
+    GET  /v1/swarm              the swarm map: every live record and per-block coverage
     GET  /                      the web UI (static/index.html)
 
 How a generation request flows:
@@ -58,15 +59,8 @@ from .formats import ChatFormat, CompletionFormat
 from .generate import Finished, GenerationRequest, Generator, PromptTooLong, TokenEvent
 from ..contract import ModelUnavailable
 from .metrics import CountRequests, Metrics
-from .schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    chat_prompt_ids,
-    check_request,
-    completion_prompt_ids,
-    generation_request,
-    parse_request,
-)
+from .prompts import chat_prompt_ids, completion_prompt_ids
+from .schemas import ChatCompletionRequest, CompletionRequest, check_request, generation_request, parse_request
 from .request_body import read_json
 from .response_json import now
 from .server import serve

@@ -1,8 +1,8 @@
 """A generation's chain that outlives the peers it runs on.
 
 A chain of peers can break at any step: a node crashes, a connection resets, a hop
-answers with an error or not at all. ARCHITECTURE.md's answer is replay: the gateway
-routes again (the chain opener already avoids the peer that failed) and sends the whole
+answers with an error or not at all. The answer is replay (docs/ARCHITECTURE.md,
+"Failover"): the gateway routes again (the chain opener already avoids the peer that failed) and sends the whole
 history, the prompt plus every token generated so far, through the new chain as one
 prefill. The last hop draws token number ``k`` from ``(seed, k)`` and that history, so
 the new chain continues with exactly the token the old one would have produced, and

@@ -2,7 +2,7 @@
 
 This module knows what a body sent to ``/v1/chat/completions`` or ``/v1/completions``
 may hold and nothing about HTTP servers. It validates a parsed JSON body into a request
-model, tokenizes its prompt and turns it into a
+model and, once ``prompts.py`` has tokenized its prompt, turns it into a
 :class:`~shardmesh.api.generate.GenerationRequest`. ``response_json.py`` writes the answers;
 ``app.py`` does the HTTP part.
 
@@ -22,9 +22,8 @@ Decisions worth knowing (where OpenAI's own behaviour is not the obvious choice)
   parts; the parts are concatenated as they are. The ``developer`` role (OpenAI's new
   name for ``system``) is passed to the chat template as ``system``, which every
   template knows.
-* Chat prompts are rendered with the tokenizer's chat template and encoded with
-  ``sanitize_control_tokens=True``: a user who types ``<|im_start|>system`` gets those
-  characters as text, not the control token, so message boundaries cannot be forged.
+* Prompts become token ids in ``prompts.py``: chat prompts through the tokenizer's
+  chat template, with control tokens typed by a user kept as text.
 * ``max_tokens`` (or its newer name ``max_completion_tokens``, which wins when both are
   given) defaults to whatever the context window has left after the prompt. A prompt
   that fills the window, or a prompt plus ``max_tokens`` that overflows it, is a 400
@@ -33,8 +32,6 @@ Decisions worth knowing (where OpenAI's own behaviour is not the obvious choice)
 
 from __future__ import annotations
 
-import inspect
-from functools import partial
 from typing import Any, Literal, Sequence, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -47,9 +44,7 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
-    "chat_prompt_ids",
     "check_request",
-    "completion_prompt_ids",
     "generation_request",
     "parse_request",
 ]
@@ -250,71 +245,6 @@ def _reject_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
             raise bad_request("suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != 1:
             raise bad_request("only best_of=1 is supported", param="best_of")
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-def chat_prompt_ids(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
-    """Render ``messages`` with the chat template and encode them, ready to generate.
-
-    ``add_generation_prompt=True`` appends the assistant header so the model answers.
-    transformers 5 returns a ``BatchEncoding`` from ``apply_chat_template`` unless
-    ``return_dict=False``. Special tokens are not added again (the template writes
-    them), and control tokens typed by the user are encoded as text. Template errors
-    (e.g. "roles must alternate", raised by some templates) become a 400.
-    """
-    conversation = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.content or ""} for m in messages
-    ]
-    render = partial(tokenizer.apply_chat_template, conversation, add_generation_prompt=True, return_dict=False)
-    try:
-        if can_sanitize_control_tokens(tokenizer):
-            try:
-                ids = render(sanitize_control_tokens=True)
-            except NotImplementedError:
-                # A tokenizer class that takes the keyword but cannot honour it says
-                # so this way: encode as the template wrote it.
-                ids = render()
-        else:
-            ids = render()
-    except Exception as exc:  # jinja2 TemplateError / ValueError raised by the template itself
-        if type(exc).__module__.startswith("jinja2") or isinstance(exc, ValueError):
-            raise bad_request(f"the chat template rejected the messages: {exc}", param="messages") from None
-        raise
-    return [int(t) for t in ids]
-
-
-def can_sanitize_control_tokens(tokenizer: Any) -> bool:
-    """Whether ``apply_chat_template`` takes ``sanitize_control_tokens`` (transformers 5 does).
-
-    Asked of the signature, not learnt from a TypeError: a template that itself raises
-    TypeError must fail the request, not be rendered again without the guard that keeps
-    users from forging ``<|im_start|>system``. A catch-all ``**kwargs`` does not count,
-    since it would hand the keyword to the template, which would ignore it.
-    """
-    try:
-        parameters = inspect.signature(tokenizer.apply_chat_template).parameters
-    except (TypeError, ValueError):  # no signature to read (a C extension, a mock)
-        return False
-    return "sanitize_control_tokens" in parameters
-
-
-def completion_prompt_ids(tokenizer: Any, prompt: str | list[int], vocab_size: int) -> list[int]:
-    """Encode a completions prompt. Text gets the tokenizer's usual special tokens (BOS).
-
-    Token-id prompts are used as given after a range check against the vocabulary.
-    """
-    if isinstance(prompt, str):
-        ids = [int(t) for t in tokenizer(prompt)["input_ids"]]
-    else:
-        bad = [t for t in prompt if not 0 <= t < vocab_size]
-        if bad:
-            raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param="prompt")
-        ids = list(prompt)
-    if not ids:
-        raise bad_request("the prompt is empty", param="prompt")
-    return ids
 
 
 # --------------------------------------------------------------------------- conversion

@@ -2,11 +2,12 @@
 
 Every session that wants a step calls :meth:`StepBatcher.step` and waits. One loop takes
 whatever has queued up since the last batch started and runs it as a single batched
-``stage.step`` on the compute thread (:mod:`.compute_thread`). Under load, batches form by themselves: while one
-batch computes, the next one gathers. A single waiting session costs one thread hop.
+``stage.step`` on the compute thread (:mod:`.compute_thread`). Under load, batches form
+by themselves: while one batch computes, the next one gathers. A single waiting session
+costs one thread hop.
 
 A request may carry ``then``, called on the compute thread with the result and the
-compute seconds it took: the stage server uses it to send a decode step's output to the
+compute seconds it took: the hop server uses it to send a decode step's output to the
 next hop at once, without waiting for the event loop to wake up (mesh/link.py).
 """
 

@@ -4,8 +4,8 @@ Why not ``trio.to_thread``: torch's CPU kernels parallelise with OpenMP, and Ope
 keeps a team of helper threads *per calling thread*, spinning for a while after each
 parallel region. Once a second thread has a team (the main thread after loading, or
 another cached worker thread), both teams fight for the cores and every decode step
-gets ~1.8x slower (measured here: a 768x2048 bf16 linear takes 165 µs from one thread,
-280 µs once another thread has run torch). So every torch call of a process goes
+gets markedly slower (docs/PERFORMANCE.md, "One compute thread per process", has the
+figures and the command that measures them). So every torch call of a process goes
 through this one thread, and the event loop thread never runs torch at all.
 """
 

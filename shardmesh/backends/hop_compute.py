@@ -1,10 +1,10 @@
-"""The local stage as the mesh's stage server sees it: plain bytes and dicts in and out.
+"""The local stage as the mesh's hop server sees it: plain bytes and dicts in and out.
 
-The mesh must not import torch (see the import rules in ARCHITECTURE.md), yet the last
-hop of a chain samples tokens. This adapter keeps everything torch-shaped on this side:
-the stage server hands over raw tensors and a sampling dict, and gets back raw hidden
-states or a plain token dict. Sampling runs on the compute thread right after the step
-that produced the logits, so the event loop never touches a tensor.
+The mesh must not import torch (see the import rules in docs/ARCHITECTURE.md), yet the
+last hop of a chain samples tokens. This adapter keeps everything torch-shaped on this
+side: the hop server hands over raw tensors and a sampling dict, and gets back raw
+hidden states or a plain token dict. Sampling runs on the compute thread right after the
+step that produced the logits, so the event loop never touches a tensor.
 """
 
 from __future__ import annotations
@@ -40,16 +40,16 @@ class SamplerState:
 class StageHopCompute:
     """Wraps a :class:`StepBatcher` for :mod:`shardmesh.mesh.hop_server`."""
 
-    def __init__(self, runner: StepBatcher) -> None:
-        self.runner = runner
+    def __init__(self, batcher: StepBatcher) -> None:
+        self.batcher = batcher
 
     @property
     def info(self) -> StageInfo:
-        return self.runner.stage.info
+        return self.batcher.stage.info
 
     @property
     def cache_tokens_free(self) -> int:
-        return self.runner.stage.cache_tokens_free
+        return self.batcher.stage.cache_tokens_free
 
     def new_sampler(self, sampling: dict[str, Any], prompt_ids: Sequence[int], generated: Sequence[int]) -> SamplerState:
         """Validates what the gateway sent; raises :class:`BadInput` with the reason."""
@@ -63,14 +63,14 @@ class StageHopCompute:
         return SamplerState(params, list(prompt_ids), list(generated))
 
     async def open(self, session_id: str, max_length: int, start: int, end: int) -> None:
-        await self.runner.open(session_id, max_length, start, end)
+        await self.batcher.open(session_id, max_length, start, end)
 
     async def step(
         self, session_id: str, inputs: RawTensor, position: int, sampler: SamplerState | None, then: Callable[[Any, float], bool] | None = None
     ) -> StepOutput:
         """Hidden states out, or (last hop, ``sampler`` given) the sampled token dict;
-        ``then(value, seconds)`` runs on the compute thread right after (see runner)."""
-        return await self.runner.step_timed(StepRequest(session_id, inputs, position), after=sampler, then=then)
+        ``then(value, seconds)`` runs on the compute thread right after (see batcher.py)."""
+        return await self.batcher.step_timed(StepRequest(session_id, inputs, position), after=sampler, then=then)
 
     async def close(self, session_id: str) -> None:
-        await self.runner.close(session_id)
+        await self.batcher.close(session_id)

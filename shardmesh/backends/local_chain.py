@@ -15,18 +15,18 @@ from .torch.tensors import tensor_from_raw
 
 
 class LocalChain:
-    """One session through local runners that together cover ``[0, total_blocks)``."""
+    """One session through local batchers that together cover ``[0, total_blocks)``."""
 
-    def __init__(self, runners: list[StepBatcher], session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]):
-        self.runners = runners
+    def __init__(self, batchers: list[StepBatcher], session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]):
+        self.batchers = batchers
         self.session_id = session_id
         self.sampling = sampling
         self.prompt_ids = list(prompt_ids)
         self.generated = list(generated)  # drawn before this chain (a replay): the sampler counts them
 
     async def open(self, max_length: int) -> None:
-        for runner in self.runners:
-            await runner.open(self.session_id, max_length)
+        for batcher in self.batchers:
+            await batcher.open(self.session_id, max_length)
 
     def _sample(self, logits: RawTensor) -> SampledToken:
         token = sample(tensor_from_raw(logits), self.sampling, self.prompt_ids, self.generated)
@@ -37,27 +37,27 @@ class LocalChain:
         """Feed ``token_ids`` starting at ``position``; sample the next token if asked."""
         # Built without torch: the event loop's thread must never run torch (see compute_thread).
         x = RawTensor("int64", (len(token_ids),), array("q", token_ids).tobytes())
-        last = len(self.runners) - 1
-        for i, runner in enumerate(self.runners):
+        last = len(self.batchers) - 1
+        for i, batcher in enumerate(self.batchers):
             after = self._sample if (i == last and want_token) else None
-            x = await runner.step(StepRequest(self.session_id, x, position), after=after)
+            x = await batcher.step(StepRequest(self.session_id, x, position), after=after)
         return x if want_token else None
 
     async def close(self) -> None:
         """Close on every stage; safe after a partial or cancelled open. The compute
         thread runs jobs in order, so this close lands after any open still queued."""
-        for runner in self.runners:
-            await runner.close(self.session_id)
+        for batcher in self.batchers:
+            await batcher.close(self.session_id)
 
 
 class LocalChains:
-    """Makes :class:`LocalChain` sessions over a fixed list of local runners."""
+    """Makes :class:`LocalChain` sessions over a fixed list of local batchers."""
 
-    def __init__(self, runners: list[StepBatcher]) -> None:
-        self.runners = runners
+    def __init__(self, batchers: list[StepBatcher]) -> None:
+        self.batchers = batchers
 
     def available(self) -> bool:
-        return bool(self.runners)
+        return bool(self.batchers)
 
     def chain(self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]) -> LocalChain:
-        return LocalChain(self.runners, session_id, sampling, prompt_ids, generated)
+        return LocalChain(self.batchers, session_id, sampling, prompt_ids, generated)

@@ -1,0 +1,39 @@
+"""The network: everything that crosses between nodes, over py-libp2p and hop links.
+
+This room runs the libp2p host and finds peers; publishes, verifies and keeps the
+swarm's signed records (the view, gossip, the DHT and the thin registry over them);
+serves this node's hop of other people's chains (``/shardmesh/infer/1.0.0``) and opens
+the gateway's own; and moves sessions to hop links. It imports only the contract and
+``placement``, and never a tensor library: tensors cross it as raw bytes. See
+``docs/ARCHITECTURE.md`` and, for every byte on the wire, ``docs/PROTOCOL.md``.
+
+The names below are this room's public modules; importing the package loads none of
+them (``from shardmesh.mesh import wire`` does).
+"""
+
+__all__ = [
+    "addresses",
+    "chain_client",
+    "dht",
+    "dht_peers",
+    "discovery",
+    "gossip",
+    "hop_server",
+    "hop_session",
+    "host",
+    "link",
+    "link_offers",
+    "mdns",
+    "next_hop",
+    "one_at_a_time",
+    "open_request",
+    "pipe",
+    "record_keys",
+    "records",
+    "registry",
+    "registry_stats",
+    "rtt",
+    "swarm_map",
+    "swarm_view",
+    "wire",
+]

@@ -12,6 +12,10 @@ and errors), one on the first hop's stream (errors relayed back along the chain)
 feed one channel, so a step waits on a single place and sees whichever comes first.
 Any failure raises :class:`ChainFailed` naming the peer at fault, which is what the
 gateway needs to route around it.
+
+:class:`MeshChains` is the gateway's chain opener over the swarm: each chain it makes
+picks its route only when it opens (the swarm may have changed since the request came)
+and reports the peers that failed or served it, so that routing can avoid or trust them.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import trio
 
-from ..contract import CacheBudgetExceeded, ChainFailed, NoRoute, SampledToken
+from ..contract import CacheBudgetExceeded, ChainFailed, NoRoute, SampledToken, SamplingParams
 from ..placement.routing import Hop
 from .host import close_quietly, reset_quietly
 from .link_offers import Links, request_fields, upgrade_opener
@@ -34,6 +38,8 @@ OPEN_TIMEOUT = 90.0  # the whole chain opens hop by hop within this
 STEP_TIMEOUT = 120.0  # one step's token (a long prefill on a slow CPU) arrives within this
 READER_GRACE = 10.0  # seconds the hops get to close their sides after a close
 
+RouteFinder = Callable[[int], list[Hop] | None]  # tokens needed -> a route, or None
+
 
 def _failure(frame: Frame, default_peer: str | None, route: list[Hop]) -> Exception:
     """The exception for an error frame. The peer it blames must be on the route: a hop
@@ -43,18 +49,28 @@ def _failure(frame: Frame, default_peer: str | None, route: list[Hop]) -> Except
     if code == CacheBudgetExceeded.code:
         return CacheBudgetExceeded(message)
     on_route = {hop.peer for hop in route}
-    return ChainFailed(peer if peer in on_route else default_peer, code, message)
+    return ChainFailed(peer if isinstance(peer, str) and peer in on_route else default_peer, code, message)
+
+
+def _ignore(_: Any) -> None:
+    return None
 
 
 class RemoteChain:
-    """One session over a route of peers; always :meth:`close` it."""
+    """One session over a route of peers; always :meth:`close` it.
+
+    Give it either a fixed ``route`` (a test, the mesh bench) or ``find_route``, which
+    picks the route when the chain opens. Either way a :class:`ChainFailed` that names a
+    peer, from :meth:`open` or :meth:`step`, is handed to ``on_failure`` before it is
+    raised (routing avoids that peer for a while), and ``on_success`` gets the route once
+    the chain is open.
+    """
 
     def __init__(
         self,
         *,
         nursery: trio.Nursery,
         open_stream: Callable[[str], Any],
-        route: list[Hop],
         session_id: str,
         model_id: str,
         gateway: str,
@@ -62,16 +78,25 @@ class RemoteChain:
         prompt_ids: Sequence[int],
         generated: Sequence[int] = (),
         links: Links | None = None,
+        route: list[Hop] | None = None,
+        find_route: RouteFinder | None = None,
+        on_failure: Callable[[str], None] = _ignore,
+        on_success: Callable[[list[Hop]], None] = _ignore,
     ) -> None:
+        if (route is None) == (find_route is None):
+            raise ValueError("a RemoteChain takes either a route or find_route")
         self.nursery = nursery
         self.links = links
         self.open_stream = open_stream
-        self.route = route
+        self.route = route  # picked by find_route on open when not given
+        self.find_route = find_route
+        self.on_failure = on_failure
+        self.on_success = on_success
         self.session_id = session_id
         self.model_id = model_id
         self.gateway = gateway
         self.sampling = sampling
-        self.history = (list(prompt_ids), list(generated))
+        self.history = (list(prompt_ids), list(generated))  # generated: a replay after failover
         self._first: FrameStream | None = None
         self._last: FrameStream | None = None
         self._events_in, self._events = trio.open_memory_channel[Frame | Exception](64)
@@ -79,29 +104,37 @@ class RemoteChain:
         self._readers_done = trio.Event()
         self._closed = False
 
-    async def _connect(self, peer: str) -> FrameStream:
-        try:
-            return FrameStream(await self.open_stream(peer))
-        except Exception as exc:
-            raise ChainFailed(peer, "peer_unreachable", str(exc)) from exc
+    @property
+    def _route(self) -> list[Hop]:
+        assert self.route is not None, "open the chain first"
+        return self.route
 
-    async def _expect_ok(self, fs: FrameStream, peer: str, what: str) -> None:
-        """Reads the answer to ``what``; then moves ``fs`` to a hop link if one is offered."""
-        try:
-            reply = await fs.read_frame(idle_timeout=OPEN_TIMEOUT)
-        except (StreamEnded, WireError) as exc:
-            raise ChainFailed(peer, "peer_lost", f"no answer to {what}: {exc}") from exc
-        if reply.type == ERROR:
-            raise _failure(reply, peer, self.route)
-        if reply.type != RESULT or reply.header.get("ok") is not True:
-            raise ChainFailed(peer, "bad_frame", f"{what} answered with {reply.type}")
-        try:
-            await upgrade_opener(self.links, fs, reply.header, peer, self.session_id)
-        except WireError as exc:
-            raise ChainFailed(peer, "peer_lost", f"moving to a link after {what}: {exc.message}") from exc
+    def _report(self, exc: ChainFailed) -> None:
+        if exc.peer is not None:
+            self.on_failure(exc.peer)
 
     async def open(self, max_length: int) -> None:
-        first, last = self.route[0].peer, self.route[-1].peer
+        """Open over the route (picked now, unless fixed). A failure that names a peer is
+        reported, the chain closed and the failure raised: the caller decides whether to
+        try again. :class:`NoRoute` when no route serves ``max_length`` tokens."""
+        if self.find_route is not None:
+            route = self.find_route(max_length)
+            if route is None:
+                raise NoRoute(f"no complete chain of online peers serves {self.model_id}")
+            self.route = route
+        route = self._route
+        log.debug("session %s via %s", self.session_id, " -> ".join(f"{h.peer[-6:]}[{h.start},{h.end})" for h in route))
+        try:
+            await self._open_route(route, max_length)
+        except ChainFailed as exc:
+            log.info("opening a chain failed (%s); routing around %s", exc, exc.peer)
+            await self.close()
+            self._report(exc)
+            raise
+        self.on_success(route)
+
+    async def _open_route(self, route: list[Hop], max_length: int) -> None:
+        first, last = route[0].peer, route[-1].peer
         prompt, generated = self.history
         self._first = await self._connect(first)
         await self._write(
@@ -112,7 +145,7 @@ class RemoteChain:
                 "session": self.session_id,
                 "model": self.model_id,
                 "gateway": self.gateway,
-                "route": [{"peer": h.peer, "start": h.start, "end": h.end} for h in self.route],
+                "route": [{"peer": h.peer, "start": h.start, "end": h.end} for h in route],
                 "max_length": max_length,
                 "sampling": self.sampling,
                 "n_prompt": len(prompt),
@@ -127,6 +160,27 @@ class RemoteChain:
         self._readers_running = 2
         self.nursery.start_soon(self._read_into_events, self._last, last)
         self.nursery.start_soon(self._read_into_events, self._first, first)
+
+    async def _connect(self, peer: str) -> FrameStream:
+        try:
+            return FrameStream(await self.open_stream(peer))
+        except Exception as exc:
+            raise ChainFailed(peer, "peer_unreachable", str(exc)) from exc
+
+    async def _expect_ok(self, fs: FrameStream, peer: str, what: str) -> None:
+        """Reads the answer to ``what``; then moves ``fs`` to a hop link if one is offered."""
+        try:
+            reply = await fs.read_frame(idle_timeout=OPEN_TIMEOUT)
+        except (StreamEnded, WireError) as exc:
+            raise ChainFailed(peer, "peer_lost", f"no answer to {what}: {exc}") from exc
+        if reply.type == ERROR:
+            raise _failure(reply, peer, self._route)
+        if reply.type != RESULT or reply.header.get("ok") is not True:
+            raise ChainFailed(peer, "bad_frame", f"{what} answered with {reply.type}")
+        try:
+            await upgrade_opener(self.links, fs, reply.header, peer, self.session_id)
+        except WireError as exc:
+            raise ChainFailed(peer, "peer_lost", f"moving to a link after {what}: {exc.message}") from exc
 
     async def _write(self, fs: FrameStream, peer: str, header: dict[str, Any], payload: bytes = b"") -> None:
         try:
@@ -160,20 +214,27 @@ class RemoteChain:
 
     async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None:
         """Send ``token_ids`` at ``position`` into the chain; wait for the token if asked."""
-        assert self._first is not None, "open the chain first"
-        first = self.route[0].peer
+        assert self._first is not None and not self._closed, "open the chain first"
+        try:
+            return await self._step(token_ids, position, want_token)
+        except ChainFailed as exc:
+            self._report(exc)
+            raise
+
+    async def _step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None:
+        assert self._first is not None
         self._raise_pending()
         payload = array("q", token_ids).tobytes()
         header = {"t": STEP, "session": self.session_id, "position": position, "want": want_token,
                   "dtype": "int64", "shape": [len(token_ids)]}
-        await self._write(self._first, first, header, payload)
+        await self._write(self._first, self._route[0].peer, header, payload)
         if not want_token:
             return None
         try:
             with trio.fail_after(STEP_TIMEOUT):
                 event = await self._events.receive()
         except trio.TooSlowError as exc:
-            raise ChainFailed(self.route[-1].peer, "timeout", f"no token within {STEP_TIMEOUT:.0f} s") from exc
+            raise ChainFailed(self._route[-1].peer, "timeout", f"no token within {STEP_TIMEOUT:.0f} s") from exc
         return self._token(event, position)
 
     def _raise_pending(self) -> None:
@@ -183,17 +244,19 @@ class RemoteChain:
         except trio.WouldBlock:
             return
         self._token(event, None)
-        raise ChainFailed(self.route[-1].peer, "bad_frame", "a result arrived that nobody asked for")
+        raise ChainFailed(self._route[-1].peer, "bad_frame", "a result arrived that nobody asked for")
 
     def _token(self, event: Frame | Exception, position: int | None) -> SampledToken:
+        last = self._route[-1].peer
         if isinstance(event, Exception):
             raise event
         if event.type == ERROR:
-            raise _failure(event, self.route[-1].peer, self.route)
+            raise _failure(event, last, self._route)
         h = event.header
         token = h.get("token")
-        if event.type != RESULT or not isinstance(token, int) or (position is not None and h.get("position") != position):
-            raise ChainFailed(self.route[-1].peer, "bad_frame", f"unexpected {event.type} frame instead of a token")
+        is_id = isinstance(token, int) and not isinstance(token, bool) and token >= 0
+        if event.type != RESULT or not is_id or (position is not None and h.get("position") != position):
+            raise ChainFailed(last, "bad_frame", f"unexpected {event.type} frame instead of a token")
         try:
             top = tuple((int(i), float(lp)) for i, lp in (h.get("top") or []))
             logprob = h.get("logprob")
@@ -201,7 +264,7 @@ class RemoteChain:
             spent = h.get("spent")
             spent = float(spent) if isinstance(spent, (int, float)) else None
         except (TypeError, ValueError) as exc:
-            raise ChainFailed(self.route[-1].peer, "bad_frame", f"malformed logprobs in a result: {exc}") from exc
+            raise ChainFailed(last, "bad_frame", f"malformed logprobs in a result: {exc}") from exc
         return SampledToken(token, logprob, top, spent)
 
     async def close(self) -> None:
@@ -237,11 +300,11 @@ class MeshChains:
         *,
         nursery: trio.Nursery,
         open_stream: Callable[[str], Any],
-        find_route: Callable[[int], list[Hop] | None],
+        find_route: RouteFinder,
         model_id: str,
         gateway: str,
-        on_failure: Callable[[str], None] = lambda peer: None,
-        on_success: Callable[[list[Hop]], None] = lambda route: None,
+        on_failure: Callable[[str], None] = _ignore,
+        on_success: Callable[[list[Hop]], None] = _ignore,
         links: Links | None = None,
     ) -> None:
         self.nursery = nursery
@@ -256,63 +319,18 @@ class MeshChains:
     def available(self) -> bool:
         return self.find_route(0) is not None
 
-    def chain(self, session_id: str, sampling, prompt_ids: list[int], generated: list[int]) -> "RoutedChain":
-        return RoutedChain(self, session_id, sampling.to_dict(), prompt_ids, generated)
-
-
-class RoutedChain:
-    """Picks its route when opened (the swarm may have changed since the request came)."""
-
-    def __init__(self, chains: MeshChains, session_id: str, sampling: dict[str, Any], prompt_ids: list[int], generated: list[int]) -> None:
-        self.chains = chains
-        self.session_id = session_id
-        self.sampling = sampling
-        self.prompt_ids = prompt_ids
-        self.generated = generated  # already drawn (a replay after failover)
-        self.inner: RemoteChain | None = None
-
-    async def open(self, max_length: int) -> None:
-        """Open over the best route. A peer that fails is reported (routing avoids it
-        for a while) and the failure raised: the caller decides whether to try again."""
-        route = self.chains.find_route(max_length)
-        if route is None:
-            raise NoRoute(f"no complete chain of online peers serves {self.chains.model_id}")
-        try:
-            await self._open_route(route, max_length)
-        except ChainFailed as exc:
-            log.info("opening a chain failed (%s); routing around %s", exc, exc.peer)
-            await self.close()
-            self.inner = None
-            if exc.peer is not None:
-                self.chains.on_failure(exc.peer)
-            raise
-        self.chains.on_success(route)
-
-    async def _open_route(self, route: list[Hop], max_length: int) -> None:
-        self.inner = RemoteChain(
-            nursery=self.chains.nursery,
-            open_stream=self.chains.open_stream,
-            route=route,
-            session_id=self.session_id,
-            model_id=self.chains.model_id,
-            gateway=self.chains.gateway,
-            sampling=self.sampling,
-            prompt_ids=self.prompt_ids,
-            generated=self.generated,
-            links=self.chains.links,
+    def chain(self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]) -> RemoteChain:
+        return RemoteChain(
+            nursery=self.nursery,
+            open_stream=self.open_stream,
+            session_id=session_id,
+            model_id=self.model_id,
+            gateway=self.gateway,
+            sampling=sampling.to_dict(),
+            prompt_ids=prompt_ids,
+            generated=generated,
+            links=self.links,
+            find_route=self.find_route,
+            on_failure=self.on_failure,
+            on_success=self.on_success,
         )
-        log.debug("session %s via %s", self.session_id, " -> ".join(f"{h.peer[-6:]}[{h.start},{h.end})" for h in route))
-        await self.inner.open(max_length)
-
-    async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None:
-        assert self.inner is not None
-        try:
-            return await self.inner.step(token_ids, position, want_token)
-        except ChainFailed as exc:
-            if exc.peer is not None:
-                self.chains.on_failure(exc.peer)
-            raise
-
-    async def close(self) -> None:
-        if self.inner is not None:
-            await self.inner.close()

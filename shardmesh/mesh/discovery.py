@@ -9,10 +9,10 @@ one list of *peers worth being connected to*, which a single loop keeps dialling
   node that starts after us, or restarts, is dialled again until it answers. Without
   ``--join`` the node simply starts a new swarm. There is no built-in list of public
   bootstrap nodes: we never dial an address nobody gave us.
-* **mDNS** on the local network (``--no-mdns`` turns it off). We use ``zeroconf``
-  directly rather than py-libp2p's ``MDNSDiscovery``; see :class:`_Mdns` for why.
-  Only private, loopback and link-local addresses learned this way are dialled, so a
-  LAN host cannot make us dial out to the internet by advertising a public address.
+* **mDNS** on the local network (``--no-mdns`` turns it off), run by
+  :mod:`~shardmesh.mesh.mdns`. Only private, loopback and link-local addresses learned
+  this way are dialled, so a LAN host cannot make us dial out to the internet by
+  advertising a public address.
 * **add_known()**, for other components (the registry, from signed records).
 
 The loop wakes every ``retry_interval`` seconds (sooner when a peer is added) and
@@ -24,23 +24,21 @@ again at the next wake-up; :meth:`MeshHost.connect` lifts py-libp2p's 60 s negat
 dial cache, so a restarted peer is reached again at once.
 
 Nothing here raises into the host: dial errors and mDNS errors are logged and the
-node keeps going.
+node keeps going. Checking and choosing addresses is :mod:`~shardmesh.mesh.addresses`'s
+job; this module decides whom to dial, and when.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import random
-import secrets
-import string
 from dataclasses import dataclass
-from typing import Callable
 
 import trio
-from multiaddr import Multiaddr
 
-from .host import DIAL_TIMEOUT, HostError, MeshHost, advertised_addrs
+from .addresses import advertised_addrs, is_local_address, parse_join_address, with_peer_id
+from .host import DIAL_TIMEOUT, HostError, MeshHost
+from .mdns import run_mdns
 
 log = logging.getLogger("shardmesh.mesh.discovery")
 
@@ -50,10 +48,6 @@ MAX_KNOWN_PEERS = 512  # non-join peers kept; beyond this add_known refuses new 
 MAX_ADDRS_PER_PEER = 8  # addresses kept per peer (records come from the network)
 MAX_CONCURRENT_DIALS = 16
 ATTEMPT_TIMEOUT = 2 * DIAL_TIMEOUT + 5  # one attempt may try a couple of addresses
-
-MDNS_SERVICE = "_p2p._udp.local."  # the libp2p mDNS spec's service type
-MDNS_QUERY_TIMEOUT_MS = 3000  # waiting for a found service's TXT and A records
-MDNS_STOP_TIMEOUT = 5.0  # seconds: unregistering sends goodbye packets
 
 
 @dataclass
@@ -71,34 +65,6 @@ class KnownPeer:
     @property
     def is_join(self) -> bool:
         return self.source == "join"
-
-
-def parse_join_address(address: str) -> tuple[str, str]:
-    """Check one ``--join`` address; returns ``(peer id, address)``.
-
-    The address must be a multiaddr with a transport part and a trailing
-    ``/p2p/<peer id>``: without the peer id the Noise handshake could not prove we
-    reached the node we meant. Raises ``ValueError`` naming the address otherwise.
-    """
-    from libp2p.peer.id import ID
-
-    text = str(address).strip()
-    try:
-        ma = Multiaddr(text)
-        protos = [p.name for p in ma.protocols()]
-    except Exception as exc:
-        raise ValueError(f"--join {address!r}: not a multiaddr ({exc})") from None
-    if not protos or protos[-1] != "p2p":
-        example = "/ip4/10.0.0.5/tcp/4001/p2p/12D3KooW..."
-        raise ValueError(f"--join {address!r}: must end in /p2p/<peer id> (e.g. {example})")
-    if len(protos) < 2:
-        raise ValueError(f"--join {address!r}: a peer id but no address to dial (put /ip4/.../tcp/... before it)")
-    peer_text = text.rsplit("/p2p/", 1)[1].strip("/")
-    try:
-        peer_id = ID.from_base58(peer_text).to_base58()
-    except Exception:
-        raise ValueError(f"--join {address!r}: {peer_text!r} is not a valid peer id") from None
-    return peer_id, text
 
 
 def backoff(failures: int, base: float, cap: float) -> float:
@@ -306,8 +272,8 @@ class Discovery:
             return False
         cleaned = []
         for a in addrs or []:
-            full = _with_peer_id(a, peer_id)
-            if full is None or (source == "mdns" and not _is_local_address(full)):
+            full = with_peer_id(a, peer_id)
+            if full is None or (source == "mdns" and not is_local_address(full)):
                 continue
             cleaned.append(full)
         if not cleaned:
@@ -341,196 +307,13 @@ class Discovery:
     # ---- mDNS -------------------------------------------------------------------
 
     async def _run_mdns(self) -> None:
-        """Advertise and browse until cancelled; on any failure, log and go without."""
-        token = trio.lowlevel.current_trio_token()
+        """Advertise and browse until cancelled; peers found join the list as "mdns"."""
 
         def found(peer_id: str, addrs: list[str]) -> None:  # runs in the trio thread
             if self._add(peer_id, addrs, "mdns"):
                 log.debug("mDNS: found %s at %s", peer_id, addrs)
 
-        service = _Mdns(self._me, advertised_addrs(self._mesh.addrs())[:MAX_ADDRS_PER_PEER], found, token)
-        try:
-            # Zeroconf() opens sockets and register_service() probes the network for
-            # ~1.6 s, synchronously: on the event loop that would freeze the node.
-            await trio.to_thread.run_sync(service.start)
-            log.info("mDNS: advertising %s", ", ".join(service.addrs) or "nothing (no usable address)")
-            await trio.sleep_forever()
-        except Exception as exc:  # noqa: BLE001 - no multicast is a reason to go on without mDNS
-            log.warning("mDNS disabled: %s: %s", type(exc).__name__, exc)
-        finally:
-            # Shielded so the goodbye packets go out on cancellation; abandoned after a
-            # deadline so a wedged zeroconf cannot hold up shutdown.
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(MDNS_STOP_TIMEOUT):
-                    await trio.to_thread.run_sync(service.stop, abandon_on_cancel=True)
+        await run_mdns(self._me, advertised_addrs(self._mesh.addrs())[:MAX_ADDRS_PER_PEER], found)
 
 
-class _Mdns:
-    """The libp2p mDNS spec on top of zeroconf, kept off the trio loop.
-
-    Why not py-libp2p's ``MDNSDiscovery`` (0.8.1): its ``start()`` calls
-    ``trio.lowlevel.spawn_system_task`` and so cannot run in a worker thread, yet it
-    blocks the loop ~1.6 s; it finds its own IP by a UDP ``connect()`` to 8.8.8.8;
-    it writes the peerstore from zeroconf's threads; and it puts each address under
-    its own TXT key (``dnsaddr``, ``dnsaddr2``...) where the spec (and go/js-libp2p)
-    repeat ``dnsaddr=``. Here: service ``<random>._p2p._udp.local.``, one
-    ``dnsaddr=<multiaddr>/p2p/<id>`` TXT string per address.
-
-    ``start`` and ``stop`` block (call them through ``trio.to_thread``). Found peers
-    are handed to ``found`` in the trio thread via ``trio.from_thread``. An mDNS
-    answer is unauthenticated; that is fine because the Noise handshake proves the
-    peer id when we dial.
-    """
-
-    def __init__(self, peer_id: str, addrs: list[str], found: Callable[[str, list[str]], None], token) -> None:
-        self.peer_id = peer_id
-        self.addrs = addrs
-        self._found = found
-        self._token = token
-        alphabet = string.ascii_lowercase + string.digits
-        # Spec: a random peer name of 32-63 characters, not the peer id.
-        self.name = "".join(secrets.choice(alphabet) for _ in range(40))
-        self._zc = None
-        self._browser = None
-        self._stopped = False
-
-    def start(self) -> None:
-        from zeroconf import ServiceBrowser, ServiceInfo, Zeroconf
-
-        self._zc = Zeroconf()
-        ips = sorted({_ip_of(a) for a in self.addrs} - {None})
-        if ips:
-            txt = b"".join(_txt_string(f"dnsaddr={a}") for a in self.addrs if len(a) <= 240)
-            info = ServiceInfo(
-                MDNS_SERVICE,
-                f"{self.name}.{MDNS_SERVICE}",
-                port=_port_of(self.addrs[0]) or 0,
-                properties=txt,
-                server=f"{self.name}.local.",
-                parsed_addresses=ips,
-            )
-            self._zc.register_service(info, allow_name_change=True)
-        if self._stopped:  # stop() ran while we were starting
-            return
-        self._browser = ServiceBrowser(self._zc, MDNS_SERVICE, handlers=[self._on_change])
-
-    def stop(self) -> None:
-        self._stopped = True
-        try:
-            if self._browser is not None:
-                self._browser.cancel()
-        except Exception as exc:
-            log.debug("mDNS browser cancel: %s", exc)
-        try:
-            if self._zc is not None:
-                self._zc.close()  # unregisters (goodbye packets) and closes sockets
-        except Exception as exc:
-            log.debug("mDNS close: %s", exc)
-
-    def _on_change(self, zeroconf, service_type: str, name: str, state_change) -> None:
-        """Runs in zeroconf's browser thread, so it may block (get_service_info)."""
-        from zeroconf import ServiceStateChange
-
-        if self._stopped or state_change not in (ServiceStateChange.Added, ServiceStateChange.Updated):
-            return
-        if name == f"{self.name}.{MDNS_SERVICE}":
-            return
-        try:
-            info = zeroconf.get_service_info(service_type, name, timeout=MDNS_QUERY_TIMEOUT_MS)
-            if info is None or not info.text:
-                return
-            by_peer: dict[str, list[str]] = {}
-            for entry in _txt_strings(info.text):
-                if entry.startswith(b"dnsaddr="):
-                    addr = entry[len(b"dnsaddr=") :].decode("utf-8", "replace")
-                    if "/p2p/" in addr:
-                        by_peer.setdefault(addr.rsplit("/p2p/", 1)[1], []).append(addr)
-            for peer_id, addrs in by_peer.items():
-                if peer_id != self.peer_id and not self._stopped:
-                    trio.from_thread.run_sync(self._found, peer_id, addrs, trio_token=self._token)
-        except trio.RunFinishedError:
-            pass
-        except Exception as exc:  # noqa: BLE001 - a bad answer from the LAN is not our crash
-            log.debug("mDNS: ignoring %s: %s: %s", name, type(exc).__name__, exc)
-
-
-# ---- small helpers --------------------------------------------------------------
-
-
-def _with_peer_id(addr: str, peer_id: str) -> str | None:
-    """``addr`` ending in ``/p2p/<peer_id>``; None if it names another peer or is junk."""
-    text = str(addr).strip()
-    if "/p2p/" in text:
-        base, named = text.rsplit("/p2p/", 1)
-        if named.strip("/") != peer_id:
-            return None
-    else:
-        base = text
-    try:
-        if not Multiaddr(base).protocols():
-            return None
-        return str(Multiaddr(f"{base}/p2p/{peer_id}"))
-    except Exception:
-        return None
-
-
-def _ip_of(addr: str) -> str | None:
-    parts = addr.split("/")
-    if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
-        return parts[2]
-    return None
-
-
-def _port_of(addr: str) -> int | None:
-    parts = addr.split("/")
-    for i, p in enumerate(parts[:-1]):
-        if p == "tcp":
-            try:
-                return int(parts[i + 1])
-            except ValueError:
-                return None
-    return None
-
-
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT; also Tailscale
-
-
-def _is_local_address(addr: str) -> bool:
-    """Whether an mDNS-learned address stays on this machine or the LAN.
-
-    Private, loopback, link-local and CGNAT IPs, and ``.local`` names. A public IP in
-    an mDNS answer is refused: answering mDNS must not be a way to make us dial out.
-    """
-    parts = addr.split("/")
-    if len(parts) < 3:
-        return False
-    kind, value = parts[1], parts[2]
-    if kind in ("dns", "dns4", "dns6"):
-        return value.lower().rstrip(".").endswith(".local")
-    if kind not in ("ip4", "ip6"):
-        return False
-    try:
-        ip = ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    if ip.is_unspecified or ip.is_multicast:
-        return False
-    return ip.is_private or ip.is_loopback or ip.is_link_local or (ip.version == 4 and ip in _CGNAT)
-
-
-def _txt_string(text: str) -> bytes:
-    data = text.encode()[:255]  # callers keep strings short; a TXT string holds 255 bytes
-    return bytes([len(data)]) + data
-
-
-def _txt_strings(raw: bytes) -> list[bytes]:
-    """Split a raw TXT record into its length-prefixed strings (RFC 1035 3.3.14)."""
-    out, i = [], 0
-    while i < len(raw):
-        n = raw[i]
-        out.append(raw[i + 1 : i + 1 + n])
-        i += 1 + n
-    return out
-
-
-__all__ = ["Discovery", "KnownPeer", "backoff", "parse_join_address"]
+__all__ = ["Discovery", "KnownPeer", "backoff"]

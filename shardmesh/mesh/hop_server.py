@@ -1,7 +1,6 @@
 """Serves ``/shardmesh/infer/1.0.0``: this node's hop in other people's chains.
 
-A session through the push chain, as one hop sees it (ARCHITECTURE.md, "A token's
-path")::
+A session through the push chain, as one hop sees it (docs/PROTOCOL.md, 6.2)::
 
     upstream (gateway or previous hop)        downstream (next hop)
       open{route, ...}        ──▶  open local session ──▶ open{route[1:], ...}
@@ -17,29 +16,30 @@ one batch. A session ends when its upstream closes or fails, when the gateway's 
 stream goes away, or on any error, which is sent back towards the gateway with the id of
 the peer that failed.
 
-Every limit is checked before anything is allocated: sessions per upstream peer, tokens
-per step, payload bytes. A violation costs the sender an error frame and a reset; this
-node's other sessions do not notice.
+Every limit is checked before anything is allocated: an ``open`` by the pure
+:mod:`~shardmesh.mesh.open_request` (route, span, model, sessions per upstream peer,
+history, sampling), a step's tokens and payload bytes here. A violation costs the
+sender an error frame and a reset; this node's other sessions do not notice.
 """
 
 from __future__ import annotations
 
 import logging
-from array import array
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import trio
 
-from ..contract import HopCompute, Sampler, StageError
+from ..contract import HopCompute, StageError
+from .hop_session import HopSession
 from .host import MeshHost, close_quietly, reset_quietly
 from .link import HopLink
-from .link_offers import Links, Offer, accept_link, offer_fields, request_fields, upgrade_opener, withdraw
+from .link_offers import Links, Offer, accept_link, offer_fields, withdraw
+from .next_hop import open_next_hop, relay_back
+from .open_request import Limits, OpenRequest, ThisNode, refuse_oversized_open, validate_open
 from .pipe import pipe_pair
 from .wire import (
     ATTACH,
     CLOSE,
-    ERROR,
     LINK,
     OPEN,
     PROTOCOL,
@@ -57,49 +57,9 @@ from .wire import (
 log = logging.getLogger("shardmesh.mesh.hop_server")
 
 FIRST_FRAME_TIMEOUT = 30.0  # an opened stream must say what it wants within this
-OPEN_TIMEOUT = 60.0  # the rest of the chain must open within this (loading is done already)
 RELAY_GRACE = 5.0  # seconds the next hop gets to close its side after ours
-MAX_ROUTE_HOPS = 64
-MAX_SESSION_ID = 64
 
-
-@dataclass(frozen=True)
-class Limits:
-    """What one peer may ask of this node. Published in the record, enforced here."""
-
-    max_sessions_per_peer: int = 64
-    max_tokens_per_step: int = 2048
-    idle_timeout: float = 300.0  # seconds a session may wait between steps
-
-    def max_payload(self, hidden_size: int, context_length: int) -> int:
-        per_step = self.max_tokens_per_step * hidden_size * 4
-        return max(per_step, context_length * 8) + 4096
-
-    def as_record(self) -> dict[str, int]:
-        return {"max_sessions_per_peer": self.max_sessions_per_peer, "max_tokens_per_step": self.max_tokens_per_step}
-
-
-@dataclass
-class HopSession:
-    """One session's hop here. A route may pass through one peer twice (not back to
-    back), so the local key is the session id plus where this hop starts."""
-
-    session: str
-    upstream_peer: str
-    gateway: str
-    start: int
-    end: int
-    is_last: bool
-    served: HopCompute | None = None  # the blocks this session runs on (they stay, even if the node moves)
-    sampler: Sampler | None = None
-    attach: FrameStream | None = None
-    attached: trio.Event = field(default_factory=trio.Event)
-    closing: bool = False  # the upstream ended the session: the next hop's close is expected
-    attach_done: trio.Event = field(default_factory=trio.Event)
-
-    @property
-    def id(self) -> str:
-        return f"{self.session}@{self.start}"
+__all__ = ["HopServer", "HopSession", "Limits"]
 
 
 def _fail(code: str, message: str) -> WireError:
@@ -218,71 +178,28 @@ class HopServer:
         await close_quietly(fs.stream)  # the hop link, if the session moved to one
 
     def _check_open_header(self, header: dict[str, Any]) -> None:
-        if header["t"] == OPEN and header.get("nbytes", 0) > self.context_length * 8:
-            raise _fail("too_large", f"the history exceeds the model's context of {self.context_length} tokens")
+        refuse_oversized_open(header, self.context_length)
 
     # -- a session: open ------------------------------------------------------------
 
-    def _validated_open(self, header: dict[str, Any], upstream_peer: str) -> tuple[HopSession, list[dict], int]:
-        if self.served is None:
-            raise _fail("not_serving", "this node serves no blocks")
-        if not self.accepting:
-            raise _fail("draining", "this node is leaving and accepts no new sessions")
-        sid, route, max_length = header.get("session"), header.get("route"), header.get("max_length")
-        if not isinstance(sid, str) or not 0 < len(sid) <= MAX_SESSION_ID:
-            raise _fail("bad_input", "session must be a string of 1 to 64 characters")
-        if header.get("model") != self.model_id:
-            raise _fail("wrong_model", f"this node serves {self.model_id}, not {header.get('model')!r}")
-        if not isinstance(route, list) or not 0 < len(route) <= MAX_ROUTE_HOPS:
-            raise _fail("bad_route", f"route must be a list of 1 to {MAX_ROUTE_HOPS} hops")
-        for hop in route:
-            if not (isinstance(hop, dict) and isinstance(hop.get("peer"), str) and isinstance(hop.get("start"), int) and isinstance(hop.get("end"), int)):
-                raise _fail("bad_route", "each hop needs peer, start and end")
-        for a, b in zip(route, route[1:]):
-            if a["end"] != b["start"]:
-                raise _fail("bad_route", "the route's hops must be contiguous")
-            if a["peer"] == b["peer"]:
-                raise _fail("bad_route", "two hops in a row on one peer (they would be one hop)")
-        here = route[0]
+    def _admit(self, header: dict[str, Any], payload: bytes, upstream_peer: str) -> tuple[HopSession, OpenRequest]:
+        """Validate an ``open`` and reserve its session, before any await: opens
+        arriving together must all see each other in the per-peer count."""
         served = self.served
-        info = served.info
-        if here["peer"] != self.me:
-            raise _fail("bad_route", f"the route's next hop is {here['peer']}, not this node")
-        if not info.start <= here["start"] < here["end"] <= info.end:
-            raise _fail("bad_route", f"blocks [{here['start']}, {here['end']}) are not inside this node's [{info.start}, {info.end})")
-        if route[-1]["end"] != self.total_blocks:
-            raise _fail("bad_route", "the route must end at the model's last block")
-        if not isinstance(max_length, int) or not 0 < max_length <= self.context_length:
-            raise _fail("bad_input", f"max_length must be in [1, {self.context_length}]")
-        if not isinstance(header.get("gateway"), str):
-            raise _fail("bad_input", "open needs the gateway's peer id")
+        node = ThisNode(self.me, self.model_id, self.total_blocks, self.context_length, served.info if served is not None else None, self.accepting)
         mine = sum(1 for s in self.sessions.values() if s.upstream_peer == upstream_peer)
-        if mine >= self.limits.max_sessions_per_peer:
-            raise _fail("too_many_sessions", f"peer has {mine} sessions open here (limit {self.limits.max_sessions_per_peer})")
-        session = HopSession(sid, upstream_peer, header["gateway"], here["start"], here["end"], is_last=len(route) == 1, served=served)
-        if session.id in self.sessions:
-            raise _fail("bad_input", f"session {sid!r} is already open here")
-        # Reserved now, before any await: opens arriving together must all see it in
-        # the per-peer count.
+        request = validate_open(header, payload, node, self.limits, mine, self.sessions)
+        session = HopSession(request.session, upstream_peer, request.gateway, request.start, request.end, is_last=request.is_last, served=served)
         self.sessions[session.id] = session
-        return session, route, max_length
-
-    def _history(self, frame: Frame) -> tuple[list[int], list[int]]:
-        """Prompt and generated ids for the last hop's sampler (payload: int64 ids)."""
-        n_prompt = frame.header.get("n_prompt", 0)
-        if len(frame.payload) % 8 or not isinstance(n_prompt, int) or not 0 <= n_prompt <= len(frame.payload) // 8:
-            raise _fail("bad_input", "history payload must be int64 ids with n_prompt <= their count")
-        ids = array("q")
-        ids.frombytes(frame.payload)
-        return list(ids[:n_prompt]), list(ids[n_prompt:])
+        return session, request
 
     async def _serve_session(self, fs: FrameStream, frame: Frame, upstream_peer: str) -> None:
-        session, route, max_length = self._validated_open(frame.header, upstream_peer)
+        session, request = self._admit(frame.header, frame.payload, upstream_peer)
+        route = request.route
         try:
             if session.is_last:
-                prompt, generated = self._history(frame)
-                session.sampler = session.served.new_sampler(frame.header.get("sampling", {}), prompt, generated)
-            await session.served.open(session.id, max_length, session.start, session.end)
+                session.sampler = session.served.new_sampler(request.sampling, request.prompt_ids, request.generated_ids)
+            await session.served.open(session.id, request.max_length, session.start, session.end)
         except StageError as exc:
             self.sessions.pop(session.id, None)
             raise _fail(exc.code, exc.message) from exc
@@ -293,7 +210,7 @@ class HopServer:
         offer: Offer | None = None
         try:
             if not session.is_last:
-                downstream = await self._open_downstream(frame, route)
+                downstream = await open_next_hop(self.open_stream, self.links, self.max_payload, frame, route)
             offer, link_fields = offer_fields(self.links, frame.header)
             await fs.write({"t": RESULT, "session": session.session, "ok": True, **link_fields})
             # No task here is ever cancelled while it reads or writes a stream: py-libp2p
@@ -304,7 +221,7 @@ class HopServer:
             async with trio.open_nursery() as nursery:
                 relay_done = trio.Event()
                 if downstream is not None:
-                    nursery.start_soon(self._relay_back, session, downstream, fs, route[1]["peer"], relay_done)
+                    nursery.start_soon(relay_back, session, downstream, fs, route[1]["peer"], relay_done)
                 await self._steps(session, fs, downstream, offer)
                 if downstream is not None:
                     # FIN to the next hop: it ends its session and closes its side,
@@ -329,41 +246,6 @@ class HopServer:
                         self._nursery.start_soon(self._reap_attach, session)
                     except RuntimeError:  # the node is stopping: no time to wait for the gateway
                         await reset_quietly(session.attach.stream)
-
-    async def _open_downstream(self, frame: Frame, route: list[dict]) -> FrameStream:
-        """Open the rest of the chain; a :class:`WireError` naming the failed peer if not."""
-        nxt = route[1]["peer"]
-        try:
-            stream = await self.open_stream(nxt)
-        except Exception as exc:
-            raise WireError("peer_unreachable", f"cannot reach the next hop: {exc}", nxt) from exc
-        downstream = FrameStream(stream, max_payload=self.max_payload)
-        header = {k: v for k, v in frame.header.items() if k != "link"}  # the upstream's wish, not ours
-        header.update(route=route[1:], **request_fields(self.links, downstream, nxt))
-        try:
-            await downstream.write(header, frame.payload)
-        except WireError as exc:
-            await reset_quietly(stream)
-            raise WireError("peer_lost", f"the next hop went away during open: {exc.message}", nxt) from exc
-        try:
-            reply = await downstream.read_frame(idle_timeout=OPEN_TIMEOUT)
-        except (StreamEnded, WireError) as exc:
-            await reset_quietly(stream)
-            raise WireError("peer_lost", f"the next hop did not answer open: {exc}", nxt) from exc
-        if reply.type == ERROR:
-            # Pass it on as it is: it names the peer that refused.
-            await close_quietly(stream)
-            h = reply.header
-            raise WireError(str(h.get("code", "error")), str(h.get("message", "")), str(h.get("peer", nxt)))
-        if reply.type != RESULT or reply.header.get("ok") is not True:
-            await reset_quietly(stream)
-            raise _fail("bad_frame", f"the next hop answered open with {reply.type}")
-        try:
-            await upgrade_opener(self.links, downstream, reply.header, nxt, frame.header["session"])
-        except WireError as exc:
-            await reset_quietly(downstream.stream)
-            raise WireError("peer_lost", f"the next hop went away during open: {exc.message}", nxt) from exc
-        return downstream
 
     # -- a session: steps -----------------------------------------------------------
 
@@ -451,24 +333,6 @@ class HopServer:
             target = session.attach
         assert target is not None
         await target.write(*frame_for(done.value, done.seconds))
-
-    async def _relay_back(self, session: HopSession, downstream: FrameStream, fs: FrameStream, nxt: str, done: trio.Event) -> None:
-        """Errors from further down travel back towards the gateway, which then ends
-        the session. The next hop closing its side is the normal end (after ours)."""
-        try:
-            frame = await downstream.read_frame()
-            if frame.type == ERROR:
-                await fs.write(frame.header)
-            else:
-                await fs.send_error("bad_frame", f"unexpected {frame.type} from the next hop", nxt, session.session)
-        except (StreamEnded, WireError) as exc:
-            if not session.closing:
-                log.debug("session %s: next hop %s went away: %r", session.id, nxt, exc)
-                await fs.send_error("peer_lost", f"the next hop went away: {exc!r}", nxt, session.session)
-        except Exception as exc:  # a write to a vanished upstream: the session is over anyway
-            log.debug("session %s: relaying back failed: %r", session.id, exc)
-        finally:
-            done.set()
 
     async def _report(self, session: HopSession, fs: FrameStream, code: str, message: str) -> None:
         log.info("session %s failed here: %s", session.session, message)

@@ -1,13 +1,14 @@
 """The libp2p host every node runs: identity, transports, and the hardening it needs.
 
-py-libp2p 0.8.1 works, but its defaults are not what a public swarm wants
-(../shared/FIELD-NOTES.md has the measurements). What this module changes, and why:
+py-libp2p 0.8.1 works, but several of its defaults do not suit a swarm of peers that
+do not trust each other and send tensors to each other. What this module changes, and why:
 
 * **Noise only.** By default a listener also accepts plaintext, secio and TLS dialers;
   a node that accepts plaintext can be impersonated. We pass Noise alone.
-* **Yamux only.** Mplex moves tensors ~5x slower.
-* **One connection per peer.** With the default (3) every dial waits ~250 ms on
-  loopback; with 1 it takes 5-13 ms.
+* **Yamux only.** Mplex moves tensor-sized frames several times more slowly.
+* **One connection per peer.** With the default (three) every dial is much slower,
+  even on loopback; one connection is all a node needs, since Yamux multiplexes every
+  stream to that peer over it.
 * **Handlers never raise.** An exception escaping a stream handler tears down the
   whole host, so :meth:`MeshHost.set_handler` wraps every handler: it logs, resets
   the stream, and the node keeps serving.
@@ -17,7 +18,6 @@ py-libp2p 0.8.1 works, but its defaults are not what a public swarm wants
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -28,13 +28,15 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import trio
 from multiaddr import Multiaddr
 
+from .addresses import advertised_addrs
+
 log = logging.getLogger("shardmesh.mesh.host")
 
 # py-libp2p's Yamux answers every read with a WINDOW_UPDATE frame unless told to batch
 # them the way go-yamux does (one update per half window). On a decode step's small
-# frames that doubles the messages each hop handles: measured here, a 1.5 KB frame's
-# round trip between two processes drops from 1.43 to 1.15 ms with batching. The
-# setting is read on every read, so setting it before any host runs is enough.
+# frames that doubles the messages each hop handles, and a frame's round trip between
+# two processes gets measurably faster with batching. The setting is read on every
+# read, so setting it before any host runs is enough.
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
@@ -266,46 +268,6 @@ class MeshHost:
 
     def connected_peers(self) -> list:
         return list(self.host.get_network().connections.keys())
-
-
-def advertised_addrs(addrs: list[Multiaddr]) -> list[str]:
-    """Our listen addresses as others can dial them: wildcards expanded to interfaces.
-
-    A host listening on ``0.0.0.0`` reports ``/ip4/0.0.0.0/...``, which no peer can
-    dial; we list each interface's address instead (loopback too, which a peer on
-    this machine can use and a peer elsewhere tries last).
-    """
-    out: list[str] = []
-    for ma in addrs:
-        text = str(ma)
-        parts = text.split("/")
-        if len(parts) < 3 or parts[1] not in ("ip4", "ip6") or "tcp" not in parts:
-            continue
-        if parts[2] in ("0.0.0.0", "::"):
-            for ip in interface_ips(6 if parts[1] == "ip6" else 4):
-                out.append("/".join(parts[:2] + [ip] + parts[3:]))
-        else:
-            out.append(text)
-    seen: set[str] = set()
-    unique = [a for a in out if not (a in seen or seen.add(a))]
-    return unique
-
-def interface_ips(version: int) -> list[str]:
-    try:
-        import ifaddr  # zeroconf's own dependency
-    except ImportError:
-        return []
-    ips = []
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            if version == 4 and ip.is_IPv4:
-                ips.append(ip.ip)
-            elif version == 6 and ip.is_IPv6:
-                addr = ip.ip[0]
-                if not ipaddress.ip_address(addr).is_link_local:  # needs a scope id
-                    ips.append(addr)
-    return ips
-
 
 
 class StillRunning(Exception):

@@ -1,10 +1,10 @@
 """Hop links: a session's own TCP connection to the next hop, keyed over libp2p.
 
-Why: py-libp2p moves every frame through Yamux and Noise in pure Python. Measured on
-this project's 2-core VM, a decode step's 1.5 KB frame took ~1 ms from one hop's write
-to the next hop's read; a plain TCP socket with the same encryption takes ~0.08 ms. A
-decode step crosses every hop of the chain, so that millisecond per hop was most of what
-the mesh added to a token.
+Why: py-libp2p moves every frame through Yamux and Noise in pure Python, and a decode
+step's small frame costs many times more that way than on a plain TCP socket with the
+same encryption (docs/PERFORMANCE.md, "The network stack", has the figures and how to
+measure them). A decode step crosses every hop of the chain, so that cost per hop was
+most of what the mesh added to a token.
 
 How: a session opens on a libp2p stream exactly as before (the peer is authenticated,
 limits and routing checked, errors reported). Then, when both ends can, its frames move
@@ -138,8 +138,8 @@ class HopLink:
     #
     # Two writers share the socket: trio tasks (``write``, ``close``), and the compute
     # thread, which sends a decode step's output the moment it exists (``send_now``)
-    # instead of waking the event loop to do it: on a 2-core VM that wake-up and the
-    # write after it cost ~0.5 ms per hop. ``_lock`` (a thread lock, never held across
+    # instead of waking the event loop to do it, which would add a thread wake-up and a
+    # write to every hop (docs/PERFORMANCE.md). ``_lock`` (a thread lock, never held across
     # an await) guards the record count and who may touch the socket; ``_busy`` says a
     # trio write (or the tail of a frame ``send_now`` began) is in flight, and then
     # ``send_now`` declines and other trio writers wait, so bytes never interleave.

@@ -26,15 +26,13 @@ The signature covers the body *bytes* exactly as sent, so no canonical re-encodi
 needed to verify. The prefix keeps a record signature from being replayed as some other
 kind of signed libp2p message (pubsub, peer records), and vice versa.
 
-This module also names the DHT keys (:func:`record_key`, :func:`block_key`) and the
-model identity (:func:`model_identity`); they are pure functions, shared by everyone.
+The DHT keys records are stored under and the model identity they carry live in
+:mod:`~shardmesh.mesh.record_keys`; they are re-exported here for older importers.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from typing import Any, Mapping
 import cbor2
 
 from ..placement.spans import ServerView
+from .record_keys import RECORD_NAMESPACE, block_key, block_key_multihash, model_identity, record_key
 
 RECORD_TTL = 30.0  # seconds a published record stays valid; refreshed well before
 MAX_RECORD_LIFETIME = 600.0  # a record may not claim to live longer than this
@@ -51,7 +50,14 @@ MAX_RECORD_BYTES = 16 * 1024  # signed envelope, checked before decoding
 MAX_RTT_ENTRIES = 32  # rtt map keeps the nearest peers only
 SIGNING_PREFIX = b"shardmesh-record/1\0"
 STATES = ("joining", "online", "draining")
-RECORD_NAMESPACE = "shardmesh"  # DHT value keys are /shardmesh/<hash>
+
+__all__ = [
+    "MAX_BLOCKS", "MAX_RECORD_BYTES", "MAX_RECORD_LIFETIME", "MAX_RTT_ENTRIES", "RECORD_TTL", "SIGNING_PREFIX", "STATES",
+    "NodeRecord", "RecordError", "content_of", "expires_at", "record_json", "record_ttl", "server_view", "sign_record",
+    "verify_record",
+    # from record_keys, re-exported so that importers of records keep working
+    "RECORD_NAMESPACE", "block_key", "block_key_multihash", "model_identity", "record_key",
+]
 
 
 class RecordError(ValueError):
@@ -160,53 +166,6 @@ def record_json(record: NodeRecord, now: float | None = None) -> dict:
         "seq": record.seq,
         "expires_in": round(record_ttl(record, now), 1),
     }
-
-
-# --- identities and DHT keys -----------------------------------------------------------
-
-
-def model_identity(name: str, config_bytes: bytes, index_bytes: bytes) -> str:
-    """``name@<12 hex>``: two nodes agree on a model only if config *and* weight index match.
-
-    The name alone is not enough (two fine-tunes share one), and hashing the weights
-    themselves would take minutes; the config plus the safetensors index (tensor names,
-    shapes, shard layout) is cheap and catches the mismatches that would corrupt a chain.
-    The NUL separator keeps ``(a, bc)`` and ``(ab, c)`` apart.
-    """
-    digest = hashlib.sha256(config_bytes + b"\0" + index_bytes).hexdigest()
-    return f"{name}@{digest[:12]}"
-
-
-def record_key(model_id: str, peer: str) -> str:
-    """DHT value key holding ``peer``'s record for ``model_id``: ``/shardmesh/<32 base32>``.
-
-    43 bytes: py-libp2p's FIND_NODE handler drops keys over 50 bytes that are not
-    multihashes, and other implementations send value keys there. 160 bits of sha256
-    leave no room for collisions. The DHT validator recomputes this key from the
-    record's own ``model`` and ``peer``, so a node can only write under its own key.
-    """
-    digest = hashlib.sha256(f"{model_id}\0{peer}".encode()).digest()[:20]
-    return f"/{RECORD_NAMESPACE}/" + base64.b32encode(digest).decode().lower()
-
-
-_CIDV1_RAW_SHA256 = bytes([0x01, 0x55, 0x12, 0x20])  # cid v1, codec raw, sha2-256, 32 bytes
-
-
-def block_key(model_id: str, block: int) -> str:
-    """Provider key for "serves block ``block`` of ``model_id``": a CIDv1 (raw, sha2-256), base32.
-
-    Provider keys must be CIDs for js-libp2p to accept them. py-libp2p's
-    ``KadDHT.provide`` / ``find_providers`` take this string and put the CID's
-    *multihash* on the wire, which is also what js-libp2p and go-libp2p do.
-    """
-    digest = hashlib.sha256(f"shardmesh/{model_id}/block/{block}".encode()).digest()
-    return "b" + base64.b32encode(_CIDV1_RAW_SHA256 + digest).decode().lower().rstrip("=")
-
-
-def block_key_multihash(model_id: str, block: int) -> bytes:
-    """The bytes a provider record is stored under on the wire (sha2-256 multihash)."""
-    digest = hashlib.sha256(f"shardmesh/{model_id}/block/{block}".encode()).digest()
-    return bytes([0x12, 0x20]) + digest
 
 
 # --- encoding --------------------------------------------------------------------------

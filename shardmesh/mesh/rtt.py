@@ -1,6 +1,6 @@
 """Round-trip times to the peers we might chain with, for the record's ``rtt`` map.
 
-Routing prices a hop by the RTT from the previous peer (ARCHITECTURE.md, "Routing"),
+Routing prices a hop by the RTT from the previous peer (docs/ARCHITECTURE.md, "Placement"),
 and only the previous peer can measure that. So every node pings the serving peers it is
 connected to now and then and publishes what it measured; gateways do the same for the
 first hop. Pings use the standard ``/ipfs/ping/1.0.0`` protocol that every libp2p host

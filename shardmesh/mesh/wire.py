@@ -82,7 +82,7 @@ def tensor_from_frame(frame: Frame, max_elements: int) -> RawTensor:
     dtype, shape = frame.header.get("dtype"), frame.header.get("shape")
     if dtype not in DTYPE_SIZES:
         raise WireError("bad_input", f"unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or not shape or len(shape) > 2 or not all(isinstance(d, int) and d > 0 for d in shape):
+    if not isinstance(shape, list) or not shape or len(shape) > 2 or not all(type(d) is int and d > 0 for d in shape):  # bool is an int subclass: `true` is no size
         raise WireError("bad_input", f"bad tensor shape {shape!r}")
     numel = 1
     for d in shape:
@@ -152,7 +152,7 @@ class FrameStream:
                 await self._fill(head_len)
                 header = _decode_header(self._take(head_len))
                 nbytes = header.get("nbytes", 0)
-                if not isinstance(nbytes, int) or nbytes < 0:
+                if type(nbytes) is not int or nbytes < 0:  # not a bool either
                     raise WireError("bad_frame", f"bad nbytes {nbytes!r}")
                 if nbytes > self.max_payload:
                     raise WireError("too_large", f"payload of {nbytes} bytes exceeds this peer's limit of {self.max_payload}")

@@ -1,16 +1,44 @@
 """What a node knows about its model before it loads any weights.
 
 The config, the tokenizer and the weight index come from the model's folder (or only
-those small files from the hub). A gateway that serves no blocks needs nothing more,
-so nothing here imports torch.
+those small files from the hub). A gateway that serves no blocks needs nothing more, so
+nothing here imports torch: the configs are read as JSON, and the tokenizer is
+``api/tokenizer.py``'s, over the ``tokenizers`` library (importing transformers would
+load torch). Only a folder that tokenizer cannot read (no ``tokenizer.json``, remote
+tokenizer code) falls back to transformers' ``AutoTokenizer``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from ..api.tokenizer import load_tokenizer
 from ..backends.weights import ModelFiles, resolve
 from .config import NodeConfig
+
+DEFAULT_CONTEXT = 2048  # when config.json names no max_position_embeddings
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The fields of ``config.json`` a node reads, from the language model's part of it
+    (multimodal configs nest that under ``text_config``)."""
+
+    num_hidden_layers: int
+    hidden_size: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    vocab_size: int | None
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """What a node reads of ``generation_config.json``: the ids that end an answer."""
+
+    eos_token_id: int | list[int] | None
 
 
 @dataclass
@@ -19,26 +47,26 @@ class LoadedModel:
 
     name: str
     files: ModelFiles
-    tokenizer: object
-    config: object
-    generation_config: object | None
+    tokenizer: Any  # api.tokenizer.Tokenizer, or a transformers tokenizer (the fallback)
+    config: ModelConfig
+    generation_config: GenerationDefaults | None
 
     @property
     def total_blocks(self) -> int:
         return self.config.num_hidden_layers
 
     @property
-    def text_config(self):
-        """The language model's own config (multimodal configs nest it)."""
-        return self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+    def text_config(self) -> ModelConfig:
+        """The language model's own config (``config`` is already that part)."""
+        return self.config
 
     @property
     def context_length(self) -> int:
-        return int(getattr(self.text_config, "max_position_embeddings", 2048))
+        return self.config.max_position_embeddings
 
     @property
     def hidden_size(self) -> int:
-        return int(self.text_config.hidden_size)
+        return self.config.hidden_size
 
 
 def model_name(files: ModelFiles) -> str:
@@ -46,19 +74,48 @@ def model_name(files: ModelFiles) -> str:
     return files.hub[0] if files.hub else files.root.resolve().name
 
 
+def read_model_config(folder: Path) -> ModelConfig:
+    """``config.json``'s language-model fields.
+
+    A missing ``tie_word_embeddings`` means tied: transformers leaves out of config.json
+    the values equal to its base default, which is True.
+    """
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    tied = text.get("tie_word_embeddings", config.get("tie_word_embeddings", True))
+    return ModelConfig(
+        num_hidden_layers=int(text["num_hidden_layers"]),
+        hidden_size=int(text["hidden_size"]),
+        max_position_embeddings=int(text.get("max_position_embeddings") or DEFAULT_CONTEXT),
+        tie_word_embeddings=bool(tied),
+        vocab_size=int(text["vocab_size"]) if text.get("vocab_size") is not None else None,
+    )
+
+
+def read_generation_defaults(folder: Path) -> GenerationDefaults | None:
+    """``generation_config.json``'s end-of-answer ids; None when the model has no such file."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return None
+    return GenerationDefaults(eos_token_id=json.loads(path.read_text(encoding="utf-8")).get("eos_token_id"))
+
+
+def read_tokenizer(folder: Path) -> Any:
+    tokenizer = load_tokenizer(folder)
+    if tokenizer is None:
+        from transformers import AutoTokenizer  # loads torch: only for folders ours cannot read
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return tokenizer
+
+
 def load_model_meta(config: NodeConfig) -> LoadedModel:
     """Config, tokenizer and weight index; no weights yet (may download small files)."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
     files = resolve(config.model, config.revision)
-    try:
-        generation_config = GenerationConfig.from_pretrained(files.root)
-    except OSError:
-        generation_config = None
     return LoadedModel(
         name=model_name(files),
         files=files,
-        tokenizer=AutoTokenizer.from_pretrained(files.root),
-        config=AutoConfig.from_pretrained(files.root),
-        generation_config=generation_config,
+        tokenizer=read_tokenizer(files.root),
+        config=read_model_config(files.root),
+        generation_config=read_generation_defaults(files.root),
     )

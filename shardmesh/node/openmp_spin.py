@@ -4,16 +4,13 @@ torch's CPU kernels run on a GNU OpenMP (libgomp) team. After each parallel regi
 helper threads spin, waiting for the next one, for ``GOMP_SPINCOUNT`` iterations
 (300,000 by default), then sleep. Inside one decode step the next region comes within
 microseconds, so the spin pays. After a pipeline stage's last region it does not: the
-stage then waits for the other stages, and its helpers burn a core for about 5 ms
-(measured here: the CPU time a process uses while its caller sleeps after one matmul;
-2.8 ms at 50,000, 0.4 ms at 10,000). With one node per machine that core has nothing
-better to do. With several nodes on one machine (a test swarm, ``bench --mesh``, a
-workstation also running other work) it is the core the next stage needs. Measured on
-this project's 2-core VM, three stage processes passing one decode step around (12
-blocks of the 100M tiny Llama, bf16, 2 threads each) took 34-37 ms of compute per token
-with the default spin and 27-28 ms with 30,000-60,000 (27-32 with 100,000), against
-23-27 ms in one process, which the shorter spin did not slow. Below about 10,000 the
-spin ends inside a step and one process slows by 15%.
+stage then waits for the other stages, and its helpers keep burning a core for
+milliseconds. With one node per machine that core has nothing better to do. With
+several nodes on one machine (a test swarm, ``bench --mesh``, a workstation also
+running other work) it is the core the next stage needs, and a chain of stage processes
+computes each token clearly slower with the default spin than with a sixth of it, which
+does not slow a lone process. Much shorter spins end inside a step and do. The figures, and the commands that measure them, are in docs/PERFORMANCE.md
+("OpenMP's idle spin").
 
 The count is read once, when libgomp loads (the first ``import torch``), so it must be
 in the environment before that: the command line sets it first thing.

@@ -1,0 +1,53 @@
+"""Placement: the swarm's decisions as pure functions, and a simulator to test them.
+
+Which blocks a joining node serves (``select``), when a serving node moves
+(``rebalance``), how many blocks fit its memory (``capacity``), which chain of peers a
+request takes (``routing``), and what the swarm's coverage and bottleneck are
+(``spans``). Lists of :class:`ServerView` in, numbers out: no clock, no I/O, and no
+import of anything else in shardmesh, so every rule can be tested alone and the
+simulator (``sim``) runs the very code nodes run. See ``docs/ARCHITECTURE.md``,
+"Placement".
+
+Light and pure, so this package re-exports its public functions and types.
+"""
+
+from .capacity import blocks_that_fit, window_bytes
+from .rebalance import MARGIN, BlockSums, check_interval, move_target, plan_move
+from .routing import CACHE_PENALTY_MS, FailureBackoff, Hop, find_route, route_cost
+from .select import best_start, choose_span, planned, planned_blocks, window_size
+from .sim import SimConfig, SimResult, simulate
+from .spans import DRAINING, JOINING, ONLINE, STATES, ServerView, block_throughput, bottleneck, coverage, gaps, is_complete, valid_span
+
+__all__ = [
+    "BlockSums",
+    "CACHE_PENALTY_MS",
+    "DRAINING",
+    "FailureBackoff",
+    "Hop",
+    "JOINING",
+    "MARGIN",
+    "ONLINE",
+    "STATES",
+    "ServerView",
+    "SimConfig",
+    "SimResult",
+    "best_start",
+    "block_throughput",
+    "blocks_that_fit",
+    "bottleneck",
+    "check_interval",
+    "choose_span",
+    "coverage",
+    "find_route",
+    "gaps",
+    "is_complete",
+    "move_target",
+    "plan_move",
+    "planned",
+    "planned_blocks",
+    "route_cost",
+    "simulate",
+    "valid_span",
+    "window_bytes",
+    "window_size",
+]

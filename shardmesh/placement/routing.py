@@ -3,7 +3,7 @@
 A route is a list of :class:`Hop` whose ranges tile ``[0, total_blocks)`` in order. The
 gateway (``origin``) sends token ids to the first hop, each hop pushes hidden states to
 the next, and the last hop sends the sampled token straight back to the gateway
-(ARCHITECTURE.md, "A token's path"). So one token costs, in milliseconds::
+(docs/ARCHITECTURE.md, "The life of a request"). So one token costs, in milliseconds::
 
     sum over hops of  compute + RTT(previous peer -> hop's peer) + hop_overhead
                       + RTT(last hop's peer -> origin)

@@ -6,7 +6,7 @@ so the swarm can serve the model only when the spans of its online servers cover
 block. How *well* it serves is limited by its weakest block: a token must pass through
 every block, so the swarm's rate is bounded by the smallest per-block sum of server
 throughputs. That minimum, the **bottleneck**, is what joining nodes and rebalancing try
-to raise (ARCHITECTURE.md, "Placement and rebalancing").
+to raise (docs/ARCHITECTURE.md, "Placement").
 
 Everything here is pure: a list of :class:`ServerView` in, numbers out. A view is what
 the registry knows about a server from its signed record; records come from other

@@ -1,0 +1,22 @@
+"""The tools on top of the node: benches, ``shardmesh status``, the simulator's command
+line, and tiny random models for tests and offline demos.
+
+Nothing below ``tools`` imports it. The names below are its public modules; importing
+the package loads none of them (``from shardmesh.tools import bench`` does).
+"""
+
+__all__ = [
+    "bench",
+    "bench_common",
+    "bench_memory",
+    "bench_mesh",
+    "bench_no_mesh",
+    "bench_wire",
+    "node_processes",
+    "sim",
+    "status",
+    "tiny_build",
+    "tiny_config",
+    "tiny_model",
+    "tiny_tokenizer",
+]

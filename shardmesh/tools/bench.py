@@ -3,11 +3,11 @@
 All figures come from one run on one machine, same weights, same dtype, same threads:
 
 * ``generate``: ``AutoModelForCausalLM.generate``, greedy, the reference.
-* ``stage``: our one-node path as the gateway runs it (generation loop → stage runner →
+* ``stage``: our one-node path as the gateway runs it (generation loop → step batcher →
   torch stage on the compute thread → sampling), without HTTP.
 * ``http``: the same through the OpenAI gateway (hypercorn, SSE), read by a client in
   the same process, so client parsing is counted against us.
-* ``batch``: several concurrent sessions through the stage runner; aggregate tokens/s.
+* ``batch``: several concurrent sessions through the step batcher; aggregate tokens/s.
 
 Decode speed excludes the prompt: it is measured from the first generated token to the
 last. The paths take turns, ``--repeats`` rounds, and each path's best run is reported.
@@ -138,6 +138,10 @@ async def bench_ours(path: Path, dtype: str, prompt: list[int], tokens: int, rep
 def run_bench(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = bench_model_path(args.model)
+    if args.memory:  # node processes only: nothing below (transformers, a stage) is needed
+        from .bench_memory import run_memory_bench
+
+        return run_memory_bench(path, args.dtype)
     from transformers import AutoConfig
 
     from ..backends.torch.stage import pick_device

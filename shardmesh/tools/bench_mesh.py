@@ -3,7 +3,7 @@
 Node processes on loopback serve the same 100M-parameter tiny Llama as the one-process
 figure, and this process plays the gateway (a libp2p host that holds no weights):
 
-* **one process**: the one-node stage path (generation loop, runner, torch stage on
+* **one process**: the one-node stage path (generation loop, batcher, torch stage on
   the compute thread, sampling) in this process: no network at all.
 * **1-node chain**: one node process holds all 12 blocks; each decode step is two
   messages (gateway → node → gateway).
@@ -184,9 +184,9 @@ CHAINS = {  # name: (spans, hop links)
 
 def measure(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int, threads: int | None, key_dir: Path) -> dict:
     """Each chain of :data:`CHAINS` in turn, next to one process, with ``threads`` torch
-    threads per process (None: torch's default). One chain is up at a time: on this
-    project's VMs the L3 cache (shared with other tenants) holds about two copies of the
-    100M model's weights, not four."""
+    threads per process (None: torch's default). One chain is up at a time: with every
+    chain up at once, four copies of the weights would compete for the caches and memory
+    bandwidth the one-process path needs (docs/PERFORMANCE.md, section 2)."""
     import torch
 
     from ..backends.compute_thread import compute_thread

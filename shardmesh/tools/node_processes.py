@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LISTENING = re.compile(r"listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+))")
+READY = re.compile(r"gateway ready at (http://\S+) ")
 
 
 @dataclass
@@ -24,13 +25,17 @@ class NodeProcess:
     lines: list[str] = field(default_factory=list)
     address: str = ""
     peer: str = ""
+    url: str = ""  # the OpenAI gateway's base, once it is ready (``api=True`` only)
 
 
 def start_node(
-    path: Path, layers: str, dtype: str, key_dir: Path, join: str | None = None, threads: int | None = None, links: bool = True
+    path: Path, layers: str, dtype: str, key_dir: Path, join: str | None = None, threads: int | None = None, links: bool = True,
+    api: bool = False,
 ) -> NodeProcess:
+    """``shardmesh run`` on loopback; ``api`` adds a gateway on a free port (else ``--api off``)."""
     cmd = [
-        sys.executable, "-m", "shardmesh", "run", "--model", str(path), "--layers", layers, "--api", "off",
+        sys.executable, "-m", "shardmesh", "run", "--model", str(path), "--layers", layers,
+        "--api", "127.0.0.1:0" if api else "off",
         "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--dtype", dtype,
         "--key-file", str(key_dir / f"{layers.replace(':', '-')}.key"),
     ] + (["--join", join] if join else []) + ([] if links else ["--no-links"])
@@ -58,6 +63,20 @@ def wait_serving(node: NodeProcess, timeout: float = 300) -> None:
             raise RuntimeError(f"a bench node exited:\n{text}")
         time.sleep(0.1)
     raise RuntimeError("a bench node did not start in time:\n" + "".join(node.lines))
+
+
+def wait_gateway(node: NodeProcess, timeout: float = 300) -> None:
+    """Until the node's gateway is ready (its ``gateway ready at`` line): sets ``url``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = "".join(node.lines)
+        if (m := READY.search(text)) and (a := LISTENING.search(text)):
+            node.url, node.address, node.peer = m.group(1), a.group(1), a.group(2)
+            return
+        if node.proc.poll() is not None:
+            raise RuntimeError(f"a bench node exited:\n{text}")
+        time.sleep(0.1)
+    raise RuntimeError("a bench gateway did not start in time:\n" + "".join(node.lines))
 
 
 def start_chain(path: Path, dtype: str, spans: list[str], key_dir: Path, threads: int | None, links: bool = True) -> list[NodeProcess]:

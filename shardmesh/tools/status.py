@@ -29,10 +29,11 @@ from typing import Any
 
 import trio
 
-from ..mesh.discovery import parse_join_address
+from ..mesh.addresses import parse_join_address
 from ..mesh.host import DIAL_TIMEOUT, HostError, running_host
-from ..mesh.records import NodeRecord, record_json, server_view
+from ..mesh.records import NodeRecord, record_json
 from ..mesh.swarm_map import SwarmMap, SwarmMapError, fetch_swarm_map
+from ..mesh.swarm_view import server_views
 from ..placement.spans import bottleneck, coverage, gaps, is_complete
 
 DEFAULT_TIMEOUT = 15.0  # seconds for the whole probe: dial, ask, read
@@ -110,7 +111,7 @@ def summarize(swarm: SwarmMap, via: str, now: float | None = None) -> dict[str, 
     """The map as plain data: what ``--json`` prints and what the table is drawn from."""
     now = time.time() if now is None else now
     records = sorted(swarm.records, key=_order)
-    views = [server_view(r) for r in records if r.serves_blocks]
+    views = server_views(records)  # the registry's own conversion
     total = swarm.total_blocks
     return {
         "model": swarm.model,

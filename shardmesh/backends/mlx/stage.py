@@ -1,8 +1,9 @@
 """A range of an mlx-lm model's blocks, served with per-session KV caches.
 
-The MLX twin of :mod:`shardmesh.backends.torch.stage`, for Apple machines (and CPU-only MLX on Linux).
-Both speak the same :class:`~.base.Stage` protocol, so torch and MLX stages can sit in
-one chain: only raw bytes (:class:`RawTensor`) cross between them.
+The MLX twin of :mod:`shardmesh.backends.torch.stage`, for Apple machines (and
+CPU-only MLX on Linux). Both speak the :class:`~shardmesh.contract.Stage` protocol, so
+torch and MLX stages can sit in one chain: only raw bytes (:class:`RawTensor`) cross
+between them.
 
 How it works:
 

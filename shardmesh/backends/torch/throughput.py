@@ -74,8 +74,8 @@ def measure_block_throughput(stage: TorchStage, *, steps: int = 8, warmup: int =
 
 
 def measure_stage_throughput(stage, *, steps: int = 8) -> float:
-    """The same figure for any :class:`~.base.Stage` (the MLX one), through its public
-    protocol: a private session, a short prefill, then timed single-token steps over the
+    """The same figure for any :class:`~shardmesh.contract.Stage` (the MLX one), through
+    its public protocol: a private session, a short prefill, then timed single-token steps over the
     whole span. Less exact than the torch path (it includes the head on a last stage)."""
     from array import array
 

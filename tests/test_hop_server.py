@@ -1,9 +1,11 @@
-"""``/shardmesh/infer/1.0.0`` under bad input: real libp2p hosts over TCP on 127.0.0.1.
+"""The hop server (``/shardmesh/infer/1.0.0``) under attack: real libp2p hosts over TCP on 127.0.0.1.
 
-One stage server serves a whole tiny model; a client host keeps a good session open
-through the whole test and, between attacks, checks that its next token is still the
-one transformers predicts. Every attack gets an error frame (or a reset), and nothing
-it sends changes the good session.
+One :class:`~shardmesh.mesh.hop_server.HopServer` serves a whole tiny model; a client
+host keeps a good session open through the whole test and, between attacks, checks
+that its next token is still the one transformers predicts. Every attack gets an error
+frame (or a reset), and nothing it sends changes the good session. Each refusal of an
+``open`` is unit-tested without streams in tests/test_open_request.py; here the same
+refusals are checked end to end, through the streams and the node's other sessions.
 """
 
 from __future__ import annotations

@@ -1,0 +1,42 @@
+"""One session's hop on this node, as the hop server keeps it between frames.
+
+A session is known here by :func:`~shardmesh.mesh.open_request.session_key` (its id
+plus where this hop starts), because a route may pass through one peer twice. The
+upstream stream and the next hop's stream live in the hop server's handler; what other
+tasks need to see (the gateway's attach stream on the last hop, whether the upstream
+already ended the session) lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import trio
+
+from ..contract import HopCompute, Sampler
+from .open_request import session_key
+from .wire import FrameStream
+
+__all__ = ["HopSession"]
+
+
+@dataclass
+class HopSession:
+    """One session's hop here: who opened it, its blocks, and its last-hop state."""
+
+    session: str
+    upstream_peer: str
+    gateway: str
+    start: int
+    end: int
+    is_last: bool
+    served: HopCompute | None = None  # the blocks this session runs on (they stay, even if the node moves)
+    sampler: Sampler | None = None
+    attach: FrameStream | None = None
+    attached: trio.Event = field(default_factory=trio.Event)
+    closing: bool = False  # the upstream ended the session: the next hop's close is expected
+    attach_done: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def id(self) -> str:
+        return session_key(self.session, self.start)

@@ -1,0 +1,83 @@
+"""The gateway's small endpoints on a real node: models, health, metrics, the API key.
+
+Most tests use the shared gateway node (``api_fixtures.py``). A second node, started
+with ``--api-key``, checks authentication: every route but ``/health`` wants the key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from api_helpers import MESSAGES, assert_error, post, serve_node
+from node_process import Node
+
+pytest_plugins = ["api_fixtures"]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("node_output_on_failure")]
+
+API_KEY = "test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def keyed_node(request: pytest.FixtureRequest, model_path: Path) -> Iterator[Node]:
+    yield from serve_node(request, model_path, "--api-key", API_KEY)
+
+
+# --------------------------------------------------------------------------- models, health, metrics
+
+
+def test_models_list_and_get(client: openai.OpenAI, node: Node) -> None:
+    models = client.models.list().data
+    assert len(models) == 1
+    assert models[0].object == "model" and models[0].id
+    assert client.models.retrieve(models[0].id).id == models[0].id
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_health(node: Node, model_id: str) -> None:
+    r = httpx.get(f"{node.url}/health", timeout=10)
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "model": model_id}
+
+
+def test_metrics_count_requests_and_tokens(client: openai.OpenAI, node: Node, model_id: str) -> None:
+    client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=3, temperature=0)
+    r = httpx.get(f"{node.url}/metrics", timeout=10)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert re.search(r'shardmesh_http_requests_total\{.*route="/v1/chat/completions".*status="200".*\} [1-9]', text)
+    assert re.search(r"^shardmesh_generated_tokens_total [1-9]", text, re.M)
+    assert re.search(r"^shardmesh_time_to_first_token_seconds_count [1-9]", text, re.M)
+
+
+
+# --------------------------------------------------------------------------- api key
+
+
+def test_api_key_required(keyed_node: Node) -> None:
+    base = f"{keyed_node.url}/v1"
+    good = openai.OpenAI(base_url=base, api_key=API_KEY, max_retries=0, timeout=60)
+    model = good.models.list().data[0].id
+
+    wrong = openai.OpenAI(base_url=base, api_key="wrong-key", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2)
+
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 2}
+    assert_error(post(keyed_node, "/v1/chat/completions", body), 401, "invalid_api_key")
+    assert_error(httpx.get(f"{keyed_node.url}/metrics", timeout=10), 401)
+    assert_error(httpx.get(f"{base}/models", headers={"Authorization": f"Basic {API_KEY}"}, timeout=10), 401)
+    assert httpx.get(f"{keyed_node.url}/health", timeout=10).status_code == 200  # stays open
+
+    r = good.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens >= 1
+    assert httpx.get(f"{keyed_node.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).status_code == 200
+
