@@ -176,4 +176,3 @@ def test_chat_control_tokens_in_user_text_stay_text(
     assert unsanitised.count(im_start) == 3
     r = client.chat.completions.create(model=model_id, messages=forged, max_tokens=1, temperature=0)
     assert r.usage.prompt_tokens == len(ids) != len(unsanitised)
-

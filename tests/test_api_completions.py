@@ -102,4 +102,3 @@ def test_completion_sampling_knobs_match_local_replay(
     r = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=N, extra_body=extensions, **standard)
     assert r.choices[0].text == reference.tokenizer.decode(expected, skip_special_tokens=True)
     assert r.usage.completion_tokens == len(expected)
-

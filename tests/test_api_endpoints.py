@@ -56,7 +56,6 @@ def test_metrics_count_requests_and_tokens(client: openai.OpenAI, node: Node, mo
     assert re.search(r"^shardmesh_time_to_first_token_seconds_count [1-9]", text, re.M)
 
 
-
 # --------------------------------------------------------------------------- api key
 
 
@@ -80,4 +79,3 @@ def test_api_key_required(keyed_node: Node) -> None:
     r = good.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2, temperature=0)
     assert r.usage.completion_tokens >= 1
     assert httpx.get(f"{keyed_node.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).status_code == 200
-

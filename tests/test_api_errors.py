@@ -143,4 +143,3 @@ def test_body_over_1mib_is_413(node: Node, client: openai.OpenAI, model_id: str)
     r = httpx.post(f"{node.url}/v1/completions", content=chunked(), timeout=60)
     assert_error(r, 413)
     assert_still_serving(client, model_id)
-

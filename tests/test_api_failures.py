@@ -131,4 +131,3 @@ def test_client_disconnect_stops_generation(tokenizer: Any) -> None:
                 await trio.sleep(0.05)
 
     run_in_process(generator, check)
-

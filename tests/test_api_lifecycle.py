@@ -39,4 +39,3 @@ def test_full_kv_cache_is_503_and_the_node_recovers(model_path: Path) -> None:
         assert httpx.get(f"{node.url}/health", timeout=10).status_code == 200
     finally:
         stop_node(node)
-

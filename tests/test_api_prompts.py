@@ -40,4 +40,3 @@ def test_chat_template_type_error_is_not_retried_unguarded() -> None:
         chat_prompt_ids(tokenizer, messages)
     assert tokenizer.calls == [{"sanitize_control_tokens": True}]  # never rendered without the guard
     assert chat_prompt_ids(_NoSanitizing(), messages) == [5, 6, 7]
-

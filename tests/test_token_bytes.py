@@ -54,4 +54,3 @@ def test_token_bytes_sentencepiece_byte_fallback() -> None:
     # The decoder strips the space SentencePiece puts in front of the first word; the
     # first token's bytes keep it.
     assert b"".join(token_bytes(sp, i) for i in ids) == b" " + text.encode("utf-8")
-

@@ -130,7 +130,7 @@ class Gateway:
         self.created = now()
         # Tokenizing (chat template + encode) runs in a worker thread, so a long prompt
         # does not stall the event loop; one prompt at a time, because that work holds
-        # the GIL most of the way (Jinja, transformers' Python around the Rust encoder):
+        # the GIL most of the way (Jinja, and the Python around the Rust encoder):
         # more threads would not finish a burst of requests sooner, only take more of
         # trio's shared thread pool. This is not exclusive use of the tokenizer: the
         # detokenizers (generate.py, text.py) decode on the event loop meanwhile. That

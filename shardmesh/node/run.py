@@ -240,6 +240,8 @@ async def run_until_signalled(config: NodeConfig) -> None:
         nursery.start_soon(stop_on_signal)
         await run_node(config, stop=stop)
         nursery.cancel_scope.cancel()
+
+
 def main(config: NodeConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # The hub client's HTTP libraries log every request at INFO; downloads show progress

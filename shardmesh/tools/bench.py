@@ -26,6 +26,7 @@ import trio
 
 from .bench_common import Figure, bench_model_path, decode_rate, prompt_ids
 
+
 class GenerateReference:
     """transformers ``generate`` on the same weights: the figure to compare against."""
 
@@ -89,11 +90,11 @@ async def bench_ours(path: Path, dtype: str, prompt: list[int], tokens: int, rep
     compute = compute_thread()  # torch runs on this one thread, for both paths
     stage = await compute.run(lambda: TorchStage(resolve_local(str(path)), 0, dtype=dtype, model_name="bench"))
     reference = await compute.run(GenerateReference, path, getattr(torch, dtype), prompt, stage.info.device)
-    runner = StepBatcher(stage)
+    batcher = StepBatcher(stage)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    generator = Generator("bench", tokenizer, 1 << 20, LocalChains([runner]), frozenset())
+    generator = Generator("bench", tokenizer, 1 << 20, LocalChains([batcher]), frozenset())
     async with trio.open_nursery() as nursery:
-        await nursery.start(runner.run)
+        await nursery.start(batcher.run)
         port = await nursery.start(serve, create_app(generator), "127.0.0.1", 0)
         url = f"http://127.0.0.1:{port}"
         text = tokenizer.decode(prompt)
@@ -117,13 +118,13 @@ async def bench_ours(path: Path, dtype: str, prompt: list[int], tokens: int, rep
         async def one() -> None:
             rates.append(await decode_rate(generator, prompt, tokens))
 
-        before = runner.batched_requests, runner.batches
+        before = batcher.batched_requests, batcher.batches
         t0 = time.perf_counter()
         async with trio.open_nursery() as group:
             for _ in range(sessions):
                 group.start_soon(one)
         elapsed = time.perf_counter() - t0
-        reqs, batches = runner.batched_requests - before[0], runner.batches - before[1]
+        reqs, batches = batcher.batched_requests - before[0], batcher.batches - before[1]
         figures.append(
             Figure(
                 f"shardmesh {sessions} concurrent sessions (aggregate)",

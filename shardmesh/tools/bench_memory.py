@@ -13,7 +13,7 @@ process's resident set (RSS) is read. For the serving node the report splits it:
 * the overhead: RSS less the two, that is the interpreter, its libraries (torch, trio,
   py-libp2p, ...) and everything else a node keeps.
 
-Sizes are in MB of 10^6 bytes. The targets are those of the re-floor (issue 16).
+Sizes are in MB of 10^6 bytes; the targets are explained in docs/PERFORMANCE.md ("Memory").
 """
 
 from __future__ import annotations

@@ -101,8 +101,8 @@ async def _one_process(path: Path, dtype: str):
     from ..backends.weights import resolve_local
 
     stage = await compute_thread().run(lambda: TorchStage(resolve_local(str(path)), 0, dtype=dtype, model_name="bench"))
-    runner = StepBatcher(stage)
-    return Generator("bench", AutoTokenizer.from_pretrained(path), 1 << 20, LocalChains([runner]), frozenset()), runner
+    batcher = StepBatcher(stage)
+    return Generator("bench", AutoTokenizer.from_pretrained(path), 1 << 20, LocalChains([batcher]), frozenset()), batcher
 
 
 async def _chain_decode(opener: FixedRoute, prompt: list[int], tokens: int) -> tuple[float, float]:
@@ -146,8 +146,8 @@ async def measure_paths(path: Path, dtype: str, prompt: list[int], tokens: int, 
     async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as mesh, trio.open_nursery() as nursery:
         server = HopServer(mesh, None, model_id, config.num_hidden_layers, config.max_position_embeddings)
         await nursery.start(server.run)
-        local, runner = await _one_process(path, dtype)
-        await nursery.start(runner.run)
+        local, batcher = await _one_process(path, dtype)
+        await nursery.start(batcher.run)
         for node, _, _ in chain.hops:
             await mesh.connect(node.address)
         route = [Hop(n.peer, s, e) for n, s, e in chain.hops]

@@ -46,7 +46,6 @@ CHAT_TEMPLATE = (
 )
 
 
-
 _SUBJECTS = (
     "the node", "a peer", "the router", "this machine", "the scheduler", "every worker",
     "the server", "a client", "the cluster", "our gateway", "the model", "each stage",

@@ -33,7 +33,6 @@ from .tensors import raw_from_tensor, tensor_from_raw, torch_dtype
 from .weights import load_span_state
 
 
-
 def pick_device(device: str) -> torch.device:
     if device != "auto":
         return torch.device(device)
