@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 
-from shardmesh.contract import CacheBudgetExceeded, ChainFailed, NoRoute, SampledToken, SamplingParams
+from shardmesh.contract import BadRequest, CacheBudgetExceeded, ChainFailed, NoRoute, SampledToken, SamplingParams
 from shardmesh.mesh.chain_client import OPEN_TIMEOUT, READER_GRACE, STEP_TIMEOUT, MeshChains, RemoteChain
 from shardmesh.mesh.pipe import pipe_pair
 from shardmesh.mesh.wire import Frame, FrameStream, StreamEnded, WireError, encode_frame
@@ -382,7 +382,10 @@ def test_an_error_answering_open_blames_a_peer_on_the_route_or_the_sender(named:
 
 
 @pytest.mark.parametrize("named, blamed", BLAME, ids=BLAME_IDS)
-def test_an_error_answering_attach_blames_a_peer_on_the_route_or_the_sender(named: Any, blamed: str | None) -> None:
+def test_an_error_answering_attach_blames_the_last_hop_whoever_it_names(named: Any, blamed: str | None) -> None:
+    """On its attach stream the last hop speaks only for itself: naming the hop before
+    it (or anyone) does not move the blame off it (issue 17, item 4)."""
+
     async def last(fs: FrameStream) -> None:
         await read(fs, "attach")
         await fs.write(error("forbidden", named))
@@ -392,8 +395,8 @@ def test_an_error_answering_attach_blames_a_peer_on_the_route_or_the_sender(name
         reports = Reports()
         with pytest.raises(ChainFailed) as info:
             await opened(Peers(nursery, {**scripts, B: last}), reports)
-        assert (info.value.peer, info.value.code) == (blamed or B, "forbidden")
-        assert reports.failed == [blamed or B]
+        assert (info.value.peer, info.value.code) == (B, "forbidden")
+        assert reports.failed == [B]
 
     run(main)
 
@@ -402,7 +405,9 @@ def test_an_error_answering_attach_blames_a_peer_on_the_route_or_the_sender(name
 @pytest.mark.parametrize("sender", [A, B], ids=["relayed-by-the-first-hop", "from-the-last-hop"])
 def test_an_error_during_a_step_blames_a_peer_on_the_route(sender: str, named: Any, blamed: str | None) -> None:
     """Errors travel back on both streams (the first hop relays those of later hops).
-    A peer off the route is never believed; the chain then blames its last hop."""
+    On the first hop's stream a peer off the route is never believed: the first hop
+    sent that frame, so it is blamed. On the last hop's attach stream the last hop is
+    blamed whoever it names (issue 17, item 4)."""
 
     async def first(fs: FrameStream) -> None:
         await ok(fs, "open")
@@ -423,8 +428,92 @@ def test_an_error_during_a_step_blames_a_peer_on_the_route(sender: str, named: A
         chain = await opened(Peers(nursery, {A: first, B: last}), reports)
         with pytest.raises(ChainFailed) as info:
             await chain.step(PROMPT, 0, True)
-        assert (info.value.peer, info.value.code) == (blamed or B, "stage_error")
-        assert reports.failed == [blamed or B] and reports.served == [ROUTE]
+        expected = (blamed or A) if sender == A else B
+        assert (info.value.peer, info.value.code) == (expected, "stage_error")
+        assert reports.failed == [expected] and reports.served == [ROUTE]
+        await chain.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize("confirmed", [True, False], ids=["confirmed-by-the-last-hop", "relayed-only"])
+def test_bad_request_is_the_request_s_fault_only_on_the_last_hop_s_word(confirmed: bool) -> None:
+    """``bad_request`` (the last hop cannot sample these parameters) is no peer's fault:
+    straight from the last hop it is :class:`BadRequest` (an HTTP 400) and nobody is
+    reported. Relayed on the first hop's stream alone it may be a middle hop's forgery
+    to fail unblamed: it blames nobody either, but is not taken for a 400."""
+
+    async def first(fs: FrameStream) -> None:
+        await ok(fs, "open")
+        await read(fs, "step")
+        await fs.write(error("bad_request", B))  # relayed first: the gateway must wait for B
+        await trio.sleep_forever()
+
+    async def last(fs: FrameStream) -> None:
+        await ok(fs, "attach")
+        if confirmed:
+            await trio.sleep(1)
+            await fs.write(error("bad_request", B))
+        await trio.sleep_forever()
+
+    async def main(nursery: trio.Nursery) -> None:
+        reports = Reports()
+        chain = await opened(Peers(nursery, {A: first, B: last}), reports)
+        with pytest.raises((BadRequest, ChainFailed)) as info:
+            await chain.step(PROMPT, 0, True)
+        if confirmed:
+            assert isinstance(info.value, BadRequest) and info.value.message == "bad_request happened"
+        else:
+            assert isinstance(info.value, ChainFailed) and info.value.peer is None
+        assert reports.failed == []
+        await chain.close()
+
+    run(main)
+
+
+def test_bad_request_from_a_one_hop_route_is_a_bad_request_on_either_stream() -> None:
+    async def only(fs: FrameStream) -> None:
+        frame = await fs.read_frame()
+        await fs.write({"t": "result", "session": frame.header["session"], "ok": True})
+        if frame.type == "open":
+            await read(fs, "step")
+            await fs.write(error("bad_request", None))
+        await trio.sleep_forever()
+
+    async def main(nursery: trio.Nursery) -> None:
+        reports = Reports()
+        c = mesh_chains(Peers(nursery, {A: only}), reports, route=[Hop(A, 0, 4)]).chain("s", SamplingParams(), PROMPT, [])
+        await c.open(64)
+        with pytest.raises(BadRequest):
+            await c.step(PROMPT, 0, True)
+        assert reports.failed == []
+        await c.close()
+
+    run(main)
+
+
+def test_non_finite_input_named_by_the_last_hop_blames_neither_hop() -> None:
+    """The last hop says the hop before it sent NaN: one of the two is lying (or broken)
+    and the gateway cannot tell which, so neither is excluded. Any other peer it names on
+    its attach stream, with any code, is blamed on itself (see the test above)."""
+
+    async def first(fs: FrameStream) -> None:
+        await ok(fs, "open")
+        await read(fs, "step")
+        await trio.sleep_forever()
+
+    async def last(fs: FrameStream) -> None:
+        await ok(fs, "attach")
+        await trio.sleep(1)
+        await fs.write(error("non_finite", A))
+        await trio.sleep_forever()
+
+    async def main(nursery: trio.Nursery) -> None:
+        reports = Reports()
+        chain = await opened(Peers(nursery, {A: first, B: last}), reports)
+        with pytest.raises(ChainFailed) as info:
+            await chain.step(PROMPT, 0, True)
+        assert (info.value.peer, info.value.code) == (None, "non_finite") and reports.failed == []
         await chain.close()
 
     run(main)

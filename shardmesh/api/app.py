@@ -54,10 +54,10 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from .auth import RequireApiKey
-from .errors import ApiError, error_body, internal_error, unavailable
+from .errors import ApiError, bad_request, error_body, internal_error, unavailable
 from .formats import ChatFormat, CompletionFormat
 from .generate import Finished, GenerationRequest, Generator, PromptTooLong, TokenEvent
-from ..contract import ModelUnavailable
+from ..contract import BadRequest, ModelUnavailable
 from .metrics import CountRequests, Metrics
 from .prompts import chat_prompt_ids, completion_prompt_ids
 from .schemas import ChatCompletionRequest, CompletionRequest, check_request, generation_request, parse_request
@@ -247,6 +247,10 @@ class Gateway:
             raise unavailable(str(exc) or "the model is unavailable") from None
         except PromptTooLong as exc:
             raise ApiError(400, str(exc) or "the prompt is too long", code="context_length_exceeded") from None
+        except BadRequest as exc:
+            # The last hop (or this node's own sampler) cannot sample with these
+            # parameters: the request's fault, so a 400, and no peer was blamed for it.
+            raise bad_request(exc.message or "the sampling parameters cannot be sampled", code="bad_sampling_parameters") from None
 
 
 def create_app(

@@ -11,6 +11,13 @@ import hypercorn.trio
 import trio
 from starlette.types import ASGIApp
 
+#: How long an idle keep-alive connection stays open before the server closes it.
+#: Hypercorn's own default, written down so it is a decision: long enough for a client
+#: to send its next request on the same connection, short enough that abandoned
+#: connections do not pile up. (A client that sends ``Connection: close`` has its
+#: connection closed as soon as the response is sent.)
+KEEP_ALIVE_SECONDS = 5.0
+
 
 def listening_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port`` and listening; port 0 picks a free port.
@@ -36,6 +43,7 @@ async def serve(app: ASGIApp, host: str, port: int, *, task_status: trio.TaskSta
     # hypercorn adopts an open socket through an "fd://" bind. detach() hands the file
     # descriptor over, so exactly one socket object owns (and finally closes) it.
     config.bind = [f"fd://{sock.detach()}"]
+    config.keep_alive_timeout = KEEP_ALIVE_SECONDS
     config.accesslog = None  # requests are counted in /metrics; no per-request log lines
     config.errorlog = logging.getLogger("hypercorn.error")  # the node's logging setup decides
     async with trio.open_nursery() as nursery:

@@ -7,6 +7,9 @@ must stop the moment its client hangs up.
 
 Once a stream has started the status code cannot change, so a failure mid-stream is
 sent as a last event ``data: {"error": {...}}`` followed by ``data: [DONE]``.
+
+Every response ends through :func:`finish`, shielded from the disconnect watcher: see
+there for why an unshielded last message leaves the client's connection open forever.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ async def cancel_on_disconnect(receive: Receive, cancel_scope: trio.CancelScope)
     """Wait for the client to hang up, then cancel ``cancel_scope``.
 
     Called once the request body has been read, so the next ASGI message can only be
-    ``http.disconnect``.
+    ``http.disconnect``: the client gone, or (hypercorn sends it then too) the response
+    sent in full, which is why the last message goes through :func:`finish`.
     """
     while True:
         message = await receive()
@@ -63,6 +67,24 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
+async def finish(send: Send, body: bytes = b"") -> None:
+    """Send a response's last body message (``more_body: False``), shielded from cancellation.
+
+    That message is where hypercorn ends the exchange, inside this very ``send`` call:
+    it writes the end of the body, tells the app ``http.disconnect`` (the ASGI way of
+    saying "response sent"), and then either closes the socket (the client asked for
+    ``Connection: close``, or the connection cannot be reused) or arms its keep-alive
+    timer. :func:`cancel_on_disconnect` wakes on that very ``http.disconnect`` and
+    cancels the request's scope, so without the shield the cancellation lands in
+    hypercorn's bookkeeping at its next checkpoint (the ``send_eof`` before the close,
+    the start of the timer) and the socket is then neither closed nor timed out: it
+    stays open until the client hangs up. The shield covers only that bookkeeping:
+    hypercorn already shields its own socket writes.
+    """
+    with trio.CancelScope(shield=True):
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
     """A whole JSON response through raw ASGI ``send``."""
     data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
@@ -73,7 +95,7 @@ async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
         }
     )
-    await send({"type": "http.response.body", "body": data, "more_body": False})
+    await finish(send, data)
 
 
 class GenerationResponse:
@@ -167,5 +189,6 @@ class GenerationResponse:
             except Exception:  # StopAsyncIteration included
                 log.exception("generation failed mid-stream")
                 await emit(internal_error().body())
-            await emit("[DONE]")
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            # The terminator and the end of the body in one message: the chunked body's
+            # last chunk goes out with it, and hypercorn then closes or parks the socket.
+            await finish(send, sse("[DONE]"))

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from ..contract import BadInput, RawTensor, SamplingParams, StageInfo, StepOutput, StepRequest
+from ..contract import BadInput, BadRequest, RawTensor, SamplingParams, StageInfo, StepOutput, StepRequest
 from .batcher import StepBatcher
-from .torch.sampling import sample
+from .torch.sampling import SamplingRefused, sample
 from .torch.tensors import tensor_from_raw
 
 
@@ -28,7 +28,13 @@ class SamplerState:
     generated: list[int] = field(default_factory=list)
 
     def __call__(self, logits: RawTensor) -> dict[str, Any]:
-        token = sample(tensor_from_raw(logits), self.params, self.prompt_ids, self.generated)
+        """Compute thread: the next token. A refusal caused by the request's parameters
+        is :class:`BadRequest` (error code ``bad_request``: the gateway answers HTTP 400
+        and holds it against no peer); anything else stays this hop's own failure."""
+        try:
+            token = sample(tensor_from_raw(logits), self.params, self.prompt_ids, self.generated)
+        except SamplingRefused as exc:
+            raise BadRequest(f"cannot sample with these parameters: {exc}") from exc
         self.generated.append(token.token_id)
         return {
             "token": token.token_id,

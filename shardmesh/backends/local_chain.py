@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from array import array
 
-from ..contract import RawTensor, SampledToken, SamplingParams, StepRequest
+from ..contract import BadRequest, RawTensor, SampledToken, SamplingParams, StepRequest
 from .batcher import StepBatcher
-from .torch.sampling import sample
+from .torch.sampling import SamplingRefused, sample
 from .torch.tensors import tensor_from_raw
 
 
@@ -29,7 +29,12 @@ class LocalChain:
             await batcher.open(self.session_id, max_length)
 
     def _sample(self, logits: RawTensor) -> SampledToken:
-        token = sample(tensor_from_raw(logits), self.sampling, self.prompt_ids, self.generated)
+        """Compute thread: the next token; :class:`BadRequest` (an HTTP 400 at the
+        gateway, not a 500) when the request's parameters are what cannot be sampled."""
+        try:
+            token = sample(tensor_from_raw(logits), self.sampling, self.prompt_ids, self.generated)
+        except SamplingRefused as exc:
+            raise BadRequest(f"cannot sample with these parameters: {exc}") from exc
         self.generated.append(token.token_id)
         return token
 

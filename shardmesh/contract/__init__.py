@@ -6,7 +6,7 @@ one room. See ``docs/ARCHITECTURE.md``.
 """
 
 from .chains import Chain, ChainOpener
-from .errors import BadInput, CacheBudgetExceeded, ChainFailed, ModelUnavailable, NoRoute, StageError, UnknownSession
+from .errors import BadInput, BadRequest, CacheBudgetExceeded, ChainFailed, ModelUnavailable, NoRoute, NonFiniteInput, StageError, UnknownSession
 from .hop import HopCompute, Sampler
 from .sampling import MAX_TOP_LOGPROBS, SampledToken, SamplingParams
 from .stage import Stage, StageInfo, StepOutput, StepRequest, check_step
@@ -14,6 +14,7 @@ from .tensors import DTYPE_SIZES, RawTensor
 
 __all__ = [
     "BadInput",
+    "BadRequest",
     "CacheBudgetExceeded",
     "Chain",
     "ChainFailed",
@@ -23,6 +24,7 @@ __all__ = [
     "MAX_TOP_LOGPROBS",
     "ModelUnavailable",
     "NoRoute",
+    "NonFiniteInput",
     "RawTensor",
     "SampledToken",
     "Sampler",

@@ -27,6 +27,21 @@ class UnknownSession(StageError):
     code = "unknown_session"
 
 
+class BadRequest(StageError):
+    """The request itself cannot be served, whichever peer runs it (e.g. sampling
+    parameters the last hop's sampler refuses). Not a peer's fault: the gateway answers
+    HTTP 400 and excludes nobody."""
+
+    code = "bad_request"
+
+
+class NonFiniteInput(StageError):
+    """Hidden states received from the upstream hop hold NaN or infinity: the sender's
+    fault, so the receiver's error frame names the sender, not itself."""
+
+    code = "non_finite"
+
+
 class CacheBudgetExceeded(StageError):
     """The KV cache budget cannot hold another session of the requested length."""
 

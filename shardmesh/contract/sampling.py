@@ -7,11 +7,10 @@ into a :class:`SampledToken`. Both are plain data, importable without torch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["MAX_TOP_LOGPROBS", "SampledToken", "SamplingParams"]
+__all__ = ["MAX_TOP_LOGPROBS", "REPETITION_PENALTY_MAX", "REPETITION_PENALTY_MIN", "SampledToken", "SamplingParams"]
 
 #: The most alternatives a client may ask for per token (OpenAI's limit too).
 MAX_TOP_LOGPROBS = 20
@@ -21,12 +20,20 @@ MAX_TOP_LOGPROBS = 20
 _SEED_MIN = -(2**63)
 _SEED_MAX = 2**64 - 1
 
+# The repetition penalty multiplies or divides float32 logits. Within float32's normal
+# range it is held exactly, and a float32 logit times or over it always fits a float64
+# (the sampler falls back to float64 when float32 overflows). 1e-300 is 0 in float32.
+REPETITION_PENALTY_MIN = 2.0**-126  # about 1.18e-38, float32's smallest normal number
+REPETITION_PENALTY_MAX = 3.4028234663852886e38  # float32's largest finite number
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick a token from logits. All fields are plain, JSON/CBOR-able values.
 
-    ``temperature == 0`` means greedy decoding. ``top_k == 0`` and ``top_p == 1`` mean
+    ``temperature == 0`` means greedy decoding; any temperature in ``(0, 2]`` is sampled
+    exactly, however tiny (``1e-300`` behaves as the greedy limit it is, see
+    :mod:`shardmesh.backends.torch.sampling`). ``top_k == 0`` and ``top_p == 1`` mean
     "no truncation". Penalty semantics follow the APIs clients already know:
 
     * ``presence_penalty`` / ``frequency_penalty`` (OpenAI): for every token already
@@ -37,7 +44,9 @@ class SamplingParams:
       negative one multiplied by it, so a penalty > 1 always makes it less likely.
 
     Instances are not validated on construction (so that :meth:`validate` can report
-    a readable error); :func:`sample` and :meth:`from_dict` always validate.
+    a readable error); :func:`sample` and :meth:`from_dict` always validate. Every
+    instance that passes :meth:`validate` can be sampled from any finite logits: the
+    gateway validates before sending, so a last hop never refuses a request it was sent.
     """
 
     temperature: float = 1.0
@@ -79,8 +88,11 @@ class SamplingParams:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if not REPETITION_PENALTY_MIN <= self.repetition_penalty <= REPETITION_PENALTY_MAX:
+            raise ValueError(
+                f"repetition_penalty must be in [{REPETITION_PENALTY_MIN:.3g}, {REPETITION_PENALTY_MAX:.3g}] "
+                f"(> 0 and representable in float32; 1 disables it), got {self.repetition_penalty}"
+            )
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if self.seed is not None and not _SEED_MIN <= self.seed <= _SEED_MAX:

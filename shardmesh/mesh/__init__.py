@@ -13,6 +13,7 @@ them (``from shardmesh.mesh import wire`` does).
 
 __all__ = [
     "addresses",
+    "cbor_plain",
     "chain_client",
     "dht",
     "dht_peers",

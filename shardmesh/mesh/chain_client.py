@@ -10,8 +10,9 @@ travel hop to hop in between, never through the gateway.
 Two tasks read for the chain while it is open: one on the last hop's stream (results
 and errors), one on the first hop's stream (errors relayed back along the chain). Both
 feed one channel, so a step waits on a single place and sees whichever comes first.
-Any failure raises :class:`ChainFailed` naming the peer at fault, which is what the
-gateway needs to route around it.
+Any failure raises :class:`ChainFailed` naming the peer at fault (where an error frame
+can say so, see :func:`_failure`), which is what the gateway needs to route around it;
+a request the last hop cannot sample raises :class:`BadRequest`, which blames no one.
 
 :class:`MeshChains` is the gateway's chain opener over the swarm: each chain it makes
 picks its route only when it opens (the swarm may have changed since the request came)
@@ -26,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import trio
 
-from ..contract import CacheBudgetExceeded, ChainFailed, NoRoute, SampledToken, SamplingParams
+from ..contract import BadRequest, CacheBudgetExceeded, ChainFailed, NoRoute, NonFiniteInput, SampledToken, SamplingParams
 from ..placement.routing import Hop
 from .host import close_quietly, reset_quietly
 from .link_offers import Links, request_fields, upgrade_opener
@@ -37,19 +38,46 @@ log = logging.getLogger("shardmesh.mesh.chain_client")
 OPEN_TIMEOUT = 90.0  # the whole chain opens hop by hop within this
 STEP_TIMEOUT = 120.0  # one step's token (a long prefill on a slow CPU) arrives within this
 READER_GRACE = 10.0  # seconds the hops get to close their sides after a close
+CONFIRM_GRACE = 2.0  # a relayed bad_request waits this long for the last hop's own word
+MAX_CODE, MAX_MESSAGE = 32, 1000  # what of an error frame's text a ChainFailed keeps
 
 RouteFinder = Callable[[int], list[Hop] | None]  # tokens needed -> a route, or None
 
 
-def _failure(frame: Frame, default_peer: str | None, route: list[Hop]) -> Exception:
-    """The exception for an error frame. The peer it blames must be on the route: a hop
-    must not be able to make the gateway avoid some unrelated, honest peer."""
+def _failure(frame: Frame, sender: str, route: list[Hop], *, attach: bool = False) -> Exception:
+    """The exception for an error frame from ``sender``: the first hop (its stream
+    carries its own errors and those relayed from later hops) or, with ``attach``, the
+    last hop on its attach stream. What the frame may blame is bounded by what its
+    sender can know, so that no hop can get an honest one excluded (docs/PROTOCOL.md 6.3):
+
+    * ``bad_request`` (the request cannot be sampled) is believed only straight from
+      the last hop: :class:`BadRequest`, an HTTP 400 that blames no peer. Relayed by
+      another hop it is unconfirmed (a middle hop could forge it to go unblamed) and
+      blames nobody; the last hop sends it on its attach stream first anyway.
+    * On the attach stream the last hop speaks only for itself: whoever it names, the
+      blame is its own. The one exception is ``non_finite`` against the hop right before
+      it (it received NaN or inf): one of the two is lying or broken and the gateway
+      cannot tell which, so it blames neither.
+    * On the first hop's stream the named peer must be on the route (each honest hop
+      relaying it already refused blame of itself or earlier hops), else the first hop.
+    """
     h = frame.header
-    code, message, peer = str(h.get("code", "error")), str(h.get("message", "")), h.get("peer")
+    code, message, peer = h.get("code"), h.get("message"), h.get("peer")
+    code = code if isinstance(code, str) and 0 < len(code) <= MAX_CODE else "error"
+    message = message[:MAX_MESSAGE] if isinstance(message, str) else ""
+    last = route[-1].peer
     if code == CacheBudgetExceeded.code:
         return CacheBudgetExceeded(message)
+    if code == BadRequest.code:
+        if sender == last:
+            return BadRequest(message)
+        return ChainFailed(None, code, f"relayed by {sender}, not confirmed by the last hop: {message}")
+    if attach:
+        if code == NonFiniteInput.code and len(route) > 1 and peer == route[-2].peer:
+            return ChainFailed(None, code, f"the last hop says the hop before it sent: {message}")
+        return ChainFailed(last, code, message)
     on_route = {hop.peer for hop in route}
-    return ChainFailed(peer if isinstance(peer, str) and peer in on_route else default_peer, code, message)
+    return ChainFailed(peer if isinstance(peer, str) and peer in on_route else sender, code, message)
 
 
 def _ignore(_: Any) -> None:
@@ -174,7 +202,7 @@ class RemoteChain:
         except (StreamEnded, WireError) as exc:
             raise ChainFailed(peer, "peer_lost", f"no answer to {what}: {exc}") from exc
         if reply.type == ERROR:
-            raise _failure(reply, peer, self._route)
+            raise _failure(reply, peer, self._route, attach=fs is self._last)
         if reply.type != RESULT or reply.header.get("ok") is not True:
             raise ChainFailed(peer, "bad_frame", f"{what} answered with {reply.type}")
         try:
@@ -201,10 +229,17 @@ class RemoteChain:
                         log.debug("session %s: the %s hop's stream ended: %r", self.session_id, which, exc)
                         self._events_in.send_nowait(ChainFailed(peer, "peer_lost", f"the {which} hop's stream ended: {exc!r}"))
                     return
+                if frame.type == ERROR:
+                    failure = _failure(frame, peer, self._route, attach=fs is self._last)
+                    if isinstance(failure, ChainFailed) and failure.code == BadRequest.code:
+                        # Unconfirmed: give the last hop's own bad_request the time to
+                        # arrive first on its attach stream, so the client gets its 400.
+                        await trio.sleep(CONFIRM_GRACE)
+                    if not self._closed:
+                        self._events_in.send_nowait(failure)
+                    return
                 if not self._closed:
                     self._events_in.send_nowait(frame)
-                if frame.type == ERROR:
-                    return
         except trio.WouldBlock:
             log.warning("session %s: %s sends frames nobody asked for", self.session_id, peer)
         finally:
@@ -248,10 +283,8 @@ class RemoteChain:
 
     def _token(self, event: Frame | Exception, position: int | None) -> SampledToken:
         last = self._route[-1].peer
-        if isinstance(event, Exception):
+        if isinstance(event, Exception):  # error frames arrive as their exception (_failure)
             raise event
-        if event.type == ERROR:
-            raise _failure(event, last, self._route)
         h = event.header
         token = h.get("token")
         is_id = isinstance(token, int) and not isinstance(token, bool) and token >= 0

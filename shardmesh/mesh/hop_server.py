@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import trio
 
-from ..contract import HopCompute, StageError
+from ..contract import HopCompute, NonFiniteInput, StageError
 from .hop_session import HopSession
 from .host import MeshHost, close_quietly, reset_quietly
 from .link import HopLink
@@ -221,7 +221,8 @@ class HopServer:
             async with trio.open_nursery() as nursery:
                 relay_done = trio.Event()
                 if downstream is not None:
-                    nursery.start_soon(relay_back, session, downstream, fs, route[1]["peer"], relay_done)
+                    later = [hop["peer"] for hop in route[2:]]  # whom the next hop may blame besides itself
+                    nursery.start_soon(relay_back, session, downstream, fs, route[1]["peer"], relay_done, later)
                 await self._steps(session, fs, downstream, offer)
                 if downstream is not None:
                     # FIN to the next hop: it ends its session and closes its side,
@@ -289,7 +290,10 @@ class HopServer:
                 return
             try:
                 await self._step(session, frame, downstream, max_elements)
-            except (StageError, WireError) as exc:  # refused input, full cache, a hop gone
+            except NonFiniteInput as exc:  # the upstream hop sent NaN or inf: its fault, not ours
+                await self._report(session, fs, exc.code, exc.message, blame=session.upstream_peer)
+                return
+            except (StageError, WireError) as exc:  # refused input, full cache, a hop gone, bad_request
                 await self._report(session, fs, exc.code, exc.message)
                 return
             except Exception as exc:  # a bug, or e.g. NaN logits from a broken checkpoint
@@ -334,11 +338,16 @@ class HopServer:
         assert target is not None
         await target.write(*frame_for(done.value, done.seconds))
 
-    async def _report(self, session: HopSession, fs: FrameStream, code: str, message: str) -> None:
+    async def _report(self, session: HopSession, fs: FrameStream, code: str, message: str, blame: str | None = None) -> None:
+        """Ends ``session`` with an error frame upstream (and to the gateway, on the last
+        hop) naming ``blame``: this node unless told otherwise (docs/PROTOCOL.md 6.3)."""
         log.info("session %s failed here: %s", session.session, message)
-        await fs.send_error(code, message, self.me, session.session)
+        blame = blame or self.me
+        # S2 first: the gateway believes a bad_request only from the last hop itself,
+        # and would otherwise wait for it after the relayed copy (chain_client._failure).
         if session.attach is not None:
-            await session.attach.send_error(code, message, self.me, session.session)
+            await session.attach.send_error(code, message, blame, session.session)
+        await fs.send_error(code, message, blame, session.session)
 
     async def _reap_attach(self, session: HopSession) -> None:
         with trio.move_on_after(RELAY_GRACE):

@@ -3,26 +3,63 @@
 Each hop that is not the last opens a stream to the next one and forwards the ``open``
 with the route shortened by one hop (docs/PROTOCOL.md, 6.2). While the session runs,
 nothing flows back on that stream except an error, which is passed towards the gateway
-unchanged, since it already names the peer that failed (docs/PROTOCOL.md, 6.3).
+with the peer it names, since that is who failed (docs/PROTOCOL.md, 6.3).
+
+Both directions pass on only what they know. The ``open`` sent on is built by
+:func:`~shardmesh.mesh.open_request.next_open` from the fields the protocol names, and
+an error relayed back is rebuilt from its ``code``, ``message`` and ``peer``, each
+type-checked and cut short (:func:`relayed_error`): a field a stranger added is never
+re-encoded, and a value of the wrong type is never ``str``-ed or ``repr``-ed whole.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Collection
 
 import trio
 
+from .cbor_plain import clip
 from .hop_session import HopSession
 from .host import close_quietly, reset_quietly
 from .link_offers import Links, request_fields, upgrade_opener
+from .open_request import next_open
 from .wire import ERROR, RESULT, Frame, FrameStream, StreamEnded, WireError
 
 log = logging.getLogger("shardmesh.mesh.next_hop")
 
 OPEN_TIMEOUT = 60.0  # the rest of the chain must open within this (loading is done already)
+MAX_CODE = 32  # error codes are short words (docs/PROTOCOL.md 6.3)
+MAX_MESSAGE = 1000  # characters of a relayed message; a human reads it, nothing parses it
+MAX_PEER = 128  # a peer id is about 52 characters
 
-__all__ = ["OPEN_TIMEOUT", "open_next_hop", "relay_back"]
+__all__ = ["OPEN_TIMEOUT", "blamed_within", "open_next_hop", "relay_back", "relayed_error"]
+
+
+def relayed_error(header: dict[str, Any], nxt: str) -> WireError:
+    """The error a downstream ``error`` frame reports, rebuilt from the fields the
+    protocol gives it: text of bounded length each, ``nxt`` (the next hop) where the
+    ``peer`` it names is not a plausible peer id, and nothing else of the frame."""
+    code, message, peer = header.get("code"), header.get("message"), header.get("peer")
+    return WireError(
+        code if isinstance(code, str) and 0 < len(code) <= MAX_CODE else "error",
+        clip(message, MAX_MESSAGE) if isinstance(message, str) else "",
+        peer if isinstance(peer, str) and 0 < len(peer) <= MAX_PEER else nxt,
+    )
+
+
+def blamed_within(err: WireError, nxt: str, later: Collection[str]) -> WireError:
+    """``err`` (from the next hop) blaming ``nxt`` itself or a peer after it on the route;
+    blame of anyone else (this hop, an earlier one, a stranger) is put back on ``nxt``.
+
+    The next hop cannot prove who failed; what it may claim is bounded by what it can
+    see. It may name itself, or a peer further down (one it could not reach, or one that
+    refused). Naming this hop or an earlier one would let a hostile hop get the honest
+    hops before it excluded (docs/PROTOCOL.md 6.3), so such a frame blames its sender.
+    """
+    if err.peer == nxt or err.peer in later:
+        return err
+    return WireError(err.code, err.message, nxt)
 
 
 async def open_next_hop(
@@ -43,8 +80,8 @@ async def open_next_hop(
     except Exception as exc:
         raise WireError("peer_unreachable", f"cannot reach the next hop: {exc}", nxt) from exc
     downstream = FrameStream(stream, max_payload=max_payload)
-    header = {k: v for k, v in frame.header.items() if k != "link"}  # the upstream's wish, not ours
-    header.update(route=route[1:], **request_fields(links, downstream, nxt))
+    # The fields we know, from the header we validated; "link" is our own wish, not the upstream's.
+    header = {**next_open(frame.header, route), **request_fields(links, downstream, nxt)}
     try:
         await downstream.write(header, frame.payload)
     except WireError as exc:
@@ -56,10 +93,9 @@ async def open_next_hop(
         await reset_quietly(stream)
         raise WireError("peer_lost", f"the next hop did not answer open: {exc}", nxt) from exc
     if reply.type == ERROR:
-        # Pass it on as it is: it names the peer that refused.
+        # Pass it on: it names the peer that refused.
         await close_quietly(stream)
-        h = reply.header
-        raise WireError(str(h.get("code", "error")), str(h.get("message", "")), str(h.get("peer", nxt)))
+        raise blamed_within(relayed_error(reply.header, nxt), nxt, {hop["peer"] for hop in route[1:]})
     if reply.type != RESULT or reply.header.get("ok") is not True:
         await reset_quietly(stream)
         raise WireError("bad_frame", f"the next hop answered open with {reply.type}")
@@ -71,14 +107,18 @@ async def open_next_hop(
     return downstream
 
 
-async def relay_back(session: HopSession, downstream: FrameStream, upstream: FrameStream, nxt: str, done: trio.Event) -> None:
+async def relay_back(
+    session: HopSession, downstream: FrameStream, upstream: FrameStream, nxt: str, done: trio.Event, later: Collection[str] = ()
+) -> None:
     """Errors from further down travel back towards the gateway, which then ends
     the session. The next hop closing its side is the normal end (after ours).
-    Sets ``done`` when the next hop's stream has ended, whichever way."""
+    Sets ``done`` when the next hop's stream has ended, whichever way. ``later``: the
+    peers after ``nxt`` on the route, the only others an error from ``nxt`` may blame."""
     try:
         frame = await downstream.read_frame()
         if frame.type == ERROR:
-            await upstream.write(frame.header)
+            err = blamed_within(relayed_error(frame.header, nxt), nxt, later)
+            await upstream.send_error(err.code, err.message, err.peer or nxt, session.session)
         else:
             await upstream.send_error("bad_frame", f"unexpected {frame.type} from the next hop", nxt, session.session)
     except (StreamEnded, WireError) as exc:

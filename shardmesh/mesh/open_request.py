@@ -6,6 +6,13 @@ docs/PROTOCOL.md 6.3 gives it: the session id, the model, the route's shape and 
 blocks it asks of this node, ``max_length``, the gateway, the upstream peer's session
 count and, on the last hop, the token history and the sampling parameters.
 
+Nothing here ``repr``s a field whole: a bad value is named by
+:func:`~shardmesh.mesh.cbor_plain.quote`. And a hop passes on only what it knows: the
+``open`` it sends the next hop (:func:`next_open`) carries the fields of
+docs/PROTOCOL.md 6.2 and the route's hops as ``{peer, start, end}``: a field the
+protocol does not name stays here, so nothing a stranger adds travels (or is
+re-encoded) further.
+
 This module is pure: plain data in (the header, the payload, the limits, what this
 node serves right now), an :class:`OpenRequest` or a :class:`~shardmesh.mesh.wire.WireError`
 out. No streams, no clock, no trio, so each refusal can be tested on its own. The hop
@@ -20,17 +27,23 @@ from dataclasses import dataclass
 from typing import Any, Container, Mapping
 
 from ..contract import SamplingParams, StageInfo
+from .cbor_plain import clip, quote
 from .wire import OPEN, WireError
 
 MAX_ROUTE_HOPS = 64
 MAX_SESSION_ID = 64
+# What a hop forwards of the open it received (docs/PROTOCOL.md 6.2), besides the route
+# (shortened by one hop), nbytes (recomputed) and link (its own wish, not the sender's).
+FORWARDED_FIELDS = ("t", "session", "model", "gateway", "max_length", "sampling", "n_prompt")
 
 __all__ = [
+    "FORWARDED_FIELDS",
     "MAX_ROUTE_HOPS",
     "MAX_SESSION_ID",
     "Limits",
     "OpenRequest",
     "ThisNode",
+    "next_open",
     "refuse_oversized_open",
     "session_key",
     "validate_open",
@@ -75,8 +88,9 @@ class ThisNode:
 class OpenRequest:
     """An accepted ``open``: the session this hop runs, and what it forwards.
 
-    ``route`` is the remaining route as it arrived (this hop first), so the next hop
-    gets exactly the hops it was sent. ``prompt_ids``, ``generated_ids`` and
+    ``route`` is the remaining route as it arrived (this hop first), each hop reduced
+    to its ``peer``, ``start`` and ``end``, so the next hop gets exactly the hops it was
+    sent and nothing else. ``prompt_ids``, ``generated_ids`` and
     ``sampling`` are filled on the last hop only: nobody else samples.
     """
 
@@ -135,8 +149,9 @@ def validate_open(
     if not isinstance(sid, str) or not 0 < len(sid) <= MAX_SESSION_ID:
         raise WireError("bad_input", f"session must be a string of 1 to {MAX_SESSION_ID} characters")
     if header.get("model") != node.model_id:
-        raise WireError("wrong_model", f"this node serves {node.model_id}, not {header.get('model')!r}")
-    here = _checked_route(route, node)
+        raise WireError("wrong_model", f"this node serves {node.model_id}, not {quote(header.get('model'))}")
+    route = _checked_route(route, node)
+    here = route[0]
     if not isinstance(max_length, int) or not 0 < max_length <= node.context_length:
         raise WireError("bad_input", f"max_length must be in [1, {node.context_length}]")
     gateway = header.get("gateway")
@@ -157,13 +172,27 @@ def validate_open(
     return OpenRequest(sid, gateway, route, here["start"], here["end"], max_length, prompt, generated, sampling)
 
 
-def _checked_route(route: Any, node: ThisNode) -> dict[str, Any]:
-    """This node's hop of a well-formed route that it can serve (``bad_route`` otherwise)."""
+def next_open(header: Mapping[str, Any], route: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``open`` this hop sends to the next one, for an ``open`` it accepted.
+
+    ``route`` is the accepted :attr:`OpenRequest.route` (this hop first, each hop only
+    its ``peer``, ``start``, ``end``). Only :data:`FORWARDED_FIELDS` are copied:
+    whatever else the sender put in the header stays here, unencoded.
+    """
+    forwarded = {k: header[k] for k in FORWARDED_FIELDS if k in header}
+    forwarded["route"] = route[1:]
+    return forwarded
+
+
+def _checked_route(route: Any, node: ThisNode) -> list[dict[str, Any]]:
+    """A well-formed route whose first hop this node can serve (``bad_route`` otherwise),
+    each hop reduced to the fields the protocol gives it."""
     if not isinstance(route, list) or not 0 < len(route) <= MAX_ROUTE_HOPS:
         raise WireError("bad_route", f"route must be a list of 1 to {MAX_ROUTE_HOPS} hops")
     for hop in route:
         if not (isinstance(hop, dict) and isinstance(hop.get("peer"), str) and isinstance(hop.get("start"), int) and isinstance(hop.get("end"), int)):
             raise WireError("bad_route", "each hop needs peer, start and end")
+    route = [{"peer": hop["peer"], "start": hop["start"], "end": hop["end"]} for hop in route]
     for a, b in zip(route, route[1:]):
         if a["end"] != b["start"]:
             raise WireError("bad_route", "the route's hops must be contiguous")
@@ -173,12 +202,12 @@ def _checked_route(route: Any, node: ThisNode) -> dict[str, Any]:
     info = node.served
     assert info is not None  # validate_open refused a node that serves nothing
     if here["peer"] != node.me:
-        raise WireError("bad_route", f"the route's next hop is {here['peer']}, not this node")
+        raise WireError("bad_route", f"the route's next hop is {quote(here['peer'])}, not this node")
     if not info.start <= here["start"] < here["end"] <= info.end:
         raise WireError("bad_route", f"blocks [{here['start']}, {here['end']}) are not inside this node's [{info.start}, {info.end})")
     if route[-1]["end"] != node.total_blocks:
         raise WireError("bad_route", "the route must end at the model's last block")
-    return here
+    return route
 
 
 def _history(header: Mapping[str, Any], payload: bytes) -> tuple[list[int], list[int]]:
@@ -199,5 +228,5 @@ def _sampling(header: Mapping[str, Any]) -> dict[str, Any]:
     try:
         SamplingParams.from_dict(sampling)
     except (TypeError, ValueError) as exc:
-        raise WireError("bad_input", f"bad sampling parameters: {exc}") from exc
+        raise WireError("bad_input", f"bad sampling parameters: {clip(str(exc))}") from exc
     return dict(sampling)

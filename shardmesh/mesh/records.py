@@ -14,8 +14,11 @@ do not trust. Three rules keep that safe:
   that claims to live more than :data:`MAX_RECORD_LIFETIME` is rejected too: a
   "valid forever" record would outlive its node (and a leaked key) indefinitely.
 * **Small and strict.** Input over :data:`MAX_RECORD_BYTES` is refused before it is
-  decoded; every field is type-checked; unknown fields are ignored so that later
-  versions can add fields without breaking older nodes.
+  decoded; envelope and body are decoded as plain CBOR only (:mod:`~shardmesh.mesh.cbor_plain`:
+  no tags, no shared values, bounded nesting and item count); every field is
+  type-checked; unknown fields are ignored so that later versions can add fields
+  without breaking older nodes. Error details quote a field's value short
+  (:func:`~shardmesh.mesh.cbor_plain.quote`), never whole.
 
 Wire format (CBOR everywhere)::
 
@@ -41,6 +44,7 @@ from typing import Any, Mapping
 import cbor2
 
 from ..placement.spans import ServerView
+from .cbor_plain import PlainCborError, loads_plain, quote
 from .record_keys import RECORD_NAMESPACE, block_key, block_key_multihash, model_identity, record_key
 
 RECORD_TTL = 30.0  # seconds a published record stays valid; refreshed well before
@@ -229,9 +233,9 @@ def verify_record(
     if len(data) > MAX_RECORD_BYTES:
         raise RecordError(RecordError.OVERSIZED, f"{len(data)} bytes > {MAX_RECORD_BYTES}")
     try:
-        envelope = cbor2.loads(bytes(data))
-    except Exception as exc:  # cbor2 raises several types; all mean "not a record"
-        raise RecordError(RecordError.MALFORMED, f"not CBOR ({exc})") from None
+        envelope = loads_plain(data)
+    except PlainCborError as exc:
+        raise RecordError(RecordError.MALFORMED, f"not plain CBOR ({exc})") from None
     if not isinstance(envelope, dict):
         raise RecordError(RecordError.MALFORMED, "envelope is not a map")
     body = envelope.get("body")
@@ -253,9 +257,9 @@ def verify_record(
             RecordError.EXPIRY_TOO_FAR, f"expires in {record.expires - now:.0f} s > {MAX_RECORD_LIFETIME:.0f} s"
         )
     if expected_peer is not None and record.peer != expected_peer:
-        raise RecordError(RecordError.WRONG_PEER, f"record is for {record.peer}, expected {expected_peer}")
+        raise RecordError(RecordError.WRONG_PEER, f"record is for {quote(record.peer)}, expected {expected_peer}")
     if expected_model is not None and record.model != expected_model:
-        raise RecordError(RecordError.WRONG_MODEL, f"record is for {record.model}, expected {expected_model}")
+        raise RecordError(RecordError.WRONG_MODEL, f"record is for {quote(record.model)}, expected {expected_model}")
 
     public_key = _public_key_of(record.peer)
     try:
@@ -263,7 +267,7 @@ def verify_record(
     except Exception:
         ok = False
     if not ok:
-        raise RecordError(RecordError.BAD_SIGNATURE, f"not signed by {record.peer}")
+        raise RecordError(RecordError.BAD_SIGNATURE, f"not signed by {quote(record.peer)}")
     return record
 
 
@@ -273,10 +277,10 @@ def _public_key_of(peer: str):
     try:
         public_key = ID.from_base58(peer).extract_public_key()
     except Exception as exc:
-        raise RecordError(RecordError.MALFORMED, f"peer {peer!r} is not a peer id ({exc})") from None
+        raise RecordError(RecordError.MALFORMED, f"peer {quote(peer)} is not a peer id ({quote(str(exc), 120)})") from None
     if public_key is None:
         # e.g. RSA ids are a hash of the key: nothing to verify against without a lookup
-        raise RecordError(RecordError.BAD_SIGNATURE, f"peer id {peer} does not embed its public key")
+        raise RecordError(RecordError.BAD_SIGNATURE, f"peer id {quote(peer)} does not embed its public key")
     return public_key
 
 
@@ -285,9 +289,9 @@ def _public_key_of(peer: str):
 
 def _parse_body(body: bytes) -> NodeRecord:
     try:
-        m = cbor2.loads(body)
-    except Exception as exc:
-        raise RecordError(RecordError.MALFORMED, f"body is not CBOR ({exc})") from None
+        m = loads_plain(body)
+    except PlainCborError as exc:
+        raise RecordError(RecordError.MALFORMED, f"body is not plain CBOR ({exc})") from None
     if not isinstance(m, dict):
         raise RecordError(RecordError.MALFORMED, "body is not a map")
 
@@ -325,7 +329,7 @@ def _parse_body(body: bytes) -> NodeRecord:
             RecordError.BAD_SPAN, f"span [{record.start},{record.end}) outside [0,{record.total_blocks}]"
         )
     if record.state not in STATES:
-        raise RecordError(RecordError.BAD_STATE, f"state {record.state!r} not in {STATES}")
+        raise RecordError(RecordError.BAD_STATE, f"state {quote(record.state)} not in {STATES}")
     return record
 
 

@@ -13,7 +13,10 @@ we asked can leave records out, but it cannot invent, alter or re-attribute one.
 it says in the header (model, block count) only selects which records are believed.
 
 The serving side lives in :func:`swarm_map_handler`; the asking side is
-:func:`fetch_swarm_map` (network) plus :func:`parse_swarm_map` (pure, testable).
+:func:`fetch_swarm_map` (network) plus :func:`parse_swarm_map` (pure, testable). The
+payload is decoded as plain CBOR (:mod:`~shardmesh.mesh.cbor_plain`) with its entry
+count bounded *while* it is walked, so an array that claims a million entries is
+refused from its first bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import cbor2
 import trio
 
+from .cbor_plain import PlainCborError, loads_plain, quote
 from .host import Handler, MeshHost, close_quietly, reset_quietly
 from .records import MAX_BLOCKS, NodeRecord, RecordError, verify_record
 from .wire import RESULT, FrameStream, StreamEnded, WireError
@@ -115,20 +119,20 @@ def parse_swarm_map(header: dict[str, Any], payload: bytes, *, now: float | None
     others. A header or payload of the wrong shape raises :class:`SwarmMapError`.
     """
     if header.get("t") != RESULT:
-        raise SwarmMapError(f"expected a result frame, got {header.get('t')!r}")
+        raise SwarmMapError(f"expected a result frame, got {quote(header.get('t'))}")
     model, total = header.get("model"), header.get("total_blocks")
     if not isinstance(model, str) or not model:
         raise SwarmMapError("the map names no model")
     if not isinstance(total, int) or isinstance(total, bool) or not 0 <= total <= MAX_BLOCKS:
-        raise SwarmMapError(f"bad block count {total!r}")
+        raise SwarmMapError(f"bad block count {quote(total)}")
     try:
-        entries = cbor2.loads(payload)
-    except Exception as exc:
-        raise SwarmMapError(f"the map is not CBOR ({exc})") from None
+        # The array and its entries: one item more than the records it may hold. The
+        # entries are byte strings; each is decoded (plain, again) by verify_record.
+        entries = loads_plain(payload, max_depth=1, max_items=MAX_MAP_RECORDS + 1)
+    except PlainCborError as exc:
+        raise SwarmMapError(f"the map is not a plain CBOR list of at most {MAX_MAP_RECORDS} records ({exc})") from None
     if not isinstance(entries, list):
         raise SwarmMapError("the map is not a list of records")
-    if len(entries) > MAX_MAP_RECORDS:
-        raise SwarmMapError(f"the map holds {len(entries)} entries (limit {MAX_MAP_RECORDS})")
 
     now = time.time() if now is None else now
     best: dict[str, NodeRecord] = {}
@@ -138,7 +142,7 @@ def parse_swarm_map(header: dict[str, Any], payload: bytes, *, now: float | None
         try:
             record = verify_record(entry, now=now, expected_model=model)
             if record.total_blocks != total:
-                raise RecordError(RecordError.BAD_SPAN, f"{record.peer} says {record.total_blocks} blocks, not {total}")
+                raise RecordError(RecordError.BAD_SPAN, f"{quote(record.peer)} says {record.total_blocks} blocks, not {total}")
         except RecordError as exc:
             dropped.append(exc)
             continue

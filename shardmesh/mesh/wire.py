@@ -11,8 +11,11 @@ exactly like a clean close (``StreamEOF``), so only the framing tells a truncate
 from a whole one.
 
 Every read has a deadline, and every limit (header size, payload size) is checked
-*before* anything is allocated. A violation raises :class:`WireError`, which the
-caller turns into an ``error`` frame and a stream reset.
+*before* anything is allocated. A header is decoded by :mod:`~shardmesh.mesh.cbor_plain`
+(plain CBOR only: no tags, definite lengths, bounded depth and item count), so what a
+peer sends costs what it weighs. A violation raises :class:`WireError`, which the
+caller turns into an ``error`` frame and a stream reset; its message names a bad
+value by :func:`~shardmesh.mesh.cbor_plain.quote`, never by its whole ``repr``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import trio
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 
 from ..contract import DTYPE_SIZES, RawTensor
+from .cbor_plain import PlainCborError, loads_plain, quote
 
 PROTOCOL = "/shardmesh/infer/1.0.0"
 
@@ -81,9 +85,9 @@ def tensor_from_frame(frame: Frame, max_elements: int) -> RawTensor:
     """The payload as a tensor; raises :class:`WireError` when the header lies about it."""
     dtype, shape = frame.header.get("dtype"), frame.header.get("shape")
     if dtype not in DTYPE_SIZES:
-        raise WireError("bad_input", f"unsupported dtype {dtype!r}")
+        raise WireError("bad_input", f"unsupported dtype {quote(dtype)}")
     if not isinstance(shape, list) or not shape or len(shape) > 2 or not all(type(d) is int and d > 0 for d in shape):  # bool is an int subclass: `true` is no size
-        raise WireError("bad_input", f"bad tensor shape {shape!r}")
+        raise WireError("bad_input", f"bad tensor shape {_shape_text(shape)}")
     numel = 1
     for d in shape:
         numel *= d
@@ -153,7 +157,7 @@ class FrameStream:
                 header = _decode_header(self._take(head_len))
                 nbytes = header.get("nbytes", 0)
                 if type(nbytes) is not int or nbytes < 0:  # not a bool either
-                    raise WireError("bad_frame", f"bad nbytes {nbytes!r}")
+                    raise WireError("bad_frame", f"bad nbytes {quote(nbytes)}")
                 if nbytes > self.max_payload:
                     raise WireError("too_large", f"payload of {nbytes} bytes exceeds this peer's limit of {self.max_payload}")
                 if check is not None:
@@ -201,11 +205,18 @@ class FrameStream:
             pass
 
 
+def _shape_text(shape: Any) -> str:
+    """A shape for an error message: short lists of ints as they are, the rest by type."""
+    if isinstance(shape, list) and len(shape) <= 4 and all(type(d) is int for d in shape):
+        return "[" + ", ".join(quote(d) for d in shape) + "]"
+    return quote(shape)
+
+
 def _decode_header(data: bytes) -> dict[str, Any]:
     try:
-        header = cbor2.loads(data)
-    except Exception as exc:
-        raise WireError("bad_frame", f"header is not CBOR: {exc}") from exc
+        header = loads_plain(data)
+    except PlainCborError as exc:
+        raise WireError("bad_frame", f"header is not plain CBOR: {exc}") from None
     if not isinstance(header, dict) or header.get("t") not in FRAME_TYPES:
         raise WireError("bad_frame", "header must be a CBOR map with a known frame type 't'")
     return header

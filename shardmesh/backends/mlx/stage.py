@@ -34,7 +34,7 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import _get_classes, load_config  # private helper: pin mlx-lm
 
-from ...contract import BadInput, RawTensor, StageInfo, StepRequest, UnknownSession, check_step
+from ...contract import BadInput, NonFiniteInput, RawTensor, StageInfo, StepRequest, UnknownSession, check_step
 from ..kv_sessions import DEFAULT_CACHE_BUDGET, KVSessions
 from ..weights import ModelFiles, block_of, ensure_span_files, span_tensor_names
 
@@ -198,6 +198,10 @@ class MlxStage(KVSessions):
             if int(ids.min()) < 0 or int(ids.max()) >= self.info.vocab_size:
                 raise BadInput(f"token ids must lie in [0, {self.info.vocab_size})")
             array = array.astype(mx.int32)  # mlx embedding lookups take int32 indices
+        elif not mx.all(mx.isfinite(array)).item():
+            # As in the torch stage: NaN or inf from upstream is the sender's fault, and
+            # must not reach this session's cache.
+            raise NonFiniteInput("the hidden states received hold NaN or infinity")
         return session, array
 
     def step(self, batch: Sequence[StepRequest]) -> list[RawTensor]:

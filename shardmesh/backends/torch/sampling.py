@@ -16,7 +16,7 @@ The pipeline, in order (each stage is skipped when its parameter is neutral)::
     raw logits (float32, CPU)
       -> penalties      repetition (prompt + generated), then frequency/presence (generated)
       -> greedy?        temperature == 0: argmax, ties to the lowest id; done
-      -> temperature    divide by T
+      -> temperature    divide by T (a T too small to divide by in float32: its limit)
       -> top-k          keep the k best (ties to the lowest ids)
       -> top-p          keep the smallest best-first prefix whose mass reaches p
       -> draw           inverse CDF with one uniform number from the (seed, step) stream
@@ -24,6 +24,16 @@ The pipeline, in order (each stage is skipped when its parameter is neutral)::
 Log-probabilities reported to the client (:attr:`SampledToken.logprob` and
 :attr:`SampledToken.top_logprobs`) are those of the *raw* logits: they describe what the
 model thought, not what the sampler's knobs made of it (the OpenAI convention).
+
+Every valid :class:`SamplingParams` can be sampled, whatever the logits' magnitudes:
+penalised logits that overflow float32 are recomputed in float64 (where the ranges
+:meth:`SamplingParams.validate` allows cannot overflow), and a temperature below
+float32's smallest normal number (``2**-126``; ``1e-300`` is 0 in float32) is divided
+in float64, where every positive temperature is exact: a tiny one leaves only the best
+logit (or the tied best) with any probability, which is the greedy limit it should be.
+A refusal that is the request's
+fault raises :class:`SamplingRefused`, so that a hop can answer ``bad_request`` instead
+of taking the blame (docs/PROTOCOL.md 6.3).
 
 Everything here works on whole-vocabulary tensors (bincount, masks, one sort at most),
 never on Python loops over the vocabulary, so a 150k vocabulary costs well under a
@@ -41,6 +51,7 @@ import torch
 from ...contract.sampling import SampledToken, SamplingParams
 
 __all__ = [
+    "SamplingRefused",
     "apply_penalties",
     "sample",
     "sample_batch",
@@ -48,6 +59,17 @@ __all__ = [
 ]
 
 _MASK64 = (1 << 64) - 1
+
+# Below this temperature float32 cannot hold T exactly (it is subnormal there, or 0: and
+# 0 / 0, the best logit shifted to 0 over T, is NaN). Float32's smallest normal number.
+_TINY_TEMPERATURE = 2.0**-126
+
+
+class SamplingRefused(ValueError):
+    """The request's parameters, not the logits, make sampling impossible.
+
+    A ValueError like every other refusal here; the separate type lets a hop answer
+    ``bad_request`` (the client's fault) rather than ``internal`` (its own)."""
 
 # --------------------------------------------------------------------------- seeding
 
@@ -170,12 +192,28 @@ def apply_penalties(
 
     The repetition penalty goes first (as in vLLM), so the OpenAI penalties are plain
     offsets on top of it. Counting uses ``bincount``: O(history + vocab), no loops.
+    The result is float32, or float64 when float32 would overflow (see :func:`_penalize`).
     """
     return _penalize(_as_logits(logits).clone(), params, prompt_ids, generated_ids)
 
 
 def _penalize(x: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int], generated_ids: Sequence[int]) -> torch.Tensor:
-    """:func:`apply_penalties` on already-checked float32 logits; never modifies ``x``."""
+    """:func:`apply_penalties` on already-checked float32 logits; never modifies ``x``.
+
+    A repetition penalty far from 1 can push a logit past float32's range (``l / r``
+    with a tiny ``r``, ``l * r`` with a huge one): the best logit becomes +inf (NaN once
+    shifted) or every logit -inf. Then the same sums run again in float64, where any
+    float32 logit times or over a penalty within :meth:`SamplingParams.validate`'s range
+    stays finite. Results that fit float32 keep float32, bit for bit as before.
+    """
+    out = _penalized(x, params, prompt_ids, generated_ids)
+    if out is not x and not math.isfinite(float(out.max())):
+        out = _penalized(x.to(torch.float64), params, prompt_ids, generated_ids)
+    return out
+
+
+def _penalized(x: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int], generated_ids: Sequence[int]) -> torch.Tensor:
+    """The penalty arithmetic itself, in ``x``'s dtype."""
     vocab = x.numel()
 
     if params.repetition_penalty != 1.0:
@@ -188,8 +226,8 @@ def _penalize(x: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int]
     if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
         gen = _ids(generated_ids, vocab, "generated_ids")
         if gen.numel():
-            counts = torch.bincount(gen, minlength=vocab).to(torch.float32)
-            x = x - float(params.frequency_penalty) * counts - float(params.presence_penalty) * (counts > 0).to(torch.float32)
+            counts = torch.bincount(gen, minlength=vocab).to(x.dtype)
+            x = x - float(params.frequency_penalty) * counts - float(params.presence_penalty) * (counts > 0).to(x.dtype)
     return x
 
 
@@ -206,10 +244,14 @@ def sample(
     same seed reproduces the token exactly, and consecutive steps get independent
     draws. Greedy decoding (``temperature == 0``) ignores the seed entirely.
 
-    Raises :class:`ValueError` for invalid params, malformed logits (wrong shape, NaN,
-    +inf, all -inf) or history ids outside the vocabulary.
+    Raises :class:`SamplingRefused` (a ValueError) for invalid params, and
+    :class:`ValueError` for malformed logits (wrong shape, NaN, +inf, all -inf) or
+    history ids outside the vocabulary. Valid params and finite logits always sample.
     """
-    params.validate()
+    try:
+        params.validate()
+    except ValueError as exc:
+        raise SamplingRefused(str(exc)) from exc
     raw = _as_logits(logits)
     x = _penalize(raw, params, prompt_ids, generated_ids)
 
@@ -246,7 +288,17 @@ def _draw(x: torch.Tensor, params: SamplingParams, step: int) -> int:
     # Shift so the best logit is 0 *before* dividing: then a tiny temperature pushes
     # the rest towards -inf instead of overflowing the best to +inf (which would make
     # softmax NaN). Softmax is shift-invariant, so nothing else changes.
-    x = (x - x.max()) / float(params.temperature)
+    t = float(params.temperature)
+    if t >= _TINY_TEMPERATURE:
+        x = (x - x.max()) / t
+    else:
+        # T is not a full-precision float32 (or is 0 there, and 0 / 0 is NaN): divide
+        # in float64, where any T > 0 is exact. The best logits stay at exactly 0 (the
+        # where() guards against a division done as a multiply by an overflowing 1 / T);
+        # the others come out at their exact float64 value or -inf, which is what
+        # their probability rounds to. So this is T itself, not an approximation.
+        shifted = (x - x.max()).to(torch.float64)
+        x = torch.where(shifted == 0, shifted, shifted / t)
     vocab = x.numel()
 
     # `ids` lists the surviving candidates, best first, in the order the CDF walks
@@ -278,7 +330,12 @@ def _draw(x: torch.Tensor, params: SamplingParams, step: int) -> int:
         probs = torch.softmax(x, dim=-1).to(torch.float64)
 
     cdf = torch.cumsum(probs, dim=-1)
-    target = _uniform(params.seed, step) * float(cdf[-1])  # scaling == renormalising
+    total = float(cdf[-1])
+    if not (math.isfinite(total) and total > 0):
+        # Cannot happen for params validate() accepts and finite logits (see the module
+        # docstring); if it ever does, it is these params, not this hop, that failed.
+        raise SamplingRefused(f"these sampling parameters leave nothing to sample (mass {total})")
+    target = _uniform(params.seed, step) * total  # scaling == renormalising
     # right=True: first index with cdf > target, which always has positive probability.
     pos = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64), right=True)[0])
     # Rounding can put target at cdf[-1]; fall back to the last positive-mass entry.

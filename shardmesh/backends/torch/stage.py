@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import kv_attention
-from ...contract import BadInput, check_step, RawTensor, StageInfo, StepRequest, UnknownSession
+from ...contract import BadInput, check_step, NonFiniteInput, RawTensor, StageInfo, StepRequest, UnknownSession
 from ..kv_sessions import DEFAULT_CACHE_BUDGET, KVSessions
 from ..weights import ModelFiles, ensure_span_files, span_tensor_names
 from .tensors import raw_from_tensor, tensor_from_raw, torch_dtype
@@ -208,6 +208,10 @@ class TorchStage(KVSessions):
             tensor = tensor.to(torch.int64)
             if int(tensor.min()) < 0 or int(tensor.max()) >= self.info.vocab_size:
                 raise BadInput(f"token ids must lie in [0, {self.info.vocab_size})")
+        elif not bool(torch.isfinite(tensor).all()):
+            # One reduction per step, before the cache grows: NaN or inf from upstream
+            # would poison this session's KV cache and every hop after us.
+            raise NonFiniteInput("the hidden states received hold NaN or infinity")
         if (capacity := self._capacity_for(cache, cache.length + n)) is not None:
             cache.grow(capacity)
         return cache, tensor
