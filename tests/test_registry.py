@@ -372,8 +372,17 @@ def test_lookup_block_through_the_dht_and_forged_puts() -> None:
                         victim.host.peer_id, a_key.encode(), bad, record=make_signed_put_record(a_key.encode(), bad, forger.private_key)
                     )
                     assert stored is False
-                after = verify_record(store.get(a_key.encode()).value, expected_peer=a.host.peer_id_str)
-                assert after.state == "online"
+                # A's genuine record stays, unless it expired meanwhile (TTL is 3 s here and a
+                # put can be late on a loaded machine): the store then drops it at its expiry.
+                after = store.get(a_key.encode())
+                assert after is None or after.value not in (forged, own)
+                if after is not None:
+                    try:
+                        genuine = verify_record(after.value, expected_peer=a.host.peer_id_str)
+                    except RecordError as exc:
+                        assert exc.reason == RecordError.EXPIRED, exc  # late, never forged
+                    else:
+                        assert genuine.state == "online"
 
     trio.run(_with_deadline, main)
 

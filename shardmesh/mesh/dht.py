@@ -19,6 +19,8 @@ py-libp2p 0.8.1 needs some help here; each work-around is commented where it is 
   servers that joined later: we always ask the network;
 * ``get_value`` returns a local copy without validating it, even a stale one: we
   verify it and drop it if it has expired;
+* stored values live 24 h whatever they hold, and ``GET_VALUE`` serves them unchecked:
+  :class:`ExpiringValues` removes each at its record's expiry;
 * a node accepts at most 10 ``ADD_PROVIDER`` messages per 10 s from one peer:
   provides are paced by a :class:`TokenBucket` that stays under that;
 * the DHT's stream handler logs a WARNING for every stream a peer closes cleanly:
@@ -33,14 +35,16 @@ import math
 from typing import Any, Awaitable, Callable
 
 import trio
-from libp2p.records.validator import Validator
 
 from ..placement.spans import DRAINING
 from .dht_peers import ConnectionWatcher, adopt_peers
 from .host import MeshHost, StillRunning, reset_quietly
+from .dht_values import ExpiringValues, RecordValidator
 from .one_at_a_time import OneAtATime
 from .record_keys import RECORD_NAMESPACE, block_key, block_key_multihash, record_key
 from .records import NodeRecord, RecordError, content_of, verify_record
+
+__all__ = ["ExpiringValues", "RecordValidator", "SwarmDht", "TokenBucket"]
 from .registry_stats import RegistryStats
 from .swarm_view import SwarmView
 
@@ -59,42 +63,6 @@ PROVIDE_RATE = 0.5  # tokens per second
 REPROVIDE_INTERVAL = 300.0  # provider records live 48 h in py-libp2p; this re-seeds new/restarted peers
 
 Signed = Callable[[], tuple[NodeRecord, bytes]]  # our last signed record and its envelope
-
-
-class RecordValidator(Validator):
-    """KadDHT validator for the ``/shardmesh/`` namespace.
-
-    ``validate``: the value is a signed NodeRecord, not expired, and the key is the one
-    derived from the record's own model and peer, so a node can write only its own key
-    (the DHT's own signatures say who *stored* a value, not who wrote it).
-
-    ``select``: index of the best value: valid records beat invalid or expired ones,
-    then the highest ``seq``; ties keep the earlier index. Ranking by content makes it
-    indifferent to the order py-libp2p passes values in, and lets a restarted node
-    (fresh record) replace its stale one even if the stale one had a higher seq.
-    """
-
-    def validate(self, key: str, value: bytes) -> None:
-        self._check(key, value)
-
-    def select(self, key: str, values: list[bytes]) -> int:
-        best, best_seq = 0, -1
-        for i, value in enumerate(values):
-            try:
-                seq = self._check(key, value).seq
-            except RecordError:
-                continue
-            if seq > best_seq:
-                best, best_seq = i, seq
-        return best
-
-    @staticmethod
-    def _check(key: str, value: bytes) -> NodeRecord:
-        record = verify_record(value)
-        expected = record_key(record.model, record.peer)
-        if key != expected:
-            raise RecordError(RecordError.WRONG_KEY, f"record of {record.peer} stored under {key}, not {expected}")
-        return record
 
 
 class TokenBucket:
@@ -190,7 +158,8 @@ class SwarmDht:
         logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_CLEAN_CLOSE_FILTER)  # idempotent
         network = self.mesh_host.host.get_network()
         kad = KadDHT(self.mesh_host.host, DHTMode.SERVER, strict_validation=True)
-        kad.register_validator(RECORD_NAMESPACE, RecordValidator())
+        expiring = ExpiringValues()
+        kad.register_validator(RECORD_NAMESPACE, RecordValidator(self.model_id, expiring.track))
         # KadDHT registered a raw stream handler, which outlives the service: re-register
         # it behind MeshHost's guard, which turns any exception into a reset stream.
         self.mesh_host.set_handler(KAD_PROTOCOL, kad.handle_stream)
@@ -202,6 +171,7 @@ class SwarmDht:
                 network.register_notifee(watcher)
                 async with trio.open_nursery() as nursery:
                     self._calls = OneAtATime(nursery)
+                    nursery.start_soon(expiring.run, kad.value_store)
                     connected = [*self.mesh_host.connected_peers()]
                     nursery.start_soon(
                         adopt_peers, self.mesh_host, kad, peers_recv, connected, ensure_gossip_stream, self._peer_adopted

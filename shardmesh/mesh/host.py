@@ -29,6 +29,7 @@ import trio
 from multiaddr import Multiaddr
 
 from .addresses import advertised_addrs
+from .record_checks import MAX_ADDRS
 
 log = logging.getLogger("shardmesh.mesh.host")
 
@@ -151,8 +152,14 @@ class MeshHost:
 
     def dialable_addrs(self) -> list[str]:
         """Addresses worth publishing, with ``/p2p/<peer id>``: a wildcard listen address
-        becomes one address per interface (loopback included, so local swarms work)."""
-        return advertised_addrs(self.addrs())
+        becomes one address per interface (loopback included, so local swarms work).
+        A record holds at most ``MAX_ADDRS``: on a machine with more interfaces (container
+        bridges, many IPv6 addresses) loopback addresses are left out first, then the last ones."""
+        addrs = advertised_addrs(self.addrs())
+        if len(addrs) > MAX_ADDRS:
+            loopback = ("/ip4/127.", "/ip6/::1/")
+            addrs = [a for a in addrs if not a.startswith(loopback)] + [a for a in addrs if a.startswith(loopback)]
+        return addrs[:MAX_ADDRS]
 
     def set_handler(self, protocol: str, handler: Handler) -> None:
         """Serve ``protocol``; whatever ``handler`` raises is logged and the stream reset."""

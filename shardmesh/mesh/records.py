@@ -16,7 +16,8 @@ do not trust. Three rules keep that safe:
 * **Small and strict.** Input over :data:`MAX_RECORD_BYTES` is refused before it is
   decoded; envelope and body are decoded as plain CBOR only (:mod:`~shardmesh.mesh.cbor_plain`:
   no tags, no shared values, bounded nesting and item count); every field is
-  type-checked; unknown fields are ignored so that later versions can add fields
+  type- and bound-checked (:mod:`~shardmesh.mesh.record_checks`: entry counts, text
+  lengths, value ranges); unknown fields are ignored so that later versions can add fields
   without breaking older nodes. Error details quote a field's value short
   (:func:`~shardmesh.mesh.cbor_plain.quote`), never whole.
 
@@ -36,7 +37,6 @@ The DHT keys records are stored under and the model identity they carry live in
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -45,48 +45,25 @@ import cbor2
 
 from ..placement.spans import ServerView
 from .cbor_plain import PlainCborError, loads_plain, quote
+from .record_checks import (
+    MAX_ADDRS, MAX_BLOCKS, MAX_LIMIT_VALUE, MAX_LIMITS, MAX_RTT_ENTRIES, MAX_RTT_MS, MAX_TEXT_BYTES, RecordError,
+    addr_list, integer, limits_map, number, rtt_map, text,
+)  # fmt: skip
 from .record_keys import RECORD_NAMESPACE, block_key, block_key_multihash, model_identity, record_key
 
 RECORD_TTL = 30.0  # seconds a published record stays valid; refreshed well before
 MAX_RECORD_LIFETIME = 600.0  # a record may not claim to live longer than this
-MAX_BLOCKS = 10_000  # far beyond any model; bounds what a reader allocates per block
 MAX_RECORD_BYTES = 16 * 1024  # signed envelope, checked before decoding
-MAX_RTT_ENTRIES = 32  # rtt map keeps the nearest peers only
 SIGNING_PREFIX = b"shardmesh-record/1\0"
 STATES = ("joining", "online", "draining")
 
 __all__ = [
-    "MAX_BLOCKS", "MAX_RECORD_BYTES", "MAX_RECORD_LIFETIME", "MAX_RTT_ENTRIES", "RECORD_TTL", "SIGNING_PREFIX", "STATES",
+    "MAX_ADDRS", "MAX_BLOCKS", "MAX_LIMITS", "MAX_LIMIT_VALUE", "MAX_RTT_MS", "MAX_TEXT_BYTES", "MAX_RECORD_BYTES", "MAX_RECORD_LIFETIME", "MAX_RTT_ENTRIES", "RECORD_TTL", "SIGNING_PREFIX", "STATES",
     "NodeRecord", "RecordError", "content_of", "expires_at", "record_json", "record_ttl", "server_view", "sign_record",
     "verify_record",
     # from record_keys, re-exported so that importers of records keep working
     "RECORD_NAMESPACE", "block_key", "block_key_multihash", "model_identity", "record_key",
 ]
-
-
-class RecordError(ValueError):
-    """A record that must not be believed.
-
-    ``reason`` is one of a small fixed vocabulary (callers and tests branch on it);
-    ``detail`` is for humans and logs.
-    """
-
-    OVERSIZED = "oversized"
-    MALFORMED = "malformed"
-    UNSIGNED = "unsigned"
-    BAD_SIGNATURE = "bad-signature"
-    EXPIRED = "expired"
-    EXPIRY_TOO_FAR = "expiry-too-far"
-    WRONG_PEER = "wrong-peer"
-    WRONG_MODEL = "wrong-model"
-    WRONG_KEY = "wrong-key"
-    BAD_SPAN = "bad-span"
-    BAD_STATE = "bad-state"
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -207,10 +184,10 @@ def sign_record(record: NodeRecord, key_pair) -> bytes:
     Time is not checked here: a caller may legitimately sign an expired record in a test.
     """
     body = cbor2.dumps(_body_map(record), canonical=True)
-    _parse_body(body)  # the same checks a receiver makes
     envelope = cbor2.dumps({"body": body, "sig": key_pair.private_key.sign(SIGNING_PREFIX + body)})
-    if len(envelope) > MAX_RECORD_BYTES:
+    if len(envelope) > MAX_RECORD_BYTES:  # first, as a receiver checks it first
         raise RecordError(RecordError.OVERSIZED, f"{len(envelope)} bytes > {MAX_RECORD_BYTES}")
+    _parse_body(body)  # the same checks a receiver makes
     return envelope
 
 
@@ -298,25 +275,28 @@ def _parse_body(body: bytes) -> NodeRecord:
     api = m.get("api")
     if api is not None and not isinstance(api, str):
         raise RecordError(RecordError.MALFORMED, "field 'api' must be a string or null")
+    if api is not None:
+        api = text(m, "api")
+    peer = text(m, "peer")
     record = NodeRecord(
-        peer=_str(m, "peer"),
-        addrs=tuple(_str_list(m, "addrs")),
-        model=_str(m, "model"),
-        start=_int(m, "start"),
-        end=_int(m, "end"),
-        total_blocks=_int(m, "total_blocks"),
-        state=_str(m, "state"),
-        throughput=_float(m, "throughput"),
-        cache_tokens_free=_int(m, "cache_tokens_free"),
-        backend=_str(m, "backend"),
-        device=_str(m, "device"),
-        dtype=_str(m, "dtype"),
-        rtt=_num_map(m, "rtt", _is_float, float),
-        version=_str(m, "version"),
-        seq=_int(m, "seq"),
-        expires=_float(m, "expires"),
+        peer=peer,
+        addrs=tuple(addr_list(m, peer)),
+        model=text(m, "model"),
+        start=integer(m, "start"),
+        end=integer(m, "end"),
+        total_blocks=integer(m, "total_blocks"),
+        state=text(m, "state"),
+        throughput=number(m, "throughput"),
+        cache_tokens_free=integer(m, "cache_tokens_free"),
+        backend=text(m, "backend"),
+        device=text(m, "device"),
+        dtype=text(m, "dtype"),
+        rtt=rtt_map(m),
+        version=text(m, "version"),
+        seq=integer(m, "seq"),
+        expires=number(m, "expires"),
         api=api,
-        limits=_num_map(m, "limits", _is_int, int) if "limits" in m else {},
+        limits=limits_map(m),
     )
     if not record.peer:
         raise RecordError(RecordError.MALFORMED, "empty peer")
@@ -331,55 +311,6 @@ def _parse_body(body: bytes) -> NodeRecord:
     if record.state not in STATES:
         raise RecordError(RecordError.BAD_STATE, f"state {quote(record.state)} not in {STATES}")
     return record
-
-
-def _field(m: dict, name: str) -> Any:
-    if name not in m:
-        raise RecordError(RecordError.MALFORMED, f"missing field {name!r}")
-    return m[name]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # bool is an int in Python
-
-
-def _is_float(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
-def _str(m: dict, name: str) -> str:
-    v = _field(m, name)
-    if not isinstance(v, str):
-        raise RecordError(RecordError.MALFORMED, f"field {name!r} must be a string")
-    return v
-
-
-def _int(m: dict, name: str) -> int:
-    v = _field(m, name)
-    if not _is_int(v):
-        raise RecordError(RecordError.MALFORMED, f"field {name!r} must be an integer")
-    return v
-
-
-def _float(m: dict, name: str) -> float:
-    v = _field(m, name)
-    if not _is_float(v):
-        raise RecordError(RecordError.MALFORMED, f"field {name!r} must be a finite number")
-    return float(v)
-
-
-def _str_list(m: dict, name: str) -> list[str]:
-    v = _field(m, name)
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise RecordError(RecordError.MALFORMED, f"field {name!r} must be a list of strings")
-    return v
-
-
-def _num_map(m: dict, name: str, ok, conv) -> dict:
-    v = _field(m, name)
-    if not isinstance(v, dict) or not all(isinstance(k, str) and ok(x) for k, x in v.items()):
-        raise RecordError(RecordError.MALFORMED, f"field {name!r} must map strings to numbers")
-    return {k: conv(x) for k, x in v.items()}
 
 
 def content_of(record: NodeRecord) -> NodeRecord:

@@ -92,7 +92,8 @@ class Registry:
         self._publish_wake = trio.Event()
         self._running = False
         own = self._me if local is not None else None
-        self.view = SwarmView(model_id, own, stats=self.stats, on_merged=self._remember)
+        total = local.total_blocks if local is not None else None  # records disagreeing are refused
+        self.view = SwarmView(model_id, own, stats=self.stats, on_merged=self._remember, total_blocks=total)
         self.gossip = Gossip(mesh_host, model_id, self.view, self.stats)
         self.swarm_dht = SwarmDht(
             mesh_host, model_id, self.view, self.stats, ttl=ttl, reprovide_interval=reprovide_interval

@@ -53,7 +53,10 @@ class SwarmView:
     or None for a pure observer that publishes nothing). ``clock`` gives unix seconds
     (records carry absolute expiry times); tests pass one that follows trio's clock.
     ``on_merged`` is called with every record that enters the view from outside (the
-    registry hands its addresses to the peerstore there).
+    registry hands its addresses to the peerstore there). ``total_blocks``, when given,
+    is the model's block count as this node knows it: the model id names the config but
+    a verifier cannot recompute the count from it, so a record that disagrees is refused
+    here (it could only be a lie or a bug, and its span would mislead placement).
     """
 
     def __init__(
@@ -64,8 +67,10 @@ class SwarmView:
         stats: RegistryStats | None = None,
         on_merged: Callable[[NodeRecord], None] | None = None,
         clock: Callable[[], float] = time.time,
+        total_blocks: int | None = None,
     ) -> None:
         self.model_id = model_id
+        self.total_blocks = total_blocks
         self.own = own
         self.stats = stats if stats is not None else RegistryStats()
         self._on_merged = on_merged
@@ -128,6 +133,9 @@ class SwarmView:
     def merge(self, record: NodeRecord, signed: bytes) -> bool:
         """Keep a verified ``record`` (and ``signed``, its envelope) if it is newer; True if it was."""
         if record.model != self.model_id or record.expires < self._clock():
+            return False
+        if self.total_blocks is not None and record.total_blocks != self.total_blocks:
+            log.debug("record of %s says %d blocks, we know %d", record.peer, record.total_blocks, self.total_blocks)
             return False
         if record.peer == self.own:
             return False  # our own record comes from set_own, never from outside
