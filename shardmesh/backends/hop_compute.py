@@ -9,38 +9,11 @@ step that produced the logits, so the event loop never touches a tensor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from ..contract import BadInput, BadRequest, RawTensor, SamplingParams, StageInfo, StepOutput, StepRequest
+from ..contract import BadInput, RawTensor, SamplingParams, StageInfo, StepOutput, StepRequest
 from .batcher import StepBatcher
-from .torch.sampling import SamplingRefused, sample
-from .torch.tensors import tensor_from_raw
-
-
-@dataclass
-class SamplerState:
-    """One session's sampling on the last hop: its parameters and the token history
-    that penalties and the per-step seed depend on."""
-
-    params: SamplingParams
-    prompt_ids: list[int]
-    generated: list[int] = field(default_factory=list)
-
-    def __call__(self, logits: RawTensor) -> dict[str, Any]:
-        """Compute thread: the next token. A refusal caused by the request's parameters
-        is :class:`BadRequest` (error code ``bad_request``: the gateway answers HTTP 400
-        and holds it against no peer); anything else stays this hop's own failure."""
-        try:
-            token = sample(tensor_from_raw(logits), self.params, self.prompt_ids, self.generated)
-        except SamplingRefused as exc:
-            raise BadRequest(f"cannot sample with these parameters: {exc}") from exc
-        self.generated.append(token.token_id)
-        return {
-            "token": token.token_id,
-            "logprob": token.logprob,
-            "top": [[i, lp] for i, lp in token.top_logprobs],
-        }
+from .sampler_state import SamplerState
 
 
 class StageHopCompute:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from array import array
 
-from ..contract import BadRequest, RawTensor, SampledToken, SamplingParams, StepRequest
+from ..contract import RawTensor, SampledToken, SamplingParams, StepRequest
 from .batcher import StepBatcher
-from .torch.sampling import SamplingRefused, sample
-from .torch.tensors import tensor_from_raw
+from .sampler_state import SamplerState
 
 
 class LocalChain:
@@ -20,23 +19,12 @@ class LocalChain:
     def __init__(self, batchers: list[StepBatcher], session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]):
         self.batchers = batchers
         self.session_id = session_id
-        self.sampling = sampling
-        self.prompt_ids = list(prompt_ids)
-        self.generated = list(generated)  # drawn before this chain (a replay): the sampler counts them
+        # Tokens drawn before this chain (a replay) count in the sampler's history.
+        self.sampler = SamplerState(sampling, list(prompt_ids), list(generated))
 
     async def open(self, max_length: int) -> None:
         for batcher in self.batchers:
             await batcher.open(self.session_id, max_length)
-
-    def _sample(self, logits: RawTensor) -> SampledToken:
-        """Compute thread: the next token; :class:`BadRequest` (an HTTP 400 at the
-        gateway, not a 500) when the request's parameters are what cannot be sampled."""
-        try:
-            token = sample(tensor_from_raw(logits), self.sampling, self.prompt_ids, self.generated)
-        except SamplingRefused as exc:
-            raise BadRequest(f"cannot sample with these parameters: {exc}") from exc
-        self.generated.append(token.token_id)
-        return token
 
     async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None:
         """Feed ``token_ids`` starting at ``position``; sample the next token if asked."""
@@ -44,7 +32,7 @@ class LocalChain:
         x = RawTensor("int64", (len(token_ids),), array("q", token_ids).tobytes())
         last = len(self.batchers) - 1
         for i, batcher in enumerate(self.batchers):
-            after = self._sample if (i == last and want_token) else None
+            after = self.sampler.token if (i == last and want_token) else None
             x = await batcher.step(StepRequest(self.session_id, x, position), after=after)
         return x if want_token else None
 

@@ -31,6 +31,7 @@ from ..contract import BadRequest, CacheBudgetExceeded, ChainFailed, NoRoute, No
 from ..placement.routing import Hop
 from .host import close_quietly, reset_quietly
 from .link_offers import Links, request_fields, upgrade_opener
+from .next_hop import relayed_error
 from .wire import ATTACH, CLOSE, ERROR, OPEN, RESULT, STEP, Frame, FrameStream, StreamEnded, WireError
 
 log = logging.getLogger("shardmesh.mesh.chain_client")
@@ -39,7 +40,6 @@ OPEN_TIMEOUT = 90.0  # the whole chain opens hop by hop within this
 STEP_TIMEOUT = 120.0  # one step's token (a long prefill on a slow CPU) arrives within this
 READER_GRACE = 10.0  # seconds the hops get to close their sides after a close
 CONFIRM_GRACE = 2.0  # a relayed bad_request waits this long for the last hop's own word
-MAX_CODE, MAX_MESSAGE = 32, 1000  # what of an error frame's text a ChainFailed keeps
 
 RouteFinder = Callable[[int], list[Hop] | None]  # tokens needed -> a route, or None
 
@@ -61,10 +61,9 @@ def _failure(frame: Frame, sender: str, route: list[Hop], *, attach: bool = Fals
     * On the first hop's stream the named peer must be on the route (each honest hop
       relaying it already refused blame of itself or earlier hops), else the first hop.
     """
-    h = frame.header
-    code, message, peer = h.get("code"), h.get("message"), h.get("peer")
-    code = code if isinstance(code, str) and 0 < len(code) <= MAX_CODE else "error"
-    message = message[:MAX_MESSAGE] if isinstance(message, str) else ""
+    # The frame's fields type-checked and cut short, as a relaying hop reads them.
+    err = relayed_error(frame.header, sender)
+    code, message, peer = err.code, err.message, err.peer
     last = route[-1].peer
     if code == CacheBudgetExceeded.code:
         return CacheBudgetExceeded(message)
@@ -77,7 +76,7 @@ def _failure(frame: Frame, sender: str, route: list[Hop], *, attach: bool = Fals
             return ChainFailed(None, code, f"the last hop says the hop before it sent: {message}")
         return ChainFailed(last, code, message)
     on_route = {hop.peer for hop in route}
-    return ChainFailed(peer if isinstance(peer, str) and peer in on_route else sender, code, message)
+    return ChainFailed(peer if peer in on_route else sender, code, message)
 
 
 def _ignore(_: Any) -> None:

@@ -88,8 +88,7 @@ def auto_capacity(config: NodeConfig, model: LoadedModel) -> int:
     from ..backends.footprint import free_memory_bytes, weight_bytes
     from ..placement.capacity import blocks_that_fit
 
-    tied = bool(getattr(model.text_config, "tie_word_embeddings", False))
-    sizes = weight_bytes(model.files, model.total_blocks, tied, config.dtype)
+    sizes = weight_bytes(model.files, model.total_blocks, model.config.tie_word_embeddings, config.dtype)
     if config.memory_gb is not None:
         memory = int(config.memory_gb * (1 << 30))
     else:

@@ -56,11 +56,6 @@ class LoadedModel:
         return self.config.num_hidden_layers
 
     @property
-    def text_config(self) -> ModelConfig:
-        """The language model's own config (``config`` is already that part)."""
-        return self.config
-
-    @property
     def context_length(self) -> int:
         return self.config.max_position_embeddings
 
@@ -74,6 +69,12 @@ def model_name(files: ModelFiles) -> str:
     return files.hub[0] if files.hub else files.root.resolve().name
 
 
+def text_part(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's part of a ``config.json`` (multimodal configs nest it)."""
+    nested = config.get("text_config")
+    return nested if isinstance(nested, dict) else config
+
+
 def read_model_config(folder: Path) -> ModelConfig:
     """``config.json``'s language-model fields.
 
@@ -81,7 +82,7 @@ def read_model_config(folder: Path) -> ModelConfig:
     the values equal to its base default, which is True.
     """
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    text = text_part(config)
     tied = text.get("tie_word_embeddings", config.get("tie_word_embeddings", True))
     return ModelConfig(
         num_hidden_layers=int(text["num_hidden_layers"]),

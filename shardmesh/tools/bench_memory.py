@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from ..node.model import read_model_config, text_part
 from .node_processes import NodeProcess, start_node, stop_all, wait_gateway, wait_serving
 
 MB = 1_000_000
@@ -71,9 +72,8 @@ def served_weight_bytes(path: Path, dtype: str) -> int:
     from ..backends.footprint import weight_bytes
     from ..backends.weights import resolve_local
 
-    config = json.loads((path / "config.json").read_text())
-    text = config.get("text_config", config)
-    sizes = weight_bytes(resolve_local(str(path)), int(text["num_hidden_layers"]), False, dtype)
+    layers = read_model_config(path).num_hidden_layers
+    sizes = weight_bytes(resolve_local(str(path)), layers, False, dtype)
     return sum(sizes.blocks) + sizes.embeddings + sizes.head
 
 
@@ -81,8 +81,7 @@ def kv_bytes_per_token(path: Path, dtype: str) -> int:
     """Keys and values of one token over every block (what the torch stage reserves)."""
     from ..contract import DTYPE_SIZES
 
-    config = json.loads((path / "config.json").read_text())
-    text = config.get("text_config", config)
+    text = text_part(json.loads((path / "config.json").read_text()))
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     kv_heads = text.get("num_key_value_heads", text["num_attention_heads"])
     return int(text["num_hidden_layers"]) * 2 * kv_heads * head_dim * DTYPE_SIZES[dtype]

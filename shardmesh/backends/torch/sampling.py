@@ -71,6 +71,7 @@ class SamplingRefused(ValueError):
     A ValueError like every other refusal here; the separate type lets a hop answer
     ``bad_request`` (the client's fault) rather than ``internal`` (its own)."""
 
+
 # --------------------------------------------------------------------------- seeding
 
 
