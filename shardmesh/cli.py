@@ -98,6 +98,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--mesh", action="store_true", help="node processes on loopback: 3-node chain vs one process, per-hop cost")
     p.add_argument("--memory", action="store_true",
                    help="resident memory of a --layers none gateway and of a serving node (beyond weights and KV cache)")
+    p.add_argument("--churn", type=int, default=0, metavar="N",
+                   help="a serving node's memory and view while N fresh identities publish records (e.g. 3000)")
     p.add_argument(
         "--threads", type=_thread_settings, default=[None, 1], metavar="N[,N...]",
         help="with --mesh: torch threads per process, one measurement for each; 'default' is torch's own count (default: default,1)",

@@ -136,7 +136,9 @@ def model_id(m: Node) -> str:
 def hostile_last_hop(named: str, when: str):
     """A peer serving [2, 4) that fails every session and names ``named`` for it: in
     its answer to ``open`` (``when="open"``), or after accepting it, on the first step,
-    on both streams (its upstream and the gateway's attach stream)."""
+    on both streams (its upstream and the gateway's attach stream). Or a black hole
+    (item 5): it never answers ``open`` (``when="silent_open"``), or accepts the session
+    and never sends a token (``when="silent_step"``)."""
     attached: dict[str, FrameStream] = {}
 
     async def handler(stream) -> None:
@@ -144,6 +146,11 @@ def hostile_last_hop(named: str, when: str):
         try:
             first = await fs.read_frame()
             session = first.header.get("session")
+            if when == "silent_open" or (when == "silent_step" and first.type == "open"):
+                if when == "silent_step":
+                    await fs.write({"t": "result", "session": session, "ok": True})
+                while True:
+                    await fs.read_frame()
             if first.type == "open" and when == "open":
                 await fs.send_error("internal", "the hop before me broke it", named, session)
                 return
@@ -176,46 +183,82 @@ async def generate(chains, sampling: SamplingParams, wait: float) -> list[int]:
         await chain.close()
 
 
+async def with_hostile_last_hop(m: Node, b: Node, when: str, failed: list[str], attacks: int = 1, wait: float = 15) -> list[list[int]]:
+    """A gateway in this process (the real chain client, failover loop and back-off)
+    whose routing prefers the hostile last hop while it is not excluded. It first
+    generates once through the honest route (so it has measured step times, as a
+    gateway that has been serving has), then ``attacks`` times with the hostile hop
+    preferred; the tokens of each attacked generation."""
+    mid = model_id(m)
+    async with running_host(new_key(), LOCAL) as gw, running_host(new_key(), LOCAL) as evil:
+        async with trio.open_nursery() as nursery:
+            addrs = {m.peer_id: [m.address], b.peer_id: [b.address], evil.peer_id_str: [str(a) for a in evil.addrs()]}
+            gw.address_book = lambda p: addrs.get(p, [])
+            gateway = HopServer(gw, None, mid, 4, 2048)
+            await nursery.start(gateway.run)
+            evil.set_handler(PROTOCOL, hostile_last_hop(m.peer_id, when))
+            await evil.connect(m.address)  # M reaches us over this connection
+            backoff = FailureBackoff()
+            honest = [Hop(m.peer_id, 0, 2), Hop(b.peer_id, 2, 4)]
+            routes = [honest]
+
+            def find_route(tokens_needed: int) -> list[Hop] | None:
+                excluded = backoff.excluded(time.monotonic())
+                return next((r for r in routes if not {h.peer for h in r} & excluded), None)
+
+            def on_failure(peer: str) -> None:
+                failed.append(peer)
+                backoff.failed(peer, time.monotonic())
+
+            chains = MeshChains(nursery=nursery, open_stream=gateway.open_stream, find_route=find_route,
+                                model_id=mid, gateway=gw.peer_id_str, on_failure=on_failure)
+            try:
+                await generate(chains, SamplingParams(temperature=0.0), wait=15)
+                routes.insert(0, [Hop(m.peer_id, 0, 2), Hop(evil.peer_id_str, 2, 4)])
+                attacked = []
+                for _ in range(attacks):
+                    backoff = FailureBackoff()  # each attack meets a gateway that trusts the hostile hop
+                    attacked.append(await generate(chains, SamplingParams(temperature=0.0), wait=wait))
+                return attacked
+            finally:
+                nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("when", ["open", "step"])
 def test_a_hostile_last_hop_cannot_get_the_hop_before_it_excluded(swarm: tuple[Node, Node], reference: list[int], when: str) -> None:
     m, b = swarm
-    mid = model_id(m)
     failed: list[str] = []
-
-    async def main() -> list[int]:
-        async with running_host(new_key(), LOCAL) as gw, running_host(new_key(), LOCAL) as evil:
-            async with trio.open_nursery() as nursery:
-                addrs = {m.peer_id: [m.address], b.peer_id: [b.address], evil.peer_id_str: [str(a) for a in evil.addrs()]}
-                gateway = HopServer(gw, None, mid, 4, 2048, addrs_of=lambda p: addrs.get(p, []))
-                await nursery.start(gateway.run)
-                evil.set_handler(PROTOCOL, hostile_last_hop(m.peer_id, when))
-                await evil.connect(m.address)  # M reaches us over this connection
-                backoff = FailureBackoff()
-                # Routing prefers the hostile last hop while it is not excluded.
-                routes = [[Hop(m.peer_id, 0, 2), Hop(evil.peer_id_str, 2, 4)], [Hop(m.peer_id, 0, 2), Hop(b.peer_id, 2, 4)]]
-
-                def find_route(tokens_needed: int) -> list[Hop] | None:
-                    excluded = backoff.excluded(time.monotonic())
-                    return next((r for r in routes if not {h.peer for h in r} & excluded), None)
-
-                def on_failure(peer: str) -> None:
-                    failed.append(peer)
-                    backoff.failed(peer, time.monotonic())
-
-                chains = MeshChains(nursery=nursery, open_stream=gateway.open_stream, find_route=find_route,
-                                    model_id=mid, gateway=gw.peer_id_str, on_failure=on_failure)
-                try:
-                    return await generate(chains, SamplingParams(temperature=0.0), wait=15)
-                finally:
-                    nursery.cancel_scope.cancel()
-
     try:
-        tokens = trio.run(main)
+        tokens = trio.run(with_hostile_last_hop, m, b, when, failed)
     except ModelUnavailable as exc:  # the old code: M excluded, so no route at all
         pytest.fail(f"no route after the attack ({exc}); peers blamed: {failed}")
     evil_blamed = [p for p in failed if p not in (m.peer_id, b.peer_id)]
     assert m.peer_id not in failed and b.peer_id not in failed and len(evil_blamed) >= 1, failed
-    assert tokens == reference  # the request went on through M and the honest B
+    assert tokens == [reference]  # the request went on through M and the honest B
+
+
+BLACK_HOLE_BOUND = 45.0  # s: a hang guard well under the old flat bounds (60-90 s for open, 120 s for a step)
+
+
+@pytest.mark.parametrize("when", ["silent_open", "silent_step"])
+def test_a_black_hole_costs_a_request_seconds_not_minutes(swarm: tuple[Node, Node], reference: list[int], when: str) -> None:
+    """Item 5: a last hop that never answers ``open``, or accepts and never sends a token.
+    The hop before it (M) speaks first and names it (open), or the gateway's measured
+    step bound drops it (step); the request goes on through the honest B and gives the
+    reference tokens, and only the black hole is blamed."""
+    m, b = swarm
+    failed: list[str] = []
+
+    async def bounded() -> list[list[int]]:
+        with trio.fail_after(BLACK_HOLE_BOUND):
+            # The node's default --route-wait: a failed first step counts against it.
+            return await with_hostile_last_hop(m, b, when, failed, wait=30)
+
+    began = time.monotonic()
+    tokens = trio.run(bounded)
+    print(f"{when}: the generation met the black hole and finished in {time.monotonic() - began:.1f} s")
+    assert tokens == [reference]
+    assert m.peer_id not in failed and b.peer_id not in failed and len(failed) >= 1, failed
 
 
 def test_nan_hidden_states_are_the_sender_s_fault(swarm: tuple[Node, Node], reference: list[int]) -> None:
@@ -245,7 +288,8 @@ def test_nan_hidden_states_are_the_sender_s_fault(swarm: tuple[Node, Node], refe
             await s2.stream.close()
 
             async with trio.open_nursery() as nursery:
-                gateway = HopServer(me, None, mid, 4, 2048, addrs_of=lambda p: [m.address] if p == m.peer_id else [b.address])
+                me.address_book = lambda p: [m.address] if p == m.peer_id else [b.address]
+                gateway = HopServer(me, None, mid, 4, 2048)
                 await nursery.start(gateway.run)
                 chain = RemoteChain(nursery=nursery, open_stream=gateway.open_stream, session_id="honest", model_id=mid,
                                     gateway=me.peer_id_str, sampling={"temperature": 0.0}, prompt_ids=PROMPT,

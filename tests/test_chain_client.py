@@ -21,7 +21,8 @@ import trio
 import trio.testing
 
 from shardmesh.contract import BadRequest, CacheBudgetExceeded, ChainFailed, NoRoute, SampledToken, SamplingParams
-from shardmesh.mesh.chain_client import OPEN_TIMEOUT, READER_GRACE, STEP_TIMEOUT, MeshChains, RemoteChain
+from shardmesh.mesh.chain_client import READER_GRACE, MeshChains, RemoteChain
+from shardmesh.mesh.deadlines import HOP_REACH, STEP_CAP, STEP_FLOOR, open_wait
 from shardmesh.mesh.pipe import pipe_pair
 from shardmesh.mesh.wire import Frame, FrameStream, StreamEnded, WireError, encode_frame
 from shardmesh.placement.routing import Hop
@@ -93,7 +94,7 @@ def run(main: Callable[[trio.Nursery], Awaitable[None]]) -> None:
     """``main(nursery)`` on the autojump clock; the chain's reader tasks live in ``nursery``."""
 
     async def bounded() -> None:
-        with trio.fail_after(10 * STEP_TIMEOUT):
+        with trio.fail_after(10 * STEP_CAP):
             async with trio.open_nursery() as nursery:
                 await main(nursery)
                 nursery.cancel_scope.cancel()
@@ -334,7 +335,7 @@ def test_a_hop_that_never_answers_open_times_out() -> None:
         with pytest.raises(ChainFailed) as info:
             await opened(Peers(nursery, {A: first}), Reports())
         assert (info.value.peer, info.value.code) == (A, "peer_lost")
-        assert trio.current_time() - began == pytest.approx(OPEN_TIMEOUT)
+        assert trio.current_time() - began == pytest.approx(open_wait(len(ROUTE)))
 
     run(main)
 
@@ -681,10 +682,59 @@ def test_a_token_that_never_comes_times_out_on_the_last_hop() -> None:
         with pytest.raises(ChainFailed) as info:
             await chain.step(PROMPT, 0, True)
         assert (info.value.peer, info.value.code) == (B, "timeout") and reports.failed == [B]
-        assert trio.current_time() - began == pytest.approx(STEP_TIMEOUT)
+        assert trio.current_time() - began == pytest.approx(STEP_CAP)  # nothing measured yet
         await chain.close()
 
     run(main)
+
+
+def test_once_steps_are_measured_a_silent_chain_is_dropped_in_seconds() -> None:
+    """Steps that took 0.2 s each: the next silent one is given the floor, not two minutes;
+    a prefill sent in chunks is one measurement, bounded by all of its tokens."""
+    async def main(nursery: trio.Nursery) -> None:
+        async def answer_slowly(fs: FrameStream, answers: trio.MemoryReceiveChannel) -> None:
+            await ok(fs, "attach")
+            async for step, _ in answers:
+                if step.header["position"] < 100:
+                    await trio.sleep(0.2)
+                    await fs.write(result(step.header["position"]))
+
+        send, receive = trio.open_memory_channel[tuple[Frame, Callable]](100)
+
+        async def first(fs: FrameStream) -> None:
+            await ok(fs, "open")
+            while (frame := await fs.read_frame()).type != "close":
+                if frame.header["want"]:
+                    await send.send((frame, None))
+
+        reports = Reports()
+        chains = mesh_chains(Peers(nursery, {A: first, B: lambda fs: answer_slowly(fs, receive)}), reports)
+        chain = chains.chain("s", SamplingParams(temperature=0.0), PROMPT, [])
+        await chain.open(512)
+        await chain.step(list(range(40)), 0, False)  # a prefill in two chunks: one measurement
+        began = trio.current_time()
+        await chain.step(list(range(40)), 40, True)
+        assert trio.current_time() - began == pytest.approx(0.2)
+        for position in range(80, 83):
+            await chain.step([1], position, True)
+        assert chains.step_times.deadline(1) == STEP_FLOOR
+        began = trio.current_time()
+        with pytest.raises(ChainFailed) as info:
+            await chain.step([1], 100, True)
+        assert (info.value.peer, info.value.code) == (B, "timeout")
+        assert trio.current_time() - began == pytest.approx(STEP_FLOOR)
+        await chain.close()
+
+    run(main)
+
+
+def test_each_hop_waits_less_for_the_rest_of_the_chain_than_the_one_before_it() -> None:
+    """So the hop right before a silent one always reports first, naming it: a hop
+    with n hops after it needs HOP_REACH to reach the next one, then waits open_wait(n)."""
+    for hops in range(2, 64):
+        assert open_wait(hops) > HOP_REACH + open_wait(hops - 1)
+    with pytest.raises(ValueError):
+        open_wait(0)
 
 
 # -- close -----------------------------------------------------------------------------------

@@ -204,3 +204,22 @@ def test_a_node_with_many_interfaces_publishes_at_most_max_addrs() -> None:
     assert len(addrs) == MAX_ADDRS
     assert not any(a.startswith("/ip4/127.") for a in addrs)
     assert addrs[0].startswith("/ip4/10.0.0.0/")
+
+
+def test_the_dht_store_refuses_new_keys_once_full(key) -> None:
+    """An identity is free, so the store of /shardmesh/ values has a fixed size: past it a
+    new key is refused (the validator raises, py-libp2p stores nothing); known keys still
+    refresh."""
+    from shardmesh.mesh.dht_values import ExpiringValues, RecordValidator
+
+    values = ExpiringValues(max_tracked=2)
+    validator = RecordValidator(MODEL, values.track)
+    keys = [create_new_key_pair() for _ in range(3)]
+    envelopes = [sign_record(make_record(k), k) for k in keys]
+    names = [record_key(MODEL, peer_of(k)) for k in keys]
+    validator.validate(names[0], envelopes[0])
+    validator.validate(names[1], envelopes[1])
+    with pytest.raises(RecordError) as refused:
+        validator.validate(names[2], envelopes[2])
+    assert refused.value.reason == RecordError.NO_ROOM
+    validator.validate(names[0], sign_record(make_record(keys[0], seq=2), keys[0]))

@@ -15,6 +15,7 @@ __all__ = [
     "addresses",
     "cbor_plain",
     "chain_client",
+    "deadlines",
     "dht",
     "dht_peers",
     "dht_values",
@@ -29,6 +30,7 @@ __all__ = [
     "next_hop",
     "one_at_a_time",
     "open_request",
+    "peer_table",
     "pipe",
     "record_checks",
     "record_keys",
@@ -38,5 +40,6 @@ __all__ = [
     "rtt",
     "swarm_map",
     "swarm_view",
+    "view_room",
     "wire",
 ]

@@ -29,6 +29,7 @@ import trio
 
 from ..contract import BadRequest, CacheBudgetExceeded, ChainFailed, NoRoute, NonFiniteInput, SampledToken, SamplingParams
 from ..placement.routing import Hop
+from .deadlines import HOP_ANSWER, StepTimes, open_wait
 from .host import close_quietly, reset_quietly
 from .link_offers import Links, request_fields, upgrade_opener
 from .next_hop import relayed_error
@@ -36,8 +37,6 @@ from .wire import ATTACH, CLOSE, ERROR, OPEN, RESULT, STEP, Frame, FrameStream, 
 
 log = logging.getLogger("shardmesh.mesh.chain_client")
 
-OPEN_TIMEOUT = 90.0  # the whole chain opens hop by hop within this
-STEP_TIMEOUT = 120.0  # one step's token (a long prefill on a slow CPU) arrives within this
 READER_GRACE = 10.0  # seconds the hops get to close their sides after a close
 CONFIRM_GRACE = 2.0  # a relayed bad_request waits this long for the last hop's own word
 
@@ -90,7 +89,8 @@ class RemoteChain:
     picks the route when the chain opens. Either way a :class:`ChainFailed` that names a
     peer, from :meth:`open` or :meth:`step`, is handed to ``on_failure`` before it is
     raised (routing avoids that peer for a while), and ``on_success`` gets the route once
-    the chain is open.
+    the chain is open. ``step_times`` is where step times are measured and bounds come
+    from (:mod:`.deadlines`); share one between the chains of a gateway.
     """
 
     def __init__(
@@ -109,6 +109,7 @@ class RemoteChain:
         find_route: RouteFinder | None = None,
         on_failure: Callable[[str], None] = _ignore,
         on_success: Callable[[list[Hop]], None] = _ignore,
+        step_times: StepTimes | None = None,
     ) -> None:
         if (route is None) == (find_route is None):
             raise ValueError("a RemoteChain takes either a route or find_route")
@@ -124,6 +125,9 @@ class RemoteChain:
         self.gateway = gateway
         self.sampling = sampling
         self.history = (list(prompt_ids), list(generated))  # generated: a replay after failover
+        self.step_times = step_times if step_times is not None else StepTimes()
+        self._unanswered = 0  # tokens sent since the last token came back
+        self._sent_at = 0.0  # when the first of them was sent (trio time)
         self._first: FrameStream | None = None
         self._last: FrameStream | None = None
         self._events_in, self._events = trio.open_memory_channel[Frame | Exception](64)
@@ -180,10 +184,10 @@ class RemoteChain:
             },
             array("q", prompt + generated).tobytes(),
         )
-        await self._expect_ok(self._first, first, "open")
+        await self._expect_ok(self._first, first, "open", open_wait(len(route)))
         self._last = await self._connect(last)
         await self._write(self._last, last, {"t": ATTACH, "session": self.session_id, **request_fields(self.links, self._last, last)})
-        await self._expect_ok(self._last, last, "attach")
+        await self._expect_ok(self._last, last, "attach", HOP_ANSWER)
         self._readers_running = 2
         self.nursery.start_soon(self._read_into_events, self._last, last)
         self.nursery.start_soon(self._read_into_events, self._first, first)
@@ -194,10 +198,11 @@ class RemoteChain:
         except Exception as exc:
             raise ChainFailed(peer, "peer_unreachable", str(exc)) from exc
 
-    async def _expect_ok(self, fs: FrameStream, peer: str, what: str) -> None:
-        """Reads the answer to ``what``; then moves ``fs`` to a hop link if one is offered."""
+    async def _expect_ok(self, fs: FrameStream, peer: str, what: str, timeout: float) -> None:
+        """Reads the answer to ``what`` (within ``timeout`` s); then moves ``fs`` to a hop
+        link if one is offered."""
         try:
-            reply = await fs.read_frame(idle_timeout=OPEN_TIMEOUT)
+            reply = await fs.read_frame(idle_timeout=timeout)
         except (StreamEnded, WireError) as exc:
             raise ChainFailed(peer, "peer_lost", f"no answer to {what}: {exc}") from exc
         if reply.type == ERROR:
@@ -261,15 +266,22 @@ class RemoteChain:
         payload = array("q", token_ids).tobytes()
         header = {"t": STEP, "session": self.session_id, "position": position, "want": want_token,
                   "dtype": "int64", "shape": [len(token_ids)]}
+        if self._unanswered == 0:
+            self._sent_at = trio.current_time()
         await self._write(self._first, self._route[0].peer, header, payload)
+        self._unanswered += len(token_ids)
         if not want_token:
             return None
+        wait = self.step_times.deadline(self._unanswered)
         try:
-            with trio.fail_after(STEP_TIMEOUT):
+            with trio.fail_after(max(0.0, self._sent_at + wait - trio.current_time())):
                 event = await self._events.receive()
         except trio.TooSlowError as exc:
-            raise ChainFailed(self._route[-1].peer, "timeout", f"no token within {STEP_TIMEOUT:.0f} s") from exc
-        return self._token(event, position)
+            raise ChainFailed(self._route[-1].peer, "timeout", f"no token within {wait:.0f} s") from exc
+        token = self._token(event, position)
+        self.step_times.record(self._unanswered, trio.current_time() - self._sent_at)
+        self._unanswered = 0
+        return token
 
     def _raise_pending(self) -> None:
         """A failure reported while we were not waiting (e.g. during a prefill chunk)."""
@@ -347,6 +359,7 @@ class MeshChains:
         self.gateway = gateway
         self.on_failure = on_failure
         self.on_success = on_success
+        self.step_times = StepTimes()  # shared by its chains: their bounds follow what they measured
 
     def available(self) -> bool:
         return self.find_route(0) is not None
@@ -365,4 +378,5 @@ class MeshChains:
             find_route=self.find_route,
             on_failure=self.on_failure,
             on_success=self.on_success,
+            step_times=self.step_times,
         )

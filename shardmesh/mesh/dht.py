@@ -353,5 +353,5 @@ class SwarmDht:
             self.stats.dht_records_invalid += 1
             raise
         self.stats.dht_records_fetched += 1
-        self.view.merge(record, value)
+        self.view.merge(record, value, origin="dht")
         return record

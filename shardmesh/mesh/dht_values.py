@@ -75,8 +75,9 @@ class ExpiringValues:
     The validator tells :meth:`track` the expiry of every value it passed; :meth:`run`
     sleeps until the earliest one and removes what is stored under that key if its
     record has expired by then (a refreshed value stays: its own put tracked it anew).
-    At most ``max_tracked`` keys are followed (strangers choose how many keys they put);
-    past that a value falls back to py-libp2p's own 24 h.
+    At most ``max_tracked`` keys are stored (strangers choose how many keys they put,
+    one per free identity): past that, :meth:`track` refuses a new key, the validator
+    with it, and py-libp2p does not store the value.
     """
 
     def __init__(self, max_tracked: int = 4096) -> None:
@@ -87,7 +88,7 @@ class ExpiringValues:
 
     def track(self, key: str, record: NodeRecord) -> None:
         if key not in self._due and len(self._due) >= self.max_tracked:
-            return
+            raise RecordError(RecordError.NO_ROOM, f"this node already stores {self.max_tracked} records")
         self._due[key] = max(self._due.get(key, 0.0), record.expires)
         self._wake.set()
 

@@ -78,7 +78,7 @@ class Gossip:
         self.stats = stats
         self.pubsub: Any = None  # libp2p Pubsub, set while run() runs
         self._message_id: Any = None  # the pubsub's own message id function
-        self._verified: OrderedDict[bytes, tuple[bytes, NodeRecord]] = OrderedDict()
+        self._verified: OrderedDict[bytes, tuple[bytes, NodeRecord, str]] = OrderedDict()
         self._calls: OneAtATime | None = None
 
     async def publish(self, envelope: bytes) -> None:
@@ -173,12 +173,17 @@ class Gossip:
         """Pubsub topic validator: a valid record of this model, published by its owner.
 
         Requiring the pubsub origin (``from``, covered by the pubsub signature) to be the
-        record's peer means nobody can replay someone else's old records on gossip.
+        record's peer means nobody can replay someone else's old records on gossip. A
+        record the view has no place for (:mod:`.view_room`; ``forwarder`` is its origin
+        there) is refused too, so a flood stops at the first node it reaches.
         Nothing may raise into pubsub: any failure is a dropped message.
         """
         try:
             record = self._check(msg)
-            self._verified[self._message_id(msg)] = (bytes(msg.data), record)
+            origin = forwarder.to_base58()
+            if record.peer != self.view.own and not self.view.admits(record, origin):
+                return False  # (our own record, as we publish it, is never in the room)
+            self._verified[self._message_id(msg)] = (bytes(msg.data), record, origin)
             while len(self._verified) > VERIFIED_BACKLOG:
                 self._verified.popitem(last=False)
         except RecordError as exc:
@@ -199,8 +204,9 @@ class Gossip:
             raise RecordError(RecordError.WRONG_PEER, f"record of {record.peer} published by {origin}")
         return record
 
-    def _verified_record(self, msg: Any) -> NodeRecord | None:
-        """The record our validator verified for ``msg``; verified here if it has none.
+    def _verified_record(self, msg: Any) -> tuple[NodeRecord, str] | None:
+        """The record our validator verified for ``msg`` and its origin; verified here
+        (origin unknown) if it has none.
 
         The fallback covers a message pubsub delivers without asking the validator:
         py-libp2p caches validation results by message id for longer than it
@@ -208,14 +214,14 @@ class Gossip:
         """
         entry = self._verified.pop(self._message_id(msg), None)
         if entry is not None and entry[0] == msg.data:
-            return entry[1]
+            return entry[1], entry[2]
         try:
-            return self._check(msg)
+            return self._check(msg), ""
         except Exception:
             return None  # expiry may have passed since the validator said yes
 
     async def _receive_loop(self, subscription: Any) -> None:
         async for msg in subscription:
-            record = self._verified_record(msg)
-            if record is not None and self.view.merge(record, msg.data):
+            verified = self._verified_record(msg)
+            if verified is not None and self.view.merge(verified[0], msg.data, origin=verified[1]):
                 self.stats.gossip_accepted += 1

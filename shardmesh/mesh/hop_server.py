@@ -25,11 +25,12 @@ sender an error frame and a reset; this node's other sessions do not notice.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 import trio
 
 from ..contract import HopCompute, NonFiniteInput, StageError
+from .cbor_plain import quote
 from .hop_session import HopSession
 from .host import MeshHost, close_quietly, reset_quietly
 from .link import HopLink
@@ -78,7 +79,6 @@ class HopServer:
         total_blocks: int,
         context_length: int,
         limits: Limits = Limits(),
-        addrs_of: Callable[[str], list[str]] | None = None,
         hidden_size: int | None = None,
         links: Links | None = None,
     ) -> None:
@@ -89,7 +89,6 @@ class HopServer:
         self.total_blocks = total_blocks
         self.context_length = context_length
         self.limits = limits
-        self.addrs_of = addrs_of or (lambda peer: [])
         self.me = mesh.peer_id_str
         self.sessions: dict[str, HopSession] = {}
         self.accepting = True
@@ -136,8 +135,7 @@ class HopServer:
         try:
             peer_id = ID.from_base58(peer)
         except Exception as exc:
-            raise WireError("bad_route", f"{peer!r} is not a peer id") from exc
-        self.mesh.remember(peer_id, self.addrs_of(peer))
+            raise WireError("bad_route", f"{quote(peer)} is not a peer id") from exc
         self.mesh.protect(peer_id)
         return await self.mesh.open_stream(peer_id, PROTOCOL)
 

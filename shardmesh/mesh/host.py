@@ -14,6 +14,15 @@ do not trust each other and send tensors to each other. What this module changes
   the stream, and the node keeps serving.
 * **Restarted peers can be dialled at once.** After a failed dial the swarm refuses
   that peer for 60 s; an explicit :meth:`MeshHost.connect` lifts the block first.
+* **A peer table strangers cannot break** (:mod:`.peer_table`): our own entry and our
+  connected peers are never evicted from it, and record addresses stay out of it:
+  :meth:`MeshHost.ensure_connected` asks :attr:`MeshHost.address_book` (the swarm
+  view) where a peer listens only when something needs to talk to that peer.
+* **No dialling of the whole peer table.** py-libp2p's auto-connector dials up to 200
+  peers from the table whenever a node has fewer than 100 connections, every 30 s and
+  after each disconnect: every peer id a stranger slipped into the table (DHT answers,
+  gossipsub peer exchange) would be dialled, an attacker-chosen address hundreds of
+  times. A node dials a peer when a chain, a sync or a lookup needs it, not before.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import trio
 from multiaddr import Multiaddr
 
 from .addresses import advertised_addrs
+from .peer_table import PinnedPeerStore
 from .record_checks import MAX_ADDRS
 
 log = logging.getLogger("shardmesh.mesh.host")
@@ -120,6 +130,7 @@ def _new_host(key_pair, listen: list[Multiaddr]):
 
     return new_host(
         key_pair=key_pair,
+        peerstore_opt=PinnedPeerStore(peer_id_of(key_pair)),
         sec_opt={NOISE: Noise(key_pair, noise_privkey=new_x25519().private_key)},
         muxer_opt={YAMUX: Yamux},
         listen_addrs=listen,
@@ -136,7 +147,16 @@ class MeshHost:
 
     host: object  # libp2p IHost
     key_pair: object
+    # Where a peer we are not connected to listens (base58 peer id -> multiaddrs with
+    # /p2p/): the registry points this at the swarm view's signed records.
+    address_book: Callable[[str], list[str]] = lambda peer: []
     _dial_locks: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        peerstore = self.host.get_peerstore()
+        if isinstance(peerstore, PinnedPeerStore):
+            connections = self.host.get_network().connections
+            peerstore.keep = lambda peer_id: peer_id in connections
 
     @property
     def peer_id(self):
@@ -227,30 +247,26 @@ class MeshHost:
             log.debug("protecting %s: %s", peer_id, exc)
 
     async def ensure_connected(self, peer_id) -> None:
-        """Dial ``peer_id`` at the addresses the peerstore holds, unless connected."""
+        """Dial ``peer_id`` unless connected: at the addresses its record names (the
+        :attr:`address_book`), else at those the peer table holds (a peer we dialled
+        by address, e.g. ``--join``)."""
         from libp2p.peer.peerinfo import PeerInfo
 
         async with self._dial_lock(peer_id):
             if peer_id in self.host.get_network().connections:
                 return
-            addrs = self.host.get_peerstore().addrs(peer_id)
+            addrs = _transport_addrs(self.address_book(peer_id.to_base58()))
+            peerstore = self.host.get_peerstore()
+            if addrs:
+                peerstore.clear_addrs(peer_id)  # py-libp2p dials the first one it holds
+            else:
+                try:
+                    addrs = peerstore.addrs(peer_id)
+                except Exception:  # PeerStoreError: never heard of, or expired
+                    addrs = []
             if not addrs:
                 raise HostError(f"no known address for {peer_id}")
             await self._dial(PeerInfo(peer_id, addrs), str(peer_id))
-
-    def remember(self, peer_id, addrs: list[str], ttl: float = 120.0) -> None:
-        """Tell the peerstore where ``peer_id`` listens (from its signed record)."""
-        if not addrs or peer_id in self.host.get_network().connections:
-            return
-        maddrs = []
-        for a in addrs:
-            try:
-                maddrs.append(Multiaddr(a.split("/p2p/")[0]))
-            except Exception:
-                continue
-        if maddrs:
-            self.host.get_peerstore().clear_addrs(peer_id)  # the first one is dialled: keep it fresh
-            self.host.get_peerstore().add_addrs(peer_id, maddrs, int(ttl))
 
     async def open_stream(self, peer_id, protocol: str):
         """A new stream to a peer we know addresses for (dialling if needed).
@@ -275,6 +291,17 @@ class MeshHost:
 
     def connected_peers(self) -> list:
         return list(self.host.get_network().connections.keys())
+
+
+def _transport_addrs(addrs: list[str]) -> list[Multiaddr]:
+    """``addrs`` without their ``/p2p/<peer>`` part, as multiaddrs; unparsable ones left out."""
+    out = []
+    for a in addrs:
+        try:
+            out.append(Multiaddr(a.split("/p2p/")[0]))
+        except Exception:
+            continue
+    return out
 
 
 class StillRunning(Exception):
@@ -330,6 +357,11 @@ async def close_quietly(stream) -> None:
             pass
 
 
+async def _dial_nobody() -> None:
+    """The auto-connector's round, replaced (see the module docstring)."""
+    await trio.lowlevel.checkpoint()
+
+
 @asynccontextmanager
 async def running_host(key_pair, listen: list[str]) -> AsyncIterator[MeshHost]:
     """Start a host listening on ``listen`` and stop it when the block exits."""
@@ -338,6 +370,7 @@ async def running_host(key_pair, listen: list[str]) -> AsyncIterator[MeshHost]:
     except Exception as exc:
         raise ValueError(f"--listen {listen}: not a multiaddr ({exc})") from exc
     host = _new_host(key_pair, maddrs)
+    host.get_network().auto_connector.maybe_connect = _dial_nobody
     try:
         async with host.run(listen_addrs=maddrs):
             yield MeshHost(host, key_pair)

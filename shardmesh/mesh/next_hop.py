@@ -22,18 +22,18 @@ import trio
 from .cbor_plain import clip
 from .hop_session import HopSession
 from .host import close_quietly, reset_quietly
+from .deadlines import open_wait
 from .link_offers import Links, request_fields, upgrade_opener
 from .open_request import next_open
 from .wire import ERROR, RESULT, Frame, FrameStream, StreamEnded, WireError
 
 log = logging.getLogger("shardmesh.mesh.next_hop")
 
-OPEN_TIMEOUT = 60.0  # the rest of the chain must open within this (loading is done already)
 MAX_CODE = 32  # error codes are short words (docs/PROTOCOL.md 6.3)
 MAX_MESSAGE = 1000  # characters of a relayed message; a human reads it, nothing parses it
 MAX_PEER = 128  # a peer id is about 52 characters
 
-__all__ = ["OPEN_TIMEOUT", "blamed_within", "open_next_hop", "relay_back", "relayed_error"]
+__all__ = ["blamed_within", "open_next_hop", "relay_back", "relayed_error"]
 
 
 def relayed_error(header: dict[str, Any], nxt: str) -> WireError:
@@ -88,7 +88,9 @@ async def open_next_hop(
         await reset_quietly(stream)
         raise WireError("peer_lost", f"the next hop went away during open: {exc.message}", nxt) from exc
     try:
-        reply = await downstream.read_frame(idle_timeout=OPEN_TIMEOUT)
+        # Shorter than what our upstream waits for us (deadlines.open_wait): if the rest
+        # of the chain is silent, we are the one to say who.
+        reply = await downstream.read_frame(idle_timeout=open_wait(len(route) - 1))
     except (StreamEnded, WireError) as exc:
         await reset_quietly(stream)
         raise WireError("peer_lost", f"the next hop did not answer open: {exc}", nxt) from exc

@@ -50,6 +50,7 @@ class RecordError(ValueError):
     WRONG_KEY = "wrong-key"
     BAD_SPAN = "bad-span"
     BAD_STATE = "bad-state"
+    NO_ROOM = "no-room"  # valid, but the store that was asked to keep it is full
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)

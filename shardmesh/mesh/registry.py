@@ -35,6 +35,7 @@ from .records import MAX_RECORD_LIFETIME, RECORD_TTL, NodeRecord, expires_at, re
 from .registry_stats import RegistryStats
 from .swarm_map import SwarmMapError, fetch_swarm_map
 from .swarm_view import SwarmView
+from .view_room import ViewRoom
 
 __all__ = ["Registry", "RegistryStats", "records_topic"]
 
@@ -93,7 +94,10 @@ class Registry:
         self._running = False
         own = self._me if local is not None else None
         total = local.total_blocks if local is not None else None  # records disagreeing are refused
-        self.view = SwarmView(model_id, own, stats=self.stats, on_merged=self._remember, total_blocks=total)
+        room = ViewRoom(pinned=self.is_connected)
+        self.view = SwarmView(model_id, own, stats=self.stats, total_blocks=total, room=room)
+        # Record addresses stay out of py-libp2p's peer table: a dial looks them up here.
+        mesh_host.address_book = self.view.addresses
         self.gossip = Gossip(mesh_host, model_id, self.view, self.stats)
         self.swarm_dht = SwarmDht(
             mesh_host, model_id, self.view, self.stats, ttl=ttl, reprovide_interval=reprovide_interval
@@ -244,14 +248,19 @@ class Registry:
             with trio.move_on_after(max(0.0, self.publish_interval - MIN_PUBLISH_GAP)):
                 await self._publish_wake.wait()
 
-    def _remember(self, record: NodeRecord) -> None:
-        """Hand a merged record's addresses to the peerstore, for dialling it later."""
-        try:
-            from libp2p.peer.id import ID
+    def is_connected(self, peer: str) -> bool:
+        """Do we hold a connection to ``peer`` now? (Such peers keep their place in the view.)"""
+        from libp2p.peer.id import ID
 
-            self.mesh_host.remember(ID.from_base58(record.peer), list(record.addrs), ttl=max(120.0, 4 * self.ttl))
-        except Exception as exc:
-            log.debug("cannot remember addresses of %s: %s", record.peer, exc)
+        try:
+            return ID.from_base58(peer) in self.mesh_host.host.get_network().connections
+        except Exception:
+            return False
+
+    def neighbours(self) -> list[str]:
+        """Peers in the view that we are connected to: the ones to ask for their whole
+        view (:meth:`sync_from`) without dialling anyone a record merely names."""
+        return [r.peer for r in self.records() if r.peer != self._me and self.is_connected(r.peer)]
 
     # --- asking the swarm --------------------------------------------------------------
 
@@ -289,7 +298,7 @@ class Registry:
             if swarm.model != self.model_id:
                 return
             for record in swarm.records:
-                if self.view.merge(record, swarm.envelopes[record.peer]):
+                if self.view.merge(record, swarm.envelopes[record.peer], origin=peer):
                     merged += 1
 
         with trio.move_on_after(timeout):

@@ -24,3 +24,5 @@ class RegistryStats:
     dht_records_invalid: int = 0
     synced: int = 0  # records that entered the view from a peer's whole map (sync_from)
     expired_purged: int = 0
+    refused_no_room: int = 0  # valid records the view had no place for (see view_room)
+    evicted: int = 0  # records that gave up their place to a newcomer from another origin

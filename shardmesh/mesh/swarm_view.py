@@ -11,7 +11,10 @@ view only decides what to keep:
   then on and :meth:`SwarmView.purge_loop` drops it, so a node that stops refreshing
   is gone within a TTL;
 * :meth:`SwarmView.wait_changed` wakes on a real change (a peer appearing or leaving,
-  a record that says something new), not on a plain refresh.
+  a record that says something new), not on a plain refresh;
+* the view has a fixed number of places, shared out by origin and host
+  (:mod:`.view_room`), so that records from free identities cannot grow it without
+  bound nor push out the records of peers that came by other ways.
 
 Beside each record the view keeps its signed envelope exactly as received, so the
 whole view can be handed on (``/shardmesh/swarm/1.0.0``) and checked by anyone.
@@ -31,6 +34,7 @@ import trio
 from ..placement.spans import ServerView
 from .records import NodeRecord, content_of, server_view
 from .registry_stats import RegistryStats
+from .view_room import ViewRoom, host_of
 
 log = logging.getLogger("shardmesh.mesh.swarm_view")
 
@@ -52,8 +56,8 @@ class SwarmView:
     ``own`` is the peer id whose record only :meth:`set_own` may install (this node's,
     or None for a pure observer that publishes nothing). ``clock`` gives unix seconds
     (records carry absolute expiry times); tests pass one that follows trio's clock.
-    ``on_merged`` is called with every record that enters the view from outside (the
-    registry hands its addresses to the peerstore there). ``total_blocks``, when given,
+    ``room`` shares out the places (:class:`~.view_room.ViewRoom`; its defaults when not
+    given). ``total_blocks``, when given,
     is the model's block count as this node knows it: the model id names the config but
     a verifier cannot recompute the count from it, so a record that disagrees is refused
     here (it could only be a lie or a bug, and its span would mislead placement).
@@ -65,15 +69,15 @@ class SwarmView:
         own: str | None,
         *,
         stats: RegistryStats | None = None,
-        on_merged: Callable[[NodeRecord], None] | None = None,
         clock: Callable[[], float] = time.time,
         total_blocks: int | None = None,
+        room: ViewRoom | None = None,
     ) -> None:
         self.model_id = model_id
         self.total_blocks = total_blocks
         self.own = own
         self.stats = stats if stats is not None else RegistryStats()
-        self._on_merged = on_merged
+        self.room = room if room is not None else ViewRoom()
         self._clock = clock
         self._records: dict[str, NodeRecord] = {}
         self._signed: dict[str, bytes] = {}  # peer -> envelope of its record above, as received
@@ -96,6 +100,11 @@ class SwarmView:
     def own_record(self) -> NodeRecord | None:
         """Our record as last set by :meth:`set_own`, even past its expiry; None before."""
         return self._records.get(self.own) if self.own is not None else None
+
+    def addresses(self, peer: str) -> list[str]:
+        """Where ``peer`` listens, as its live record says (multiaddrs with /p2p/); [] if unknown."""
+        record = self.get(peer)
+        return list(record.addrs) if record is not None else []
 
     def servers(self) -> list[ServerView]:
         """What placement and routing see of the live records that serve blocks."""
@@ -130,22 +139,47 @@ class SwarmView:
 
     # --- changing --------------------------------------------------------------------
 
-    def merge(self, record: NodeRecord, signed: bytes) -> bool:
-        """Keep a verified ``record`` (and ``signed``, its envelope) if it is newer; True if it was."""
-        if record.model != self.model_id or record.expires < self._clock():
+    def admits(self, record: NodeRecord, origin: str = "") -> bool:
+        """Would :meth:`merge` keep ``record`` brought by ``origin``? Changes nothing.
+
+        Gossip asks this before it lets a record through, so that a record we would not
+        keep is not forwarded to anyone either.
+        """
+        return self._admission(record, origin) is not None
+
+    def merge(self, record: NodeRecord, signed: bytes, origin: str = "") -> bool:
+        """Keep a verified ``record`` (and ``signed``, its envelope) if it is newer and
+        finds a place; True if it was kept. ``origin`` is the peer that brought it
+        (see :mod:`.view_room`): "" for a source that has no peer (tests, the DHT)."""
+        admission = self._admission(record, origin)
+        if admission is None:
             return False
+        evict = admission[0]
+        if evict is not None:
+            self._drop(evict)
+            self.stats.evicted += 1
+            self._signal_changed()
+        self.room.take(record.peer, origin, host_of(record.addrs))
+        self._install(self._records.get(record.peer), record, signed)
+        return True
+
+    def _admission(self, record: NodeRecord, origin: str) -> tuple[str | None] | None:
+        """None if ``record`` is not to be kept, else ``(peer to evict first or None,)``."""
+        if record.model != self.model_id or record.expires < self._clock():
+            return None
         if self.total_blocks is not None and record.total_blocks != self.total_blocks:
             log.debug("record of %s says %d blocks, we know %d", record.peer, record.total_blocks, self.total_blocks)
-            return False
+            return None
         if record.peer == self.own:
-            return False  # our own record comes from set_own, never from outside
+            return None  # our own record comes from set_own, never from outside
         current = self._records.get(record.peer)
         if current is not None and current.seq >= record.seq:
-            return False
-        self._install(current, record, signed)
-        if self._on_merged is not None:
-            self._on_merged(record)  # every time: peerstore addresses lapse unless refreshed
-        return True
+            return None
+        admitted, evict = self.room.admit(record.peer, origin, host_of(record.addrs))
+        if not admitted:
+            self.stats.refused_no_room += 1
+            return None
+        return (evict,)
 
     def set_own(self, record: NodeRecord, signed: bytes) -> None:
         """Install our freshly signed record (``own`` must be set)."""
@@ -166,13 +200,17 @@ class SwarmView:
         now = self._clock()
         expired = [p for p, r in self._records.items() if r.expires < now and p != self.own]
         for peer in expired:
-            del self._records[peer]
-            self._signed.pop(peer, None)
+            self._drop(peer)
             log.debug("record of %s expired", peer)
         if expired:
             self.stats.expired_purged += len(expired)
             self._signal_changed()
         return expired
+
+    def _drop(self, peer: str) -> None:
+        del self._records[peer]
+        self._signed.pop(peer, None)
+        self.room.leave(peer)
 
     async def purge_loop(self) -> None:
         """Drops each peer's record when it expires, until cancelled.

@@ -134,7 +134,6 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
             model.total_blocks,
             model.context_length,
             limits,
-            addrs_of=lambda peer: list(r.addrs) if (r := registry.get(peer)) else [],
             hidden_size=model.hidden_size,
             links=links,
         )

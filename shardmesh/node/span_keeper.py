@@ -123,8 +123,9 @@ class SpanKeeper:
                 while not self._others():
                     await self.registry.wait_changed(timeout=0.5)
             # Gossip has shown us the nodes that happened to publish since we joined;
-            # the peers we heard from hold the rest of the swarm's records.
-            await self.registry.sync_from([r.peer for r in self.registry.records() if r.peer != self.me][:SYNC_PEERS])
+            # the peers we are connected to hold the rest of the swarm's records (and
+            # asking them dials nobody that a record merely names).
+            await self.registry.sync_from(self.registry.neighbours()[:SYNC_PEERS])
         # Nodes started together would all pick the same gap: spread them out a little.
         await trio.sleep(SETTLE + self.rng.uniform(0.0, SETTLE))
 

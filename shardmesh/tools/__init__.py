@@ -7,12 +7,14 @@ the package loads none of them (``from shardmesh.tools import bench`` does).
 
 __all__ = [
     "bench",
+    "bench_churn",
     "bench_common",
     "bench_memory",
     "bench_mesh",
     "bench_no_mesh",
     "bench_wire",
     "node_processes",
+    "record_flood",
     "sim",
     "status",
     "tiny_build",

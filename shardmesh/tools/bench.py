@@ -143,6 +143,10 @@ def run_bench(args) -> int:
         from .bench_memory import run_memory_bench
 
         return run_memory_bench(path, args.dtype)
+    if args.churn:
+        from .bench_churn import run_churn_bench
+
+        return run_churn_bench(path, args.dtype, args.churn)
     from transformers import AutoConfig
 
     from ..backends.torch.stage import pick_device
