@@ -24,6 +24,7 @@ from shardmesh.contract import BadRequest, CacheBudgetExceeded, ChainFailed, NoR
 from shardmesh.mesh.chain_client import READER_GRACE, MeshChains, RemoteChain
 from shardmesh.mesh.deadlines import HOP_REACH, STEP_CAP, STEP_FLOOR, open_wait
 from shardmesh.mesh.pipe import pipe_pair
+from shardmesh.mesh.reclaim import RECLAIM_IDLE, RECLAIMED
 from shardmesh.mesh.wire import Frame, FrameStream, StreamEnded, WireError, encode_frame
 from shardmesh.placement.routing import Hop
 
@@ -350,6 +351,34 @@ def test_cache_full_is_not_held_against_the_peer() -> None:
         with pytest.raises(CacheBudgetExceeded):
             await opened(Peers(nursery, {A: first}), reports)
         assert reports.failed == [] and reports.served == []
+
+    run(main)
+
+
+@pytest.mark.parametrize("idle, blamed", [(RECLAIM_IDLE + 1, None), (RECLAIM_IDLE - 1, B)], ids=["idle", "busy"])
+def test_a_reclaimed_session_is_blamed_on_nobody_only_if_it_was_idle(idle: float, blamed: str | None) -> None:
+    """A hop may end a session idle for RECLAIM_IDLE to make room (reclaim.py); a hop
+    that says so of a session the gateway used just now is blamed like any failure."""
+    send, receive = trio.open_memory_channel[None](1)
+
+    async def last(fs: FrameStream) -> None:
+        await ok(fs, "attach")
+        await receive.receive()
+        await fs.write(error(RECLAIMED, B))
+
+    async def main(nursery: trio.Nursery) -> None:
+        scripts, _ = two_hops()
+        reports = Reports()
+        chain = await opened(Peers(nursery, {**scripts, B: last}), reports)
+        await chain.step(PROMPT, 0, False)
+        await trio.sleep(idle)
+        await send.send(None)
+        await trio.sleep(0.1)
+        with pytest.raises(ChainFailed) as info:
+            await chain.step([1], 3, True)
+        assert (info.value.peer, info.value.code) == (blamed, RECLAIMED)
+        assert reports.failed == ([] if blamed is None else [B])
+        await chain.close()
 
     run(main)
 

@@ -66,8 +66,8 @@ HISTORY = ids(1, 17, 42)  # prompt [1, 17], one generated token 42
 
 
 def accept(h: dict[str, Any], payload: bytes = HISTORY, *, this: ThisNode | None = None,
-           peer_sessions: int = 0, open_keys: frozenset[str] = frozenset()) -> OpenRequest:
-    return validate_open(h, payload, this or node(), LIMITS, peer_sessions, open_keys)
+           peer_sessions: int = 0, open_keys: frozenset[str] = frozenset(), gateway_sessions: int = 0) -> OpenRequest:
+    return validate_open(h, payload, this or node(), LIMITS, peer_sessions, open_keys, gateway_sessions)
 
 
 def refused(h: dict[str, Any], payload: bytes = HISTORY, **kwargs: Any) -> WireError:
@@ -133,6 +133,17 @@ def test_a_leaving_node_refuses_new_sessions() -> None:
 def test_too_many_sessions_from_one_peer() -> None:
     err = refused(header(), peer_sessions=LIMITS.max_sessions_per_peer)
     assert err.code == "too_many_sessions" and str(LIMITS.max_sessions_per_peer) in err.message
+
+
+def test_too_many_sessions_from_one_gateway_whatever_the_upstream() -> None:
+    assert accept(header(), gateway_sessions=LIMITS.max_sessions_per_gateway - 1).session == "s1"
+    err = refused(header(), gateway_sessions=LIMITS.max_sessions_per_gateway)
+    assert err.code == "too_many_sessions" and "gateway" in err.message
+
+
+def test_the_gateway_must_look_like_a_peer_id() -> None:
+    for gateway in ("", "x" * 129, 7, None):
+        assert refused(header(gateway=gateway)).code == "bad_input"
 
 
 def test_a_session_already_open_here() -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "hop_compute",
     "kv_sessions",
     "local_chain",
+    "memory_release",
     "sampler_state",
     "mlx",
     "torch",

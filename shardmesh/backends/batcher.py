@@ -22,6 +22,7 @@ import trio
 
 from ..contract import RawTensor, Stage, StepOutput, StepRequest
 from .compute_thread import compute_thread
+from .memory_release import MemoryRelease
 
 log = logging.getLogger("shardmesh.backends.batcher")
 
@@ -47,6 +48,7 @@ class StepBatcher:
         self._queue: list[_Pending] = []
         self._wakeup = trio.Event()
         self._compute = compute_thread()  # one thread runs every stage call, in order
+        self.memory = MemoryRelease()
         self.batches = 0
         self.batched_requests = 0
 
@@ -54,7 +56,13 @@ class StepBatcher:
         await self._compute.run(self.stage.open, session_id, max_length, start, end)
 
     async def close(self, session_id: str) -> None:
-        await self._compute.run(self.stage.close, session_id)
+        await self._compute.run(self._close_and_release, session_id)
+
+    def _close_and_release(self, session_id: str) -> None:
+        """Close on the compute thread, then give freed memory back (memory_release.py):
+        when due, and always once the stage holds no session at all."""
+        self.stage.close(session_id)
+        self.memory.after_free(force=not getattr(self.stage, "sessions", True))
 
     async def expire_idle(self, idle_seconds: float) -> list[str]:
         return await self._compute.run(self.stage.expire_idle, idle_seconds)

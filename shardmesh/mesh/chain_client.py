@@ -33,6 +33,7 @@ from .deadlines import HOP_ANSWER, StepTimes, open_wait
 from .host import close_quietly, reset_quietly
 from .link_offers import Links, request_fields, upgrade_opener
 from .next_hop import relayed_error
+from .reclaim import RECLAIMED, believable
 from .wire import ATTACH, CLOSE, ERROR, OPEN, RESULT, STEP, Frame, FrameStream, StreamEnded, WireError
 
 log = logging.getLogger("shardmesh.mesh.chain_client")
@@ -43,7 +44,7 @@ CONFIRM_GRACE = 2.0  # a relayed bad_request waits this long for the last hop's 
 RouteFinder = Callable[[int], list[Hop] | None]  # tokens needed -> a route, or None
 
 
-def _failure(frame: Frame, sender: str, route: list[Hop], *, attach: bool = False) -> Exception:
+def _failure(frame: Frame, sender: str, route: list[Hop], *, attach: bool = False, idle_for: float = 0.0) -> Exception:
     """The exception for an error frame from ``sender``: the first hop (its stream
     carries its own errors and those relayed from later hops) or, with ``attach``, the
     last hop on its attach stream. What the frame may blame is bounded by what its
@@ -59,6 +60,9 @@ def _failure(frame: Frame, sender: str, route: list[Hop], *, attach: bool = Fals
       cannot tell which, so it blames neither.
     * On the first hop's stream the named peer must be on the route (each honest hop
       relaying it already refused blame of itself or earlier hops), else the first hop.
+    * ``reclaimed`` (a hop ended an idle session to make room) blames nobody if the
+      chain has in fact been idle that long (``idle_for`` s since we last sent on it);
+      otherwise it is blamed like any other error.
     """
     # The frame's fields type-checked and cut short, as a relaying hop reads them.
     err = relayed_error(frame.header, sender)
@@ -66,6 +70,8 @@ def _failure(frame: Frame, sender: str, route: list[Hop], *, attach: bool = Fals
     last = route[-1].peer
     if code == CacheBudgetExceeded.code:
         return CacheBudgetExceeded(message)
+    if code == RECLAIMED and believable(idle_for):
+        return ChainFailed(None, code, f"{sender}: {message}")
     if code == BadRequest.code:
         if sender == last:
             return BadRequest(message)
@@ -127,6 +133,7 @@ class RemoteChain:
         self.history = (list(prompt_ids), list(generated))  # generated: a replay after failover
         self.step_times = step_times if step_times is not None else StepTimes()
         self._unanswered = 0  # tokens sent since the last token came back
+        self._last_sent = 0.0  # when we last sent a frame on the chain (trio time)
         self._sent_at = 0.0  # when the first of them was sent (trio time)
         self._first: FrameStream | None = None
         self._last: FrameStream | None = None
@@ -215,6 +222,7 @@ class RemoteChain:
             raise ChainFailed(peer, "peer_lost", f"moving to a link after {what}: {exc.message}") from exc
 
     async def _write(self, fs: FrameStream, peer: str, header: dict[str, Any], payload: bytes = b"") -> None:
+        self._last_sent = trio.current_time()
         try:
             await fs.write(header, payload)
         except WireError as exc:
@@ -234,7 +242,8 @@ class RemoteChain:
                         self._events_in.send_nowait(ChainFailed(peer, "peer_lost", f"the {which} hop's stream ended: {exc!r}"))
                     return
                 if frame.type == ERROR:
-                    failure = _failure(frame, peer, self._route, attach=fs is self._last)
+                    idle_for = trio.current_time() - self._last_sent
+                    failure = _failure(frame, peer, self._route, attach=fs is self._last, idle_for=idle_for)
                     if isinstance(failure, ChainFailed) and failure.code == BadRequest.code:
                         # Unconfirmed: give the last hop's own bad_request the time to
                         # arrive first on its attach stream, so the client gets its 400.

@@ -25,19 +25,20 @@ sender an error frame and a reset; this node's other sessions do not notice.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import trio
 
-from ..contract import HopCompute, NonFiniteInput, StageError
+from ..contract import CacheBudgetExceeded, HopCompute, NonFiniteInput, StageError
 from .cbor_plain import quote
 from .hop_session import HopSession
+from .hop_step import run_step
 from .host import MeshHost, close_quietly, reset_quietly
-from .link import HopLink
 from .link_offers import Links, Offer, accept_link, offer_fields, withdraw
 from .next_hop import open_next_hop, relay_back
 from .open_request import Limits, OpenRequest, ThisNode, refuse_oversized_open, validate_open
 from .pipe import pipe_pair
+from .reclaim import RECLAIMED, longest_idle
 from .wire import (
     ATTACH,
     CLOSE,
@@ -50,9 +51,6 @@ from .wire import (
     FrameStream,
     StreamEnded,
     WireError,
-    encode_frame,
-    tensor_fields,
-    tensor_from_frame,
 )
 
 log = logging.getLogger("shardmesh.mesh.hop_server")
@@ -92,6 +90,7 @@ class HopServer:
         self.me = mesh.peer_id_str
         self.sessions: dict[str, HopSession] = {}
         self.accepting = True
+        self.reclaimed = 0  # idle sessions ended to make room (reclaim.py)
         # From the model, not the stage: a node that has not loaded its blocks yet (or
         # is moving) still relays hidden states of that size.
         hidden = hidden_size if hidden_size is not None else (served.info.hidden_size if served is not None else 0)
@@ -185,19 +184,66 @@ class HopServer:
         arriving together must all see each other in the per-peer count."""
         served = self.served
         node = ThisNode(self.me, self.model_id, self.total_blocks, self.context_length, served.info if served is not None else None, self.accepting)
-        mine = sum(1 for s in self.sessions.values() if s.upstream_peer == upstream_peer)
-        request = validate_open(header, payload, node, self.limits, mine, self.sessions)
+        gateway = header.get("gateway")
+        mine = self._make_room(lambda s: s.upstream_peer == upstream_peer, self.limits.max_sessions_per_peer)
+        theirs = self._make_room(lambda s: s.gateway == gateway, self.limits.max_sessions_per_gateway)
+        request = validate_open(header, payload, node, self.limits, mine, self.sessions, theirs)
         session = HopSession(request.session, upstream_peer, request.gateway, request.start, request.end, is_last=request.is_last, served=served)
         self.sessions[session.id] = session
         return session, request
 
+    def _make_room(self, whose: Callable[[HopSession], bool], limit: int) -> int:
+        """How many sessions ``whose`` holds here, after reclaiming one idle session of
+        theirs if they are at ``limit`` (see reclaim.py)."""
+        theirs = [s for s in self.sessions.values() if whose(s)]
+        if len(theirs) >= limit and (idle := longest_idle(theirs, trio.current_time())) is not None:
+            self._reclaim(idle)
+            return len(theirs) - 1
+        return len(theirs)
+
+    def _reclaim(self, session: HopSession) -> None:
+        """End an idle ``session`` now to make room: its slot at once, its error and stream
+        reset in the background (its own handler then closes the rest)."""
+        self.sessions.pop(session.id, None)
+        self.reclaimed += 1
+        log.info("session %s reclaimed after %.0f s idle", session.session, trio.current_time() - session.last_active)
+        if session.upstream is not None and self._nursery is not None:
+            upstream = session.upstream
+
+            async def end() -> None:
+                await self._report(session, upstream, RECLAIMED, "the session was idle and its room was needed")
+                await reset_quietly(upstream.stream)
+
+            self._nursery.start_soon(end)
+
+    async def _open_stage(self, session: HopSession, max_length: int) -> None:
+        """Open the session's KV cache; when it is full, once more after reclaiming."""
+        try:
+            await session.served.open(session.id, max_length, session.start, session.end)
+        except CacheBudgetExceeded:
+            if not await self._reclaim_cache(session):
+                raise
+            await session.served.open(session.id, max_length, session.start, session.end)
+
+    async def _reclaim_cache(self, session: HopSession) -> bool:
+        """Reclaim the session idle longest on ``session``'s blocks, its cache freed now
+        (closing is idempotent); False if none has been idle long enough."""
+        others = (s for s in self.sessions.values() if s is not session and s.served is session.served)
+        idle = longest_idle(others, trio.current_time())
+        if idle is None:
+            return False
+        self._reclaim(idle)
+        await idle.served.close(idle.id)
+        return True
+
     async def _serve_session(self, fs: FrameStream, frame: Frame, upstream_peer: str) -> None:
         session, request = self._admit(frame.header, frame.payload, upstream_peer)
+        session.upstream = fs
         route = request.route
         try:
             if session.is_last:
                 session.sampler = session.served.new_sampler(request.sampling, request.prompt_ids, request.generated_ids)
-            await session.served.open(session.id, request.max_length, session.start, session.end)
+            await self._open_stage(session, request.max_length)
         except StageError as exc:
             self.sessions.pop(session.id, None)
             raise _fail(exc.code, exc.message) from exc
@@ -260,6 +306,7 @@ class HopServer:
         while True:
             try:
                 frame = await fs.read_frame(idle_timeout=self.limits.idle_timeout, check=self._check_step_header)
+                session.last_active = trio.current_time()
             except StreamEnded:
                 log.debug("session %s: upstream %s closed", session.id, session.upstream_peer)
                 session.closing = True
@@ -287,7 +334,12 @@ class HopServer:
                 await self._report(session, fs, "bad_frame", f"unexpected {frame.type} frame in a session")
                 return
             try:
-                await self._step(session, frame, downstream, max_elements)
+                try:
+                    await run_step(session, frame, downstream, max_elements)
+                except CacheBudgetExceeded:  # a full cache changed nothing: retry once with room made
+                    if not await self._reclaim_cache(session):
+                        raise
+                    await run_step(session, frame, downstream, max_elements)
             except NonFiniteInput as exc:  # the upstream hop sent NaN or inf: its fault, not ours
                 await self._report(session, fs, exc.code, exc.message, blame=session.upstream_peer)
                 return
@@ -298,43 +350,6 @@ class HopServer:
                 log.exception("session %s: step failed", session.id)
                 await self._report(session, fs, "internal", f"{type(exc).__name__}: {exc}")
                 return
-
-    async def _step(self, session: HopSession, frame: Frame, downstream: FrameStream | None, max_elements: int) -> None:
-        position, want = frame.header.get("position"), frame.header.get("want", False)
-        spent = frame.header.get("spent", 0.0)
-        if not isinstance(position, int) or position < 0 or not isinstance(want, bool):
-            raise _fail("bad_input", "step needs an integer position >= 0 and a boolean want")
-        if isinstance(spent, bool) or not isinstance(spent, (int, float)) or not 0 <= spent < 1e6:
-            raise _fail("bad_input", "spent must be a number of seconds >= 0")
-        inputs = tensor_from_frame(frame, max_elements)
-        sampler = session.sampler if (session.is_last and want) else None
-
-        def frame_for(value: Any, seconds: float) -> tuple[dict[str, Any], bytes]:
-            """The frame this step's output travels in (next hop: a step; gateway: a result)."""
-            head = {"session": session.session, "position": position, "spent": spent + seconds}
-            if downstream is not None:
-                return {"t": STEP, **head, "want": want, **tensor_fields(value)}, value.data
-            return {"t": RESULT, **head, **value}, b""
-
-        # Where the output goes over a hop link, the compute thread sends it itself.
-        target = downstream if downstream is not None else (session.attach if want else None)
-        link = target.stream if target is not None and isinstance(target.stream, HopLink) else None
-
-        def send_now(value: Any, seconds: float) -> bool:
-            assert link is not None
-            return link.send_now(encode_frame(*frame_for(value, seconds)))
-
-        done = await session.served.step(session.id, inputs, position, sampler, send_now if link is not None else None)
-        if done.sent or (downstream is None and not want):
-            return
-        if downstream is None:
-            with trio.move_on_after(FIRST_FRAME_TIMEOUT):
-                await session.attached.wait()
-            if session.attach is None:
-                raise _fail("gateway_gone", "the gateway's result stream is gone")
-            target = session.attach
-        assert target is not None
-        await target.write(*frame_for(done.value, done.seconds))
 
     async def _report(self, session: HopSession, fs: FrameStream, code: str, message: str, blame: str | None = None) -> None:
         """Ends ``session`` with an error frame upstream (and to the gateway, on the last

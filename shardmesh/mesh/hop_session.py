@@ -36,6 +36,8 @@ class HopSession:
     attached: trio.Event = field(default_factory=trio.Event)
     closing: bool = False  # the upstream ended the session: the next hop's close is expected
     attach_done: trio.Event = field(default_factory=trio.Event)
+    upstream: FrameStream | None = None  # where its steps come from (ended with an error if reclaimed)
+    last_active: float = field(default_factory=trio.current_time)  # when its last frame arrived (trio time)
 
     @property
     def id(self) -> str:

@@ -32,12 +32,14 @@ from .wire import OPEN, WireError
 
 MAX_ROUTE_HOPS = 64
 MAX_SESSION_ID = 64
+MAX_PEER_ID = 128  # a base58 peer id is about 52 characters
 # What a hop forwards of the open it received (docs/PROTOCOL.md 6.2), besides the route
 # (shortened by one hop), nbytes (recomputed) and link (its own wish, not the sender's).
 FORWARDED_FIELDS = ("t", "session", "model", "gateway", "max_length", "sampling", "n_prompt")
 
 __all__ = [
     "FORWARDED_FIELDS",
+    "MAX_PEER_ID",
     "MAX_ROUTE_HOPS",
     "MAX_SESSION_ID",
     "Limits",
@@ -55,6 +57,7 @@ class Limits:
     """What one peer may ask of this node. Published in the record, enforced by the hop server."""
 
     max_sessions_per_peer: int = 64
+    max_sessions_per_gateway: int = 16  # one identity's share, whichever hops its sessions come through
     max_tokens_per_step: int = 2048
     idle_timeout: float = 300.0  # seconds a session may wait between steps
 
@@ -65,7 +68,11 @@ class Limits:
         return max(per_step, context_length * 8) + 4096
 
     def as_record(self) -> dict[str, int]:
-        return {"max_sessions_per_peer": self.max_sessions_per_peer, "max_tokens_per_step": self.max_tokens_per_step}
+        return {
+            "max_sessions_per_peer": self.max_sessions_per_peer,
+            "max_sessions_per_gateway": self.max_sessions_per_gateway,
+            "max_tokens_per_step": self.max_tokens_per_step,
+        }
 
 
 @dataclass(frozen=True)
@@ -133,10 +140,12 @@ def validate_open(
     limits: Limits,
     peer_sessions: int,
     open_keys: Container[str],
+    gateway_sessions: int = 0,
 ) -> OpenRequest:
     """The accepted request, or a ``WireError`` naming the first field at fault.
 
-    ``peer_sessions`` is how many sessions the sending peer already has open here;
+    ``peer_sessions`` is how many sessions the sending peer already has open here,
+    ``gateway_sessions`` how many the request's gateway has (through any upstream);
     ``open_keys`` holds the :func:`session_key` of every session hop open here. The
     checks run in a fixed order (serving at all, then the header's fields, then this
     peer's share), so a request with several faults always gets the same answer.
@@ -155,11 +164,16 @@ def validate_open(
     if not isinstance(max_length, int) or not 0 < max_length <= node.context_length:
         raise WireError("bad_input", f"max_length must be in [1, {node.context_length}]")
     gateway = header.get("gateway")
-    if not isinstance(gateway, str):
+    if not isinstance(gateway, str) or not 0 < len(gateway) <= MAX_PEER_ID:
         raise WireError("bad_input", "open needs the gateway's peer id")
     if peer_sessions >= limits.max_sessions_per_peer:
         raise WireError(
             "too_many_sessions", f"peer has {peer_sessions} sessions open here (limit {limits.max_sessions_per_peer})"
+        )
+    if gateway_sessions >= limits.max_sessions_per_gateway:
+        raise WireError(
+            "too_many_sessions",
+            f"gateway {quote(gateway)} has {gateway_sessions} sessions open here (limit {limits.max_sessions_per_gateway})",
         )
     if session_key(sid, here["start"]) in open_keys:
         raise WireError("bad_input", f"session {sid!r} is already open here")
