@@ -48,6 +48,8 @@ def _add_run(sub) -> None:
                    help="seconds a request waits for a working chain of peers before answering 503 (default %(default)g)")
     p.add_argument("--drain-timeout", type=float, default=NodeConfig.drain_timeout, metavar="S",
                    help="seconds running sessions get to finish on stop (SIGINT/SIGTERM) or a move (default %(default)g)")
+    p.add_argument("--allow-peers", default=None, metavar="FILE",
+                   help="a private swarm: talk only to the peer ids in FILE (one per line); others are disconnected and never routed to")
 
 
 def _add_status(sub) -> None:
@@ -139,6 +141,7 @@ def run(args) -> int:
         rebalance_interval=args.rebalance_interval,
         route_wait=args.route_wait,
         drain_timeout=args.drain_timeout,
+        allow_peers=args.allow_peers,
     )
     try:
         config.api_host_port

@@ -13,6 +13,7 @@ them (``from shardmesh.mesh import wire`` does).
 
 __all__ = [
     "addresses",
+    "allow_list",
     "cbor_plain",
     "chain_client",
     "deadlines",
@@ -21,6 +22,7 @@ __all__ = [
     "dht_values",
     "discovery",
     "gossip",
+    "hop_attach",
     "hop_server",
     "hop_session",
     "hop_step",

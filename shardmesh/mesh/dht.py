@@ -159,7 +159,7 @@ class SwarmDht:
         network = self.mesh_host.host.get_network()
         kad = KadDHT(self.mesh_host.host, DHTMode.SERVER, strict_validation=True)
         expiring = ExpiringValues()
-        kad.register_validator(RECORD_NAMESPACE, RecordValidator(self.model_id, expiring.track))
+        kad.register_validator(RECORD_NAMESPACE, RecordValidator(self.model_id, expiring.track, self.view.allowed))
         # KadDHT registered a raw stream handler, which outlives the service: re-register
         # it behind MeshHost's guard, which turns any exception into a reset stream.
         self.mesh_host.set_handler(KAD_PROTOCOL, kad.handle_stream)

@@ -38,10 +38,14 @@ class RecordValidator(Validator):
     """
 
     def __init__(
-        self, model_id: str | None = None, on_valid: Callable[[str, NodeRecord], None] | None = None
+        self,
+        model_id: str | None = None,
+        on_valid: Callable[[str, NodeRecord], None] | None = None,
+        allowed: Callable[[str], bool] | None = None,
     ) -> None:
         self.model_id = model_id
         self._on_valid = on_valid
+        self._allowed = allowed  # a private swarm's list: nobody else's records are stored
 
     def validate(self, key: str, value: bytes) -> None:
         record = self._check(key, value)
@@ -64,6 +68,8 @@ class RecordValidator(Validator):
         expected = record_key(record.model, record.peer)
         if key != expected:
             raise RecordError(RecordError.WRONG_KEY, f"record of {record.peer} stored under {key}, not {expected}")
+        if self._allowed is not None and not self._allowed(record.peer):
+            raise RecordError(RecordError.WRONG_PEER, f"{record.peer} is not in this private swarm")
         return record
 
 

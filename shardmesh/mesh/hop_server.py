@@ -31,6 +31,7 @@ import trio
 
 from ..contract import CacheBudgetExceeded, HopCompute, NonFiniteInput, StageError
 from .cbor_plain import quote
+from .hop_attach import RELAY_GRACE, reap_attach, serve_attach
 from .hop_session import HopSession
 from .hop_step import run_step
 from .host import MeshHost, close_quietly, reset_quietly
@@ -56,7 +57,6 @@ from .wire import (
 log = logging.getLogger("shardmesh.mesh.hop_server")
 
 FIRST_FRAME_TIMEOUT = 30.0  # an opened stream must say what it wants within this
-RELAY_GRACE = 5.0  # seconds the next hop gets to close its side after ours
 
 __all__ = ["HopServer", "HopSession", "Limits"]
 
@@ -79,6 +79,7 @@ class HopServer:
         limits: Limits = Limits(),
         hidden_size: int | None = None,
         links: Links | None = None,
+        allowed: Callable[[str], bool] | None = None,
     ) -> None:
         self.mesh = mesh
         self.links = links  # hop links (link.py); None: libp2p streams only
@@ -91,6 +92,7 @@ class HopServer:
         self.sessions: dict[str, HopSession] = {}
         self.accepting = True
         self.reclaimed = 0  # idle sessions ended to make room (reclaim.py)
+        self.allowed = allowed  # a private swarm's list (allow_list.py); None: anyone
         # From the model, not the stage: a node that has not loaded its blocks yet (or
         # is moving) still relays hidden states of that size.
         hidden = hidden_size if hidden_size is not None else (served.info.hidden_size if served is not None else 0)
@@ -159,7 +161,7 @@ class HopServer:
             if first.type == OPEN:
                 await self._serve_session(fs, first, upstream_peer)
             elif first.type == ATTACH:
-                await self._serve_attach(fs, first, upstream_peer)
+                await serve_attach(self.sessions.values(), self.links, fs, first, upstream_peer)
             else:
                 raise _fail("bad_frame", f"a stream must start with open or attach, not {first.type}")
         except StreamEnded:
@@ -185,6 +187,8 @@ class HopServer:
         served = self.served
         node = ThisNode(self.me, self.model_id, self.total_blocks, self.context_length, served.info if served is not None else None, self.accepting)
         gateway = header.get("gateway")
+        if self.allowed is not None and not (self.allowed(upstream_peer) and isinstance(gateway, str) and self.allowed(gateway)):
+            raise _fail("forbidden", "this is a private swarm")
         mine = self._make_room(lambda s: s.upstream_peer == upstream_peer, self.limits.max_sessions_per_peer)
         theirs = self._make_room(lambda s: s.gateway == gateway, self.limits.max_sessions_per_gateway)
         request = validate_open(header, payload, node, self.limits, mine, self.sessions, theirs)
@@ -193,8 +197,7 @@ class HopServer:
         return session, request
 
     def _make_room(self, whose: Callable[[HopSession], bool], limit: int) -> int:
-        """How many sessions ``whose`` holds here, after reclaiming one idle session of
-        theirs if they are at ``limit`` (see reclaim.py)."""
+        """Sessions ``whose`` holds here, less one idle one reclaimed if at ``limit``."""
         theirs = [s for s in self.sessions.values() if whose(s)]
         if len(theirs) >= limit and (idle := longest_idle(theirs, trio.current_time())) is not None:
             self._reclaim(idle)
@@ -288,7 +291,7 @@ class HopServer:
                     # The gateway closes its side in turn; one that does not is reset.
                     assert self._nursery is not None
                     try:
-                        self._nursery.start_soon(self._reap_attach, session)
+                        self._nursery.start_soon(reap_attach, session)
                     except RuntimeError:  # the node is stopping: no time to wait for the gateway
                         await reset_quietly(session.attach.stream)
 
@@ -361,40 +364,3 @@ class HopServer:
         if session.attach is not None:
             await session.attach.send_error(code, message, blame, session.session)
         await fs.send_error(code, message, blame, session.session)
-
-    async def _reap_attach(self, session: HopSession) -> None:
-        with trio.move_on_after(RELAY_GRACE):
-            await session.attach_done.wait()
-        if not session.attach_done.is_set() and session.attach is not None:
-            await reset_quietly(session.attach.stream)
-
-    # -- the gateway's result stream ------------------------------------------------
-
-    async def _serve_attach(self, fs: FrameStream, frame: Frame, upstream_peer: str) -> None:
-        sid = frame.header.get("session")
-        session = next((s for s in self.sessions.values() if s.session == sid and s.is_last), None)
-        if session is None:
-            raise _fail("unknown_session", "no such session ends here")
-        if upstream_peer != session.gateway or session.attached.is_set():
-            raise _fail("forbidden", "only the session's gateway may attach, once")
-        session.attach = fs
-        session.attached.set()  # before the write: a second attach must find it taken
-        offer, link_fields = offer_fields(self.links, frame.header)
-        await fs.write({"t": RESULT, "session": session.session, "ok": True, **link_fields})
-        # The gateway only listens here (after moving to a link, if it asked for one). It
-        # ends the session through the chain (close from upstream, or its first stream
-        # ending); here we only notice it leaving.
-        try:
-            while True:
-                got = await fs.read_frame()
-                if got.type == CLOSE:
-                    break
-                if got.type == LINK:
-                    await accept_link(self.links, fs, offer, session.session)
-                    offer = None
-        except (StreamEnded, WireError) as exc:
-            log.debug("session %s: the gateway's attach stream ended: %r", session.id, exc)
-        finally:
-            session.attach_done.set()
-            withdraw(self.links, offer)
-        session.attach = None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import trio
 
@@ -53,6 +53,9 @@ class Registry:
     publish re-signs it with ``seq`` = max(seq + 1, unix ms) (monotonic across restarts,
     so a restarted node's record beats its old one) and ``expires`` = now + ttl.
 
+    ``allowed`` (a private swarm's list, :mod:`.allow_list`) keeps every other peer's
+    record out of the view, gossip and the DHT.
+
     Run it inside the node's nursery: ``await nursery.start(registry.run)``; it returns
     once subscribed, and keeps publishing, providing and merging until cancelled.
     """
@@ -66,6 +69,7 @@ class Registry:
         ttl: float = RECORD_TTL,
         publish_interval: float = 5.0,
         reprovide_interval: float = REPROVIDE_INTERVAL,
+        allowed: Callable[[str], bool] | None = None,
     ) -> None:
         if not 0 < ttl <= MAX_RECORD_LIFETIME:
             raise ValueError(f"ttl must be in (0, {MAX_RECORD_LIFETIME:.0f}] s, got {ttl}")
@@ -95,7 +99,7 @@ class Registry:
         own = self._me if local is not None else None
         total = local.total_blocks if local is not None else None  # records disagreeing are refused
         room = ViewRoom(pinned=self.is_connected)
-        self.view = SwarmView(model_id, own, stats=self.stats, total_blocks=total, room=room)
+        self.view = SwarmView(model_id, own, stats=self.stats, total_blocks=total, room=room, allowed=allowed)
         # Record addresses stay out of py-libp2p's peer table: a dial looks them up here.
         mesh_host.address_book = self.view.addresses
         self.gossip = Gossip(mesh_host, model_id, self.view, self.stats)

@@ -57,7 +57,8 @@ class SwarmView:
     or None for a pure observer that publishes nothing). ``clock`` gives unix seconds
     (records carry absolute expiry times); tests pass one that follows trio's clock.
     ``room`` shares out the places (:class:`~.view_room.ViewRoom`; its defaults when not
-    given). ``total_blocks``, when given,
+    given). ``allowed``, when given, refuses the records of every peer it says no to
+    (a private swarm, :mod:`.allow_list`). ``total_blocks``, when given,
     is the model's block count as this node knows it: the model id names the config but
     a verifier cannot recompute the count from it, so a record that disagrees is refused
     here (it could only be a lie or a bug, and its span would mislead placement).
@@ -72,12 +73,14 @@ class SwarmView:
         clock: Callable[[], float] = time.time,
         total_blocks: int | None = None,
         room: ViewRoom | None = None,
+        allowed: Callable[[str], bool] | None = None,
     ) -> None:
         self.model_id = model_id
         self.total_blocks = total_blocks
         self.own = own
         self.stats = stats if stats is not None else RegistryStats()
         self.room = room if room is not None else ViewRoom()
+        self.allowed = allowed  # a private swarm's list (allow_list.py); None: anyone
         self._clock = clock
         self._records: dict[str, NodeRecord] = {}
         self._signed: dict[str, bytes] = {}  # peer -> envelope of its record above, as received
@@ -166,6 +169,8 @@ class SwarmView:
     def _admission(self, record: NodeRecord, origin: str) -> tuple[str | None] | None:
         """None if ``record`` is not to be kept, else ``(peer to evict first or None,)``."""
         if record.model != self.model_id or record.expires < self._clock():
+            return None
+        if self.allowed is not None and not self.allowed(record.peer):
             return None
         if self.total_blocks is not None and record.total_blocks != self.total_blocks:
             log.debug("record of %s says %d blocks, we know %d", record.peer, record.total_blocks, self.total_blocks)

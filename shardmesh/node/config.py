@@ -34,6 +34,7 @@ class NodeConfig:
     rebalance_interval: float = 30.0  # mean seconds between checks whether moving would help
     route_wait: float = 30.0  # seconds a request waits for a working chain before a 503
     drain_timeout: float = 30.0  # seconds running sessions get to finish when stopping or moving
+    allow_peers: str | None = None  # file of the peer ids of a private swarm (mesh/allow_list.py); None: anyone
 
     @property
     def auto_layers(self) -> bool:

@@ -25,6 +25,7 @@ from .. import __version__
 from ..api.app import create_app, serve
 from ..api.generate import Generator, eos_token_ids
 from ..backends.weights import identity_bytes
+from ..mesh.allow_list import AllowList, AllowListError, ConnectionGate, read_allow_list
 from ..mesh.chain_client import MeshChains
 from ..mesh.discovery import Discovery
 from ..mesh.hop_server import HopServer, Limits
@@ -103,6 +104,25 @@ async def start_links(config: NodeConfig, nursery: trio.Nursery) -> Links | None
     return Links(listener)
 
 
+def read_allowed(config: NodeConfig) -> frozenset[str] | None:
+    """The peer ids of ``--allow-peers``, or None for an open swarm."""
+    if config.allow_peers is None:
+        return None
+    try:
+        return read_allow_list(config.allow_peers)
+    except AllowListError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def guard_private_swarm(mesh: MeshHost, allowed: frozenset[str] | None, nursery: trio.Nursery) -> AllowList | None:
+    """With ``--allow-peers``: every connection to a peer not on the list is closed."""
+    if allowed is None:
+        return None
+    allow = AllowList(allowed, mesh.peer_id_str)
+    mesh.host.get_network().register_notifee(ConnectionGate(allow, nursery))
+    return allow
+
+
 async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = None, stop: trio.Event | None = None) -> None:
     """Join (or start) the swarm, take a span, start the gateway, serve until ``stop``
     is set (then drain: see :func:`drain`) or until cancelled."""
@@ -116,11 +136,16 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
     limits = Limits(idle_timeout=config.session_idle_timeout)
     api = config.api_host_port
 
+    allowed = read_allowed(config)
+
     async with running_host(key_pair, list(config.listen)) as mesh, trio.open_nursery() as nursery:
+        allow = guard_private_swarm(mesh, allowed, nursery)
         discovery = Discovery(mesh, list(config.join), mdns=config.mdns)
         for addr in mesh.addrs():
             say(f"listening on {addr}")
-        registry = Registry(mesh, model_id, local_record(mesh, model, model_id, limits))
+        if allow is not None:
+            say(f"private swarm: only the {len(allow.peers) - 1} other peer ids in {config.allow_peers}")
+        registry = Registry(mesh, model_id, local_record(mesh, model, model_id, limits), allowed=allow and allow.allows)
         await nursery.start(registry.run)
         mesh.set_handler(SWARM_MAP_PROTOCOL, swarm_map_handler(registry))  # `shardmesh status`, joining nodes
         await nursery.start(discovery.run)
@@ -136,6 +161,7 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
             limits,
             hidden_size=model.hidden_size,
             links=links,
+            allowed=allow and allow.allows,
         )
         await nursery.start(server.run)
         keeper = SpanKeeper(
