@@ -84,6 +84,36 @@ const CHECKS = {
     Object.values(v).every(isNumber)
 }
 
+// The bounds of section 3.2: every text at most 256 bytes of UTF-8, at most 16 addresses
+// each ending in /p2p/<peer>, at most 32 rtt entries in [0, 60000] ms, at most 16 limits
+// in [1, 2^31 - 1].
+const MAX_TEXT_BYTES = 256
+const MAX_ADDRS = 16
+const MAX_RTT_ENTRIES = 32
+const MAX_RTT_MS = 60000
+const MAX_LIMITS = 16
+const MAX_LIMIT_VALUE = 2 ** 31 - 1
+const shortText = (v) => typeof v === 'string' && utf8.encode(v).length <= MAX_TEXT_BYTES
+
+function checkBounds (m) {
+  for (const name of ['peer', 'model', 'state', 'backend', 'device', 'dtype', 'version']) {
+    if (!shortText(m[name])) throw new RecordError('malformed', `field ${name} is longer than ${MAX_TEXT_BYTES} bytes`)
+  }
+  if (typeof m.api === 'string' && !shortText(m.api)) throw new RecordError('malformed', 'api is too long')
+  if (m.addrs.length > MAX_ADDRS) throw new RecordError('malformed', `${m.addrs.length} addrs`)
+  if (!m.addrs.every((a) => shortText(a) && a.endsWith(`/p2p/${m.peer}`))) {
+    throw new RecordError('malformed', 'an address is too long or does not end in /p2p/<peer>')
+  }
+  const rtt = Object.entries(m.rtt)
+  if (rtt.length > MAX_RTT_ENTRIES || !rtt.every(([k, ms]) => shortText(k) && ms >= 0 && ms <= MAX_RTT_MS)) {
+    throw new RecordError('malformed', 'rtt')
+  }
+  const limits = Object.entries(m.limits ?? {})
+  if (limits.length > MAX_LIMITS || !limits.every(([k, v]) => shortText(k) && v >= 1 && v <= MAX_LIMIT_VALUE)) {
+    throw new RecordError('malformed', 'limits')
+  }
+}
+
 function parseBody (body) {
   let m
   try {
@@ -103,6 +133,7 @@ function parseBody (body) {
     throw new RecordError('malformed', 'limits')
   }
   if (m.peer === '' || m.throughput < 0) throw new RecordError('malformed', 'empty peer or negative throughput')
+  checkBounds(m)
   if (m.total_blocks > 10000 || !(m.start <= m.end && m.end <= m.total_blocks)) {
     throw new RecordError('bad-span', `[${m.start}, ${m.end}) of ${m.total_blocks}`)
   }

@@ -28,7 +28,8 @@ from reference import Transformers
 
 from shardmesh.api.resumable import ResumableChain
 from shardmesh.contract import ModelUnavailable, SamplingParams
-from shardmesh.mesh.chain_client import MeshChains, RemoteChain
+from shardmesh.mesh.chain_client import RemoteChain
+from shardmesh.mesh.mesh_chains import MeshChains
 from shardmesh.mesh.hop_server import HopServer
 from shardmesh.mesh.host import running_host
 from shardmesh.mesh.wire import PROTOCOL, FrameStream, StreamEnded, WireError

@@ -21,7 +21,8 @@ import trio
 import trio.testing
 
 from shardmesh.contract import BadRequest, CacheBudgetExceeded, ChainFailed, NoRoute, SampledToken, SamplingParams
-from shardmesh.mesh.chain_client import READER_GRACE, MeshChains, RemoteChain
+from shardmesh.mesh.chain_client import READER_GRACE, RemoteChain
+from shardmesh.mesh.mesh_chains import MeshChains
 from shardmesh.mesh.deadlines import HOP_REACH, STEP_CAP, STEP_FLOOR, open_wait
 from shardmesh.mesh.pipe import pipe_pair
 from shardmesh.mesh.reclaim import RECLAIM_IDLE, RECLAIMED
@@ -75,7 +76,7 @@ class Reports:
     asked: list[int] = field(default_factory=list)
 
 
-def mesh_chains(peers: Peers, reports: Reports, route: list[Hop] | None = ROUTE) -> MeshChains:
+def mesh_chains(peers: Peers, reports: Reports, route: list[Hop] | None = ROUTE, probe: Any = None) -> MeshChains:
     def find_route(tokens_needed: int) -> list[Hop] | None:
         reports.asked.append(tokens_needed)
         return route
@@ -88,6 +89,7 @@ def mesh_chains(peers: Peers, reports: Reports, route: list[Hop] | None = ROUTE)
         gateway=GATEWAY,
         on_failure=reports.failed.append,
         on_success=reports.served.append,
+        probe=probe,
     )
 
 
@@ -752,6 +754,34 @@ def test_once_steps_are_measured_a_silent_chain_is_dropped_in_seconds() -> None:
             await chain.step([1], 100, True)
         assert (info.value.peer, info.value.code) == (B, "timeout")
         assert trio.current_time() - began == pytest.approx(STEP_FLOOR)
+        await chain.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize("silent, blamed", [((), B), ((A,), A), ((A, B), A), ((B,), B)], ids=["none", "first", "both", "last"])
+def test_a_lost_token_is_blamed_on_the_first_hop_that_does_not_answer_a_probe(silent: tuple[str, ...], blamed: str) -> None:
+    """A frozen middle hop (SIGSTOP) holds the token as surely as a frozen last hop: the
+    gateway probes every hop of the route at once and blames the first silent one."""
+    probed: list[str] = []
+
+    async def probe(peer: str) -> bool:
+        probed.append(peer)
+        await trio.sleep(3)  # a probe that gets no answer takes its whole timeout
+        return peer not in silent
+
+    async def main(nursery: trio.Nursery) -> None:
+        scripts, _ = two_hops(lambda step: None)
+        reports = Reports()
+        chains = mesh_chains(Peers(nursery, scripts), reports, probe=probe)
+        chain = chains.chain("s", SamplingParams(temperature=0.0), PROMPT, [])
+        await chain.open(64)
+        began = trio.current_time()
+        with pytest.raises(ChainFailed) as info:
+            await chain.step(PROMPT, 0, True)
+        assert (info.value.peer, info.value.code) == (blamed, "timeout") and reports.failed == [blamed]
+        assert sorted(probed) == [A, B]
+        assert trio.current_time() - began == pytest.approx(STEP_CAP + 3)  # the probes ran together
         await chain.close()
 
     run(main)

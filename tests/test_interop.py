@@ -338,6 +338,35 @@ def test_the_js_verifier_refuses_what_ours_refuses(hub: JsPeer) -> None:
     assert verify(sign_record(record, key), expected_model="x@1") == {"valid": False, "reason": "wrong-model"}
     assert verify(cbor2.dumps({"body": envelope["body"]})) == {"valid": False, "reason": "unsigned"}
 
+    # Every bound of section 3.2, at the bound (valid) and one past it (malformed), on a
+    # body signed by the right key so that only the bound can be the reason.
+    from shardmesh.mesh.records import SIGNING_PREFIX
+
+    def signed(**fields: Any) -> bytes:
+        body = cbor2.loads(envelope["body"])
+        body.update(fields)
+        raw = cbor2.dumps(body)
+        return cbor2.dumps({"body": raw, "sig": key.private_key.sign(SIGNING_PREFIX + raw)})
+
+    def reason(**fields: Any) -> str:
+        answer = verify(signed(**fields))
+        return "valid" if answer["valid"] else answer["reason"]
+
+    own = f"/p2p/{peer}"
+    cases = [
+        ({"rtt": {f"p{i}": 1.0 for i in range(32)}}, {"rtt": {f"p{i}": 1.0 for i in range(33)}}),
+        ({"rtt": {"p": 60000}}, {"rtt": {"p": 60001}}),
+        ({"limits": {"a": 1}}, {"limits": {"a": 0}}),
+        ({"limits": {"a": 2**31 - 1}}, {"limits": {"a": 2**31}}),
+        ({"limits": {f"l{i}": 1 for i in range(16)}}, {"limits": {f"l{i}": 1 for i in range(17)}}),
+        ({"addrs": [f"/ip4/10.0.0.{i}/tcp/1{own}" for i in range(16)]}, {"addrs": [f"/ip4/10.0.0.{i}/tcp/1{own}" for i in range(17)]}),
+        ({"addrs": [f"/ip4/10.0.0.1/tcp/1{own}"]}, {"addrs": ["/ip4/10.0.0.1/tcp/1/p2p/12D3KooWsomeoneelse"]}),
+        ({"version": "v" * 256}, {"version": "v" * 257}),
+        ({"device": "é" * 128}, {"device": "é" * 129}),
+    ]
+    for at_bound, past_it in cases:
+        assert (reason(**at_bound), reason(**past_it)) == ("valid", "malformed"), (at_bound, past_it)
+
 
 # --- 3. the DHT ------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ __all__ = [
     "link",
     "link_offers",
     "mdns",
+    "mesh_chains",
     "next_hop",
     "one_at_a_time",
     "open_request",

@@ -14,20 +14,19 @@ Any failure raises :class:`ChainFailed` naming the peer at fault (where an error
 can say so, see :func:`_failure`), which is what the gateway needs to route around it;
 a request the last hop cannot sample raises :class:`BadRequest`, which blames no one.
 
-:class:`MeshChains` is the gateway's chain opener over the swarm: each chain it makes
-picks its route only when it opens (the swarm may have changed since the request came)
-and reports the peers that failed or served it, so that routing can avoid or trust them.
+The gateway's chain opener over the swarm, which makes these chains, is
+:class:`~shardmesh.mesh.mesh_chains.MeshChains`.
 """
 
 from __future__ import annotations
 
 import logging
 from array import array
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
-from ..contract import BadRequest, CacheBudgetExceeded, ChainFailed, NoRoute, NonFiniteInput, SampledToken, SamplingParams
+from ..contract import BadRequest, CacheBudgetExceeded, ChainFailed, NoRoute, NonFiniteInput, SampledToken
 from ..placement.routing import Hop
 from .deadlines import HOP_ANSWER, StepTimes, open_wait
 from .host import close_quietly, reset_quietly
@@ -42,6 +41,7 @@ READER_GRACE = 10.0  # seconds the hops get to close their sides after a close
 CONFIRM_GRACE = 2.0  # a relayed bad_request waits this long for the last hop's own word
 
 RouteFinder = Callable[[int], list[Hop] | None]  # tokens needed -> a route, or None
+Probe = Callable[[str], Awaitable[bool]]  # peer -> does it answer at all (a libp2p ping)?
 
 
 def _failure(frame: Frame, sender: str, route: list[Hop], *, attach: bool = False, idle_for: float = 0.0) -> Exception:
@@ -116,6 +116,7 @@ class RemoteChain:
         on_failure: Callable[[str], None] = _ignore,
         on_success: Callable[[list[Hop]], None] = _ignore,
         step_times: StepTimes | None = None,
+        probe: Probe | None = None,
     ) -> None:
         if (route is None) == (find_route is None):
             raise ValueError("a RemoteChain takes either a route or find_route")
@@ -132,6 +133,7 @@ class RemoteChain:
         self.sampling = sampling
         self.history = (list(prompt_ids), list(generated))  # generated: a replay after failover
         self.step_times = step_times if step_times is not None else StepTimes()
+        self.probe = probe
         self._unanswered = 0  # tokens sent since the last token came back
         self._last_sent = 0.0  # when we last sent a frame on the chain (trio time)
         self._sent_at = 0.0  # when the first of them was sent (trio time)
@@ -286,11 +288,31 @@ class RemoteChain:
             with trio.fail_after(max(0.0, self._sent_at + wait - trio.current_time())):
                 event = await self._events.receive()
         except trio.TooSlowError as exc:
-            raise ChainFailed(self._route[-1].peer, "timeout", f"no token within {wait:.0f} s") from exc
+            silent = await self._silent_hop()
+            blamed = silent or self._route[-1].peer  # all answer: the last hop owed the token
+            why = f"no token within {wait:.0f} s" + (f"; {silent} does not answer" if silent else "")
+            raise ChainFailed(blamed, "timeout", why) from exc
         token = self._token(event, position)
         self.step_times.record(self._unanswered, trio.current_time() - self._sent_at)
         self._unanswered = 0
         return token
+
+    async def _silent_hop(self) -> str | None:
+        """The first hop of the route that does not answer ``probe`` (a frozen or vanished
+        process answers nothing); None if all do. Hops are probed together, so this
+        takes one probe's time."""
+        route = [hop.peer for hop in self._route]
+        if self.probe is None:
+            return None
+        answered: dict[str, bool] = {}
+
+        async def ask(peer: str) -> None:
+            answered[peer] = await self.probe(peer)
+
+        async with trio.open_nursery() as nursery:
+            for peer in set(route):
+                nursery.start_soon(ask, peer)
+        return next((peer for peer in route if not answered[peer]), None)
 
     def _raise_pending(self) -> None:
         """A failure reported while we were not waiting (e.g. during a prefill chunk)."""
@@ -343,49 +365,3 @@ class RemoteChain:
         if not self._readers_done.is_set():
             for stream in streams:
                 await reset_quietly(stream)
-
-
-class MeshChains:
-    """The gateway's chain opener over the mesh: routes each new session afresh."""
-
-    def __init__(
-        self,
-        *,
-        nursery: trio.Nursery,
-        open_stream: Callable[[str], Any],
-        find_route: RouteFinder,
-        model_id: str,
-        gateway: str,
-        on_failure: Callable[[str], None] = _ignore,
-        on_success: Callable[[list[Hop]], None] = _ignore,
-        links: Links | None = None,
-    ) -> None:
-        self.nursery = nursery
-        self.links = links
-        self.open_stream = open_stream
-        self.find_route = find_route  # tokens needed -> route avoiding peers that failed
-        self.model_id = model_id
-        self.gateway = gateway
-        self.on_failure = on_failure
-        self.on_success = on_success
-        self.step_times = StepTimes()  # shared by its chains: their bounds follow what they measured
-
-    def available(self) -> bool:
-        return self.find_route(0) is not None
-
-    def chain(self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]) -> RemoteChain:
-        return RemoteChain(
-            nursery=self.nursery,
-            open_stream=self.open_stream,
-            session_id=session_id,
-            model_id=self.model_id,
-            gateway=self.gateway,
-            sampling=sampling.to_dict(),
-            prompt_ids=prompt_ids,
-            generated=generated,
-            links=self.links,
-            find_route=self.find_route,
-            on_failure=self.on_failure,
-            on_success=self.on_success,
-            step_times=self.step_times,
-        )

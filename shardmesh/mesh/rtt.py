@@ -28,7 +28,7 @@ PING_PROTOCOL = "/ipfs/ping/1.0.0"
 ROUND_TRIPS = 3  # the best of a few: one stray scheduling delay should not count
 
 
-async def ping_ms(mesh: MeshHost, peer_id) -> float | None:
+async def ping_ms(mesh: MeshHost, peer_id, timeout: float = PING_TIMEOUT) -> float | None:
     """The best of a few ping round trips in ms, or None if the peer did not answer.
 
     Opening the stream (protocol negotiation) is not timed. Everything runs shielded
@@ -42,7 +42,7 @@ async def ping_ms(mesh: MeshHost, peer_id) -> float | None:
     with trio.CancelScope(shield=True):
         stream = None
         try:
-            with trio.fail_after(PING_TIMEOUT):
+            with trio.fail_after(timeout):
                 stream = await mesh.open_stream(peer_id, PING_PROTOCOL)
                 best = float("inf")
                 for _ in range(ROUND_TRIPS):
@@ -56,6 +56,24 @@ async def ping_ms(mesh: MeshHost, peer_id) -> float | None:
             if stream is not None:
                 await reset_quietly(stream)
             return None
+
+
+PROBE_TIMEOUT = 3.0  # s a peer gets to answer one ping when a chain asks whether it is alive
+
+
+async def answers_ping(mesh: MeshHost, peer: str) -> bool:
+    """Does ``peer`` (base58) answer a ping within :data:`PROBE_TIMEOUT`? A frozen process
+    (SIGSTOP, a stuck event loop) or a vanished one does not. The gateway's chains use
+    it to find which hop went silent (chain_client.RemoteChain._silent_hop)."""
+    from libp2p.peer.id import ID
+
+    if peer == mesh.peer_id_str:
+        return True  # ourselves: we are plainly not frozen
+    try:
+        peer_id = ID.from_base58(peer)
+    except Exception:
+        return False
+    return await ping_ms(mesh, peer_id, PROBE_TIMEOUT) is not None
 
 
 async def publish_rtts(mesh: MeshHost, serving_peers: Callable[[], Iterable[str]], publish, every: float = 15.0) -> None:

@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 from ..contract import Chain, SamplingParams
-from ..mesh.chain_client import MeshChains
+from ..mesh.mesh_chains import MeshChains
 from ..mesh.registry import Registry
 from ..placement.routing import FailureBackoff, Hop, find_route
 from .span_keeper import SpanKeeper

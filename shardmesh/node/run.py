@@ -26,14 +26,14 @@ from ..api.app import create_app, serve
 from ..api.generate import Generator, eos_token_ids
 from ..backends.weights import identity_bytes
 from ..mesh.allow_list import AllowList, AllowListError, ConnectionGate, read_allow_list
-from ..mesh.chain_client import MeshChains
+from ..mesh.mesh_chains import MeshChains
 from ..mesh.discovery import Discovery
 from ..mesh.hop_server import HopServer, Limits
 from ..mesh.host import MeshHost, default_key_file, load_or_create_identity, running_host
 from ..mesh.link_offers import LinkListener, Links
 from ..mesh.records import NodeRecord, model_identity
 from ..mesh.registry import Registry
-from ..mesh.rtt import publish_rtts
+from ..mesh.rtt import answers_ping, publish_rtts
 from ..mesh.swarm_map import PROTOCOL as SWARM_MAP_PROTOCOL, swarm_map_handler
 from ..placement.routing import FailureBackoff
 from ..placement.spans import ONLINE
@@ -207,6 +207,7 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
             on_failure=lambda peer: backoff.failed(peer, time.monotonic()),
             on_success=lambda route: [backoff.succeeded(h.peer) for h in route],
             links=links,
+            probe=partial(answers_ping, mesh),
         )
         generator = Generator(
             model.name,

@@ -1,0 +1,75 @@
+"""The gateway's chain opener over the swarm.
+
+Each chain :class:`MeshChains` makes is a :class:`~shardmesh.mesh.chain_client.RemoteChain`
+that picks its route only when it opens (the swarm may have changed since the request
+came) and reports the peers that failed or served it, so that routing can avoid or
+trust them. The chains of one gateway share what they measure of step times
+(:mod:`.deadlines`) and the probe that finds a silent hop when a token is lost.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import trio
+
+from ..contract import SamplingParams
+from ..placement.routing import Hop
+from .chain_client import Probe, RemoteChain, RouteFinder
+from .deadlines import StepTimes
+from .link_offers import Links
+
+__all__ = ["MeshChains"]
+
+
+def _ignore(_: Any) -> None:
+    return None
+
+
+class MeshChains:
+    """The gateway's chain opener over the mesh: routes each new session afresh."""
+
+    def __init__(
+        self,
+        *,
+        nursery: trio.Nursery,
+        open_stream: Callable[[str], Any],
+        find_route: RouteFinder,
+        model_id: str,
+        gateway: str,
+        on_failure: Callable[[str], None] = _ignore,
+        on_success: Callable[[list[Hop]], None] = _ignore,
+        links: Links | None = None,
+        probe: Probe | None = None,
+    ) -> None:
+        self.nursery = nursery
+        self.links = links
+        self.probe = probe  # who is silent when a token is lost (RemoteChain._silent_hop)
+        self.open_stream = open_stream
+        self.find_route = find_route  # tokens needed -> route avoiding peers that failed
+        self.model_id = model_id
+        self.gateway = gateway
+        self.on_failure = on_failure
+        self.on_success = on_success
+        self.step_times = StepTimes()  # shared by its chains: their bounds follow what they measured
+
+    def available(self) -> bool:
+        return self.find_route(0) is not None
+
+    def chain(self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]) -> RemoteChain:
+        return RemoteChain(
+            nursery=self.nursery,
+            open_stream=self.open_stream,
+            session_id=session_id,
+            model_id=self.model_id,
+            gateway=self.gateway,
+            sampling=sampling.to_dict(),
+            prompt_ids=prompt_ids,
+            generated=generated,
+            links=self.links,
+            find_route=self.find_route,
+            on_failure=self.on_failure,
+            on_success=self.on_success,
+            step_times=self.step_times,
+            probe=self.probe,
+        )
