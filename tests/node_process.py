@@ -85,3 +85,13 @@ def stop_node(node: Node) -> None:
     except subprocess.TimeoutExpired:
         node.proc.kill()
         node.proc.wait(timeout=15)
+
+
+def wait_for_route(gateway: Node, timeout: float = 30.0) -> None:
+    """Until ``gateway``'s ``/health`` says a complete chain of peers serves the model."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{gateway.url}/health", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, f"no complete route within {timeout:.0f} s"
+        time.sleep(0.2)

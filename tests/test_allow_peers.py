@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
-from node_process import Node, start_node, stop_node
+from node_process import Node, start_node, stop_node, wait_for_route
 
 from shardmesh.mesh.allow_list import AllowList, AllowListError, read_allow_list
 from shardmesh.mesh.host import HostError, load_or_create_identity, peer_id_of, running_host
@@ -62,10 +62,7 @@ def private_swarm(tmp_path_factory) -> Iterator[tuple[Node, Node, Node]]:
                                 "--key-file", str(keys / "b.key"), api=False, key_dir=keys))  # fmt: skip
         nodes.append(start_node(model, "--layers", "2:4", "--api", "off", "--join", m.address,
                                 "--key-file", str(keys / "e.key"), api=False, key_dir=keys))  # fmt: skip
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{m.url}/health", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline, "no complete route within 30 s"
-            time.sleep(0.2)
+        wait_for_route(m)
         yield nodes[0], nodes[1], nodes[2]
     finally:
         for node in nodes:

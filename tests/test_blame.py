@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 import trio
-from node_process import Node, start_node, stop_node
+from node_process import Node, start_node, stop_node, wait_for_route
 from reference import Transformers
 
 from shardmesh.api.resumable import ResumableChain
@@ -63,10 +63,7 @@ def swarm(request, model_path: Path, tmp_path_factory) -> Iterator[tuple[Node, N
     nodes = [m]
     try:
         nodes.append(start_node(model_path, "--layers", "2:4", "--api", "off", "--join", m.address, api=False, key_dir=keys))
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{m.url}/health", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline, "no complete route within 30 s"
-            time.sleep(0.2)
+        wait_for_route(m)
         failed_before = request.session.testsfailed
         yield m, nodes[1]
         if request.session.testsfailed > failed_before:

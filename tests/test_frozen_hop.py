@@ -19,10 +19,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
-from node_process import Node, start_node, stop_node
+from node_process import Node, start_node, stop_node, wait_for_route
 
 from shardmesh.mesh.deadlines import STEP_CAP
 from shardmesh.tools.tiny_model import cached_tiny_model
@@ -45,10 +44,7 @@ def chain(model: Path, tmp_path: Path) -> Iterator[list[Node]]:
     try:
         for span in ("2:3", "3:4"):
             nodes.append(start_node(model, "--layers", span, "--api", "off", "--join", m.address, api=False, key_dir=tmp_path))
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{m.url}/health", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline, "no complete route within 30 s"
-            time.sleep(0.2)
+        wait_for_route(m)
         yield nodes
     finally:
         for node in nodes:

@@ -29,7 +29,7 @@ import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
-from node_process import Node, start_node, stop_node
+from node_process import Node, start_node, stop_node, wait_for_route
 
 from shardmesh.mesh.host import running_host
 from shardmesh.mesh.open_request import Limits
@@ -52,10 +52,7 @@ def swarm(tmp_path_factory) -> Iterator[tuple[Node, Node]]:
     nodes = [m]
     try:
         nodes.append(start_node(model, "--layers", "2:4", "--api", "off", "--join", m.address, api=False, key_dir=keys))
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{m.url}/health", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline, "no complete route within 30 s"
-            time.sleep(0.2)
+        wait_for_route(m)
         yield m, nodes[1]
     finally:
         for node in nodes:

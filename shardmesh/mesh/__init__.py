@@ -32,6 +32,7 @@ __all__ = [
     "mdns",
     "mesh_chains",
     "next_hop",
+    "notifee",
     "one_at_a_time",
     "open_request",
     "peer_table",

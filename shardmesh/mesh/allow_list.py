@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Iterable
 
 import trio
-from libp2p.abc import INotifee
+
+from .notifee import QuietNotifee
 
 MAX_ALLOWED = 100_000  # peer ids in one file: far beyond any private swarm
 
@@ -71,7 +72,7 @@ def read_allow_list(path: str | Path) -> frozenset[str]:
     return frozenset(peers)
 
 
-class ConnectionGate(INotifee):
+class ConnectionGate(QuietNotifee):
     """Network notifee that closes every connection to a peer the list does not allow.
 
     It runs in the swarm's notification path, so it only schedules the close; ``closed``
@@ -88,21 +89,6 @@ class ConnectionGate(INotifee):
         if not self.allow.allows(peer.to_base58()):
             self.closed += 1
             self.nursery.start_soon(_close, network, peer)
-        await trio.lowlevel.checkpoint()
-
-    async def disconnected(self, network, conn) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def opened_stream(self, network, stream) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def closed_stream(self, network, stream) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def listen(self, network, multiaddr) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def listen_close(self, network, multiaddr) -> None:
         await trio.lowlevel.checkpoint()
 
 

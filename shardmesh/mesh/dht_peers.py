@@ -17,9 +17,9 @@ import logging
 from typing import Any, Awaitable, Callable
 
 import trio
-from libp2p.abc import INotifee
 
 from .host import MeshHost
+from .notifee import QuietNotifee
 
 log = logging.getLogger("shardmesh.mesh.dht_peers")
 
@@ -27,7 +27,7 @@ ADOPT_PEER_TIMEOUT = 15.0  # seconds to wait for identify before giving up on a 
 ADOPT_AT_ONCE = 16  # peers being adopted concurrently
 
 
-class ConnectionWatcher(INotifee):
+class ConnectionWatcher(QuietNotifee):
     """Network notifee: hands each new connection's peer id to :func:`adopt_peers`.
 
     Runs inside the swarm's notification path, so it must neither block nor raise:
@@ -43,21 +43,6 @@ class ConnectionWatcher(INotifee):
             self.send.send_nowait(conn.muxed_conn.peer_id)
         except Exception:
             pass
-
-    async def disconnected(self, network, conn) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def opened_stream(self, network, stream) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def closed_stream(self, network, stream) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def listen(self, network, multiaddr) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def listen_close(self, network, multiaddr) -> None:
-        await trio.lowlevel.checkpoint()
 
 
 async def adopt_peers(
