@@ -19,7 +19,8 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from node_process import Node, start_node, stop_node, wait_for_route
 
 from shardmesh.mesh.allow_list import AllowList, AllowListError, read_allow_list
-from shardmesh.mesh.host import HostError, load_or_create_identity, peer_id_of, running_host
+from shardmesh.mesh.host import HostError, peer_id_of, running_host
+from shardmesh.mesh.identity import load_or_create_identity
 from shardmesh.mesh.swarm_map import SwarmMapError, fetch_swarm_map
 from shardmesh.tools.tiny_model import cached_tiny_model
 

@@ -27,6 +27,7 @@ __all__ = [
     "hop_session",
     "hop_step",
     "host",
+    "identity",
     "link",
     "link_offers",
     "mdns",

@@ -31,7 +31,6 @@ import logging
 import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
@@ -58,37 +57,6 @@ STREAM_OPEN_ATTEMPTS = 4
 
 class HostError(Exception):
     """A dial or stream that could not be made; the message says to whom and why."""
-
-
-def default_key_file() -> Path:
-    """``$XDG_DATA_HOME/shardmesh/node.key`` (``~/.local/share/...``): the node's identity."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "shardmesh" / "node.key"
-
-
-def load_or_create_identity(path: Path):
-    """The node's ed25519 key pair, created (mode 0600) on first run.
-
-    The file holds the 32-byte seed only. A peer id is derived from the public key, so
-    keeping the file keeps the node's identity across restarts.
-    """
-    from libp2p.crypto.ed25519 import create_new_key_pair
-
-    path = Path(path)
-    if path.exists():
-        seed = path.read_bytes()
-        if len(seed) != 32:
-            raise ValueError(f"{path} is not a shardmesh key file (expected 32 bytes, found {len(seed)})")
-        return create_new_key_pair(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    seed = os.urandom(32)
-    key_pair = create_new_key_pair(seed)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key_pair.private_key.to_bytes()[:32])
-    os.replace(tmp, path)
-    return key_pair
 
 
 def port_in_use(address: str) -> bool:

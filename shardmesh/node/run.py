@@ -29,7 +29,8 @@ from ..mesh.allow_list import AllowList, AllowListError, ConnectionGate, read_al
 from ..mesh.mesh_chains import MeshChains
 from ..mesh.discovery import Discovery
 from ..mesh.hop_server import HopServer, Limits
-from ..mesh.host import MeshHost, default_key_file, load_or_create_identity, running_host
+from ..mesh.host import MeshHost, running_host
+from ..mesh.identity import IdentityInUse, default_key_file, holding_identity
 from ..mesh.link_offers import LinkListener, Links
 from ..mesh.records import NodeRecord, model_identity
 from ..mesh.registry import Registry
@@ -125,14 +126,23 @@ def guard_private_swarm(mesh: MeshHost, allowed: frozenset[str] | None, nursery:
 
 async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = None, stop: trio.Event | None = None) -> None:
     """Join (or start) the swarm, take a span, start the gateway, serve until ``stop``
-    is set (then drain: see :func:`drain`) or until cancelled."""
-    say = announce or (lambda line: print(line, flush=True))
+    is set (then drain: see :func:`drain`) or until cancelled. The node's key file is
+    held (locked) the whole time: a second node on it stops at once with a UsageError."""
+    key_file = Path(config.key_file) if config.key_file else default_key_file()
+    try:
+        with holding_identity(key_file) as key_pair:
+            await serve_node(config, key_pair, announce or (lambda line: print(line, flush=True)), stop)
+    except IdentityInUse as exc:
+        raise UsageError(str(exc)) from exc
+
+
+async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], stop: trio.Event | None) -> None:
+    """:func:`run_node` once the identity is held."""
     # Abandonable: Ctrl-C during a long download must stop the node, not wait for it.
     model = await trio.to_thread.run_sync(load_model_meta, config, abandon_on_cancel=True)
     fixed_span = config.span(model.total_blocks)
     capacity = auto_capacity(config, model) if config.auto_layers else 0
     model_id = model_identity(model.name, *identity_bytes(model.files))
-    key_pair = load_or_create_identity(Path(config.key_file) if config.key_file else default_key_file())
     limits = Limits(idle_timeout=config.session_idle_timeout)
     api = config.api_host_port
 
