@@ -200,7 +200,7 @@ async def with_hostile_last_hop(m: Node, b: Node, when: str, failed: list[str], 
             honest = [Hop(m.peer_id, 0, 2), Hop(b.peer_id, 2, 4)]
             routes = [honest]
 
-            def find_route(tokens_needed: int) -> list[Hop] | None:
+            def find_route(tokens_needed: int, avoid: frozenset[str] = frozenset()) -> list[Hop] | None:
                 excluded = backoff.excluded(time.monotonic())
                 return next((r for r in routes if not {h.peer for h in r} & excluded), None)
 

@@ -77,7 +77,7 @@ class Reports:
 
 
 def mesh_chains(peers: Peers, reports: Reports, route: list[Hop] | None = ROUTE, probe: Any = None) -> MeshChains:
-    def find_route(tokens_needed: int) -> list[Hop] | None:
+    def find_route(tokens_needed: int, avoid: frozenset[str] = frozenset()) -> list[Hop] | None:
         reports.asked.append(tokens_needed)
         return route
 

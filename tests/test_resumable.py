@@ -40,13 +40,15 @@ class BreakingChains:
         self.no_route_for = no_route_for  # open attempts answered with NoRoute first
         self.steps = 0
         self.opened: list[tuple[str, list[int]]] = []  # (session id, generated so far) per chain
+        self.avoided: list[frozenset[str]] = []  # the peers each new chain was told to avoid
 
     def available(self) -> bool:
         return True
 
-    def chain(self, session_id, sampling, prompt_ids, generated):
+    def chain(self, session_id, sampling, prompt_ids, generated, avoid=frozenset()):
         outer = self
-        real = self.inner.chain(session_id, sampling, prompt_ids, generated)
+        self.avoided.append(avoid)
+        real = self.inner.chain(session_id, sampling, prompt_ids, generated, avoid)
 
         class Breaking:
             async def open(self, max_length):
@@ -103,6 +105,8 @@ def test_broken_chains_are_replaced_and_the_answer_is_unchanged(model_path, samp
     ids = [sid for sid, _ in chains.opened]
     assert len(set(ids)) == 4, "every new chain needs a fresh session id"
     assert [len(g) for _, g in chains.opened] == [0, 3, 7, 7], "each replay carries the tokens generated so far"
+    # The peer blamed is avoided by every later chain of the request (issue 18, item 3).
+    assert chains.avoided == [frozenset()] + [frozenset({"peer-b"})] * 3
 
 
 def test_failure_during_the_first_prefill_is_retried(model_path):

@@ -48,6 +48,7 @@ class ResumableChain:
         self._base_id = uuid.uuid4().hex
         self._chains_opened = 0
         self._chain: Chain | None = None
+        self.failed_peers: set[str] = set()  # blamed during this request: never routed through again
 
     async def start(self) -> SampledToken:
         """Open a chain and prefill the prompt; the first generated token."""
@@ -62,6 +63,7 @@ class ResumableChain:
             token = await self._chain.step([token_id], position, True)
         except ChainFailed as exc:
             log.warning("a chain broke after %d tokens (%s); replaying on a new one", len(self.generated), exc)
+            self._blame(exc)
             began = trio.current_time()
             token = await self._open_and_replay(first=False)
             pause = trio.current_time() - began
@@ -70,6 +72,13 @@ class ResumableChain:
             log.info("generation resumed on a new chain after %.2f s", pause)
         assert token is not None
         return token
+
+    def _blame(self, exc: ChainFailed) -> None:
+        """A peer that failed this request is not tried again for it: its back-off
+        (routing's, a few seconds) may end while the request still runs, and dialling
+        a dead peer costs seconds."""
+        if exc.peer is not None:
+            self.failed_peers.add(exc.peer)
 
     async def close(self) -> None:
         """Close the current chain, if any; never raises."""
@@ -92,7 +101,8 @@ class ResumableChain:
             # A fresh id per chain: hops that survived may still hold the broken session.
             session_id = f"{self._base_id}-{self._chains_opened}" if self._chains_opened else self._base_id
             self._chains_opened += 1
-            self._chain = self.opener.chain(session_id, self.sampling, self.prompt_ids, list(self.generated))
+            avoid = frozenset(self.failed_peers)
+            self._chain = self.opener.chain(session_id, self.sampling, self.prompt_ids, list(self.generated), avoid)
             try:
                 await self._chain.open(self.max_length)
                 return await self._replay(self._chain)
@@ -103,6 +113,7 @@ class ResumableChain:
             except NoRoute as exc:
                 problem = str(exc)
             except ChainFailed as exc:
+                self._blame(exc)
                 problem = f"could not open a chain of peers: {exc}"
                 if exc.peer is not None and attempt <= QUICK_RETRIES and trio.current_time() < deadline:
                     continue

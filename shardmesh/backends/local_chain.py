@@ -52,5 +52,8 @@ class LocalChains:
     def available(self) -> bool:
         return bool(self.batchers)
 
-    def chain(self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]) -> LocalChain:
+    def chain(
+        self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int],
+        avoid: frozenset[str] = frozenset(),
+    ) -> LocalChain:
         return LocalChain(self.batchers, session_id, sampling, prompt_ids, generated)

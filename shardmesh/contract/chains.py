@@ -27,7 +27,12 @@ class ChainOpener(Protocol):
 
     def available(self) -> bool: ...
 
-    def chain(self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]) -> Chain:
+    def chain(
+        self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int],
+        avoid: frozenset[str] = frozenset(),
+    ) -> Chain:
         """A new, unopened session whose last hop samples as if ``generated`` had
-        already been drawn after ``prompt_ids``."""
+        already been drawn after ``prompt_ids``. ``avoid``: peers the request has seen
+        fail already; the chain never goes through them (an opener that runs no peers
+        ignores it)."""
         ...

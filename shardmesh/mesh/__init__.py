@@ -30,6 +30,7 @@ __all__ = [
     "identity",
     "link",
     "link_offers",
+    "liveness",
     "mdns",
     "mesh_chains",
     "next_hop",

@@ -40,7 +40,7 @@ log = logging.getLogger("shardmesh.mesh.chain_client")
 READER_GRACE = 10.0  # seconds the hops get to close their sides after a close
 CONFIRM_GRACE = 2.0  # a relayed bad_request waits this long for the last hop's own word
 
-RouteFinder = Callable[[int], list[Hop] | None]  # tokens needed -> a route, or None
+RouteFinder = Callable[..., list[Hop] | None]  # (tokens needed, peers to avoid) -> a route, or None
 Probe = Callable[[str], Awaitable[bool]]  # peer -> does it answer at all (a libp2p ping)?
 
 
@@ -113,6 +113,7 @@ class RemoteChain:
         links: Links | None = None,
         route: list[Hop] | None = None,
         find_route: RouteFinder | None = None,
+        avoid: frozenset[str] = frozenset(),
         on_failure: Callable[[str], None] = _ignore,
         on_success: Callable[[list[Hop]], None] = _ignore,
         step_times: StepTimes | None = None,
@@ -125,6 +126,7 @@ class RemoteChain:
         self.open_stream = open_stream
         self.route = route  # picked by find_route on open when not given
         self.find_route = find_route
+        self.avoid = avoid  # peers this request saw fail: find_route skips them
         self.on_failure = on_failure
         self.on_success = on_success
         self.session_id = session_id
@@ -158,7 +160,7 @@ class RemoteChain:
         reported, the chain closed and the failure raised: the caller decides whether to
         try again. :class:`NoRoute` when no route serves ``max_length`` tokens."""
         if self.find_route is not None:
-            route = self.find_route(max_length)
+            route = self.find_route(max_length, self.avoid)
             if route is None:
                 raise NoRoute(f"no complete chain of online peers serves {self.model_id}")
             self.route = route

@@ -337,12 +337,7 @@ class HopServer:
                 await self._report(session, fs, "bad_frame", f"unexpected {frame.type} frame in a session")
                 return
             try:
-                try:
-                    await run_step(session, frame, downstream, max_elements)
-                except CacheBudgetExceeded:  # a full cache changed nothing: retry once with room made
-                    if not await self._reclaim_cache(session):
-                        raise
-                    await run_step(session, frame, downstream, max_elements)
+                await self._compute_step(session, frame, downstream, max_elements)
             except NonFiniteInput as exc:  # the upstream hop sent NaN or inf: its fault, not ours
                 await self._report(session, fs, exc.code, exc.message, blame=session.upstream_peer)
                 return
@@ -353,6 +348,21 @@ class HopServer:
                 log.exception("session %s: step failed", session.id)
                 await self._report(session, fs, "internal", f"{type(exc).__name__}: {exc}")
                 return
+
+    async def _compute_step(self, session: HopSession, frame: Frame, downstream: FrameStream | None, max_elements: int) -> None:
+        """One step (hop_step.py), busy meanwhile (never reclaimed); a full cache is
+        retried once after reclaiming an idle session (a refused step changed nothing)."""
+        session.busy = True
+        try:
+            try:
+                await run_step(session, frame, downstream, max_elements)
+            except CacheBudgetExceeded:
+                if not await self._reclaim_cache(session):
+                    raise
+                await run_step(session, frame, downstream, max_elements)
+        finally:
+            session.busy = False
+            session.last_active = trio.current_time()
 
     async def _report(self, session: HopSession, fs: FrameStream, code: str, message: str, blame: str | None = None) -> None:
         """Ends ``session`` with an error frame upstream (and to the gateway, on the last

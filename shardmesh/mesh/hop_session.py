@@ -37,7 +37,8 @@ class HopSession:
     closing: bool = False  # the upstream ended the session: the next hop's close is expected
     attach_done: trio.Event = field(default_factory=trio.Event)
     upstream: FrameStream | None = None  # where its steps come from (ended with an error if reclaimed)
-    last_active: float = field(default_factory=trio.current_time)  # when its last frame arrived (trio time)
+    last_active: float = field(default_factory=trio.current_time)  # its last frame or step's end (trio time)
+    busy: bool = False  # a step of it is being computed here: never idle, however long that takes
 
     @property
     def id(self) -> str:

@@ -46,7 +46,7 @@ class MeshChains:
         self.links = links
         self.probe = probe  # who is silent when a token is lost (RemoteChain._silent_hop)
         self.open_stream = open_stream
-        self.find_route = find_route  # tokens needed -> route avoiding peers that failed
+        self.find_route = find_route  # (tokens needed, peers to avoid) -> a route, or None
         self.model_id = model_id
         self.gateway = gateway
         self.on_failure = on_failure
@@ -56,7 +56,10 @@ class MeshChains:
     def available(self) -> bool:
         return self.find_route(0) is not None
 
-    def chain(self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]) -> RemoteChain:
+    def chain(
+        self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int],
+        avoid: frozenset[str] = frozenset(),
+    ) -> RemoteChain:
         return RemoteChain(
             nursery=self.nursery,
             open_stream=self.open_stream,
@@ -68,6 +71,7 @@ class MeshChains:
             generated=generated,
             links=self.links,
             find_route=self.find_route,
+            avoid=avoid,
             on_failure=self.on_failure,
             on_success=self.on_success,
             step_times=self.step_times,

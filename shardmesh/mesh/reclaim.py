@@ -28,8 +28,9 @@ __all__ = ["RECLAIMED", "RECLAIM_IDLE", "believable", "longest_idle"]
 
 
 def longest_idle(sessions: Iterable[HopSession], now: float) -> HopSession | None:
-    """The session idle longest among ``sessions``, if idle for :data:`RECLAIM_IDLE`; else None."""
-    victim = min(sessions, key=lambda s: s.last_active, default=None)
+    """The session idle longest among ``sessions``, if idle for :data:`RECLAIM_IDLE`; else
+    None. A session whose step is being computed is not idle."""
+    victim = min((s for s in sessions if not s.busy), key=lambda s: s.last_active, default=None)
     if victim is None or now - victim.last_active < RECLAIM_IDLE:
         return None
     return victim

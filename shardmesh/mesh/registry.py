@@ -30,6 +30,7 @@ import trio
 from ..placement.spans import ServerView, coverage
 from .dht import LOOKUP_TIMEOUT, REPROVIDE_INTERVAL, SwarmDht
 from .gossip import Gossip, records_topic
+from .liveness import DisconnectWatcher, check_peer
 from .host import MeshHost, StillRunning
 from .records import MAX_RECORD_LIFETIME, RECORD_TTL, NodeRecord, expires_at, record_json, sign_record
 from .registry_stats import RegistryStats
@@ -171,9 +172,17 @@ class Registry:
             "model": self.model_id,
             "total_blocks": total,
             "local_peer": self._me,
-            "peers": [record_json(r, now) for r in self.records()],
+            "peers": [self._peer_json(r, now) for r in self.records()],
             "coverage": coverage(self.servers(), total),
         }
+
+    def _peer_json(self, record: NodeRecord, now: float) -> dict[str, Any]:
+        peer = record_json(record, now)
+        since = self.view.liveness.since(record.peer)
+        peer["unreachable"] = since is not None
+        if since is not None:
+            peer["unreachable_for"] = round(now - since, 1)  # seconds since this node found it so
+        return peer
 
     # --- changing our record -----------------------------------------------------------
 
@@ -229,6 +238,7 @@ class Registry:
                 signed = self._signed if publishing else None
                 await nursery.start(self.swarm_dht.run, self.gossip.ensure_peer_stream, signed)
                 nursery.start_soon(self.view.purge_loop)
+                nursery.start_soon(self._watch_connections)
                 if publishing:
                     nursery.start_soon(self._publish_loop)
                 task_status.started(self)
@@ -251,6 +261,35 @@ class Registry:
             await trio.sleep(MIN_PUBLISH_GAP)
             with trio.move_on_after(max(0.0, self.publish_interval - MIN_PUBLISH_GAP)):
                 await self._publish_wake.wait()
+
+    async def _watch_connections(self) -> None:
+        """A dropped connection to a serving peer is checked by dialling it again; one
+        that cannot be dialled is unreachable in our view from then on (liveness.py)."""
+        from libp2p.peer.id import ID
+
+        network = self.mesh_host.host.get_network()
+
+        def serving(peer: str) -> bool:
+            record = self.view.get(peer)
+            return record is not None and record.serves_blocks
+
+        async def dial(peer: str) -> None:
+            await self.mesh_host.ensure_connected(ID.from_base58(peer))
+
+        async with trio.open_nursery() as checks:
+
+            def recheck(peer: str) -> None:
+                try:
+                    checks.start_soon(check_peer, peer, dial, self.view.liveness, time.time)
+                except RuntimeError:  # stopping: nothing left to route
+                    pass
+
+            watcher = DisconnectWatcher(self.view.liveness, serving, recheck)
+            network.register_notifee(watcher)
+            try:
+                await trio.sleep_forever()
+            finally:
+                network.remove_notifee(watcher)
 
     def is_connected(self, peer: str) -> bool:
         """Do we hold a connection to ``peer`` now? (Such peers keep their place in the view.)"""

@@ -34,6 +34,7 @@ import trio
 from ..placement.spans import ServerView
 from .records import NodeRecord, content_of, server_view
 from .registry_stats import RegistryStats
+from .liveness import Liveness
 from .view_room import ViewRoom, host_of
 
 log = logging.getLogger("shardmesh.mesh.swarm_view")
@@ -57,7 +58,8 @@ class SwarmView:
     or None for a pure observer that publishes nothing). ``clock`` gives unix seconds
     (records carry absolute expiry times); tests pass one that follows trio's clock.
     ``room`` shares out the places (:class:`~.view_room.ViewRoom`; its defaults when not
-    given). ``allowed``, when given, refuses the records of every peer it says no to
+    given). ``liveness`` holds the peers this node found unreachable: :meth:`servers`
+    leaves them out until they are back. ``allowed``, when given, refuses the records of every peer it says no to
     (a private swarm, :mod:`.allow_list`). ``total_blocks``, when given,
     is the model's block count as this node knows it: the model id names the config but
     a verifier cannot recompute the count from it, so a record that disagrees is refused
@@ -74,6 +76,7 @@ class SwarmView:
         total_blocks: int | None = None,
         room: ViewRoom | None = None,
         allowed: Callable[[str], bool] | None = None,
+        liveness: Liveness | None = None,
     ) -> None:
         self.model_id = model_id
         self.total_blocks = total_blocks
@@ -81,6 +84,7 @@ class SwarmView:
         self.stats = stats if stats is not None else RegistryStats()
         self.room = room if room is not None else ViewRoom()
         self.allowed = allowed  # a private swarm's list (allow_list.py); None: anyone
+        self.liveness = liveness if liveness is not None else Liveness()
         self._clock = clock
         self._records: dict[str, NodeRecord] = {}
         self._signed: dict[str, bytes] = {}  # peer -> envelope of its record above, as received
@@ -110,8 +114,10 @@ class SwarmView:
         return list(record.addrs) if record is not None else []
 
     def servers(self) -> list[ServerView]:
-        """What placement and routing see of the live records that serve blocks."""
-        return server_views(self.records())
+        """What placement and routing see of the live records that serve blocks, less
+        the peers this node found unreachable (liveness.py)."""
+        unreachable = self.liveness.unreachable()
+        return server_views(r for r in self.records() if r.peer not in unreachable)
 
     def peers_serving(self, block: int) -> list[NodeRecord]:
         """Live records whose span covers ``block`` (any state; routing decides)."""
@@ -143,12 +149,14 @@ class SwarmView:
     # --- changing --------------------------------------------------------------------
 
     def admits(self, record: NodeRecord, origin: str = "") -> bool:
-        """Would :meth:`merge` keep ``record`` brought by ``origin``? Changes nothing.
+        """Is ``record``, brought by ``origin``, one this view may hold: this swarm's,
+        and with a place for it? Changes nothing, and says nothing of ``seq``: a record
+        we already hold at this ``seq`` is no fault of whoever relays it again.
 
-        Gossip asks this before it lets a record through, so that a record we would not
-        keep is not forwarded to anyone either.
+        Gossip asks this before it lets a record through, so that a record we have no
+        place for is not forwarded to anyone either.
         """
-        return self._admission(record, origin) is not None
+        return self._admission(record, origin, check_seq=False) is not None
 
     def merge(self, record: NodeRecord, signed: bytes, origin: str = "") -> bool:
         """Keep a verified ``record`` (and ``signed``, its envelope) if it is newer and
@@ -164,9 +172,10 @@ class SwarmView:
             self._signal_changed()
         self.room.take(record.peer, origin, host_of(record.addrs))
         self._install(self._records.get(record.peer), record, signed)
+        self.liveness.record_signed(record.peer, record.seq)
         return True
 
-    def _admission(self, record: NodeRecord, origin: str) -> tuple[str | None] | None:
+    def _admission(self, record: NodeRecord, origin: str, check_seq: bool = True) -> tuple[str | None] | None:
         """None if ``record`` is not to be kept, else ``(peer to evict first or None,)``."""
         if record.model != self.model_id or record.expires < self._clock():
             return None
@@ -178,7 +187,7 @@ class SwarmView:
         if record.peer == self.own:
             return None  # our own record comes from set_own, never from outside
         current = self._records.get(record.peer)
-        if current is not None and current.seq >= record.seq:
+        if check_seq and current is not None and current.seq >= record.seq:
             return None
         admitted, evict = self.room.admit(record.peer, origin, host_of(record.addrs))
         if not admitted:
@@ -216,6 +225,7 @@ class SwarmView:
         del self._records[peer]
         self._signed.pop(peer, None)
         self.room.leave(peer)
+        self.liveness.clear(peer)
 
     async def purge_loop(self) -> None:
         """Drops each peer's record when it expires, until cancelled.

@@ -9,22 +9,34 @@ the swarm's servers, avoiding peers that failed recently.
 from __future__ import annotations
 
 import time
-from typing import Callable
-
 from ..contract import Chain, SamplingParams
+from ..mesh.chain_client import RouteFinder
 from ..mesh.mesh_chains import MeshChains
 from ..mesh.registry import Registry
 from ..placement.routing import FailureBackoff, Hop, find_route
 from .span_keeper import SpanKeeper
 
 
-def route_finder(registry: Registry, backoff: FailureBackoff, me: str, total_blocks: int) -> Callable[[int], list[Hop] | None]:
+def route_finder(registry: Registry, backoff: FailureBackoff, me: str, total_blocks: int) -> RouteFinder:
     """The routing policy: the cheapest chain over the servers in the swarm view,
-    skipping peers in back-off, with room for ``tokens_needed`` in every KV cache."""
+    skipping peers in back-off, with room for ``tokens_needed`` in every KV cache.
 
-    def find(tokens_needed: int) -> list[Hop] | None:
+    ``avoid`` (peers that failed this request already) are skipped too, except one
+    without which no route exists (the one server of a range, back after a stall): the
+    request may still use that one once its back-off is over.
+    """
+
+    def find(tokens_needed: int, avoid: frozenset[str] = frozenset()) -> list[Hop] | None:
+        servers = registry.servers()
         exclude = backoff.excluded(time.monotonic())
-        return find_route(registry.servers(), total_blocks, origin=me, exclude=exclude, tokens_needed=tokens_needed)
+
+        def route(without: frozenset[str] | set[str]) -> list[Hop] | None:
+            return find_route(servers, total_blocks, origin=me, exclude=exclude | without, tokens_needed=tokens_needed)
+
+        found = route(avoid)
+        if found is None and avoid:
+            found = route({peer for peer in avoid if route(frozenset({peer})) is not None}) or route(frozenset())
+        return found
 
     return find
 
@@ -46,6 +58,9 @@ class NodeChains:
     def available(self) -> bool:
         return self._whole_model_here() is not None or self.mesh_chains.available()
 
-    def chain(self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]) -> Chain:
+    def chain(
+        self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int],
+        avoid: frozenset[str] = frozenset(),
+    ) -> Chain:
         opener = self._whole_model_here() or self.mesh_chains
-        return opener.chain(session_id, sampling, prompt_ids, generated)
+        return opener.chain(session_id, sampling, prompt_ids, generated, avoid)

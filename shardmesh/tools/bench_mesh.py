@@ -65,7 +65,7 @@ class FixedRoute:
     def available(self) -> bool:
         return True
 
-    def chain(self, session_id: str, sampling, prompt_ids: list[int], generated: list[int]):
+    def chain(self, session_id: str, sampling, prompt_ids: list[int], generated: list[int], avoid: frozenset[str] = frozenset()):
         from ..mesh.chain_client import RemoteChain
 
         return RemoteChain(
