@@ -95,3 +95,38 @@ def wait_for_route(gateway: Node, timeout: float = 30.0) -> None:
     while httpx.get(f"{gateway.url}/health", timeout=5).status_code != 200:
         assert time.monotonic() < deadline, f"no complete route within {timeout:.0f} s"
         time.sleep(0.2)
+
+
+def start_two_hop_swarm(model: Path, key_dir: Path) -> list[Node]:
+    """M (blocks [0, 2), the API) and B ([2, 4), joined to M), once M routes through B.
+    Returns ``[M, B]``; what was started is stopped if the swarm does not come up."""
+    m = start_node(model, "--layers", "0:2", key_dir=key_dir)
+    nodes = [m]
+    try:
+        nodes.append(start_node(model, "--layers", "2:4", "--api", "off", "--join", m.address, api=False, key_dir=key_dir))
+        wait_for_route(m)
+    except BaseException:
+        for node in nodes:
+            stop_node(node)
+        raise
+    return nodes
+
+
+def greedy_chat(node: Node, messages: list[dict], model: str | None = None, max_tokens: int = 12) -> str:
+    """One greedy chat through ``node``'s gateway with the official ``openai`` client, on
+    a client of its own that is closed afterwards (no pooled connection stays open)."""
+    import openai
+
+    with openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused", max_retries=0, timeout=60) as client:
+        model = model or client.models.list().data[0].id
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+    return reply.choices[0].message.content or ""
+
+
+def memory_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of ``/proc/<pid>/status`` in bytes: ``VmRSS`` (resident now) or
+    ``VmHWM`` (the peak, which catches a blow-up that is over by the time we look)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 import trio
-from node_process import Node, start_node, stop_node, wait_for_route
+from node_process import Node, start_node, start_two_hop_swarm, stop_node
 from reference import Transformers
 
 from shardmesh.api.resumable import ResumableChain
@@ -58,14 +58,10 @@ def reference(model_path: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def swarm(request, model_path: Path, tmp_path_factory) -> Iterator[tuple[Node, Node]]:
-    keys = tmp_path_factory.mktemp("keys")
-    m = start_node(model_path, "--layers", "0:2", key_dir=keys)
-    nodes = [m]
+    nodes = start_two_hop_swarm(model_path, tmp_path_factory.mktemp("keys"))
     try:
-        nodes.append(start_node(model_path, "--layers", "2:4", "--api", "off", "--join", m.address, api=False, key_dir=keys))
-        wait_for_route(m)
         failed_before = request.session.testsfailed
-        yield m, nodes[1]
+        yield nodes[0], nodes[1]
         if request.session.testsfailed > failed_before:
             for node in nodes:
                 print(f"---- node output ({' '.join(node.proc.args)}) ----\n{node.output()}")

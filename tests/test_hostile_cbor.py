@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
-import openai
 import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
-from node_process import Node, start_node, stop_node
+from node_process import Node, greedy_chat, memory_bytes, start_node, stop_node
 
 from shardmesh.mesh.host import running_host
 
@@ -61,22 +60,6 @@ def node() -> Iterator[Node]:
     finally:
         stop_node(node)
         print(f"---- node output ----\n{node.output()[-4000:]}")
-
-
-def greedy_chat(node: Node) -> str:
-    client = openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused", max_retries=0, timeout=60)
-    model = client.models.list().data[0].id
-    reply = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0)
-    return reply.choices[0].message.content or ""
-
-
-def peak_rss(pid: int) -> int:
-    """The process's peak resident set (``VmHWM``), in bytes: it catches a blow-up that
-    is over by the time we look."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
 
 
 def dag(levels: int, leaf: str = "x" * 8) -> Any:
@@ -195,11 +178,11 @@ async def _attack(node: Node, seen: dict[str, Any], forwarded: trio.Event) -> di
 
 
 def test_the_cbor_bomb_costs_the_node_nothing(node: Node) -> None:
-    before = greedy_chat(node)
-    peak_before = peak_rss(node.proc.pid)
+    before = greedy_chat(node, MESSAGES)
+    peak_before = memory_bytes(node.proc.pid, "VmHWM")
     seen = trio.run(attack, node)
-    peak_after = peak_rss(node.proc.pid)
-    after = greedy_chat(node)
+    peak_after = memory_bytes(node.proc.pid, "VmHWM")
+    after = greedy_chat(node, MESSAGES)
     grew = peak_after - peak_before
     print(
         f"bomb open: {seen['bomb_bytes']} bytes; node peak RSS {peak_before / 2**20:.0f} MiB -> "

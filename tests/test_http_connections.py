@@ -31,7 +31,7 @@ import openai
 import psutil
 import pytest
 from api_helpers import MESSAGES, PROMPT, serve_node
-from node_process import Node
+from node_process import Node, greedy_chat
 
 from shardmesh.api.server import KEEP_ALIVE_SECONDS
 
@@ -84,13 +84,6 @@ def wait_for_no_connections(node: Node, within_s: float) -> Counter[str]:
 
 def rss_mb(node: Node) -> float:
     return psutil.Process(node.proc.pid).memory_info().rss / 2**20
-
-
-def greedy_chat(node: Node, model: str) -> str:
-    # A client of its own, closed after the call: its pooled connection must not count.
-    with openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused", max_retries=0, timeout=60) as client:
-        r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0)
-    return r.choices[0].message.content or ""
 
 
 def model_id(node: Node) -> str:
@@ -170,7 +163,7 @@ def close_all(sockets: list[socket.socket]) -> None:
 def test_connection_close_is_honoured(node: Node) -> None:
     """``Connection: close``: the server closes each socket once its response is sent."""
     model = model_id(node)
-    before_text, before_rss = greedy_chat(node, model), rss_mb(node)
+    before_text, before_rss = greedy_chat(node, MESSAGES, model), rss_mb(node)
     kept = send_generations(node, close=True)
     try:
         left = wait_for_no_connections(node, CLOSE_WITHIN_S)
@@ -182,14 +175,14 @@ def test_connection_close_is_honoured(node: Node) -> None:
     after_rss = rss_mb(node)
     print(f"node RSS {before_rss:.0f} MB -> {after_rss:.0f} MB (bound: +{RSS_GROWTH_BOUND_MB:.0f} MB)")
     assert after_rss - before_rss <= RSS_GROWTH_BOUND_MB
-    assert greedy_chat(node, model) == before_text
+    assert greedy_chat(node, MESSAGES, model) == before_text
 
 
 def test_keep_alive_connections_time_out(node: Node) -> None:
     """Without ``Connection: close`` the socket is kept for a next request, but only for
     the keep-alive timeout; then the server closes it."""
     model = model_id(node)
-    before_text, before_rss = greedy_chat(node, model), rss_mb(node)
+    before_text, before_rss = greedy_chat(node, MESSAGES, model), rss_mb(node)
     kept = send_generations(node, close=False)
     try:
         # Kept alive means reusable: a second request on the last connection (the others
@@ -207,4 +200,4 @@ def test_keep_alive_connections_time_out(node: Node) -> None:
     after_rss = rss_mb(node)
     print(f"node RSS {before_rss:.0f} MB -> {after_rss:.0f} MB (bound: +{RSS_GROWTH_BOUND_MB:.0f} MB)")
     assert after_rss - before_rss <= RSS_GROWTH_BOUND_MB
-    assert greedy_chat(node, model) == before_text
+    assert greedy_chat(node, MESSAGES, model) == before_text

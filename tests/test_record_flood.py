@@ -30,11 +30,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
-from node_process import Node, start_node, stop_node
+from node_process import Node, greedy_chat, memory_bytes, start_node, stop_node
 
 from shardmesh.mesh.host import running_host
 from shardmesh.mesh.swarm_map import fetch_swarm_map
@@ -62,23 +61,9 @@ def node() -> Iterator[Node]:
         print(f"---- node output ----\n{node.output()[-3000:]}")
 
 
-def greedy_chat(node: Node) -> str:
-    client = openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused", max_retries=0, timeout=60)
-    model = client.models.list().data[0].id
-    reply = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0)
-    return reply.choices[0].message.content or ""
-
-
 def swarm_json(node: Node) -> dict[str, Any]:
     with urllib.request.urlopen(f"{node.url}/v1/swarm", timeout=30) as response:
         return json.load(response)
-
-
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
 
 
 class Victim:
@@ -114,13 +99,13 @@ async def connect_and_fetch_map(node: Node) -> int:
 
 
 def test_a_record_flood_neither_kills_nor_grows_nor_steers_the_node(node: Node) -> None:
-    expected = greedy_chat(node)
+    expected = greedy_chat(node, MESSAGES)
     swarm = swarm_json(node)
     victim = Victim()
-    rss_before = rss(node.proc.pid)
+    rss_before = memory_bytes(node.proc.pid)
 
     during: list[str] = []
-    chatting = threading.Thread(target=lambda: during.append(greedy_chat(node)))
+    chatting = threading.Thread(target=lambda: during.append(greedy_chat(node, MESSAGES)))
 
     def addrs_for(i: int) -> list[str]:
         if i % 2:
@@ -135,7 +120,7 @@ def test_a_record_flood_neither_kills_nor_grows_nor_steers_the_node(node: Node) 
                                     addrs_for=addrs_for, on_sent=started_chat))  # fmt: skip
     chatting.join(timeout=120)
     time.sleep(1.0)
-    rss_after = rss(node.proc.pid)
+    rss_after = memory_bytes(node.proc.pid)
     print(f"flood: {FLOOD} records in {report.seconds:.1f} s; node RSS {rss_before / 2**20:.1f} -> "
           f"{rss_after / 2**20:.1f} MB; victim saw {victim.connections} connections")  # fmt: skip
 
@@ -161,4 +146,4 @@ def test_a_record_flood_neither_kills_nor_grows_nor_steers_the_node(node: Node) 
 
     assert victim.connections == 0, "the node dialled an address that records merely named"
     assert rss_after - rss_before < RSS_BOUND
-    assert greedy_chat(node) == expected
+    assert greedy_chat(node, MESSAGES) == expected

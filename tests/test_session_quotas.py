@@ -29,7 +29,7 @@ import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
-from node_process import Node, start_node, stop_node, wait_for_route
+from node_process import Node, memory_bytes, start_node, start_two_hop_swarm, stop_node
 
 from shardmesh.mesh.host import running_host
 from shardmesh.mesh.open_request import Limits
@@ -46,14 +46,9 @@ RSS_BOUND = 200 << 20  # bytes a node may stay above its warm RSS after its sess
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory) -> Iterator[tuple[Node, Node]]:
-    model = cached_tiny_model("llama", layers=4, hidden=64)
-    keys = tmp_path_factory.mktemp("keys")
-    m = start_node(model, "--layers", "0:2", key_dir=keys)
-    nodes = [m]
+    nodes = start_two_hop_swarm(cached_tiny_model("llama", layers=4, hidden=64), tmp_path_factory.mktemp("keys"))
     try:
-        nodes.append(start_node(model, "--layers", "2:4", "--api", "off", "--join", m.address, api=False, key_dir=keys))
-        wait_for_route(m)
-        yield m, nodes[1]
+        yield nodes[0], nodes[1]
     finally:
         for node in nodes:
             stop_node(node)
@@ -129,13 +124,6 @@ def test_idle_sessions_of_free_identities_cannot_starve_honest_chains(swarm: tup
     assert "reclaimed" in b.output(), "B admitted the honest chain without reclaiming an idle session"
 
 
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def test_a_node_gives_its_kv_memory_back_when_sessions_end(tmp_path: Path) -> None:
     from shardmesh.tools.bench_common import BENCH_MODEL
 
@@ -149,7 +137,7 @@ def test_a_node_gives_its_kv_memory_back_when_sessions_end(tmp_path: Path) -> No
 
         one("hi")  # every weight touched once: the RSS a warm node holds
         time.sleep(1)
-        warm = rss(node.proc.pid)
+        warm = memory_bytes(node.proc.pid)
         long_prompt = " ".join(f"word{i}" for i in range(600))
         done: list[Any] = []
         threads = [threading.Thread(target=lambda: done.append(one(long_prompt))) for _ in range(8)]
@@ -159,7 +147,7 @@ def test_a_node_gives_its_kv_memory_back_when_sessions_end(tmp_path: Path) -> No
             t.join()
         assert len(done) == 8, "a long prompt failed"
         time.sleep(2)
-        after = rss(node.proc.pid)
+        after = memory_bytes(node.proc.pid)
         print(f"RSS warm {warm / 2**20:.0f} MB, after eight 600-token prompts ended {after / 2**20:.0f} MB")
         assert after - warm < RSS_BOUND
     finally:

@@ -4,9 +4,9 @@ On a CPU, torch allocates tensors with ``malloc``. glibc hands freed memory back
 system only from the top of its heap, and after the first large block is freed it
 raises its ``mmap`` threshold (up to 32 MB), so later caches come from the heap rather
 than from their own mappings. A node whose sessions have closed therefore keeps its peak
-RSS: measured here, a node that ran eight 600-token prompts stayed at 1.5 GB after they
-ended, against 0.4 GB before. ``malloc_trim(0)`` returns every free page of the heap,
-from its middle too. It costs a few milliseconds, so it runs after a session closed, on the
+RSS (docs/PERFORMANCE.md, "Memory after sessions end", has the figures and the test
+that measures them). ``malloc_trim(0)`` returns every free page of the heap, from its
+middle too. It costs a few milliseconds, so it runs after a session closed, on the
 compute thread, at most once per :data:`MIN_INTERVAL`, and always when the last
 session has gone.
 

@@ -20,18 +20,17 @@ from typing import Any, Awaitable, Callable, Collection
 import trio
 
 from .cbor_plain import clip
+from .deadlines import open_wait
 from .hop_session import HopSession
 from .host import close_quietly, reset_quietly
-from .deadlines import open_wait
 from .link_offers import Links, request_fields, upgrade_opener
-from .open_request import next_open
+from .open_request import MAX_PEER_ID, next_open
 from .wire import ERROR, RESULT, Frame, FrameStream, StreamEnded, WireError
 
 log = logging.getLogger("shardmesh.mesh.next_hop")
 
 MAX_CODE = 32  # error codes are short words (docs/PROTOCOL.md 6.3)
 MAX_MESSAGE = 1000  # characters of a relayed message; a human reads it, nothing parses it
-MAX_PEER = 128  # a peer id is about 52 characters
 
 __all__ = ["blamed_within", "open_next_hop", "relay_back", "relayed_error"]
 
@@ -44,7 +43,7 @@ def relayed_error(header: dict[str, Any], nxt: str) -> WireError:
     return WireError(
         code if isinstance(code, str) and 0 < len(code) <= MAX_CODE else "error",
         clip(message, MAX_MESSAGE) if isinstance(message, str) else "",
-        peer if isinstance(peer, str) and 0 < len(peer) <= MAX_PEER else nxt,
+        peer if isinstance(peer, str) and 0 < len(peer) <= MAX_PEER_ID else nxt,
     )
 
 
