@@ -48,6 +48,9 @@ def _add_run(sub) -> None:
                    help="seconds a request waits for a working chain of peers before answering 503 (default %(default)g)")
     p.add_argument("--drain-timeout", type=float, default=NodeConfig.drain_timeout, metavar="S",
                    help="seconds running sessions get to finish on stop (SIGINT/SIGTERM) or a move (default %(default)g)")
+    p.add_argument("--audit-rate", type=float, default=NodeConfig.audit_rate, metavar="R",
+                   help="share of generated tokens this gateway re-checks on independent peers; a new peer's first "
+                        "tokens are always checked; 0 turns auditing off (default %(default)g)")
     p.add_argument("--allow-peers", default=None, metavar="FILE",
                    help="a private swarm: talk only to the peer ids in FILE (one per line); others are disconnected and never routed to")
 
@@ -100,6 +103,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--mesh", action="store_true", help="node processes on loopback: 3-node chain vs one process, per-hop cost")
     p.add_argument("--memory", action="store_true",
                    help="resident memory of a --layers none gateway and of a serving node (beyond weights and KV cache)")
+    p.add_argument("--audit", action="store_true",
+                   help="what auditing costs: the same chats through a gateway with and without --audit-rate")
     p.add_argument("--churn", type=int, default=0, metavar="N",
                    help="a serving node's memory and view while N fresh identities publish records (e.g. 3000)")
     p.add_argument(
@@ -142,9 +147,12 @@ def run(args) -> int:
         route_wait=args.route_wait,
         drain_timeout=args.drain_timeout,
         allow_peers=args.allow_peers,
+        audit_rate=args.audit_rate,
     )
     try:
         config.api_host_port
+        if not 0 <= config.audit_rate <= 1:
+            raise UsageError(f"--audit-rate wants a share between 0 and 1, got {config.audit_rate:g}")
         _check_addresses(config)
         return node_main(config)
     except BaseException as exc:

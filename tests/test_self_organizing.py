@@ -190,7 +190,9 @@ def redundant_swarm(request, model: Path, tmp_path_factory) -> Iterator[list[Nod
         dump_on_failure(request, nodes, failed_before)
 
 
-ROUTE = re.compile(r"session (\S+) via (.+)")
+# The answer's own sessions: a request's id, then "-N" for its N-th replacement chain.
+# Audit chains (mesh/audited_chains.py) add "-aN" or "-s-aN" and are not the answer's.
+ROUTE = re.compile(r"session ([0-9a-f]{32}(?:-\d+)?) via (.+)")
 
 
 def server_on_route(gateway: Node, since: int, servers: list[Node]) -> Node:

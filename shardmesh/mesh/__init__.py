@@ -14,6 +14,9 @@ them (``from shardmesh.mesh import wire`` does).
 __all__ = [
     "addresses",
     "allow_list",
+    "answer_check",
+    "audit_policy",
+    "audited_chains",
     "cbor_plain",
     "chain_client",
     "deadlines",

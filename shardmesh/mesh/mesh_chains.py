@@ -58,8 +58,9 @@ class MeshChains:
 
     def chain(
         self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int],
-        avoid: frozenset[str] = frozenset(),
+        avoid: frozenset[str] = frozenset(), *, route: list[Hop] | None = None,
     ) -> RemoteChain:
+        """A chain routed when it opens, or over ``route`` if one is given."""
         return RemoteChain(
             nursery=self.nursery,
             open_stream=self.open_stream,
@@ -70,7 +71,8 @@ class MeshChains:
             prompt_ids=prompt_ids,
             generated=generated,
             links=self.links,
-            find_route=self.find_route,
+            route=route,
+            find_route=None if route is not None else self.find_route,
             avoid=avoid,
             on_failure=self.on_failure,
             on_success=self.on_success,

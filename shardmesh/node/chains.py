@@ -9,17 +9,24 @@ the swarm's servers, avoiding peers that failed recently.
 from __future__ import annotations
 
 import time
-from ..contract import Chain, SamplingParams
+from typing import Callable
+
+from ..contract import Chain, ChainOpener, SamplingParams
 from ..mesh.chain_client import RouteFinder
-from ..mesh.mesh_chains import MeshChains
 from ..mesh.registry import Registry
+from ..placement.claims import MeasuredSpeeds, capped_claims
 from ..placement.routing import FailureBackoff, Hop, find_route
 from .span_keeper import SpanKeeper
 
 
-def route_finder(registry: Registry, backoff: FailureBackoff, me: str, total_blocks: int) -> RouteFinder:
+def route_finder(
+    registry: Registry, backoff: FailureBackoff, me: str, total_blocks: int, *,
+    banned: Callable[[float], set[str]] = lambda now: set(), speeds: MeasuredSpeeds | None = None,
+) -> RouteFinder:
     """The routing policy: the cheapest chain over the servers in the swarm view,
-    skipping peers in back-off, with room for ``tokens_needed`` in every KV cache.
+    skipping peers in back-off and those ``banned`` (caught by an audit), with room for
+    ``tokens_needed`` in every KV cache. With ``speeds``, what servers claim is held to
+    what this gateway measured of them (:mod:`shardmesh.placement.claims`).
 
     ``avoid`` (peers that failed this request already) are skipped too, except one
     without which no route exists (the one server of a range, back after a stall): the
@@ -28,7 +35,10 @@ def route_finder(registry: Registry, backoff: FailureBackoff, me: str, total_blo
 
     def find(tokens_needed: int, avoid: frozenset[str] = frozenset()) -> list[Hop] | None:
         servers = registry.servers()
-        exclude = backoff.excluded(time.monotonic())
+        if speeds is not None:
+            servers = capped_claims(servers, speeds.figures())
+        now = time.monotonic()
+        exclude = backoff.excluded(now) | banned(now)
 
         def route(without: frozenset[str] | set[str]) -> list[Hop] | None:
             return find_route(servers, total_blocks, origin=me, exclude=exclude | without, tokens_needed=tokens_needed)
@@ -44,7 +54,7 @@ def route_finder(registry: Registry, backoff: FailureBackoff, me: str, total_blo
 class NodeChains:
     """The gateway's chain opener: local blocks when they cover the model, else the mesh."""
 
-    def __init__(self, keeper: SpanKeeper, mesh_chains: MeshChains, total_blocks: int) -> None:
+    def __init__(self, keeper: SpanKeeper, mesh_chains: ChainOpener, total_blocks: int) -> None:
         self.keeper = keeper
         self.mesh_chains = mesh_chains
         self.total_blocks = total_blocks

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..mesh.audit_policy import DEFAULT_RATE
+
 
 class UsageError(ValueError):
     """A flag or setting the user can fix; the CLI prints it as one line."""
@@ -34,6 +36,7 @@ class NodeConfig:
     rebalance_interval: float = 30.0  # mean seconds between checks whether moving would help
     route_wait: float = 30.0  # seconds a request waits for a working chain before a 503
     drain_timeout: float = 30.0  # seconds running sessions get to finish when stopping or moving
+    audit_rate: float = DEFAULT_RATE  # share of steps this gateway re-checks on independent peers (mesh/audit_policy.py)
     allow_peers: str | None = None  # file of the peer ids of a private swarm (mesh/allow_list.py); None: anyone
 
     @property

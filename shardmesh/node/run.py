@@ -26,6 +26,8 @@ from ..api.app import create_app, serve
 from ..api.generate import Generator, eos_token_ids
 from ..backends.weights import identity_bytes
 from ..mesh.allow_list import AllowList, AllowListError, ConnectionGate, read_allow_list
+from ..mesh.audit_policy import AuditPolicy
+from ..mesh.audited_chains import AuditedChains
 from ..mesh.mesh_chains import MeshChains
 from ..mesh.discovery import Discovery
 from ..mesh.hop_server import HopServer, Limits
@@ -36,6 +38,7 @@ from ..mesh.records import NodeRecord, model_identity
 from ..mesh.registry import Registry
 from ..mesh.rtt import answers_ping, publish_rtts
 from ..mesh.swarm_map import PROTOCOL as SWARM_MAP_PROTOCOL, swarm_map_handler
+from ..placement.claims import MeasuredSpeeds
 from ..placement.routing import FailureBackoff
 from ..placement.spans import ONLINE
 from .blocks import auto_capacity, load_blocks, run_blocks
@@ -208,10 +211,12 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
         )
 
         backoff = FailureBackoff()
+        audits = AuditPolicy(rate=config.audit_rate)
+        speeds = MeasuredSpeeds()
         mesh_chains = MeshChains(
             nursery=nursery,
             open_stream=server.open_stream,
-            find_route=route_finder(registry, backoff, mesh.peer_id_str, model.total_blocks),
+            find_route=route_finder(registry, backoff, me, model.total_blocks, banned=audits.banned, speeds=speeds),
             model_id=model_id,
             gateway=mesh.peer_id_str,
             on_failure=lambda peer: backoff.failed(peer, time.monotonic()),
@@ -223,7 +228,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             model.name,
             model.tokenizer,
             model.context_length,
-            NodeChains(keeper, mesh_chains, model.total_blocks),
+            NodeChains(keeper, AuditedChains(mesh_chains, audits, speeds, me, time.monotonic), model.total_blocks),
             eos_token_ids(model.tokenizer, model.generation_config),
             route_wait=config.route_wait,
         )

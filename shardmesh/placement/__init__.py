@@ -2,7 +2,8 @@
 
 Which blocks a joining node serves (``select``), when a serving node moves
 (``rebalance``), how many blocks fit its memory (``capacity``), which chain of peers a
-request takes (``routing``), and what the swarm's coverage and bottleneck are
+request takes (``routing``) and how much of a server's claimed speed it believes
+(``claims``), and what the swarm's coverage and bottleneck are
 (``spans``). Lists of :class:`ServerView` in, numbers out: no clock, no I/O, and no
 import of anything else in shardmesh, so every rule can be tested alone and the
 simulator (``sim``) runs the very code nodes run. See ``docs/ARCHITECTURE.md``,
@@ -12,6 +13,7 @@ Light and pure, so this package re-exports its public functions and types.
 """
 
 from .capacity import blocks_that_fit, window_bytes
+from .claims import MeasuredSpeeds, capped_claims
 from .rebalance import MARGIN, BlockSums, check_interval, move_target, plan_move
 from .routing import CACHE_PENALTY_MS, FailureBackoff, Hop, find_route, route_cost
 from .select import best_start, choose_span, planned, planned_blocks, window_size
@@ -26,6 +28,7 @@ __all__ = [
     "Hop",
     "JOINING",
     "MARGIN",
+    "MeasuredSpeeds",
     "ONLINE",
     "STATES",
     "ServerView",
@@ -35,6 +38,7 @@ __all__ = [
     "block_throughput",
     "blocks_that_fit",
     "bottleneck",
+    "capped_claims",
     "check_interval",
     "choose_span",
     "coverage",

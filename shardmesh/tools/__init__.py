@@ -7,6 +7,7 @@ the package loads none of them (``from shardmesh.tools import bench`` does).
 
 __all__ = [
     "bench",
+    "bench_audit",
     "bench_churn",
     "bench_common",
     "bench_memory",

@@ -143,6 +143,10 @@ def run_bench(args) -> int:
         from .bench_memory import run_memory_bench
 
         return run_memory_bench(path, args.dtype)
+    if args.audit:
+        from .bench_audit import run_audit_bench
+
+        return run_audit_bench(path, args.dtype, args.tokens)
     if args.churn:
         from .bench_churn import run_churn_bench
 

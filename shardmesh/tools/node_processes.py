@@ -30,15 +30,16 @@ class NodeProcess:
 
 def start_node(
     path: Path, layers: str, dtype: str, key_dir: Path, join: str | None = None, threads: int | None = None, links: bool = True,
-    api: bool = False,
+    api: bool = False, name: str | None = None, extra: tuple[str, ...] = (),
 ) -> NodeProcess:
-    """``shardmesh run`` on loopback; ``api`` adds a gateway on a free port (else ``--api off``)."""
+    """``shardmesh run`` on loopback; ``api`` adds a gateway on a free port (else ``--api off``).
+    ``name`` names its key file (default: from ``layers``); ``extra`` are more flags."""
     cmd = [
         sys.executable, "-m", "shardmesh", "run", "--model", str(path), "--layers", layers,
         "--api", "127.0.0.1:0" if api else "off",
         "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--dtype", dtype,
-        "--key-file", str(key_dir / f"{layers.replace(':', '-')}.key"),
-    ] + (["--join", join] if join else []) + ([] if links else ["--no-links"])
+        "--key-file", str(key_dir / f"{name or layers.replace(':', '-')}.key"),
+    ] + (["--join", join] if join else []) + ([] if links else ["--no-links"]) + list(extra)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
