@@ -13,6 +13,8 @@ import httpx
 import pytest
 from api_helpers import assert_error, sse_events
 
+from shardmesh.api.streaming import HEARTBEAT_SECONDS
+
 pytest_plugins = ["api_fixtures"]
 
 
@@ -29,6 +31,9 @@ class ScriptedGenerator:
 
     def ready(self) -> bool:
         return self.behaviour != "not-ready"
+
+    def worth_waiting(self) -> bool:
+        return self.ready()
 
     async def stream(self, req: Any) -> Any:
         import trio
@@ -48,6 +53,8 @@ class ScriptedGenerator:
                     raise RuntimeError("scripted crash mid-stream")
                 if self.behaviour == "slow":
                     await trio.sleep(0.2)
+                if self.behaviour == "waits" and i in (0, 2):
+                    await trio.sleep(HEARTBEAT_SECONDS * 1.5)  # a repair of the swarm, say
                 yield TokenEvent(token_id=100 + i, text=f"t{i} ", logprob=-0.5, top_logprobs=())
             yield Finished("length", "", len(req.prompt_ids), req.max_tokens)
         finally:
@@ -129,5 +136,34 @@ def test_client_disconnect_stops_generation(tokenizer: Any) -> None:
         with trio.fail_after(5):
             while not generator.closed:
                 await trio.sleep(0.05)
+
+    run_in_process(generator, check)
+
+
+def test_a_stream_that_waits_sends_comments_and_its_tokens(tokenizer: Any) -> None:
+    """A wait longer than the heartbeat, before the first token and mid-stream: SSE
+    comments keep the connection busy; the official client ignores them."""
+    import openai
+
+    generator = ScriptedGenerator(tokenizer, "waits")
+
+    async def check(c: httpx.AsyncClient) -> None:
+        r = await c.post("/v1/chat/completions", json=scripted_body(True, max_tokens=4))
+        assert r.status_code == 200
+        lines = [line for line in r.text.splitlines() if line]
+        comments = [i for i, line in enumerate(lines) if line == ": waiting for the swarm"]
+        tokens = [i for i, line in enumerate(lines) if '"content":"t' in line]
+        assert len(comments) == 2 and comments[0] < tokens[0] and tokens[1] < comments[1] < tokens[2], lines
+        events = sse_events(r)
+        assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == "t0 t1 t2 t3 "
+
+        def official() -> str:
+            with openai.OpenAI(base_url=f"{c.base_url}/v1", api_key="unused", max_retries=0) as client:
+                stream = client.chat.completions.create(**scripted_body(True, max_tokens=4))
+                return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+        import trio
+
+        assert await trio.to_thread.run_sync(official) == "t0 t1 t2 t3 "
 
     run_in_process(generator, check)

@@ -79,3 +79,19 @@ def test_views_stay_hashable() -> None:
     assert a == sv("a", 0, 4, rtt_ms={"b": 1.0})
     assert a != sv("a", 0, 4, rtt_ms={"b": 2.0})
     assert len({a, sv("a", 0, 4, rtt_ms={"b": 1.0})}) == 1
+
+
+def test_repair_tells_a_gap_being_filled_from_one_nobody_fills() -> None:
+    from shardmesh.placement.spans import JOINING, repair
+
+    served = [ServerView("a", 0, 2, 1.0)]
+    assert repair(served + [ServerView("b", 2, 4, 1.0)], 4).gaps == []
+    stuck = repair(served, 4)
+    assert (stuck.gaps, stuck.unfilled, stuck.under_way, stuck.may_heal) == ([(2, 4)], [(2, 4)], False, True)
+    half = repair(served + [ServerView("b", 2, 3, 1.0, state=JOINING)], 4)
+    assert half.unfilled == [(3, 4)] and not half.under_way
+    filling = repair(served + [ServerView("b", 1, 4, 1.0, state=JOINING)], 4)
+    assert filling.unfilled == [] and filling.under_way
+    nothing = repair([], 4)
+    assert not nothing.served and not nothing.may_heal  # nothing to heal: a 503 at once
+    assert repair([ServerView("b", 0, 4, 1.0, state=JOINING)], 4).may_heal  # a first node loading

@@ -7,13 +7,17 @@ be exactly the one an unbroken chain gives, greedy or seeded.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 from transformers import AutoTokenizer
 
 from shardmesh.api.generate import Finished, GenerationRequest, Generator
 from shardmesh.contract import ModelUnavailable
+from shardmesh.api import resumable
 from shardmesh.api.resumable import ResumableChain
+from shardmesh.placement.spans import Repair
 from shardmesh.backends.local_chain import LocalChains
 from shardmesh.backends.batcher import StepBatcher
 from shardmesh.contract import SamplingParams
@@ -70,10 +74,10 @@ class BreakingChains:
         return Breaking()
 
 
-def generate(model_path, sampling, fail_at=(), no_route_for=0, wait=5.0, n=16):
+def generate(model_path, sampling, fail_at=(), no_route_for=0, wait=5.0, n=16, repair=None):
     batchers = [StepBatcher(TorchStage(resolve_local(str(model_path)), a, b)) for a, b in ((0, 2), (2, LAYERS))]
     chains = BreakingChains(LocalChains(batchers), set(fail_at), no_route_for=no_route_for)
-    generator = Generator("tiny", AutoTokenizer.from_pretrained(model_path), 2048, chains, frozenset(), route_wait=wait)
+    generator = Generator("tiny", AutoTokenizer.from_pretrained(model_path), 2048, chains, frozenset(), route_wait=wait, repair=repair)
 
     async def main():
         async with trio.open_nursery() as nursery:
@@ -124,6 +128,25 @@ def test_no_route_is_waited_for_then_served(model_path):
 def test_no_route_past_the_deadline_is_model_unavailable(model_path):
     with pytest.raises(ModelUnavailable, match="nobody serves block 2.*gave up after 1 s"):
         generate(model_path, SamplingParams(temperature=0.0), no_route_for=1000, wait=1.0)
+
+
+GAP = [(2, 4)]
+
+
+def test_a_repair_under_way_is_waited_for_past_the_route_wait(model_path):
+    clean, _ = generate(model_path, SamplingParams(temperature=0.0), n=6)
+    moving_in = Repair(gaps=GAP, unfilled=[], served=True)  # a joining node covers the gap
+    waited, _ = generate(model_path, SamplingParams(temperature=0.0), no_route_for=5, wait=0.5, n=6, repair=lambda: moving_in)
+    assert waited == clean
+
+
+def test_a_gap_nobody_fills_ends_the_wait_early_and_says_why(model_path, monkeypatch):
+    monkeypatch.setattr(resumable, "REPAIR_GRACE", 1.0)
+    stuck = Repair(gaps=GAP, unfilled=GAP, served=True)
+    began = time.monotonic()
+    with pytest.raises(ModelUnavailable, match=r"blocks \[2, 4\) have no server, and no node with room is moving in"):
+        generate(model_path, SamplingParams(temperature=0.0), no_route_for=1000, wait=60.0, repair=lambda: stuck)
+    assert time.monotonic() - began < 30
 
 
 def test_failover_counts_its_pauses(model_path):

@@ -133,6 +133,9 @@ def test_map_served_and_fetched_over_libp2p() -> None:
         def total_blocks(self) -> int:
             return self.registry.total_blocks()
 
+        def unreachable_for(self) -> dict[str, float]:
+            return self.registry.unreachable_for()
+
         def signed_records(self) -> list[bytes]:
             me = self.registry.mesh_host.key_pair
             return [*self.registry.signed_records(), sign_record(make_record(other, 6, 12), me)]
@@ -275,3 +278,19 @@ def test_unreachable_peer_exits_2_quickly() -> None:
     assert time.monotonic() - began < 15
     assert result.returncode == 2 and result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and "cannot reach" in result.stderr, result.stderr
+
+
+def test_unreachable_marks_are_shown_and_bounded() -> None:
+    """The asked node's liveness marks (docs/PROTOCOL.md 5): kept only for peers with a
+    record in the map and with a sane figure; such a peer counts for no coverage."""
+    a, b = create_new_key_pair(), create_new_key_pair()
+    records = [make_record(a, 0, 6), make_record(b, 6, 12)]
+    marks = {peer_of(b): 12.3, peer_of(a): "soon", "12D3KooWnobodyHere": 5, "x" * 10_000: 1}
+    swarm = parse_swarm_map({**HEADER, "unreachable": marks}, cbor2.dumps([sign_record(r, k) for r, k in zip(records, (a, b))]))
+    assert swarm.unreachable == {peer_of(b): 12.3}
+    assert parse_swarm_map({**HEADER, "unreachable": [1, 2]}, cbor2.dumps([])).unreachable == {}
+    summary = summarize(swarm, via=peer_of(a))
+    assert summary["coverage"] == [1] * 6 + [0] * 6 and summary["gaps"] == [[6, 12]]
+    b_row = next(p for p in summary["peers"] if p["peer"] == peer_of(b))
+    assert b_row["unreachable"] and b_row["unreachable_for"] == 12.3
+    assert "unreachable 12s" in render(summary)

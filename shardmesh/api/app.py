@@ -189,7 +189,9 @@ class Gateway:
             )
 
     def check_ready(self) -> None:
-        if not self.generator.ready():
+        """A 503 at once when no chain exists and none is coming; while nodes fill a gap
+        in the swarm, the request is let in and waits (``ResumableChain``)."""
+        if not self.generator.worth_waiting():
             raise unavailable("the model is not ready: it is loading, or no complete chain of nodes serves it yet")
 
     async def tokenize(self, fn: Callable[..., list[int]], *args: Any) -> list[int]:

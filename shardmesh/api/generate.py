@@ -13,9 +13,10 @@ import logging
 import secrets
 from contextlib import aclosing
 from dataclasses import dataclass, replace
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from ..contract import CacheBudgetExceeded, ChainOpener, ModelUnavailable, SampledToken, SamplingParams
+from ..placement.spans import Repair
 from .resumable import ResumableChain
 from .text import IncrementalDetokenizer, StopMatcher
 
@@ -92,6 +93,7 @@ class Generator:
         eos_ids: frozenset[int],
         *,
         route_wait: float = DEFAULT_ROUTE_WAIT,
+        repair: Callable[[], Repair] | None = None,
     ):
         self.model_name = model_name
         self.tokenizer = tokenizer
@@ -99,11 +101,17 @@ class Generator:
         self.chains = chains
         self.eos_ids = eos_ids
         self.route_wait = route_wait
+        self.repair = repair  # the swarm's gaps and who fills them: requests wait for a repair under way
         self.accepting = True  # False while the node drains: new requests get a 503
         self.active = 0  # generations running now (a draining node waits for them)
 
     def ready(self) -> bool:
         return self.chains.available()
+
+    def worth_waiting(self) -> bool:
+        """A chain exists now, or the swarm may be filling a gap (``Repair.may_heal``): a
+        request may wait; ``ResumableChain`` gives up early if no repair starts."""
+        return self.ready() or (self.repair is not None and self.repair().may_heal)
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -139,7 +147,7 @@ class Generator:
             # Fix a seed per request: a replay after failover then draws the same tokens.
             sampling = replace(sampling, seed=secrets.randbits(63))
 
-        chain = ResumableChain(self.chains, sampling, prompt, len(prompt) + max_tokens, wait=self.route_wait)
+        chain = ResumableChain(self.chains, sampling, prompt, len(prompt) + max_tokens, wait=self.route_wait, repair=self.repair)
         try:
             token = await chain.start()
             detok = IncrementalDetokenizer(self.tokenizer)

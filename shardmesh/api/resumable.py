@@ -17,31 +17,42 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Callable
 
 import trio
 
 from ..contract import CacheBudgetExceeded, Chain, ChainFailed, ChainOpener, ModelUnavailable, NoRoute, SampledToken, SamplingParams
+from ..placement.spans import Repair
 
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512  # tokens per prefill step: long prompts pipeline through the stages
 RETRY_PAUSE = 0.5  # seconds between attempts while no working chain exists
 QUICK_RETRIES = 2  # a chain that failed on a named peer is first retried at once (routing avoids it)
+REPAIR_WAIT = 300.0  # s a request may wait while the swarm fills a gap (a span's load, on a slow disk)
+REPAIR_GRACE = 10.0  # s the swarm gets to start a repair (notice the gap, announce a move) before we stop waiting
 
 
 class ResumableChain:
     """One generation's tokens, across as many chains as it takes; always :meth:`close` it.
 
     ``wait`` bounds how long one recovery (or the first open) may look for a working
-    chain before giving up with :class:`ModelUnavailable`.
+    chain before giving up with :class:`ModelUnavailable`. With ``repair`` (the swarm's
+    :class:`~shardmesh.placement.spans.Repair` state, asked afresh each time), a request
+    waits up to :data:`REPAIR_WAIT` while nodes fill a gap, and gives up early, saying
+    why, when after :data:`REPAIR_GRACE` nobody has started to.
     """
 
-    def __init__(self, opener: ChainOpener, sampling: SamplingParams, prompt_ids: list[int], max_length: int, *, wait: float) -> None:
+    def __init__(
+        self, opener: ChainOpener, sampling: SamplingParams, prompt_ids: list[int], max_length: int, *, wait: float,
+        repair: Callable[[], Repair] | None = None,
+    ) -> None:
         self.opener = opener
         self.sampling = sampling
         self.prompt_ids = list(prompt_ids)
         self.max_length = max_length
         self.wait = wait
+        self.repair = repair
         self.generated: list[int] = []
         self.failovers = 0  # chains replaced after a failure mid-generation
         self.paused_seconds = 0.0  # total time spent replacing them
@@ -93,7 +104,8 @@ class ResumableChain:
         On the first open a full KV cache is an immediate 503 (the client can retry
         elsewhere at once); later, waiting beats failing an answer half written.
         """
-        deadline = trio.current_time() + self.wait
+        began = trio.current_time()
+        deadline = began + self.wait
         attempt = 0
         while True:
             await self.close()
@@ -112,6 +124,11 @@ class ResumableChain:
                 problem = f"busy: {exc}"
             except NoRoute as exc:
                 problem = str(exc)
+                try:
+                    deadline = self._repair_deadline(began, deadline, problem)
+                except ModelUnavailable:
+                    await self.close()
+                    raise
             except ChainFailed as exc:
                 self._blame(exc)
                 problem = f"could not open a chain of peers: {exc}"
@@ -122,6 +139,21 @@ class ResumableChain:
                 raise ModelUnavailable(f"{problem} (gave up after {self.wait:.0f} s)")
             log.info("no working chain yet (%s); trying again", problem)
             await trio.sleep(RETRY_PAUSE)
+
+    def _repair_deadline(self, began: float, deadline: float, problem: str) -> float:
+        """The wait's deadline, longer while the swarm fills a gap; raises
+        :class:`ModelUnavailable` once it is clear that nobody will."""
+        if self.repair is None:
+            return deadline
+        state = self.repair()
+        if state.under_way:
+            return max(deadline, began + REPAIR_WAIT)
+        waited = trio.current_time() - began
+        if state.unfilled and waited >= REPAIR_GRACE:
+            spans = ", ".join(f"[{a}, {b})" for a, b in state.unfilled)
+            raise ModelUnavailable(f"{problem}: blocks {spans} have no server, and no node with room is "
+                                   f"moving in (waited {waited:.0f} s)")
+        return deadline
 
     async def _replay(self, chain: Chain) -> SampledToken:
         """Prompt and generated tokens in chunks, so that one step's work and

@@ -6,7 +6,9 @@ status line must wait for the generation's first event, and because the generati
 must stop the moment its client hangs up.
 
 Once a stream has started the status code cannot change, so a failure mid-stream is
-sent as a last event ``data: {"error": {...}}`` followed by ``data: [DONE]``.
+sent as a last event ``data: {"error": {...}}`` followed by ``data: [DONE]``. A stream
+that waits (for a chain while the swarm repairs itself) sends an SSE comment,
+``: waiting for the swarm``, every few seconds.
 
 Every response ends through :func:`finish`, shielded from the disconnect watcher: see
 there for why an unshielded last message leaves the client's connection open forever.
@@ -30,6 +32,11 @@ log = logging.getLogger(__name__)
 
 #: Time given to a generation to clean up (close its chain) after its client left.
 CLOSE_GRACE_SECONDS = 5.0
+
+#: A stream with no event for this long gets an SSE comment (clients ignore comments;
+#: proxies see traffic and keep the connection): while the swarm repairs a gap, say.
+HEARTBEAT_SECONDS = 5.0
+WAITING_COMMENT = b": waiting for the swarm\n\n"
 
 
 @asynccontextmanager
@@ -145,14 +152,23 @@ class GenerationResponse:
         await send_json(send, 200, body)
 
     async def send_stream(self, send: Send) -> None:
-        async with closing(self.events()) as events:
-            try:
-                first = await anext(events)
-            except ApiError as exc:
-                await send_json(send, exc.status, exc.body())
+        """Stream the events; while none comes for :data:`HEARTBEAT_SECONDS`, send an SSE
+        comment so that the client and any proxy keep the connection open.
+
+        The generation runs in a task of its own (:meth:`_produce`: it creates, consumes
+        and closes its iterator there) and hands its events over a channel, so that
+        this task can wait for them with a timeout. An error that comes before
+        :data:`HEARTBEAT_SECONDS` gets its own status code; later, the stream has begun.
+        """
+        async with trio.open_nursery() as nursery:
+            outbox, inbox = trio.open_memory_channel[Any](0)
+            nursery.start_soon(self._produce, outbox)
+            first = await _next(inbox)
+            if isinstance(first, ApiError):
+                await send_json(send, first.status, first.body())
                 return
-            except Exception:  # StopAsyncIteration included: a generator must end with Finished
-                log.exception("generation failed before its first event")
+            if isinstance(first, BaseException):
+                log.error("generation failed before its first event", exc_info=first)
                 await send_json(send, 500, internal_error().body())
                 return
 
@@ -171,24 +187,50 @@ class GenerationResponse:
             async def emit(chunk: dict[str, Any] | str) -> None:
                 await send({"type": "http.response.body", "body": sse(chunk), "more_body": True})
 
-            try:
-                for chunk in self.fmt.prelude():
+            event: Any = first
+            for chunk in self.fmt.prelude():
+                await emit(chunk)
+            while True:
+                if event is None:
+                    await send({"type": "http.response.body", "body": WAITING_COMMENT, "more_body": True})
+                elif isinstance(event, ApiError):
+                    log.warning("generation failed mid-stream: %s", event.message)
+                    await emit(event.body())
+                    break
+                elif isinstance(event, BaseException):
+                    log.error("generation failed mid-stream", exc_info=event)
+                    await emit(internal_error().body())
+                    break
+                elif isinstance(event, Finished):
+                    await emit(self.fmt.on_finish(event))
+                    if self.fmt.include_usage:
+                        await emit(self.fmt.usage_chunk(event))
+                    break
+                elif (chunk := self.fmt.on_token(event)) is not None:
                     await emit(chunk)
-                event: TokenEvent | Finished = first
-                while not isinstance(event, Finished):
-                    chunk = self.fmt.on_token(event)
-                    if chunk is not None:
-                        await emit(chunk)
-                    event = await anext(events)
-                await emit(self.fmt.on_finish(event))
-                if self.fmt.include_usage:
-                    await emit(self.fmt.usage_chunk(event))
-            except ApiError as exc:
-                log.warning("generation failed mid-stream: %s", exc.message)
-                await emit(exc.body())
-            except Exception:  # StopAsyncIteration included
-                log.exception("generation failed mid-stream")
-                await emit(internal_error().body())
+                event = await _next(inbox)
             # The terminator and the end of the body in one message: the chunked body's
             # last chunk goes out with it, and hypercorn then closes or parks the socket.
             await finish(send, sse("[DONE]"))
+            nursery.cancel_scope.cancel()
+
+    async def _produce(self, outbox: trio.MemorySendChannel[Any]) -> None:
+        """The generation's events into ``outbox``; a failure goes there as its exception."""
+        async with outbox:
+            try:
+                async with closing(self.events()) as events:
+                    async for event in events:
+                        await outbox.send(event)
+                        if isinstance(event, Finished):
+                            return
+                raise RuntimeError("the generator ended without a Finished event")
+            except Exception as exc:
+                await outbox.send(exc)
+
+
+async def _next(inbox: trio.MemoryReceiveChannel[Any]) -> Any:
+    """The next event or exception from :meth:`GenerationResponse._produce`; None when
+    :data:`HEARTBEAT_SECONDS` passed without one."""
+    with trio.move_on_after(HEARTBEAT_SECONDS):
+        return await inbox.receive()
+    return None

@@ -286,18 +286,26 @@ class RemoteChain:
         if not want_token:
             return None
         wait = self.step_times.deadline(self._unanswered)
-        try:
-            with trio.fail_after(max(0.0, self._sent_at + wait - trio.current_time())):
-                event = await self._events.receive()
-        except trio.TooSlowError as exc:
+        event = await self._receive_by(self._sent_at + self.step_times.probe_after(self._unanswered))
+        if event is None and (silent := await self._silent_hop()) is not None:
+            raise ChainFailed(silent, "timeout", f"no token yet; {silent} does not answer")
+        if event is None:
+            event = await self._receive_by(self._sent_at + wait)
+        if event is None:
             silent = await self._silent_hop()
             blamed = silent or self._route[-1].peer  # all answer: the last hop owed the token
             why = f"no token within {wait:.0f} s" + (f"; {silent} does not answer" if silent else "")
-            raise ChainFailed(blamed, "timeout", why) from exc
+            raise ChainFailed(blamed, "timeout", why)
         token = self._token(event, position)
         self.step_times.record(self._unanswered, trio.current_time() - self._sent_at)
         self._unanswered = 0
         return token
+
+    async def _receive_by(self, when: float) -> Frame | Exception | None:
+        """The next event, or None if none came by ``when`` (trio time)."""
+        with trio.move_on_after(max(0.0, when - trio.current_time())):
+            return await self._events.receive()
+        return None
 
     async def _silent_hop(self) -> str | None:
         """The first hop of the route that does not answer ``probe`` (a frozen or vanished

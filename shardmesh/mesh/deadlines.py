@@ -9,6 +9,11 @@ hold a request that long, and a new identity costs its owner nothing. So:
   :data:`STEP_FLOOR` (an honest hop may be busy with another session's prefill chunk
   or a garbage collection), never more than :data:`STEP_CAP`, and :data:`STEP_CAP`
   until enough steps have been measured.
+* **A late token is looked into early**: after :meth:`StepTimes.probe_after` (a few
+  times the median, at least :data:`PROBE_FLOOR`) the gateway pings every hop, and a
+  hop that does not answer (frozen, or gone) is blamed then, long before the step's
+  bound; if all answer, the step waits on to its bound. A busy hop still answers
+  pings: its compute runs beside its event loop.
 * **Opens** are bounded by the route's length (:func:`open_wait`). A hop waits for the
   next hop's answer a little less than the hop before it waits for its own, so the
   hop right before a silent one always speaks first and names it; each hop needs only
@@ -25,6 +30,8 @@ from collections import deque
 from .host import STREAM_OPEN_TIMEOUT
 
 STEP_FLOOR = 15.0  # s: the shortest a step is ever given
+PROBE_FLOOR = 3.0  # s: a late token is looked into (the hops pinged) no sooner than this
+PROBE_FACTOR = 4.0  # times the median a token may be late before the hops are pinged
 STEP_CAP = 120.0  # s: a step's bound before measurements (a long prefill on a slow CPU)
 STEP_FACTOR = 8.0  # times the median a step may take before it counts as lost
 SAMPLES = 64  # recent steps the median is taken over
@@ -33,7 +40,7 @@ MIN_SAMPLES = 3  # steps measured before the median is trusted
 HOP_ANSWER = 10.0  # s a hop may take to check an open and answer for itself
 HOP_REACH = STREAM_OPEN_TIMEOUT + 2.0  # s to dial the next hop and open a stream (host.py bounds it)
 
-__all__ = ["HOP_ANSWER", "HOP_REACH", "STEP_CAP", "STEP_FLOOR", "StepTimes", "open_wait"]
+__all__ = ["HOP_ANSWER", "HOP_REACH", "PROBE_FLOOR", "STEP_CAP", "STEP_FLOOR", "StepTimes", "open_wait"]
 
 
 def open_wait(hops: int) -> float:
@@ -67,6 +74,13 @@ class StepTimes:
     def record(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds >= 0:
             self._per_token.append(seconds / tokens)
+
+    def probe_after(self, tokens: int) -> float:
+        """Seconds after sending ``tokens`` tokens to ping the hops if no token came."""
+        bound = self.deadline(tokens)
+        if len(self._per_token) < MIN_SAMPLES:
+            return min(bound, PROBE_FLOOR)
+        return min(bound, max(PROBE_FLOOR, PROBE_FACTOR * statistics.median(self._per_token) * max(1, tokens)))
 
     def deadline(self, tokens: int) -> float:
         """Seconds to wait for the token after sending ``tokens`` tokens."""

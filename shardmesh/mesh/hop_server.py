@@ -34,7 +34,7 @@ from .cbor_plain import quote
 from .hop_attach import RELAY_GRACE, reap_attach, serve_attach
 from .hop_session import HopSession
 from .hop_step import run_step
-from .host import MeshHost, close_quietly, reset_quietly
+from .host import HostError, MeshHost, close_quietly, reset_quietly
 from .link_offers import Links, Offer, accept_link, offer_fields, withdraw
 from .next_hop import open_next_hop, relay_back
 from .open_request import Limits, OpenRequest, ThisNode, refuse_oversized_open, validate_open
@@ -80,8 +80,10 @@ class HopServer:
         hidden_size: int | None = None,
         links: Links | None = None,
         allowed: Callable[[str], bool] | None = None,
+        unreachable: Callable[[str], bool] = lambda peer: False,
     ) -> None:
         self.mesh = mesh
+        self.unreachable = unreachable  # liveness.py's mark: dialling such a peer fails at once
         self.links = links  # hop links (link.py); None: libp2p streams only
         self.served = served
         self.model_id = model_id
@@ -137,6 +139,8 @@ class HopServer:
             peer_id = ID.from_base58(peer)
         except Exception as exc:
             raise WireError("bad_route", f"{quote(peer)} is not a peer id") from exc
+        if self.unreachable(peer):
+            raise HostError(f"{peer} is unreachable (its connection dropped and a dial failed); not dialling it again")
         self.mesh.protect(peer_id)
         return await self.mesh.open_stream(peer_id, PROTOCOL)
 

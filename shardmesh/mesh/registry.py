@@ -136,6 +136,13 @@ class Registry:
         """Live records whose span covers ``block`` (any state; routing decides)."""
         return self.view.peers_serving(block)
 
+    def unreachable_for(self) -> dict[str, float]:
+        """Peer -> seconds since this node found it unreachable (liveness.py), for the
+        peers in the view."""
+        now = time.time()
+        marks = ((r.peer, self.view.liveness.since(r.peer)) for r in self.records())
+        return {peer: now - since for peer, since in marks if since is not None}
+
     def signed_records(self) -> list[bytes]:
         """The signed envelopes of :meth:`records` (ours as last signed), in the same order."""
         return self.view.signed_records()

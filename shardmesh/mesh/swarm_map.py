@@ -40,6 +40,7 @@ PROTOCOL = "/shardmesh/swarm/1.0.0"
 
 MAX_MAP_BYTES = 16 << 20  # payload limit on the asking side: ~1,000 maximal records, ~20,000 real ones
 MAX_MAP_RECORDS = 10_000  # entries looked at; beyond this the map is refused as junk
+MAX_UNREACHABLE = 256  # liveness marks a map carries (each ~60 bytes of a 64 KiB header)
 
 
 class SwarmMapError(Exception):
@@ -55,6 +56,9 @@ class SwarmMap:
     records: list[NodeRecord]  # valid, one per peer (highest seq)
     dropped: list[RecordError] = field(default_factory=list)  # entries that failed verification
     envelopes: dict[str, bytes] = field(default_factory=dict)  # peer -> the signed bytes of its record above
+    # peer -> seconds since the answering node found it unreachable (liveness.py): that
+    # node's own word, unsigned, kept only for peers whose records are above
+    unreachable: dict[str, float] = field(default_factory=dict)
 
 
 # --- serving ------------------------------------------------------------------------------
@@ -64,13 +68,16 @@ def swarm_map_handler(registry) -> Handler:
     """A stream handler (for :meth:`MeshHost.set_handler`) that sends ``registry``'s view.
 
     ``registry`` is a :class:`~shardmesh.mesh.registry.Registry` (anything with
-    ``model_id``, ``total_blocks()`` and ``signed_records()``). The handler never
-    raises: a failed write resets the stream, and the node goes on serving.
+    ``model_id``, ``total_blocks()``, ``signed_records()`` and ``unreachable_for()``).
+    The handler never raises: a failed write resets the stream, and the node goes on
+    serving.
     """
 
     async def handle(stream) -> None:
         try:
-            header = {"t": RESULT, "model": registry.model_id, "total_blocks": registry.total_blocks()}
+            marks = sorted(registry.unreachable_for().items(), key=lambda kv: kv[1])[:MAX_UNREACHABLE]
+            header = {"t": RESULT, "model": registry.model_id, "total_blocks": registry.total_blocks(),
+                      "unreachable": {peer: round(ago, 1) for peer, ago in marks}}
             await FrameStream(stream).write(header, cbor2.dumps(registry.signed_records()))
         except Exception as exc:  # WireError, or anything else: the node goes on serving
             log.debug("sending the swarm map failed: %s: %s", type(exc).__name__, exc)
@@ -149,4 +156,16 @@ def parse_swarm_map(header: dict[str, Any], payload: bytes, *, now: float | None
         current = best.get(record.peer)
         if current is None or record.seq > current.seq:
             best[record.peer], envelopes[record.peer] = record, bytes(entry)
-    return SwarmMap(model, total, list(best.values()), dropped, envelopes)
+    return SwarmMap(model, total, list(best.values()), dropped, envelopes, _marks(header.get("unreachable"), best))
+
+
+def _marks(value: Any, records: dict[str, NodeRecord]) -> dict[str, float]:
+    """The header's liveness marks, for peers with a record here; anything malformed
+    is left out (they are advisory: a map without them is still a map)."""
+    if not isinstance(value, dict):
+        return {}
+    marks: dict[str, float] = {}
+    for peer, ago in list(value.items())[:MAX_UNREACHABLE]:
+        if peer in records and isinstance(ago, (int, float)) and not isinstance(ago, bool) and 0 <= ago < 1e9:
+            marks[peer] = float(ago)
+    return marks

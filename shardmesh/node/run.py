@@ -40,7 +40,7 @@ from ..mesh.rtt import answers_ping, publish_rtts
 from ..mesh.swarm_map import PROTOCOL as SWARM_MAP_PROTOCOL, swarm_map_handler
 from ..placement.claims import MeasuredSpeeds
 from ..placement.routing import FailureBackoff
-from ..placement.spans import ONLINE
+from ..placement.spans import ONLINE, repair
 from .blocks import auto_capacity, load_blocks, run_blocks
 from .chains import NodeChains, route_finder
 from .config import NodeConfig, UsageError
@@ -175,6 +175,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             hidden_size=model.hidden_size,
             links=links,
             allowed=allow and allow.allows,
+            unreachable=lambda peer: registry.view.liveness.since(peer) is not None,
         )
         await nursery.start(server.run)
         keeper = SpanKeeper(
@@ -231,6 +232,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             NodeChains(keeper, AuditedChains(mesh_chains, audits, speeds, me, time.monotonic), model.total_blocks),
             eos_token_ids(model.tokenizer, model.generation_config),
             route_wait=config.route_wait,
+            repair=lambda: repair(registry.servers(), model.total_blocks),
         )
         if api is not None:
             app = create_app(generator, api_key=config.api_key, swarm=registry.to_json)

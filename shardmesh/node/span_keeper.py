@@ -33,7 +33,7 @@ from ..mesh.registry import Registry
 from ..mesh.hop_server import HopServer
 from ..placement.rebalance import check_interval, plan_move
 from ..placement.select import choose_span
-from ..placement.spans import DRAINING, JOINING, ONLINE, ServerView
+from ..placement.spans import DRAINING, JOINING, ONLINE, ServerView, repair
 from .blocks import LocalBlocks
 
 log = logging.getLogger("shardmesh.node.span_keeper")
@@ -42,6 +42,7 @@ SETTLE = 2.0  # seconds for an announcement to reach the swarm (gossip heartbeat
 FIRST_VIEW_WAIT = 10.0  # seconds a joining node waits to hear of the swarm it joins
 SYNC_PEERS = 3  # peers a joining node then asks for their whole view
 ANNOUNCE_ROUNDS = 3  # times a joining node may re-choose after seeing a clash
+GAP_POLL = 1.0  # s between looks for a gap when the view has not changed (liveness marks do not notify)
 
 
 @dataclass
@@ -185,12 +186,29 @@ class SpanKeeper:
     # -- rebalancing ---------------------------------------------------------------
 
     async def run_auto(self, *, expect_peers: bool, rebalance_interval: float, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """``--layers auto``: join, then keep checking whether to move, forever."""
+        """``--layers auto``: join, then keep checking whether to move, forever: at
+        random intervals, and at once when blocks lose their last server."""
         await self.join(expect_peers=expect_peers)
         task_status.started()
         while True:
-            await trio.sleep(check_interval(self.rng, rebalance_interval))
+            with trio.move_on_after(check_interval(self.rng, rebalance_interval)):
+                await self.gap_left()
             await self.check_once()
+
+    async def gap_left(self) -> None:
+        """Returns once some blocks have no server and nobody is loading them.
+
+        Every node with room sees the same gap at about the same time: each waits a
+        random moment first, so that the first to move announces it (``joining``) and
+        the others, looking again, see the gap taken.
+        """
+        while True:
+            await self.registry.wait_changed(timeout=GAP_POLL)
+            if repair(self.registry.servers(), self.total_blocks).unfilled:
+                await trio.sleep(self.rng.uniform(0.0, SETTLE))
+                if repair(self.registry.servers(), self.total_blocks).unfilled:
+                    log.debug("blocks without a server and nobody moving in: checking whether to move now")
+                    return
 
     async def check_once(self) -> tuple[int, int] | None:
         """One rebalance check: move if that clearly helps. The new span, or None."""

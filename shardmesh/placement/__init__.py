@@ -18,7 +18,7 @@ from .rebalance import MARGIN, BlockSums, check_interval, move_target, plan_move
 from .routing import CACHE_PENALTY_MS, FailureBackoff, Hop, find_route, route_cost
 from .select import best_start, choose_span, planned, planned_blocks, window_size
 from .sim import SimConfig, SimResult, simulate
-from .spans import DRAINING, JOINING, ONLINE, STATES, ServerView, block_throughput, bottleneck, coverage, gaps, is_complete, valid_span
+from .spans import DRAINING, JOINING, ONLINE, STATES, Repair, ServerView, block_throughput, bottleneck, coverage, gaps, is_complete, repair, valid_span
 
 __all__ = [
     "BlockSums",
@@ -30,6 +30,7 @@ __all__ = [
     "MARGIN",
     "MeasuredSpeeds",
     "ONLINE",
+    "Repair",
     "STATES",
     "ServerView",
     "SimConfig",
@@ -49,6 +50,7 @@ __all__ = [
     "plan_move",
     "planned",
     "planned_blocks",
+    "repair",
     "route_cost",
     "simulate",
     "valid_span",

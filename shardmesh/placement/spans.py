@@ -89,6 +89,49 @@ def gaps(servers: Iterable[ServerView], total_blocks: int) -> list[tuple[int, in
     return runs
 
 
+@dataclass(frozen=True)
+class Repair:
+    """Where the swarm has holes, and whether someone is filling them.
+
+    ``gaps`` are the runs of blocks no online server holds; ``unfilled`` the runs of
+    those that no joining server (a node loading them, or moving there) covers either;
+    ``served`` whether any block has an online server at all. A request can wait while
+    a repair is :attr:`under_way`; and for a moment when a swarm that serves part of
+    the model has just lost the rest (:attr:`may_heal`): nodes take a few seconds to
+    notice a gap and announce that they move in.
+    """
+
+    gaps: list[tuple[int, int]]
+    unfilled: list[tuple[int, int]]
+    served: bool = False
+
+    @property
+    def under_way(self) -> bool:
+        return bool(self.gaps) and not self.unfilled
+
+    @property
+    def may_heal(self) -> bool:
+        return self.under_way or (bool(self.gaps) and self.served)
+
+
+def repair(servers: Iterable[ServerView], total_blocks: int) -> Repair:
+    """The swarm's :class:`Repair` state, from its views."""
+    views = list(servers)
+    holes = gaps(views, total_blocks)
+    loading = [s for s in views if s.state == JOINING and valid_span(s, total_blocks)]
+    unfilled: list[tuple[int, int]] = []
+    for start, end in holes:
+        run: int | None = None
+        for b in range(start, end + 1):
+            bare = b < end and not any(s.start <= b < s.end for s in loading)
+            if bare and run is None:
+                run = b
+            elif not bare and run is not None:
+                unfilled.append((run, b))
+                run = None
+    return Repair(holes, unfilled, served=any(coverage(views, total_blocks)))
+
+
 def is_complete(servers: Iterable[ServerView], total_blocks: int) -> bool:
     """True when the online servers together hold every block of a non-empty model."""
     return total_blocks > 0 and not gaps(servers, total_blocks)

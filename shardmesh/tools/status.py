@@ -111,13 +111,22 @@ def summarize(swarm: SwarmMap, via: str, now: float | None = None) -> dict[str, 
     """The map as plain data: what ``--json`` prints and what the table is drawn from."""
     now = time.time() if now is None else now
     records = sorted(swarm.records, key=_order)
-    views = server_views(records)  # the registry's own conversion
+    # The registry's own conversion; a peer the asked node finds unreachable counts for
+    # nothing, as in its routing.
+    views = server_views([r for r in records if r.peer not in swarm.unreachable])
     total = swarm.total_blocks
+    peers = []
+    for r in records:
+        peer = record_json(r, now)
+        peer["unreachable"] = r.peer in swarm.unreachable
+        if peer["unreachable"]:
+            peer["unreachable_for"] = swarm.unreachable[r.peer]
+        peers.append(peer)
     return {
         "model": swarm.model,
         "total_blocks": total,
         "via": via,
-        "peers": [record_json(r, now) for r in records],
+        "peers": peers,
         "coverage": coverage(views, total),
         "gaps": [list(g) for g in gaps(views, total)],
         "complete": is_complete(views, total),
@@ -171,7 +180,7 @@ def render(summary: dict[str, Any]) -> str:
         rows.append([
             p["peer"][-SHORT_ID:] + mark,
             "gateway" if p["gateway"] else f"[{start},{end})",
-            p["state"],
+            f"unreachable {p['unreachable_for']:.0f}s" if p.get("unreachable") else p["state"],
             "-" if p["gateway"] else _rate(p["throughput"]),
             "-" if p["gateway"] else f"{p['cache_tokens_free']:,}",
             "-" if p["gateway"] else f"{p['backend']} {p['device']} {p['dtype']}",
@@ -191,6 +200,7 @@ def render(summary: dict[str, Any]) -> str:
         lines.append("bottleneck  0 tok/s  (some block has no online server)")
     lines.append("")
     lines.append("* the peer asked; coverage: online servers per block, '.' none, '+' ten or more")
+    lines.append("unreachable Ns: the peer asked lost its connection to that one N s ago and could not dial it again")
     return "\n".join(lines)
 
 
