@@ -9,7 +9,7 @@ MODEL  ?= Qwen/Qwen3-0.6B
 ARGS   ?=
 JOBS   ?= auto
 
-.PHONY: run test venv bench clean testdeps
+.PHONY: run test venv bench soak clean testdeps
 
 $(STAMP): pyproject.toml
 	@command -v gcc >/dev/null || { echo "gcc is needed to build fastecdsa (py-libp2p)"; exit 1; }
@@ -55,6 +55,12 @@ test: $(STAMP) testdeps interop/node_modules
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/shardmesh bench $(ARGS)
+
+# A churning swarm on loopback under steady traffic, every answer checked (not part of
+# `make test`): SOAK_MINUTES long (default 20). See shardmesh/tools/soak.py.
+SOAK_MINUTES ?= 20
+soak: $(STAMP)
+	HF_HUB_OFFLINE=1 SOAK_MINUTES=$(SOAK_MINUTES) $(BIN)/python -m shardmesh.tools.soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache interop/node_modules

@@ -16,6 +16,7 @@ __all__ = [
     "bench_wire",
     "node_processes",
     "record_flood",
+    "reference",
     "sim",
     "status",
     "tiny_build",
