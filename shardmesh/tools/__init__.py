@@ -18,6 +18,7 @@ __all__ = [
     "record_flood",
     "reference",
     "sim",
+    "soak",
     "status",
     "tiny_build",
     "tiny_config",
