@@ -5,10 +5,10 @@ compares what the two last hops report for the same position: the log-probabilit
 the top ``k`` tokens of the *raw* logits (before penalties and temperature, so every
 chain reports the same numbers whatever the request's sampling), plus the token each
 chain picked. Honest hops differ only by arithmetic (bfloat16 against float32, CPU
-against GPU, torch against MLX): hundredths of a nat on the tiny test models. A hop
-that computes something else, wrong weights or made-up hidden states, moves them by
-whole nats on a real model; on the near-flat tiny models, by less than one, which is
-why the lists are long and the tolerance tight (docs/SECURITY.md has the figures).
+against GPU, torch against MLX); a hop that computes something else, wrong weights or
+made-up hidden states, moves them further. How far each goes, and why the lists are
+long and the tolerance tight, is measured in docs/SECURITY.md ("Answers are audited",
+with the test that reproduces it).
 
 A top-``k`` list says nothing exact about the tokens outside it, only that their
 logprob is at most the list's lowest (its *floor*). So two answers *agree* when some
