@@ -5,6 +5,8 @@
 // reply per line on stdout, {"id": 1, "ok": true, ...result} or {"id": 1, "ok": false,
 // "error": "..."}. The first line out is {"event": "ready", "peer": ..., "addrs": [...]}.
 // Logs go to stderr. Commands run concurrently; every one has a deadline.
+// With SHARDMESH_SWARM_KEY=<key file> in the environment the peer joins a private swarm:
+// every connection starts with libp2p's pnet exchange under that key (@libp2p/pnet).
 
 import { createInterface } from 'node:readline'
 import { createLibp2p } from 'libp2p'
@@ -18,6 +20,8 @@ import { gossipsub } from '@libp2p/gossipsub'
 import { generateKeyPair } from '@libp2p/crypto/keys'
 import { peerIdFromString } from '@libp2p/peer-id'
 import { multiaddr } from '@multiformats/multiaddr'
+import { preSharedKey } from '@libp2p/pnet'
+import { readFileSync } from 'node:fs'
 import * as cbor from 'cborg'
 import {
   NAMESPACE, RecordError, blockCid, recordKey, recordsTopic, selectDhtRecord, signRecord, validateDhtRecord, verifyRecord
@@ -29,8 +33,10 @@ const SWARM_PROTOCOL = '/shardmesh/swarm/1.0.0'
 const DEFAULT_TIMEOUT_MS = 20000
 
 const privateKey = await generateKeyPair('Ed25519')
+const swarmKeyFile = process.env.SHARDMESH_SWARM_KEY
 const libp2p = await createLibp2p({
   privateKey,
+  ...(swarmKeyFile ? { connectionProtector: preSharedKey({ psk: readFileSync(swarmKeyFile), timeout: 10000 }) } : {}),
   addresses: { listen: ['/ip4/127.0.0.1/tcp/0'] },
   transports: [tcp()],
   connectionEncrypters: [noise()],

@@ -53,6 +53,9 @@ def _add_run(sub) -> None:
                         "tokens are always checked; 0 turns auditing off (default %(default)g)")
     p.add_argument("--allow-peers", default=None, metavar="FILE",
                    help="a private swarm: talk only to the peer ids in FILE (one per line); others are disconnected and never routed to")
+    p.add_argument("--swarm-key", default=None, metavar="FILE",
+                   help="a private swarm: every connection needs the pre-shared key in FILE (libp2p pnet; "
+                        "make one with `shardmesh swarm-key FILE`)")
 
 
 def _add_status(sub) -> None:
@@ -60,8 +63,14 @@ def _add_status(sub) -> None:
     p.add_argument("--join", required=True, metavar="MULTIADDR",
                    help="any peer of the swarm, ending in /p2p/<peer id>; it is the only address dialled")
     p.add_argument("--json", action="store_true", help="print the map as JSON")
+    p.add_argument("--swarm-key", default=None, metavar="FILE", help="the key of a private swarm (see `run --swarm-key`)")
     p.add_argument("--timeout", type=float, default=15.0, metavar="S",
                    help="seconds to reach the peer and get its map (default 15)")
+
+
+def _add_swarm_key(sub) -> None:
+    p = sub.add_parser("swarm-key", help="write a new pre-shared key for a private swarm (--swarm-key)")
+    p.add_argument("path", metavar="FILE", help="where to write it (never overwritten; readable by you only)")
 
 
 def _add_tiny(sub) -> None:
@@ -147,6 +156,7 @@ def run(args) -> int:
         route_wait=args.route_wait,
         drain_timeout=args.drain_timeout,
         allow_peers=args.allow_peers,
+        swarm_key=args.swarm_key,
         audit_rate=args.audit_rate,
     )
     try:
@@ -201,7 +211,20 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 def status(args) -> int:
     from .tools.status import main as status_main
 
-    return status_main(args.join, as_json=args.json, timeout=args.timeout)
+    return status_main(args.join, as_json=args.json, timeout=args.timeout, swarm_key=args.swarm_key)
+
+
+def swarm_key(args) -> int:
+    from .mesh.swarm_key import SwarmKeyError, write_new_swarm_key
+
+    try:
+        key = write_new_swarm_key(args.path)
+    except SwarmKeyError as exc:
+        print(f"shardmesh swarm-key: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote a new swarm key to {args.path} (fingerprint {key.fingerprint()}); copy it to every node of the "
+          f"private swarm and start each with --swarm-key {args.path}")
+    return 0
 
 
 def tiny_model(args) -> int:
@@ -231,9 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_status(sub)
+    _add_swarm_key(sub)
     _add_tiny(sub)
     _add_bench(sub)
     _add_sim(sub)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return {"run": run, "status": status, "tiny-model": tiny_model, "bench": bench, "sim": sim}[args.command](args)
+    return {"run": run, "status": status, "swarm-key": swarm_key, "tiny-model": tiny_model, "bench": bench, "sim": sim}[args.command](args)

@@ -20,6 +20,7 @@ skip and say why.
 from __future__ import annotations
 
 import dataclasses
+import os
 import itertools
 import json
 import queue
@@ -71,10 +72,12 @@ class JsError(Exception):
 class JsPeer:
     """One ``node interop/peer.mjs`` process and its command channel."""
 
-    def __init__(self) -> None:
+    def __init__(self, swarm_key: Path | None = None) -> None:
+        env = {**os.environ, "SHARDMESH_SWARM_KEY": str(swarm_key)} if swarm_key else None
         self.proc = subprocess.Popen(
             ["node", "--import", "./polyfill.mjs", "peer.mjs"],
             cwd=INTEROP_DIR,
+            env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -155,8 +158,8 @@ class JsPeer:
 def js_peer_factory() -> Iterator:
     peers: list[JsPeer] = []
 
-    def make() -> JsPeer:
-        peers.append(JsPeer())
+    def make(swarm_key: Path | None = None) -> JsPeer:
+        peers.append(JsPeer(swarm_key))
         return peers[-1]
 
     yield make
@@ -587,3 +590,40 @@ def test_abuse_gets_error_frames_and_the_node_keeps_serving(node: Node, client: 
     again = client.call("generate", session="js-again", model=model_id, route=one_hop(node),
                         prompt=PROMPT, n=N_TOKENS, max_length=64, timeout=60)["tokens"]
     assert again == expected[:N_TOKENS]
+
+
+# --- 5. a private swarm: the pnet key exchange -------------------------------------------
+
+
+def test_js_peer_with_the_swarm_key_chains_and_one_without_cannot_connect(
+    js_peer_factory, model_path: Path, model_id: str, expected, tmp_path_factory
+) -> None:
+    """The same key file admits @libp2p/pnet and our XSalsa20 both ways; no key, no connection."""
+    from shardmesh.mesh.swarm_key import write_new_swarm_key
+
+    keys = tmp_path_factory.mktemp("pnet")
+    write_new_swarm_key(keys / "swarm.key")
+    hub = js_peer_factory(keys / "swarm.key")
+    node = start_node(model_path, "--layers", "all", "--join", hub.address, "--swarm-key", str(keys / "swarm.key"),
+                      key_dir=keys)  # fmt: skip
+    try:
+        # The node dialled the keyed JS hub (it joined through it) ...
+        def joined() -> dict | None:
+            try:
+                return hub.call("connection", peer=node.peer_id)
+            except JsError:
+                return None
+
+        check_connection(hub.poll("the node connected to the JS hub", joined, 30), node.peer_id, "inbound")
+        # ... a keyed JS client dials the node and runs a greedy chain ...
+        client = js_peer_factory(keys / "swarm.key")
+        client.call("dial", addr=node.address)
+        got = client.call("generate", session="pnet-greedy", model=model_id, route=one_hop(node),
+                          prompt=PROMPT, n=N_TOKENS, max_length=64, timeout=60)["tokens"]  # fmt: skip
+        assert got == expected[:N_TOKENS]
+        # ... and a JS peer without the key cannot even connect.
+        stranger = js_peer_factory()
+        with pytest.raises(JsError):
+            stranger.call("dial", addr=node.address, timeout=10)
+    finally:
+        stop_node(node)

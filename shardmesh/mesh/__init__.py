@@ -49,6 +49,7 @@ __all__ = [
     "registry",
     "registry_stats",
     "rtt",
+    "swarm_key",
     "swarm_map",
     "swarm_view",
     "view_room",

@@ -39,6 +39,7 @@ from multiaddr import Multiaddr
 from .addresses import advertised_addrs
 from .peer_table import PinnedPeerStore
 from .record_checks import MAX_ADDRS
+from .swarm_key import SwarmKey, require_swarm_key
 
 log = logging.getLogger("shardmesh.mesh.host")
 
@@ -331,14 +332,17 @@ async def _dial_nobody() -> None:
 
 
 @asynccontextmanager
-async def running_host(key_pair, listen: list[str]) -> AsyncIterator[MeshHost]:
-    """Start a host listening on ``listen`` and stop it when the block exits."""
+async def running_host(key_pair, listen: list[str], swarm_key: SwarmKey | None = None) -> AsyncIterator[MeshHost]:
+    """Start a host listening on ``listen`` and stop it when the block exits. With
+    ``swarm_key``, every connection it makes or takes needs that key (:mod:`.swarm_key`)."""
     try:
         maddrs = [Multiaddr(a) for a in listen]
     except Exception as exc:
         raise ValueError(f"--listen {listen}: not a multiaddr ({exc})") from exc
     host = _new_host(key_pair, maddrs)
     host.get_network().auto_connector.maybe_connect = _dial_nobody
+    if swarm_key is not None:
+        require_swarm_key(host, swarm_key)
     try:
         async with host.run(listen_addrs=maddrs):
             yield MeshHost(host, key_pair)

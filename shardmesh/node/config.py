@@ -38,6 +38,7 @@ class NodeConfig:
     drain_timeout: float = 30.0  # seconds running sessions get to finish when stopping or moving
     audit_rate: float = DEFAULT_RATE  # share of steps this gateway re-checks on independent peers (mesh/audit_policy.py)
     allow_peers: str | None = None  # file of the peer ids of a private swarm (mesh/allow_list.py); None: anyone
+    swarm_key: str | None = None  # file of a private swarm's pre-shared key (mesh/swarm_key.py); None: open
 
     @property
     def auto_layers(self) -> bool:

@@ -37,6 +37,7 @@ from ..mesh.link_offers import LinkListener, Links
 from ..mesh.records import NodeRecord, model_identity
 from ..mesh.registry import Registry
 from ..mesh.rtt import answers_ping, publish_rtts
+from ..mesh.swarm_key import SwarmKey, SwarmKeyError, read_swarm_key
 from ..mesh.swarm_map import PROTOCOL as SWARM_MAP_PROTOCOL, swarm_map_handler
 from ..placement.claims import MeasuredSpeeds
 from ..placement.routing import FailureBackoff
@@ -118,6 +119,29 @@ def read_allowed(config: NodeConfig) -> frozenset[str] | None:
         raise UsageError(str(exc)) from exc
 
 
+JOIN_PATIENCE = 20.0  # seconds before a node that cannot reach any --join peer says so
+
+
+async def warn_while_alone(discovery: Discovery, config: NodeConfig, say: Callable[[str], None]) -> None:
+    """One line when no ``--join`` peer answers: the usual causes are a typo, a peer that
+    is down, and a private swarm's key (a peer without it cannot even connect)."""
+    if await discovery.wait_bootstrapped(JOIN_PATIENCE):
+        return
+    key = "the same --swarm-key as theirs" if config.swarm_key else "the --swarm-key of their swarm, if it is private"
+    say(f"no --join peer answered within {JOIN_PATIENCE:g} s; still trying (check the addresses, that a peer is up, "
+        f"and that this node has {key})")
+
+
+def read_key(config: NodeConfig) -> SwarmKey | None:
+    """The pre-shared key of ``--swarm-key``, or None for a swarm open to anyone."""
+    if config.swarm_key is None:
+        return None
+    try:
+        return read_swarm_key(config.swarm_key)
+    except SwarmKeyError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def guard_private_swarm(mesh: MeshHost, allowed: frozenset[str] | None, nursery: trio.Nursery) -> AllowList | None:
     """With ``--allow-peers``: every connection to a peer not on the list is closed."""
     if allowed is None:
@@ -141,6 +165,8 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
 
 async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], stop: trio.Event | None) -> None:
     """:func:`run_node` once the identity is held."""
+    allowed = read_allowed(config)  # files the user names are checked before any long work
+    swarm_key = read_key(config)
     # Abandonable: Ctrl-C during a long download must stop the node, not wait for it.
     model = await trio.to_thread.run_sync(load_model_meta, config, abandon_on_cancel=True)
     fixed_span = config.span(model.total_blocks)
@@ -149,19 +175,20 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
     limits = Limits(idle_timeout=config.session_idle_timeout)
     api = config.api_host_port
 
-    allowed = read_allowed(config)
-
-    async with running_host(key_pair, list(config.listen)) as mesh, trio.open_nursery() as nursery:
+    async with running_host(key_pair, list(config.listen), swarm_key) as mesh, trio.open_nursery() as nursery:
         allow = guard_private_swarm(mesh, allowed, nursery)
         discovery = Discovery(mesh, list(config.join), mdns=config.mdns)
         for addr in mesh.addrs():
             say(f"listening on {addr}")
+        if swarm_key is not None:
+            say(f"private swarm: every connection needs the key in {config.swarm_key} (fingerprint {swarm_key.fingerprint()})")
         if allow is not None:
             say(f"private swarm: only the {len(allow.peers) - 1} other peer ids in {config.allow_peers}")
         registry = Registry(mesh, model_id, local_record(mesh, model, model_id, limits), allowed=allow and allow.allows)
         await nursery.start(registry.run)
         mesh.set_handler(SWARM_MAP_PROTOCOL, swarm_map_handler(registry))  # `shardmesh status`, joining nodes
         await nursery.start(discovery.run)
+        nursery.start_soon(warn_while_alone, discovery, config, say)
         links = await start_links(config, nursery)
         if links is not None and links.listener is not None:
             say(f"hop links on tcp port {links.listener.port} (forward it with the libp2p port behind a NAT)")

@@ -30,6 +30,7 @@ from typing import Any
 import trio
 
 from ..mesh.addresses import parse_join_address
+from ..mesh.swarm_key import SwarmKey, read_swarm_key
 from ..mesh.host import DIAL_TIMEOUT, HostError, running_host
 from ..mesh.records import NodeRecord, record_json
 from ..mesh.swarm_map import SwarmMap, SwarmMapError, fetch_swarm_map
@@ -48,11 +49,12 @@ class StatusError(Exception):
 # --- asking ----------------------------------------------------------------------------
 
 
-async def probe(join: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[str, SwarmMap]:
+async def probe(join: str, timeout: float = DEFAULT_TIMEOUT, swarm_key: SwarmKey | None = None) -> tuple[str, SwarmMap]:
     """Dial ``join``, fetch and verify its swarm map; ``(its peer id, the map)``.
 
     Gives up after about ``timeout`` seconds (a frame already arriving may finish);
-    raises :class:`StatusError` with a one-line reason when there is no map.
+    raises :class:`StatusError` with a one-line reason when there is no map. A private
+    swarm's peer answers only a probe that holds its ``swarm_key``.
     """
     try:
         _, address = parse_join_address(join)
@@ -61,16 +63,19 @@ async def probe(join: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[str, Swarm
     from libp2p.crypto.ed25519 import create_new_key_pair
 
     deadline = trio.current_time() + timeout
-    async with running_host(create_new_key_pair(), [PROBE_LISTEN]) as mesh:
+    # A peer that takes the TCP connection and then never completes the handshake is,
+    # more often than not, a private swarm's peer and a key that does not match.
+    hint = " (does it hold the same --swarm-key?)" if swarm_key else " (a private swarm? pass its --swarm-key)"
+    async with running_host(create_new_key_pair(), [PROBE_LISTEN], swarm_key) as mesh:
         try:
             with trio.fail_after(timeout):
                 peer_id = await mesh.connect(address)
         except trio.TooSlowError:
-            raise StatusError(f"{address}: no answer within {timeout:g} s") from None
+            raise StatusError(f"{address}: no answer within {timeout:g} s{hint}") from None
         except HostError as exc:
             cause = _root_cause(exc)
             if isinstance(cause, (trio.Cancelled, trio.TooSlowError, TimeoutError)):  # the dial's own timeout
-                raise StatusError(f"{address}: no answer within {DIAL_TIMEOUT:g} s") from None
+                raise StatusError(f"{address}: no answer within {DIAL_TIMEOUT:g} s{hint}") from None
             raise StatusError(f"cannot reach {address}: {_one_line(cause)}") from None
         try:
             swarm = await fetch_swarm_map(mesh, peer_id, max(0.5, deadline - trio.current_time()))
@@ -218,19 +223,20 @@ def _quiet_logging() -> None:
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 
 
-def main(join: str, *, as_json: bool = False, timeout: float = DEFAULT_TIMEOUT) -> int:
+def main(join: str, *, as_json: bool = False, timeout: float = DEFAULT_TIMEOUT, swarm_key: str | None = None) -> int:
     """Run ``shardmesh status``; returns the exit status."""
     if not timeout > 0:
         print(f"shardmesh status: --timeout must be positive, got {timeout:g}", file=sys.stderr)
         return 2
     try:
         parse_join_address(join)  # a typo fails here, before libp2p is even imported
-    except ValueError as exc:
+        key = read_swarm_key(swarm_key) if swarm_key is not None else None
+    except ValueError as exc:  # SwarmKeyError is one
         print(f"shardmesh status: {exc}", file=sys.stderr)
         return 2
     _quiet_logging()
     try:
-        via, swarm = trio.run(probe, join, timeout)
+        via, swarm = trio.run(probe, join, timeout, key)
     except BaseException as exc:
         # Nurseries inside the host may wrap our error in exception groups.
         leaves = _leaves(exc)
