@@ -2,6 +2,7 @@
 // the last hop, step token ids in, read sampled tokens back, close.
 
 import { peerIdFromString } from '@libp2p/peer-id'
+import * as cbor from 'cborg'
 import { FrameStream, int64Bytes } from './wire.mjs'
 
 export const INFER_PROTOCOL = '/shardmesh/infer/1.0.0'
@@ -27,21 +28,36 @@ export async function openInferStream (libp2p, peer, timeoutMs) {
   return new FrameStream(stream)
 }
 
+const TICKET_PREFIX = new Uint8Array([...new TextEncoder().encode('shardmesh-ticket/1'), 0])
+
+/** The gateway's signature on one chain (section 6.2, `ticket`). */
+export async function signTicket (privateKey, { session, model, gateway, route }) {
+  const body = cbor.encode({ session, model, gateway, route, iat: Math.floor(Date.now() / 1000) })
+  const signed = new Uint8Array(TICKET_PREFIX.length + body.length)
+  signed.set(TICKET_PREFIX)
+  signed.set(body, TICKET_PREFIX.length)
+  return cbor.encode({ body, sig: await privateKey.sign(signed) })
+}
+
 export class Chain {
-  /** `route`: [{peer, start, end}], first hop first; `prompt`: token ids. */
-  constructor (libp2p, { session, model, route, prompt, maxLength, sampling = { temperature: 0 } }) {
-    Object.assign(this, { libp2p, session, model, route, prompt, maxLength, sampling })
+  /** `route`: [{peer, start, end}], first hop first; `prompt`: token ids; `privateKey`
+   * signs the tickets (the gateway's own libp2p key). */
+  constructor (libp2p, { privateKey, session, model, route, prompt, maxLength, sampling = { temperature: 0 } }) {
+    Object.assign(this, { libp2p, privateKey, session, model, route, prompt, maxLength, sampling })
     this.first = null
     this.last = null
   }
 
   async open (timeoutMs = 30000) {
+    const gateway = this.libp2p.peerId.toString()
+    const route = this.route.map(({ peer, start, end }) => ({ peer, start, end }))
     const header = {
       t: 'open',
       session: this.session,
       model: this.model,
-      gateway: this.libp2p.peerId.toString(),
-      route: this.route,
+      gateway,
+      ticket: await signTicket(this.privateKey, { session: this.session, model: this.model, gateway, route }),
+      route,
       max_length: this.maxLength,
       sampling: this.sampling,
       n_prompt: this.prompt.length

@@ -27,7 +27,7 @@ import {
   NAMESPACE, RecordError, blockCid, recordKey, recordsTopic, selectDhtRecord, signRecord, validateDhtRecord, verifyRecord
 } from './records.mjs'
 import { FrameStream, StreamEnd, encodeFrame } from './wire.mjs'
-import { Chain, INFER_PROTOCOL } from './chain.mjs'
+import { Chain, INFER_PROTOCOL, signTicket } from './chain.mjs'
 
 const SWARM_PROTOCOL = '/shardmesh/swarm/1.0.0'
 const DEFAULT_TIMEOUT_MS = 20000
@@ -270,6 +270,7 @@ const commands = {
 
   async chain_open (args) {
     const chain = new Chain(libp2p, {
+      privateKey,
       session: args.session, model: args.model, route: args.route, prompt: args.prompt, maxLength: args.max_length
     })
     chains.set(args.session, chain)
@@ -290,6 +291,7 @@ const commands = {
   /** open, `n` greedy tokens, close: one whole session. */
   async generate (args) {
     const chain = new Chain(libp2p, {
+      privateKey,
       session: args.session, model: args.model, route: args.route, prompt: args.prompt, maxLength: args.max_length
     })
     try {
@@ -301,7 +303,7 @@ const commands = {
   },
 
   /** A scripted stream for abuse tests: `actions` run in order, each one of
-   * {send_hex}, {send_frame, payload_hex?}, {read}, {read_until_end}, {close_write}.
+   * {send_hex}, {send_frame, payload_hex?, sign_ticket?}, {read}, {read_until_end}, {close_write}.
    * Returns one outcome per read: {frame} or {end: eof|reset|truncated|timeout}. */
   async raw (args) {
     const fs = new FrameStream(await openStream(args.peer, args.protocol ?? INFER_PROTOCOL, args))
@@ -310,7 +312,14 @@ const commands = {
     try {
       for (const action of args.actions) {
         if (action.send_hex !== undefined) await fs.sendBytes(fromHex(action.send_hex))
-        else if (action.send_frame !== undefined) await fs.sendBytes(encodeFrame(action.send_frame, fromHex(action.payload_hex ?? '')))
+        else if (action.send_frame !== undefined) {
+          let header = action.send_frame
+          if (action.sign_ticket) { // an open as this peer's gateway would sign it, whatever its fields
+            const { session, model, gateway, route } = header
+            header = { ...header, ticket: await signTicket(privateKey, { session, model, gateway, route }) }
+          }
+          await fs.sendBytes(encodeFrame(header, fromHex(action.payload_hex ?? '')))
+        }
         else if (action.close_write) await fs.closeWrite()
         else if (action.read) {
           try {

@@ -29,6 +29,7 @@ from reference import Transformers
 from shardmesh.api.resumable import ResumableChain
 from shardmesh.contract import ModelUnavailable, SamplingParams
 from shardmesh.mesh.chain_client import RemoteChain
+from shardmesh.mesh.gateway_ticket import TicketIssuer
 from shardmesh.mesh.mesh_chains import MeshChains
 from shardmesh.mesh.hop_server import HopServer
 from shardmesh.mesh.host import running_host
@@ -205,7 +206,8 @@ async def with_hostile_last_hop(m: Node, b: Node, when: str, failed: list[str], 
                 backoff.failed(peer, time.monotonic())
 
             chains = MeshChains(nursery=nursery, open_stream=gateway.open_stream, find_route=find_route,
-                                model_id=mid, gateway=gw.peer_id_str, on_failure=on_failure)
+                                model_id=mid, gateway=gw.peer_id_str, on_failure=on_failure,
+                                issuer=TicketIssuer(gw.peer_id_str, gw.key_pair))
             try:
                 await generate(chains, SamplingParams(temperature=0.0), wait=15)
                 routes.insert(0, [Hop(m.peer_id, 0, 2), Hop(evil.peer_id_str, 2, 4)])
@@ -266,9 +268,10 @@ def test_nan_hidden_states_are_the_sender_s_fault(swarm: tuple[Node, Node], refe
         async with running_host(new_key(), LOCAL) as me:
             await me.connect(b.address)
             fs = FrameStream(await me.open_stream(peer_id(b), PROTOCOL))
-            await fs.write({"t": "open", "session": "nan", "model": mid, "gateway": me.peer_id_str,
-                            "route": [{"peer": b.peer_id, "start": 2, "end": 4}], "max_length": 16,
-                            "sampling": {"temperature": 0.0}, "n_prompt": 1}, array("q", [1]).tobytes())
+            nan_open = {"t": "open", "session": "nan", "model": mid, "gateway": me.peer_id_str,
+                        "route": [{"peer": b.peer_id, "start": 2, "end": 4}], "max_length": 16,
+                        "sampling": {"temperature": 0.0}, "n_prompt": 1}  # fmt: skip
+            await fs.write(TicketIssuer(me.peer_id_str, me.key_pair).sign_open(nan_open, time.time()), array("q", [1]).tobytes())
             with trio.fail_after(30):
                 assert (await fs.read_frame()).header.get("ok") is True
                 s2 = FrameStream(await me.open_stream(peer_id(b), PROTOCOL))
@@ -287,6 +290,7 @@ def test_nan_hidden_states_are_the_sender_s_fault(swarm: tuple[Node, Node], refe
                 await nursery.start(gateway.run)
                 chain = RemoteChain(nursery=nursery, open_stream=gateway.open_stream, session_id="honest", model_id=mid,
                                     gateway=me.peer_id_str, sampling={"temperature": 0.0}, prompt_ids=PROMPT,
+                                    issuer=TicketIssuer(me.peer_id_str, me.key_pair),
                                     route=[Hop(m.peer_id, 0, 2), Hop(b.peer_id, 2, 4)])
                 await chain.open(len(PROMPT) + TOKENS)
                 tokens = [(await chain.step(PROMPT, 0, True)).token_id]

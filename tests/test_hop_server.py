@@ -11,6 +11,7 @@ refusals are checked end to end, through the streams and the node's other sessio
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 import cbor2
@@ -23,6 +24,7 @@ from shardmesh.backends.hop_compute import StageHopCompute
 from shardmesh.tools.tiny_model import cached_tiny_model
 from shardmesh.backends.torch.stage import TorchStage
 from shardmesh.backends.weights import resolve
+from shardmesh.mesh.gateway_ticket import TicketIssuer
 from shardmesh.mesh.host import running_host
 from shardmesh.mesh.link import HopLink, dial
 from shardmesh.mesh.link_offers import LinkListener, Links
@@ -81,6 +83,7 @@ async def serve_and_attack(model_path: Path, attack) -> None:
                 session_id="good",
                 model_id=MODEL_ID,
                 gateway=client.peer_id_str,
+                issuer=TicketIssuer(client.peer_id_str, client.key_pair),
                 sampling=GREEDY,
                 prompt_ids=PROMPT,
                 links=me.links,
@@ -127,21 +130,22 @@ def run(model_path: Path, expected: list[int], attack) -> None:
     assert got == expected[: len(got)]
 
 
-def open_header(server_peer: str, client_peer: str, **overrides) -> dict:
+def open_header(server_peer: str, client, **overrides) -> dict:
+    """An open from ``client`` (a MeshHost), with the ticket it signs for these fields."""
     header = {
-        "t": "open", "session": "evil", "model": MODEL_ID, "gateway": client_peer,
+        "t": "open", "session": "evil", "model": MODEL_ID, "gateway": client.peer_id_str,
         "route": [{"peer": server_peer, "start": 0, "end": 4}], "max_length": 64,
         "sampling": GREEDY, "n_prompt": 0,
     }
     header.update(overrides)
-    return header
+    return TicketIssuer(client.peer_id_str, client.key_pair).sign_open(header, time.time())
 
 
 async def open_and_step(raw, server, client, session: str, payload: bytes, **step) -> FrameStream:
     """Open ``session`` (it must be accepted), then send it one step at position 0
     made of ``step``'s fields and ``payload``; the stream, for the answer."""
     fs = await raw()
-    await fs.write(open_header(server.me, client.peer_id_str, session=session))
+    await fs.write(open_header(server.me, client, session=session))
     assert (await fs.read_frame()).header.get("ok") is True
     await fs.write({"t": "step", "session": session, "position": 0, "want": False, **step}, payload)
     return fs
@@ -178,7 +182,7 @@ def test_malformed_frames_get_error_frames(model_path, expected) -> None:
         await next_token()
 
         fs = await raw()  # a frame cut short, then the stream closed
-        await fs.stream.write(encode_frame(open_header(server.me, client.peer_id_str))[:7])
+        await fs.stream.write(encode_frame(open_header(server.me, client))[:7])
         await fs.stream.close()
         await expect_reset_or_end(fs)
         await next_token()
@@ -189,7 +193,7 @@ def test_malformed_frames_get_error_frames(model_path, expected) -> None:
 def test_oversized_payloads_are_refused_before_reading_them(model_path, expected) -> None:
     async def attack(raw, next_token, server, client):
         fs = await raw()
-        header = cbor2.dumps({**open_header(server.me, client.peer_id_str), "nbytes": 1 << 40})
+        header = cbor2.dumps({**open_header(server.me, client), "nbytes": 1 << 40})
         await fs.stream.write(struct.pack(">I", len(header)) + header)  # and no payload at all
         await expect_error(fs, "too_large")
 
@@ -208,11 +212,11 @@ def test_unknown_sessions_and_wrong_shapes(model_path, expected) -> None:
         await expect_error(fs, "unknown_session")
 
         fs = await raw()  # another model's session
-        await fs.write(open_header(server.me, client.peer_id_str, model="other@123"))
+        await fs.write(open_header(server.me, client, model="other@123"))
         await expect_error(fs, "wrong_model")
 
         fs = await raw()  # a route that does not lead here
-        await fs.write(open_header(server.me, client.peer_id_str, route=[{"peer": client.peer_id_str, "start": 0, "end": 4}]))
+        await fs.write(open_header(server.me, client, route=[{"peer": client.peer_id_str, "start": 0, "end": 4}]))
         await expect_error(fs, "bad_route")
 
         for i, (dtype, shape, nbytes) in enumerate([
@@ -239,11 +243,11 @@ def test_sessions_per_peer_are_limited(model_path, expected) -> None:
         streams = []
         for i in range(3):  # with the good one: 4, the limit
             fs = await raw()
-            await fs.write(open_header(server.me, client.peer_id_str, session=f"s{i}"))
+            await fs.write(open_header(server.me, client, session=f"s{i}"))
             assert (await fs.read_frame()).header.get("ok") is True
             streams.append(fs)
         fs = await raw()
-        await fs.write(open_header(server.me, client.peer_id_str, session="one-too-many"))
+        await fs.write(open_header(server.me, client, session="one-too-many"))
         await expect_error(fs, "too_many_sessions")
         await next_token()
         for fs in streams:  # hanging up frees them
@@ -260,7 +264,7 @@ def test_a_failed_hop_is_named(model_path, expected) -> None:
         # A route whose second hop is a peer nobody can reach.
         ghost = "12D3KooWQ6xSUo4ScnVjm6xFVjp65uCs8MeQ13s8X5vdbTS22nkS"
         fs = await raw()
-        await fs.write(open_header(server.me, client.peer_id_str, session="ghosted",
+        await fs.write(open_header(server.me, client, session="ghosted",
                                    route=[{"peer": server.me, "start": 0, "end": 2}, {"peer": ghost, "start": 2, "end": 4}]))
         with trio.fail_after(30):
             frame = await fs.read_frame()
@@ -277,6 +281,7 @@ def test_remote_chain_reports_errors_as_chain_failed(model_path, expected) -> No
             await nursery.start(me.run)
             chain = RemoteChain(nursery=nursery, open_stream=me.open_stream, route=[Hop(server.me, 0, 4)],
                                 session_id="x", model_id="wrong@model", gateway=client.peer_id_str,
+                                issuer=TicketIssuer(client.peer_id_str, client.key_pair),
                                 sampling=GREEDY, prompt_ids=PROMPT)
             with pytest.raises(ChainFailed) as info:
                 await chain.open(64)
@@ -310,7 +315,7 @@ def test_a_frame_cut_at_a_boundary_is_a_truncation() -> None:
 def test_adjacent_hops_on_one_peer_are_refused(model_path, expected) -> None:
     async def attack(raw, next_token, server, client):
         fs = await raw()
-        await fs.write(open_header(server.me, client.peer_id_str, session="twice",
+        await fs.write(open_header(server.me, client, session="twice",
                                    route=[{"peer": server.me, "start": 0, "end": 2}, {"peer": server.me, "start": 2, "end": 4}]))
         await expect_error(fs, "bad_route")
 
@@ -332,7 +337,7 @@ def test_a_step_with_a_bad_spent_field_is_refused(model_path, expected) -> None:
 def test_link_frames_that_do_not_follow_an_offer_are_refused(model_path, expected) -> None:
     async def attack(raw, next_token, server, client):
         fs = await raw()  # a session that never asked for a link
-        await fs.write(open_header(server.me, client.peer_id_str, session="nolink"))
+        await fs.write(open_header(server.me, client, session="nolink"))
         ok = await fs.read_frame()
         assert ok.header.get("ok") is True and "link" not in ok.header
         await fs.write({"t": "link", "session": "nolink"})
@@ -340,7 +345,7 @@ def test_link_frames_that_do_not_follow_an_offer_are_refused(model_path, expecte
         await next_token()
 
         fs = await raw()  # asked and offered, but no connection was ever made
-        await fs.write(open_header(server.me, client.peer_id_str, session="nodial", link=True))
+        await fs.write(open_header(server.me, client, session="nodial", link=True))
         ok = await fs.read_frame()
         assert set(ok.header["link"]) == {"port", "token", "key"}
         await fs.write({"t": "link", "session": "nodial"})
@@ -353,7 +358,7 @@ def test_link_frames_that_do_not_follow_an_offer_are_refused(model_path, expecte
 def test_forged_link_records_end_only_their_session(model_path, expected) -> None:
     async def attack(raw, next_token, server, client):
         fs = await raw()
-        await fs.write(open_header(server.me, client.peer_id_str, session="forger", link=True))
+        await fs.write(open_header(server.me, client, session="forger", link=True))
         offer = (await fs.read_frame()).header["link"]
         link = await dial("127.0.0.1", offer)
         await fs.write({"t": "link", "session": "forger"})
@@ -371,5 +376,53 @@ def test_forged_link_records_end_only_their_session(model_path, expected) -> Non
         with trio.fail_after(10):
             assert await stranger.receive_some(10) == b""
         await next_token()
+
+    run(model_path, expected, attack)
+
+
+def test_nobody_opens_sessions_in_another_gateway_s_name(model_path, expected) -> None:
+    """A hop charges a session to the gateway whose ticket it carries (mesh/gateway_ticket.py):
+    Mallory, another peer, cannot spend the client's share or get its sessions reclaimed."""
+
+    async def attack(raw, next_token, server, client):
+        async with running_host(new_key(), LOCAL) as mallory:
+            await mallory.connect(server.mesh.addrs()[0])
+            victim = TicketIssuer(client.peer_id_str, client.key_pair)
+
+            async def mallory_opens(header: dict) -> str:
+                fs = FrameStream(await mallory.open_stream(server.mesh.peer_id, PROTOCOL))
+                await fs.write(header)
+                with trio.fail_after(10):
+                    frame = await fs.read_frame()
+                await fs.stream.reset()
+                return "ok" if frame.header.get("ok") is True else f'{frame.header["code"]}: {frame.header["message"]}'
+
+            def named(session: str, **overrides) -> dict:
+                header = {
+                    "t": "open", "session": session, "model": MODEL_ID, "gateway": client.peer_id_str,
+                    "route": [{"peer": server.me, "start": 0, "end": 4}], "max_length": 64,
+                    "sampling": GREEDY, "n_prompt": 0,
+                }  # fmt: skip
+                return {**header, **overrides}
+
+            genuine = victim.sign_open(named("genuine"), time.time())
+            forged = {
+                "no ticket": named("m1"),
+                "signed by Mallory": TicketIssuer(client.peer_id_str, mallory.key_pair).sign_open(named("m2"), time.time()),
+                "another session's ticket": {**named("m3"), "ticket": genuine["ticket"]},
+                "another route's ticket": {**named("m4"), "ticket": victim.sign_open(
+                    named("m4", route=[{"peer": mallory.peer_id_str, "start": 0, "end": 2}, {"peer": server.me, "start": 2, "end": 4}]),
+                    time.time())["ticket"]},  # fmt: skip
+                "a stale ticket": victim.sign_open(named("m5"), time.time() - 200),
+                "not CBOR": {**named("m6"), "ticket": b"\xff" * 40},
+            }
+            for what, header in forged.items():
+                answer = await mallory_opens(header)
+                assert answer.startswith("forbidden: ") and "ticket" in answer, (what, answer)
+                await next_token()  # the client's own session runs on, untouched
+            # Mallory's own name works, and the genuine ticket opens its one session.
+            own = TicketIssuer(mallory.peer_id_str, mallory.key_pair).sign_open(named("mine", gateway=mallory.peer_id_str), time.time())
+            assert await mallory_opens(own) == "ok"
+            assert await mallory_opens(genuine) == "ok"
 
     run(model_path, expected, attack)

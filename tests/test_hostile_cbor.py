@@ -24,6 +24,7 @@ a node that freezes fails the test instead of hanging it.
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from node_process import Node, greedy_chat, memory_bytes, start_node, stop_node
 
+from shardmesh.mesh.gateway_ticket import TicketIssuer
 from shardmesh.mesh.host import running_host
 
 pytestmark = pytest.mark.slow
@@ -45,7 +47,7 @@ BLOCKS = 4
 LEVELS = 24  # 2**24 leaves: the repr of such a field takes about a gigabyte and many seconds
 PEAK_RSS_BOUND = 100 << 20  # bytes the node's peak RSS may grow by during the attacks
 REPLY_WITHIN = 60.0  # a hang guard, not a speed test: a fixed node answers in milliseconds
-KNOWN_OPEN_FIELDS = {"t", "session", "model", "gateway", "route", "max_length", "sampling", "n_prompt", "nbytes", "link"}
+KNOWN_OPEN_FIELDS = {"t", "session", "model", "gateway", "ticket", "route", "max_length", "sampling", "n_prompt", "nbytes", "link"}
 MESSAGES = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. Tell me more."}]
 
 
@@ -170,7 +172,8 @@ async def _attack(node: Node, seen: dict[str, Any], forwarded: trio.Event) -> di
         # 3. A plain unknown field and hop extras, with us as the next hop.
         route = [{**route[0], "via": "somewhere"}, {**route[1], "weight": [1, 2, 3]}]
         stream = await me.open_stream(target, INFER)
-        await stream.write(frame(cbor2.dumps(open_header(session="plain", route=route, extra="x" * 1000))))
+        plain = TicketIssuer(me.peer_id_str, me.key_pair).sign_open(open_header(session="plain", route=route, extra="x" * 1000), time.time())
+        await stream.write(frame(cbor2.dumps(plain)))
         seen["plain_reply"] = await reply_to(stream)
         with trio.move_on_after(REPLY_WITHIN):
             await forwarded.wait()

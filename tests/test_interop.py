@@ -548,10 +548,10 @@ def test_abuse_gets_error_frames_and_the_node_keeps_serving(node: Node, client: 
         "payload of 2^40 bytes announced": ([{"send_hex": cbor_head({**open_header(node, client, model_id), "nbytes": 1 << 40})}, read_to_end], "too_large"),
         "attach to no session": ([{"send_frame": {"t": "attach", "session": "nobody"}}, read_to_end], "unknown_session"),
         "second attach to a live session": ([{"send_frame": {"t": "attach", "session": "steady"}}, read_to_end], "forbidden"),
-        "another model": ([{"send_frame": open_header(node, client, model_id, model="other@123")}, read_to_end], "wrong_model"),
-        "a route not through this node": ([{"send_frame": open_header(node, client, model_id, route=[{"peer": client.peer_id, "start": 0, "end": BLOCKS}])}, read_to_end], "bad_route"),
-        "a session id already open": ([{"send_frame": open_header(node, client, model_id, session="steady")}, read_to_end], "bad_input"),
-        "unknown sampling parameter": ([{"send_frame": open_header(node, client, model_id, sampling={"temprature": 0})}, read_to_end], "bad_input"),
+        "another model": ([{"sign_ticket": True, "send_frame": open_header(node, client, model_id, model="other@123")}, read_to_end], "wrong_model"),
+        "a route not through this node": ([{"sign_ticket": True, "send_frame": open_header(node, client, model_id, route=[{"peer": client.peer_id, "start": 0, "end": BLOCKS}])}, read_to_end], "bad_route"),
+        "a session id already open": ([{"sign_ticket": True, "send_frame": open_header(node, client, model_id, session="steady")}, read_to_end], "bad_input"),
+        "unknown sampling parameter": ([{"sign_ticket": True, "send_frame": open_header(node, client, model_id, sampling={"temprature": 0})}, read_to_end], "bad_input"),
     }
     for name, (actions, code) in cases.items():
         try:
@@ -571,7 +571,7 @@ def test_abuse_gets_error_frames_and_the_node_keeps_serving(node: Node, client: 
     }
     for i, (name, (bad_step, code)) in enumerate(in_session.items()):
         bad_step["send_frame"]["session"] = f"s{i}"
-        outcomes = attack({"send_frame": open_header(node, client, model_id, session=f"s{i}")}, {"read": True}, bad_step, read_to_end)
+        outcomes = attack({"sign_ticket": True, "send_frame": open_header(node, client, model_id, session=f"s{i}")}, {"read": True}, bad_step, read_to_end)
         try:
             assert outcomes[0]["frame"]["header"].get("ok") is True, outcomes
             refused(outcomes[1:], code)

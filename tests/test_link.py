@@ -19,6 +19,7 @@ from shardmesh.backends.hop_compute import StageHopCompute
 from shardmesh.tools.tiny_model import cached_tiny_model
 from shardmesh.backends.torch.stage import TorchStage
 from shardmesh.backends.weights import resolve
+from shardmesh.mesh.gateway_ticket import TicketIssuer
 from shardmesh.mesh.host import running_host
 from shardmesh.mesh.link import DIRECT_MAX, MAX_RECORD, HopLink, LinkError, dial
 from shardmesh.mesh.link_offers import LinkListener, Links
@@ -345,7 +346,7 @@ async def two_hop_chain(model_path: Path, second_port: str = "its own") -> dict:
             chain = RemoteChain(
                 nursery=nursery, open_stream=me.open_stream, route=[Hop(h1.peer_id_str, 0, 2), Hop(h2.peer_id_str, 2, 4)],
                 session_id=f"s-{attempt}", model_id=MODEL_ID, gateway=gateway.peer_id_str, sampling={"temperature": 0.0},
-                prompt_ids=PROMPT, links=me.links,
+                prompt_ids=PROMPT, links=me.links, issuer=TicketIssuer(gateway.peer_id_str, gateway.key_pair),
             )
             try:
                 await chain.open(64)

@@ -283,3 +283,45 @@ def test_the_largest_payload_a_node_reads() -> None:
     limits = Limits(max_tokens_per_step=64)
     assert limits.max_payload(hidden_size=64, context_length=2048) == 2048 * 8 + 4096
     assert limits.max_payload(hidden_size=1024, context_length=2048) == 64 * 1024 * 4 + 4096
+
+
+# --- tickets: whose share an open is charged to (mesh/gateway_ticket.py) --------------------
+
+
+def test_a_ticket_binds_the_gateway_session_model_and_route_and_expires() -> None:
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    from shardmesh.mesh.gateway_ticket import CLOCK_SKEW, MAX_TICKET_BYTES, TICKET_LIFETIME, TicketIssuer
+    from shardmesh.mesh.host import peer_id_of
+    from shardmesh.mesh.open_request import check_gateway
+
+    key = create_new_key_pair()
+    gateway = peer_id_of(key).to_base58()
+    issuer = TicketIssuer(gateway, key)
+    now = 1_800_000_000.0
+    whole = [{"peer": "12D3KooWfirst", "start": 0, "end": 1}, {"peer": ME, "start": 1, "end": 3}, {"peer": NEXT, "start": 3, "end": 4}]
+    signed = issuer.sign_open(header(gateway=gateway, route=whole), now)
+    # A middle hop receives the route from itself on, with the ticket for the whole route.
+    assert check_gateway({**signed, "route": whole[1:]}, now + 5) == gateway
+    assert check_gateway({**signed, "route": whole[2:]}, now + TICKET_LIFETIME) == gateway
+
+    def refused(h: dict[str, Any], at: float = now) -> str:
+        with pytest.raises(WireError) as caught:
+            check_gateway(h, at)
+        return f"{caught.value.code}: {caught.value.message}"
+
+    assert refused({**signed, "route": [whole[0], {"peer": ME, "start": 1, "end": 4}]}) == "forbidden: the ticket was signed for another route"
+    assert refused({**signed, "route": [{"peer": ME, "start": 1, "end": 4}]}).endswith("another route")
+    assert refused({**signed, "session": "s2"}).startswith("forbidden: ticket is for session")
+    assert refused({**signed, "model": "other@0123456789ab"}).startswith("forbidden: ticket is for model")
+    assert refused(signed, now + TICKET_LIFETIME + 2).startswith("forbidden: ticket expired")
+    assert refused(signed, now - CLOCK_SKEW - 2).endswith("in the future (is a clock wrong?)")
+    assert refused({**signed, "ticket": signed["ticket"] + b"\0"}).startswith("forbidden: ticket is not plain CBOR")
+    assert refused({**signed, "ticket": b"\0" * (MAX_TICKET_BYTES + 1)}).startswith("forbidden: ticket of")
+    assert refused({k: v for k, v in signed.items() if k != "ticket"}) == "forbidden: open needs a ticket signed by its gateway"
+    other = create_new_key_pair()
+    impostor = TicketIssuer(gateway, other).sign_open(header(gateway=gateway, route=whole), now)
+    assert refused({**impostor, "route": whole[1:]}).startswith("forbidden: ticket is not signed by gateway")
+    # The gateway field and the route are checked before the ticket.
+    assert refused({**signed, "gateway": 7}) == "bad_input: open needs the gateway's peer id"
+    assert refused({**signed, "route": "everywhere"}).startswith("bad_route: ")

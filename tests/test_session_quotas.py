@@ -31,6 +31,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from node_process import Node, memory_bytes, start_node, start_two_hop_swarm, stop_node
 
+from shardmesh.mesh.gateway_ticket import TicketIssuer
 from shardmesh.mesh.host import running_host
 from shardmesh.mesh.open_request import Limits
 from shardmesh.mesh.reclaim import RECLAIM_IDLE
@@ -78,9 +79,9 @@ async def _one_identity(m: Node, b: Node, model: str, i: int, count: int, holdin
         for n in range(count):
             fs = FrameStream(await host.open_stream(ID.from_base58(m.peer_id), PROTOCOL))
             route = [{"peer": m.peer_id, "start": 0, "end": 2}, {"peer": b.peer_id, "start": 2, "end": 4}]
-            await fs.write({"t": "open", "session": f"idle-{host.peer_id_str[-12:]}-{n}", "model": model, "gateway": host.peer_id_str,
-                            "route": route, "max_length": 64, "sampling": {"temperature": 0.0}, "n_prompt": 3},
-                           array("q", [1, 2, 3]).tobytes())  # fmt: skip
+            header = {"t": "open", "session": f"idle-{host.peer_id_str[-12:]}-{n}", "model": model, "gateway": host.peer_id_str,
+                      "route": route, "max_length": 64, "sampling": {"temperature": 0.0}, "n_prompt": 3}  # fmt: skip
+            await fs.write(TicketIssuer(host.peer_id_str, host.key_pair).sign_open(header, time.time()), array("q", [1, 2, 3]).tobytes())
             with trio.fail_after(30):
                 reply = await fs.read_frame()
             answers.append("ok" if reply.header.get("ok") is True else str(reply.header.get("code")))

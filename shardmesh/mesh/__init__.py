@@ -24,6 +24,7 @@ __all__ = [
     "dht_peers",
     "dht_values",
     "discovery",
+    "gateway_ticket",
     "gossip",
     "hop_attach",
     "hop_server",

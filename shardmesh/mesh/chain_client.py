@@ -21,6 +21,7 @@ The gateway's chain opener over the swarm, which makes these chains, is
 from __future__ import annotations
 
 import logging
+import time
 from array import array
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -29,6 +30,7 @@ import trio
 from ..contract import BadRequest, CacheBudgetExceeded, ChainFailed, NoRoute, NonFiniteInput, SampledToken
 from ..placement.routing import Hop
 from .deadlines import HOP_ANSWER, StepTimes, open_wait
+from .gateway_ticket import TicketIssuer
 from .host import close_quietly, reset_quietly
 from .link_offers import Links, request_fields, upgrade_opener
 from .next_hop import relayed_error
@@ -118,9 +120,12 @@ class RemoteChain:
         on_success: Callable[[list[Hop]], None] = _ignore,
         step_times: StepTimes | None = None,
         probe: Probe | None = None,
+        issuer: TicketIssuer | None = None,
     ) -> None:
         if (route is None) == (find_route is None):
             raise ValueError("a RemoteChain takes either a route or find_route")
+        if issuer is not None and issuer.peer != gateway:
+            raise ValueError("the ticket issuer must be the gateway")
         self.nursery = nursery
         self.links = links
         self.open_stream = open_stream
@@ -132,6 +137,7 @@ class RemoteChain:
         self.session_id = session_id
         self.model_id = model_id
         self.gateway = gateway
+        self.issuer = issuer  # signs each open's ticket; hops refuse an open without one
         self.sampling = sampling
         self.history = (list(prompt_ids), list(generated))  # generated: a replay after failover
         self.step_times = step_times if step_times is not None else StepTimes()
@@ -179,22 +185,20 @@ class RemoteChain:
         first, last = route[0].peer, route[-1].peer
         prompt, generated = self.history
         self._first = await self._connect(first)
-        await self._write(
-            self._first,
-            first,
-            {
-                "t": OPEN,
-                "session": self.session_id,
-                "model": self.model_id,
-                "gateway": self.gateway,
-                "route": [{"peer": h.peer, "start": h.start, "end": h.end} for h in route],
-                "max_length": max_length,
-                "sampling": self.sampling,
-                "n_prompt": len(prompt),
-                **request_fields(self.links, self._first, first),
-            },
-            array("q", prompt + generated).tobytes(),
-        )
+        header = {
+            "t": OPEN,
+            "session": self.session_id,
+            "model": self.model_id,
+            "gateway": self.gateway,
+            "route": [{"peer": h.peer, "start": h.start, "end": h.end} for h in route],
+            "max_length": max_length,
+            "sampling": self.sampling,
+            "n_prompt": len(prompt),
+            **request_fields(self.links, self._first, first),
+        }
+        if self.issuer is not None:
+            header = self.issuer.sign_open(header, time.time())
+        await self._write(self._first, first, header, array("q", prompt + generated).tobytes())
         await self._expect_ok(self._first, first, "open", open_wait(len(route)))
         self._last = await self._connect(last)
         await self._write(self._last, last, {"t": ATTACH, "session": self.session_id, **request_fields(self.links, self._last, last)})

@@ -25,6 +25,7 @@ sender an error frame and a reset; this node's other sessions do not notice.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable
 
 import trio
@@ -37,7 +38,7 @@ from .hop_step import run_step
 from .host import HostError, MeshHost, close_quietly, reset_quietly
 from .link_offers import Links, Offer, accept_link, offer_fields, withdraw
 from .next_hop import open_next_hop, relay_back
-from .open_request import Limits, OpenRequest, ThisNode, refuse_oversized_open, validate_open
+from .open_request import Limits, OpenRequest, ThisNode, check_gateway, refuse_oversized_open, validate_open
 from .pipe import pipe_pair
 from .reclaim import RECLAIMED, longest_idle
 from .wire import (
@@ -193,6 +194,7 @@ class HopServer:
         gateway = header.get("gateway")
         if self.allowed is not None and not (self.allowed(upstream_peer) and isinstance(gateway, str) and self.allowed(gateway)):
             raise _fail("forbidden", "this is a private swarm")
+        check_gateway(header, time.time())
         mine = self._make_room(lambda s: s.upstream_peer == upstream_peer, self.limits.max_sessions_per_peer)
         theirs = self._make_room(lambda s: s.gateway == gateway, self.limits.max_sessions_per_gateway)
         request = validate_open(header, payload, node, self.limits, mine, self.sessions, theirs)

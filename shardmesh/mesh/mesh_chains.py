@@ -17,6 +17,7 @@ from ..contract import SamplingParams
 from ..placement.routing import Hop
 from .chain_client import Probe, RemoteChain, RouteFinder
 from .deadlines import StepTimes
+from .gateway_ticket import TicketIssuer
 from .link_offers import Links
 
 __all__ = ["MeshChains"]
@@ -41,6 +42,7 @@ class MeshChains:
         on_success: Callable[[list[Hop]], None] = _ignore,
         links: Links | None = None,
         probe: Probe | None = None,
+        issuer: TicketIssuer | None = None,
     ) -> None:
         self.nursery = nursery
         self.links = links
@@ -49,6 +51,7 @@ class MeshChains:
         self.find_route = find_route  # (tokens needed, peers to avoid) -> a route, or None
         self.model_id = model_id
         self.gateway = gateway
+        self.issuer = issuer
         self.on_failure = on_failure
         self.on_success = on_success
         self.step_times = StepTimes()  # shared by its chains: their bounds follow what they measured
@@ -78,4 +81,5 @@ class MeshChains:
             on_success=self.on_success,
             step_times=self.step_times,
             probe=self.probe,
+            issuer=self.issuer,
         )

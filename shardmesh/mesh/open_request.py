@@ -28,6 +28,7 @@ from typing import Any, Container, Mapping
 
 from ..contract import SamplingParams, StageInfo
 from .cbor_plain import clip, quote
+from .gateway_ticket import TicketError, check_ticket
 from .wire import OPEN, WireError
 
 MAX_ROUTE_HOPS = 64
@@ -35,7 +36,7 @@ MAX_SESSION_ID = 64
 MAX_PEER_ID = 128  # a base58 peer id is about 52 characters
 # What a hop forwards of the open it received (docs/PROTOCOL.md 6.2), besides the route
 # (shortened by one hop), nbytes (recomputed) and link (its own wish, not the sender's).
-FORWARDED_FIELDS = ("t", "session", "model", "gateway", "max_length", "sampling", "n_prompt")
+FORWARDED_FIELDS = ("t", "session", "model", "gateway", "ticket", "max_length", "sampling", "n_prompt")
 
 __all__ = [
     "FORWARDED_FIELDS",
@@ -45,6 +46,7 @@ __all__ = [
     "Limits",
     "OpenRequest",
     "ThisNode",
+    "check_gateway",
     "next_open",
     "refuse_oversized_open",
     "session_key",
@@ -131,6 +133,22 @@ def refuse_oversized_open(header: Mapping[str, Any], context_length: int) -> Non
     history can never exceed the context, so a larger payload is refused unread."""
     if header["t"] == OPEN and header.get("nbytes", 0) > context_length * 8:
         raise WireError("too_large", f"the history exceeds the model's context of {context_length} tokens")
+
+
+def check_gateway(header: Mapping[str, Any], now: float) -> str:
+    """The gateway an ``open`` may be charged to: the one whose ticket it carries
+    (:mod:`.gateway_ticket`). Checked before the gateway's sessions are counted or any of
+    them reclaimed, so nobody can spend another gateway's share (``forbidden``)."""
+    gateway, route = header.get("gateway"), header.get("route")
+    if not isinstance(gateway, str) or not 0 < len(gateway) <= MAX_PEER_ID:
+        raise WireError("bad_input", "open needs the gateway's peer id")
+    if not isinstance(route, list) or not 0 < len(route) <= MAX_ROUTE_HOPS or not all(isinstance(h, dict) for h in route):
+        raise WireError("bad_route", f"route must be a list of 1 to {MAX_ROUTE_HOPS} hops")
+    try:
+        check_ticket(header.get("ticket"), session=header.get("session"), model=header.get("model"), gateway=gateway, route=route, now=now)
+    except TicketError as exc:
+        raise WireError("forbidden", str(exc)) from None
+    return gateway
 
 
 def validate_open(

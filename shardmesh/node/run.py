@@ -30,6 +30,7 @@ from ..mesh.audit_policy import AuditPolicy
 from ..mesh.audited_chains import AuditedChains
 from ..mesh.mesh_chains import MeshChains
 from ..mesh.discovery import Discovery
+from ..mesh.gateway_ticket import TicketIssuer
 from ..mesh.hop_server import HopServer, Limits
 from ..mesh.host import MeshHost, running_host
 from ..mesh.identity import IdentityInUse, default_key_file, holding_identity
@@ -247,6 +248,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             find_route=route_finder(registry, backoff, me, model.total_blocks, banned=audits.banned, speeds=speeds),
             model_id=model_id,
             gateway=mesh.peer_id_str,
+            issuer=TicketIssuer(mesh.peer_id_str, mesh.key_pair),
             on_failure=lambda peer: backoff.failed(peer, time.monotonic()),
             on_success=lambda route: [backoff.succeeded(h.peer) for h in route],
             links=links,

@@ -58,9 +58,9 @@ PREFILL_TOKENS = 2048
 class FixedRoute:
     """A chain opener over one hand-made route (the bench knows where everything is)."""
 
-    def __init__(self, nursery, server, route, model_id: str, gateway: str, links) -> None:
+    def __init__(self, nursery, server, route, model_id: str, issuer, links) -> None:
         self.nursery, self.server, self.route = nursery, server, route
-        self.model_id, self.gateway, self.links = model_id, gateway, links
+        self.model_id, self.issuer, self.links = model_id, issuer, links
 
     def available(self) -> bool:
         return True
@@ -70,8 +70,8 @@ class FixedRoute:
 
         return RemoteChain(
             nursery=self.nursery, open_stream=self.server.open_stream, route=self.route, session_id=session_id,
-            model_id=self.model_id, gateway=self.gateway, sampling=sampling.to_dict(), prompt_ids=prompt_ids,
-            generated=generated, links=self.links,
+            model_id=self.model_id, gateway=self.issuer.peer, sampling=sampling.to_dict(), prompt_ids=prompt_ids,
+            generated=generated, links=self.links, issuer=self.issuer,
         )
 
 
@@ -138,6 +138,7 @@ async def measure_paths(path: Path, dtype: str, prompt: list[int], tokens: int, 
     from ..mesh.host import running_host
     from ..mesh.link_offers import Links
     from ..mesh.records import model_identity
+    from ..mesh.gateway_ticket import TicketIssuer
     from ..mesh.hop_server import HopServer
     from ..placement.routing import Hop
 
@@ -151,7 +152,7 @@ async def measure_paths(path: Path, dtype: str, prompt: list[int], tokens: int, 
         for node, _, _ in chain.hops:
             await mesh.connect(node.address)
         route = [Hop(n.peer, s, e) for n, s, e in chain.hops]
-        opener = FixedRoute(nursery, server, route, model_id, mesh.peer_id_str, Links() if chain.links else None)
+        opener = FixedRoute(nursery, server, route, model_id, TicketIssuer(mesh.peer_id_str, mesh.key_pair), Links() if chain.links else None)
         remote = Generator("bench", AutoTokenizer.from_pretrained(path), 1 << 20, opener, frozenset())
         for generator in (local, remote):
             await decode_rate(generator, prompt, 4)  # warm-up
