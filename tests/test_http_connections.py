@@ -33,7 +33,7 @@ import pytest
 from api_helpers import MESSAGES, PROMPT, serve_node
 from node_process import Node, greedy_chat
 
-from shardmesh.api.server import KEEP_ALIVE_SECONDS
+from shardmesh.api.server import KEEP_ALIVE_SECONDS, WRITE_TIMEOUT_SECONDS
 
 pytest_plugins = ["api_fixtures"]
 pytestmark = pytest.mark.slow
@@ -200,4 +200,41 @@ def test_keep_alive_connections_time_out(node: Node) -> None:
     after_rss = rss_mb(node)
     print(f"node RSS {before_rss:.0f} MB -> {after_rss:.0f} MB (bound: +{RSS_GROWTH_BOUND_MB:.0f} MB)")
     assert after_rss - before_rss <= RSS_GROWTH_BOUND_MB
+    assert greedy_chat(node, MESSAGES, model) == before_text
+
+
+def test_a_client_that_stops_reading_is_dropped(node: Node) -> None:
+    """A streaming client that never reads: once the response fills the socket buffers
+    the server's writes stall, and after the write timeout the server drops the
+    connection (the generation is cancelled with it) instead of holding it forever."""
+    model = model_id(node)
+    before_text = greedy_chat(node, MESSAGES, model)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
+    sock.connect(("127.0.0.1", api_port(node)))
+    try:
+        body = {"model": model, "messages": MESSAGES, "max_tokens": 1500, "temperature": 0, "stream": True,
+                "logprobs": True, "top_logprobs": 20}  # about 2 KB per token: far more than the buffers hold
+        data = json.dumps(body).encode()
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(data)}\r\n\r\n").encode()  # fmt: skip
+        sock.sendall(head + data)
+        time.sleep(2)
+        assert server_connections(node), "the node closed the connection before it could stall"
+        started = time.monotonic()
+        left = wait_for_no_connections(node, WRITE_TIMEOUT_SECONDS + 60)
+        print(f"a client that stopped reading was dropped {time.monotonic() - started + 2:.0f} s after its request "
+              f"(write timeout {WRITE_TIMEOUT_SECONDS:.0f} s)")  # fmt: skip
+        assert not left, f"the node still holds {dict(left)} for a client that stopped reading"
+        # Dropped, not finished: what the client can still read stops short of the end.
+        sock.settimeout(2)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except OSError:  # a timeout (the server sent no FIN: it gave up on this peer) or a reset
+            pass
+        assert received.startswith(b"HTTP/1.1 200") and b"data: [DONE]" not in received, received[-200:]
+    finally:
+        sock.close()
     assert greedy_chat(node, MESSAGES, model) == before_text

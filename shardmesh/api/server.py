@@ -18,6 +18,16 @@ from starlette.types import ASGIApp
 #: connection closed as soon as the response is sent.)
 KEEP_ALIVE_SECONDS = 5.0
 
+#: How long a client may leave a response's bytes unread (its receive window closed)
+#: or unacknowledged before its connection is dropped. hypercorn has no write timeout,
+#: and its socket writes are shielded from cancellation, so a streaming client that
+#: stops reading would hold its connection, and its generation, for as long as it
+#: stays connected. The kernel enforces this one (``TCP_USER_TIMEOUT``, Linux; since
+#: 5.11 it counts a closed window too): the stalled write fails, hypercorn closes the
+#: connection, and the generation is cancelled as when a client hangs up. A client
+#: that is reading, however slowly, is never dropped.
+WRITE_TIMEOUT_SECONDS = 30.0
+
 
 def listening_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port`` and listening; port 0 picks a free port.
@@ -27,7 +37,10 @@ def listening_socket(host: str, port: int) -> socket.socket:
     and the bound port is known before the server starts.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host.strip("[]"), port), family=family)
+    sock = socket.create_server((host.strip("[]"), port), family=family)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # accepted connections inherit it
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(WRITE_TIMEOUT_SECONDS * 1000))
+    return sock
 
 
 async def serve(app: ASGIApp, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
