@@ -93,6 +93,7 @@ const MAX_RTT_ENTRIES = 32
 const MAX_RTT_MS = 60000
 const MAX_LIMITS = 16
 const MAX_LIMIT_VALUE = 2 ** 31 - 1
+const MAX_SUSPECTS = 8
 const shortText = (v) => typeof v === 'string' && utf8.encode(v).length <= MAX_TEXT_BYTES
 
 function checkBounds (m) {
@@ -111,6 +112,10 @@ function checkBounds (m) {
   const limits = Object.entries(m.limits ?? {})
   if (limits.length > MAX_LIMITS || !limits.every(([k, v]) => shortText(k) && v >= 1 && v <= MAX_LIMIT_VALUE)) {
     throw new RecordError('malformed', 'limits')
+  }
+  const suspects = m.suspects ?? []
+  if (!Array.isArray(suspects) || suspects.length > MAX_SUSPECTS || !suspects.every((s) => shortText(s) && s !== m.peer)) {
+    throw new RecordError('malformed', 'suspects')
   }
 }
 

@@ -88,3 +88,100 @@ def test_a_mark_goes_when_the_peer_publishes_a_record_signed_after_it() -> None:
     assert liveness.since("b") == 1000.0
     liveness.record_signed("b", seq_ms=1_000_500)  # signed after it: alive again
     assert liveness.since("b") is None and liveness.unreachable() == frozenset()
+
+
+def test_a_frozen_server_is_found_by_ping_and_used_again_once_it_answers(swarm: list[Node]) -> None:
+    """Item 1's idle ping: B is frozen (SIGSTOP) while nothing runs through it, so its
+    connection stays up and no dial fails. M's pings find it all the same, long before
+    its record would expire; once B runs again it answers and the mark goes."""
+    from shardmesh.mesh.liveness import MISSES, PING_EVERY
+
+    m, b, c = swarm
+    deadline = time.monotonic() + 30
+    while not all(peer_entry(m, n.peer_id) for n in (b, c)):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.kill(b.proc.pid, signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        while True:
+            entry = peer_entry(m, b.peer_id)
+            if entry is None or entry["unreachable"]:
+                break
+            assert time.monotonic() - frozen < RECORD_TTL + 10, "B was never found unreachable"
+            time.sleep(0.1)
+        took = time.monotonic() - frozen
+        print(f"frozen B unreachable in M's view {took:.1f} s after SIGSTOP "
+              f"(pings every {PING_EVERY:g} s, {MISSES} missed; its record lives {RECORD_TTL:.0f} s)")  # fmt: skip
+        assert entry is not None, "B's record expired before any ping found it frozen"
+        assert httpx.get(f"{m.url}/v1/swarm", timeout=10).json()["coverage"] == [1, 1, 1, 1]  # C alone
+    finally:
+        os.kill(b.proc.pid, signal.SIGCONT)
+    resumed = time.monotonic()
+    while (entry := peer_entry(m, b.peer_id)) is None or entry["unreachable"]:
+        assert time.monotonic() - resumed < 30, "B answers again but is still marked"
+        time.sleep(0.1)
+    print(f"B back in M's view {time.monotonic() - resumed:.1f} s after SIGCONT")
+    assert httpx.get(f"{m.url}/v1/swarm", timeout=10).json()["coverage"] == [1, 1, 2, 2]
+
+
+def test_pings_mark_after_misses_in_a_row_and_clear_on_an_answer() -> None:
+    import trio.testing
+
+    from shardmesh.mesh.liveness import MISSES, PING_EVERY, Liveness, ping_connected
+
+    liveness = Liveness()
+    silent: set[str] = set()
+    seen: list[tuple[int, frozenset[str]]] = []
+
+    async def answers(peer: str) -> bool:
+        await trio.sleep(0.5)
+        return peer not in silent
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ping_connected, lambda: ["a", "b"], answers, liveness, trio.current_time)
+            for round_ in range(8):
+                silent.clear()
+                if round_ in (1, 3, 4):  # b misses once, then twice in a row; a never
+                    silent.add("b")
+                await trio.sleep(PING_EVERY + 0.5)
+                seen.append((round_, liveness.unreachable()))
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    marked = [round_ for round_, peers in seen if "b" in peers]
+    assert MISSES == 2 and marked == [4], seen  # one miss is forgiven; two mark; the next answer clears
+    assert all("a" not in peers for _, peers in seen)
+
+
+def test_a_suspicion_travels_as_a_hint_and_others_confirm_it(swarm: list[Node], tmp_path: Path) -> None:
+    """M names the killed B in its record's ``suspects`` (mesh/hints.py), and a gateway G
+    that joined M finds B unreachable too, by its own check: here G has its own
+    connection to B (the DHT made it), whose drop it saw first; a G without one checks on
+    M's hint (test_hints.py). Either way B leaves G's routing long before its record expires."""
+    m, b, c = swarm
+    model = cached_tiny_model("llama", layers=4, hidden=64)
+    g = start_node(model, "--layers", "none", "--join", m.address, key_dir=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not all(peer_entry(g, n.peer_id) for n in (m, b, c)):
+            assert time.monotonic() < deadline, "G does not see the swarm"
+            time.sleep(0.2)
+        os.kill(b.proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        named = marked = None
+        while named is None or marked is None:
+            assert time.monotonic() - killed < RECORD_TTL, f"named after {named}, marked by G after {marked}"
+            if named is None and b.peer_id in (peer_entry(g, m.peer_id) or {}).get("suspects", []):
+                named = time.monotonic() - killed
+            entry = peer_entry(g, b.peer_id)
+            assert entry is not None, "B's record expired in G's view before G marked it"
+            if marked is None and entry["unreachable"]:
+                marked = time.monotonic() - killed
+            time.sleep(0.1)
+        print(f"M's record named B {named:.1f} s after the kill; G found B unreachable after {marked:.1f} s")
+        assert httpx.get(f"{g.url}/v1/swarm", timeout=10).json()["coverage"] == [1, 1, 1, 1]
+    finally:
+        stop_node(g)
+        print(f"---- G's output ----\n{g.output()[-2500:]}")

@@ -25,6 +25,7 @@ __all__ = [
     "dht_values",
     "discovery",
     "gateway_ticket",
+    "hints",
     "gossip",
     "hop_attach",
     "hop_server",

@@ -237,6 +237,15 @@ class MeshHost:
                 raise HostError(f"no known address for {peer_id}")
             await self._dial(PeerInfo(peer_id, addrs), str(peer_id))
 
+    async def dial_peer(self, peer: str) -> None:
+        """:meth:`ensure_connected` by base58 peer id."""
+        from libp2p.peer.id import ID
+
+        await self.ensure_connected(ID.from_base58(peer))
+
+    def is_connected(self, peer: str) -> bool:
+        return any(p.to_base58() == peer for p in self.host.get_network().connections)
+
     async def open_stream(self, peer_id, protocol: str):
         """A new stream to a peer we know addresses for (dialling if needed).
 

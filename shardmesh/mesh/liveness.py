@@ -5,16 +5,24 @@ that long, and routing keeps choosing it. But the peers connected to it see its 
 at once: its libp2p connection drops. So when the connection to a peer that serves
 blocks drops, this node dials it again (:func:`check_peer`); if that fails, the peer
 is marked unreachable here, and the view stops offering it to routing at once
-(``servers()`` leaves it out; ``/v1/swarm`` shows since when). A mark goes when the peer
-is connected again, or when it publishes a record signed after the mark (it is alive
-and publishing again). One node's marks are its own: they never travel, so nobody's
-word removes a peer from anyone else's view. Records still expire as the backstop.
+(``servers()`` leaves it out; ``/v1/swarm`` shows since when).
+
+A connection does not always drop: a frozen process (SIGSTOP, a stuck event loop) or
+a machine cut off the network without a word leaves it open for minutes. So the
+serving peers a node is connected to are pinged every few seconds
+(:func:`ping_connected`); one that misses two pings in a row is marked too.
+
+A mark goes when the peer is connected again, answers a ping, or publishes a record
+signed after the mark (it is alive and publishing again). One node's marks are its
+own: others hear of them only as a hint (:mod:`.hints`) that they check with their own
+dial, so nobody's word removes a peer from anyone else's view. Records still expire as
+the backstop.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
 import trio
 
@@ -23,8 +31,11 @@ from .notifee import QuietNotifee
 log = logging.getLogger("shardmesh.mesh.liveness")
 
 RECHECK_TIMEOUT = 3.0  # s to dial a peer whose connection dropped before it counts as unreachable
+PING_EVERY = 4.0  # s between two liveness pings of a connected serving peer
+MISSES = 2  # pings missed in a row before a peer is marked: one slow answer is not a death
+MAX_PINGED = 32  # serving peers pinged per round (the ones chains would use are the connected ones)
 
-__all__ = ["DisconnectWatcher", "Liveness", "RECHECK_TIMEOUT", "check_peer"]
+__all__ = ["DisconnectWatcher", "Liveness", "MISSES", "PING_EVERY", "RECHECK_TIMEOUT", "check_peer", "ping_connected"]
 
 
 class Liveness:
@@ -66,6 +77,39 @@ async def check_peer(peer: str, dial: Callable[[str], Awaitable[None]], liveness
         return False
     liveness.clear(peer)
     return True
+
+
+async def ping_connected(
+    peers: Callable[[], Iterable[str]],
+    answers: Callable[[str], Awaitable[bool]],
+    liveness: Liveness,
+    clock: Callable[[], float],
+    every: float = PING_EVERY,
+) -> None:
+    """Forever: every ``every`` s, ping each of ``peers()`` (the connected serving peers;
+    at most :data:`MAX_PINGED`) at once. ``answers(peer)`` is one ping with its own
+    deadline. A peer that misses :data:`MISSES` in a row is marked; one that answers
+    is cleared."""
+    missed: dict[str, int] = {}
+
+    async def ping(peer: str) -> None:
+        if await answers(peer):
+            missed.pop(peer, None)
+            liveness.clear(peer)
+            return
+        missed[peer] = missed.get(peer, 0) + 1
+        if missed[peer] >= MISSES and liveness.since(peer) is None:
+            log.info("peer %s is unreachable: it missed %d pings in a row", peer, missed[peer])
+            liveness.mark(peer, clock())
+
+    while True:
+        round_ = list(peers())[:MAX_PINGED]
+        for gone in set(missed) - set(round_):  # no longer connected or serving: start afresh
+            del missed[gone]
+        async with trio.open_nursery() as pings:
+            for peer in round_:
+                pings.start_soon(ping, peer)
+        await trio.sleep(every)
 
 
 class DisconnectWatcher(QuietNotifee):

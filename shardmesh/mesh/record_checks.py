@@ -25,10 +25,12 @@ MAX_ADDRS = 16  # addresses one node publishes (one per interface and transport)
 MAX_TEXT_BYTES = 256  # any text field, each address, each map key (UTF-8 bytes)
 MAX_LIMITS = 16  # entries in the limits map
 MAX_LIMIT_VALUE = 2**31 - 1  # a limit must fit a signed 32-bit integer in any client
+MAX_SUSPECTS = 8  # peers one record may name as found unreachable (a hint: mesh/hints.py)
 
 __all__ = [
-    "MAX_ADDRS", "MAX_BLOCKS", "MAX_LIMITS", "MAX_LIMIT_VALUE", "MAX_RTT_ENTRIES", "MAX_RTT_MS", "MAX_TEXT_BYTES",
-    "RecordError", "addr_list", "field", "integer", "is_float", "is_int", "limits_map", "number", "rtt_map", "text",
+    "MAX_ADDRS", "MAX_BLOCKS", "MAX_LIMITS", "MAX_LIMIT_VALUE", "MAX_RTT_ENTRIES", "MAX_RTT_MS", "MAX_SUSPECTS",
+    "MAX_TEXT_BYTES", "RecordError", "addr_list", "field", "integer", "is_float", "is_int", "limits_map", "number",
+    "rtt_map", "suspect_list", "text",
 ]
 
 
@@ -130,6 +132,16 @@ def _bounded_map(m: dict, name: str, max_entries: int, ok: Callable[[Any], bool]
         if not _short_text(k) or not ok(x):
             raise _malformed(f"field {name!r} must map strings of at most {MAX_TEXT_BYTES} bytes to {what}")
     return {k: conv(x) for k, x in v.items()}
+
+
+def suspect_list(m: dict, peer: str) -> list[str]:
+    """``suspects`` (optional): at most MAX_SUSPECTS short strings, none of them ``peer``."""
+    if "suspects" not in m:
+        return []
+    v = m["suspects"]
+    if not isinstance(v, list) or len(v) > MAX_SUSPECTS or not all(_short_text(s) and s != peer for s in v):
+        raise _malformed(f"field 'suspects' must be a list of at most {MAX_SUSPECTS} other peer ids")
+    return v
 
 
 def rtt_map(m: dict) -> dict[str, float]:

@@ -47,7 +47,7 @@ from ..placement.spans import ServerView
 from .cbor_plain import PlainCborError, loads_plain, quote
 from .record_checks import (
     MAX_ADDRS, MAX_BLOCKS, MAX_LIMIT_VALUE, MAX_LIMITS, MAX_RTT_ENTRIES, MAX_RTT_MS, MAX_TEXT_BYTES, RecordError,
-    addr_list, integer, limits_map, number, rtt_map, text,
+    addr_list, integer, limits_map, number, rtt_map, suspect_list, text,
 )  # fmt: skip
 from .record_keys import RECORD_NAMESPACE, block_key, block_key_multihash, model_identity, record_key
 
@@ -88,6 +88,7 @@ class NodeRecord:
     expires: float  # unix seconds
     api: str | None = None  # gateway URL, if this node runs one
     limits: Mapping[str, int] = field(default_factory=dict)  # max_tokens_per_step, ...
+    suspects: tuple[str, ...] = ()  # peers this node found unreachable: a hint others check (hints.py)
 
     @property
     def span(self) -> tuple[int, int]:
@@ -146,6 +147,7 @@ def record_json(record: NodeRecord, now: float | None = None) -> dict:
         "version": record.version,
         "seq": record.seq,
         "expires_in": round(record_ttl(record, now), 1),
+        "suspects": list(record.suspects),
     }
 
 
@@ -173,6 +175,7 @@ def _body_map(record: NodeRecord) -> dict[str, Any]:
         "expires": float(record.expires),
         "api": record.api,
         "limits": {str(k): int(v) for k, v in record.limits.items()},
+        **({"suspects": list(record.suspects)} if record.suspects else {}),
     }
 
 
@@ -297,6 +300,7 @@ def _parse_body(body: bytes) -> NodeRecord:
         expires=number(m, "expires"),
         api=api,
         limits=limits_map(m),
+        suspects=tuple(suspect_list(m, peer)),
     )
     if not record.peer:
         raise RecordError(RecordError.MALFORMED, "empty peer")

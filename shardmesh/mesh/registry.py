@@ -272,22 +272,17 @@ class Registry:
     async def _watch_connections(self) -> None:
         """A dropped connection to a serving peer is checked by dialling it again; one
         that cannot be dialled is unreachable in our view from then on (liveness.py)."""
-        from libp2p.peer.id import ID
-
         network = self.mesh_host.host.get_network()
 
         def serving(peer: str) -> bool:
             record = self.view.get(peer)
             return record is not None and record.serves_blocks
 
-        async def dial(peer: str) -> None:
-            await self.mesh_host.ensure_connected(ID.from_base58(peer))
-
         async with trio.open_nursery() as checks:
 
             def recheck(peer: str) -> None:
                 try:
-                    checks.start_soon(check_peer, peer, dial, self.view.liveness, time.time)
+                    checks.start_soon(check_peer, peer, self.mesh_host.dial_peer, self.view.liveness, time.time)
                 except RuntimeError:  # stopping: nothing left to route
                     pass
 

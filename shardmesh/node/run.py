@@ -33,7 +33,9 @@ from ..mesh.discovery import Discovery
 from ..mesh.gateway_ticket import TicketIssuer
 from ..mesh.hop_server import HopServer, Limits
 from ..mesh.host import MeshHost, running_host
+from ..mesh.hints import confirm, follow_hints
 from ..mesh.identity import IdentityInUse, default_key_file, holding_identity
+from ..mesh.liveness import ping_connected
 from ..mesh.link_offers import LinkListener, Links
 from ..mesh.records import NodeRecord, model_identity
 from ..mesh.registry import Registry
@@ -232,12 +234,19 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             )
         nursery.start_soon(publish_free_cache, registry, keeper)
         me = mesh.peer_id_str
-        nursery.start_soon(
-            publish_rtts,
-            mesh,
-            lambda: [r.peer for r in registry.records() if r.end > r.start and r.peer != me],
-            lambda rtt: registry.update_local(rtt=rtt),
-        )
+
+        def serving_peers() -> list[str]:
+            return [r.peer for r in registry.records() if r.end > r.start and r.peer != me]
+
+        def connected_serving_peers() -> list[str]:
+            connected = {p.to_base58() for p in mesh.connected_peers()}
+            return [p for p in serving_peers() if p in connected]
+
+        nursery.start_soon(publish_rtts, mesh, serving_peers, lambda rtt: registry.update_local(rtt=rtt))
+        liveness = registry.view.liveness
+        nursery.start_soon(ping_connected, connected_serving_peers, partial(answers_ping, mesh), liveness, time.time)
+        check = partial(confirm, connected=mesh.is_connected, ping=partial(answers_ping, mesh), dial=mesh.dial_peer, liveness=liveness, clock=time.time)
+        nursery.start_soon(follow_hints, me, registry.records, liveness, check, lambda s: registry.update_local(suspects=s), time.time)
 
         backoff = FailureBackoff()
         audits = AuditPolicy(rate=config.audit_rate)
