@@ -31,6 +31,7 @@ from shardmesh.mesh.link_offers import LinkListener, Links
 from shardmesh.contract import ChainFailed
 from shardmesh.mesh.chain_client import RemoteChain
 from shardmesh.mesh.hop_server import Limits, HopServer
+from shardmesh.mesh.open_rate import OpenRate
 from shardmesh.mesh.wire import PROTOCOL, FrameStream, StreamEnded, WireError, encode_frame
 from shardmesh.placement.routing import Hop
 from reference import Transformers
@@ -424,5 +425,28 @@ def test_nobody_opens_sessions_in_another_gateway_s_name(model_path, expected) -
             own = TicketIssuer(mallory.peer_id_str, mallory.key_pair).sign_open(named("mine", gateway=mallory.peer_id_str), time.time())
             assert await mallory_opens(own) == "ok"
             assert await mallory_opens(genuine) == "ok"
+
+    run(model_path, expected, attack)
+
+
+def test_a_gateway_that_opens_too_fast_is_slowed_and_others_are_not(model_path, expected) -> None:
+    async def attack(raw, next_token, server, client):
+        server.open_rate = OpenRate(rate=0.01, burst=3)
+        async with running_host(new_key(), LOCAL) as fast:
+            await fast.connect(server.mesh.addrs()[0])
+            answers = []
+            for i in range(4):
+                fs = FrameStream(await fast.open_stream(server.mesh.peer_id, PROTOCOL))
+                await fs.write(open_header(server.me, fast, session=f"fast-{i}"))
+                with trio.fail_after(10):
+                    frame = await fs.read_frame()
+                answers.append("ok" if frame.header.get("ok") else f'{frame.header["code"]}: {frame.header["message"]}')
+                await fs.stream.reset()
+            assert answers[:3] == ["ok"] * 3 and answers[3].startswith("too_many_sessions: ") and "faster than" in answers[3], answers
+            fs = await raw()  # the client, another gateway, opens as before
+            await fs.write(open_header(server.me, client, session="not-slowed"))
+            assert (await fs.read_frame()).header.get("ok") is True
+            await fs.stream.reset()
+        await next_token()
 
     run(model_path, expected, attack)

@@ -325,3 +325,24 @@ def test_a_ticket_binds_the_gateway_session_model_and_route_and_expires() -> Non
     # The gateway field and the route are checked before the ticket.
     assert refused({**signed, "gateway": 7}) == "bad_input: open needs the gateway's peer id"
     assert refused({**signed, "route": "everywhere"}).startswith("bad_route: ")
+
+
+def test_a_gateway_s_sessions_share_a_bounded_number_of_tokens_here() -> None:
+    limits = Limits(max_tokens_per_gateway=1000)
+    accepted = validate_open(header(max_length=400), ids(1, 2), node(), limits, 0, (), gateway_sessions=1, gateway_tokens=600)
+    assert accepted.max_length == 400
+    with pytest.raises(WireError) as caught:
+        validate_open(header(max_length=401), ids(1, 2), node(), limits, 0, (), gateway_sessions=1, gateway_tokens=600)
+    assert caught.value.code == "too_many_sessions" and "600 tokens" in caught.value.message
+    assert limits.as_record()["max_tokens_per_gateway"] == 1000
+
+
+def test_one_gateway_opens_at_a_bounded_rate_and_others_are_not_slowed() -> None:
+    from shardmesh.mesh.open_rate import OpenRate
+
+    rate = OpenRate(rate=2.0, burst=3, max_identities=2)
+    assert [rate.allow("g", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert rate.allow("h", 0.0)  # another identity has its own bucket
+    assert not rate.allow("g", 0.4) and rate.allow("g", 0.6)  # refills at 2 per second
+    assert rate.allow("i", 1.0) and rate.allow("j", 1.0)  # past 2 identities the least recent goes...
+    assert [rate.allow("g", 1.0) for _ in range(3)] == [True, True, True]  # ...and comes back with a full bucket

@@ -41,6 +41,7 @@ __all__ = [
     "next_hop",
     "notifee",
     "one_at_a_time",
+    "open_rate",
     "open_request",
     "peer_table",
     "pipe",

@@ -38,6 +38,7 @@ from .hop_step import run_step
 from .host import HostError, MeshHost, close_quietly, reset_quietly
 from .link_offers import Links, Offer, accept_link, offer_fields, withdraw
 from .next_hop import open_next_hop, relay_back
+from .open_rate import OpenRate
 from .open_request import Limits, OpenRequest, ThisNode, check_gateway, refuse_oversized_open, validate_open
 from .pipe import pipe_pair
 from .reclaim import RECLAIMED, longest_idle
@@ -82,6 +83,7 @@ class HopServer:
         links: Links | None = None,
         allowed: Callable[[str], bool] | None = None,
         unreachable: Callable[[str], bool] = lambda peer: False,
+        open_rate: OpenRate | None = None,
     ) -> None:
         self.mesh = mesh
         self.unreachable = unreachable  # liveness.py's mark: dialling such a peer fails at once
@@ -95,6 +97,7 @@ class HopServer:
         self.sessions: dict[str, HopSession] = {}
         self.accepting = True
         self.reclaimed = 0  # idle sessions ended to make room (reclaim.py)
+        self.open_rate = open_rate or OpenRate()  # opens per second per gateway identity (open_rate.py)
         self.allowed = allowed  # a private swarm's list (allow_list.py); None: anyone
         # From the model, not the stage: a node that has not loaded its blocks yet (or
         # is moving) still relays hidden states of that size.
@@ -195,10 +198,14 @@ class HopServer:
         if self.allowed is not None and not (self.allowed(upstream_peer) and isinstance(gateway, str) and self.allowed(gateway)):
             raise _fail("forbidden", "this is a private swarm")
         check_gateway(header, time.time())
+        if not self.open_rate.allow(gateway, trio.current_time()):
+            raise _fail("too_many_sessions", f"gateway {quote(gateway)} opens sessions faster than {self.open_rate.rate:g}/s here")
         mine = self._make_room(lambda s: s.upstream_peer == upstream_peer, self.limits.max_sessions_per_peer)
         theirs = self._make_room(lambda s: s.gateway == gateway, self.limits.max_sessions_per_gateway)
-        request = validate_open(header, payload, node, self.limits, mine, self.sessions, theirs)
-        session = HopSession(request.session, upstream_peer, request.gateway, request.start, request.end, is_last=request.is_last, served=served)
+        tokens = sum(s.max_length for s in self.sessions.values() if s.gateway == gateway)
+        request = validate_open(header, payload, node, self.limits, mine, self.sessions, theirs, tokens)
+        session = HopSession(request.session, upstream_peer, request.gateway, request.start, request.end,
+                             is_last=request.is_last, max_length=request.max_length, served=served)  # fmt: skip
         self.sessions[session.id] = session
         return session, request
 

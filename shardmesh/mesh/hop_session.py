@@ -30,6 +30,7 @@ class HopSession:
     start: int
     end: int
     is_last: bool
+    max_length: int = 0  # tokens it may hold: what it counts against its gateway's share
     served: HopCompute | None = None  # the blocks this session runs on (they stay, even if the node moves)
     sampler: Sampler | None = None
     attach: FrameStream | None = None

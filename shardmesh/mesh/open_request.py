@@ -60,6 +60,7 @@ class Limits:
 
     max_sessions_per_peer: int = 64
     max_sessions_per_gateway: int = 16  # one identity's share, whichever hops its sessions come through
+    max_tokens_per_gateway: int = 65536  # the max_length of one identity's sessions here, summed: its KV cache share
     max_tokens_per_step: int = 2048
     idle_timeout: float = 300.0  # seconds a session may wait between steps
 
@@ -73,6 +74,7 @@ class Limits:
         return {
             "max_sessions_per_peer": self.max_sessions_per_peer,
             "max_sessions_per_gateway": self.max_sessions_per_gateway,
+            "max_tokens_per_gateway": self.max_tokens_per_gateway,
             "max_tokens_per_step": self.max_tokens_per_step,
         }
 
@@ -159,11 +161,13 @@ def validate_open(
     peer_sessions: int,
     open_keys: Container[str],
     gateway_sessions: int = 0,
+    gateway_tokens: int = 0,
 ) -> OpenRequest:
     """The accepted request, or a ``WireError`` naming the first field at fault.
 
     ``peer_sessions`` is how many sessions the sending peer already has open here,
-    ``gateway_sessions`` how many the request's gateway has (through any upstream);
+    ``gateway_sessions`` how many the request's gateway has (through any upstream) and
+    ``gateway_tokens`` the sum of their ``max_length``;
     ``open_keys`` holds the :func:`session_key` of every session hop open here. The
     checks run in a fixed order (serving at all, then the header's fields, then this
     peer's share), so a request with several faults always gets the same answer.
@@ -192,6 +196,12 @@ def validate_open(
         raise WireError(
             "too_many_sessions",
             f"gateway {quote(gateway)} has {gateway_sessions} sessions open here (limit {limits.max_sessions_per_gateway})",
+        )
+    if gateway_tokens + max_length > limits.max_tokens_per_gateway:
+        raise WireError(
+            "too_many_sessions",
+            f"gateway {quote(gateway)} holds sessions of {gateway_tokens} tokens here; {max_length} more would pass "
+            f"its limit of {limits.max_tokens_per_gateway}",
         )
     if session_key(sid, here["start"]) in open_keys:
         raise WireError("bad_input", f"session {sid!r} is already open here")
