@@ -32,10 +32,11 @@ log = logging.getLogger("shardmesh.mesh.liveness")
 
 RECHECK_TIMEOUT = 3.0  # s to dial a peer whose connection dropped before it counts as unreachable
 PING_EVERY = 4.0  # s between two liveness pings of a connected serving peer
+PING_TIMEOUT = 5.0  # s one of them may take: a node busy loading or measuring answers slowly, not never
 MISSES = 2  # pings missed in a row before a peer is marked: one slow answer is not a death
 MAX_PINGED = 32  # serving peers pinged per round (the ones chains would use are the connected ones)
 
-__all__ = ["DisconnectWatcher", "Liveness", "MISSES", "PING_EVERY", "RECHECK_TIMEOUT", "check_peer", "ping_connected"]
+__all__ = ["DisconnectWatcher", "Liveness", "MISSES", "PING_EVERY", "PING_TIMEOUT", "RECHECK_TIMEOUT", "check_peer", "ping_connected"]
 
 
 class Liveness:
@@ -86,10 +87,10 @@ async def ping_connected(
     clock: Callable[[], float],
     every: float = PING_EVERY,
 ) -> None:
-    """Forever: every ``every`` s, ping each of ``peers()`` (the connected serving peers;
-    at most :data:`MAX_PINGED`) at once. ``answers(peer)`` is one ping with its own
-    deadline. A peer that misses :data:`MISSES` in a row is marked; one that answers
-    is cleared."""
+    """Forever: every ``every`` s, ping each of ``peers()`` (the connected peers that
+    routing may use: ``online`` servers; at most :data:`MAX_PINGED`) at once.
+    ``answers(peer)`` is one ping with its own deadline (:data:`PING_TIMEOUT`). A peer
+    that misses :data:`MISSES` in a row is marked; one that answers is cleared."""
     missed: dict[str, int] = {}
 
     async def ping(peer: str) -> None:

@@ -61,8 +61,8 @@ async def ping_ms(mesh: MeshHost, peer_id, timeout: float = PING_TIMEOUT) -> flo
 PROBE_TIMEOUT = 3.0  # s a peer gets to answer one ping when a chain asks whether it is alive
 
 
-async def answers_ping(mesh: MeshHost, peer: str) -> bool:
-    """Does ``peer`` (base58) answer a ping within :data:`PROBE_TIMEOUT`? A frozen process
+async def answers_ping(mesh: MeshHost, peer: str, timeout: float = PROBE_TIMEOUT) -> bool:
+    """Does ``peer`` (base58) answer a ping within ``timeout`` s? A frozen process
     (SIGSTOP, a stuck event loop) or a vanished one does not. The gateway's chains use
     it to find which hop went silent (chain_client.RemoteChain._silent_hop)."""
     from libp2p.peer.id import ID
@@ -73,7 +73,7 @@ async def answers_ping(mesh: MeshHost, peer: str) -> bool:
         peer_id = ID.from_base58(peer)
     except Exception:
         return False
-    return await ping_ms(mesh, peer_id, PROBE_TIMEOUT) is not None
+    return await ping_ms(mesh, peer_id, timeout) is not None
 
 
 async def publish_rtts(mesh: MeshHost, serving_peers: Callable[[], Iterable[str]], publish, every: float = 15.0) -> None:

@@ -35,7 +35,7 @@ from ..mesh.hop_server import HopServer, Limits
 from ..mesh.host import MeshHost, running_host
 from ..mesh.hints import confirm, follow_hints
 from ..mesh.identity import IdentityInUse, default_key_file, holding_identity
-from ..mesh.liveness import ping_connected
+from ..mesh.liveness import PING_TIMEOUT, ping_connected
 from ..mesh.link_offers import LinkListener, Links
 from ..mesh.records import NodeRecord, model_identity
 from ..mesh.registry import Registry
@@ -238,13 +238,13 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
         def serving_peers() -> list[str]:
             return [r.peer for r in registry.records() if r.end > r.start and r.peer != me]
 
-        def connected_serving_peers() -> list[str]:
+        def connected_online_peers() -> list[str]:  # what routing may use; a joining node may be busy loading
             connected = {p.to_base58() for p in mesh.connected_peers()}
-            return [p for p in serving_peers() if p in connected]
+            return [r.peer for r in registry.records() if r.state == "online" and r.end > r.start and r.peer in connected and r.peer != me]
 
         nursery.start_soon(publish_rtts, mesh, serving_peers, lambda rtt: registry.update_local(rtt=rtt))
         liveness = registry.view.liveness
-        nursery.start_soon(ping_connected, connected_serving_peers, partial(answers_ping, mesh), liveness, time.time)
+        nursery.start_soon(ping_connected, connected_online_peers, partial(answers_ping, mesh, timeout=PING_TIMEOUT), liveness, time.time)
         check = partial(confirm, connected=mesh.is_connected, ping=partial(answers_ping, mesh), dial=mesh.dial_peer, liveness=liveness, clock=time.time)
         nursery.start_soon(follow_hints, me, registry.records, liveness, check, lambda s: registry.update_local(suspects=s), time.time)
 
