@@ -26,6 +26,9 @@ def _add_run(sub) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"],
                    help="auto: MLX on Apple silicon (when installed), torch elsewhere")
     p.add_argument("--kv-cache-gb", type=float, default=2.0, help="KV cache budget of this node (GiB)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for this node's blocks (torch; default: one per core). "
+                        "Nodes sharing a machine should split its cores between them")
     p.add_argument("--listen", action="append", default=None, metavar="MULTIADDR",
                    help="libp2p listen address (repeatable; default /ip4/0.0.0.0/tcp/4001; tcp/0 picks a port)")
     p.add_argument("--join", action="append", default=[], metavar="MULTIADDR",
@@ -101,6 +104,18 @@ def _thread_settings(text: str) -> list[int | None]:
     return settings
 
 
+def _session_counts(text: str) -> list[int]:
+    """``1,4,12`` -> [1, 4, 12]: numbers of concurrent sessions, each once, in order."""
+    counts = []
+    for part in text.split(","):
+        if not part.strip().isdigit() or int(part) < 1:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r} is not a number of sessions: use positive integers")
+        counts.append(int(part))
+    if len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError("a number of sessions is given twice")
+    return sorted(counts)
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="measure decode speed against transformers generate")
     p.add_argument("--model", default=None, help="model folder (default: a cached 100M-parameter tiny Llama)")
@@ -110,6 +125,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--sessions", type=int, default=4, help="concurrent sessions for the batching figure")
     p.add_argument("--mesh", action="store_true", help="node processes on loopback: 3-node chain vs one process, per-hop cost")
+    p.add_argument("--concurrent", type=_session_counts, default=None, metavar="N[,N...]",
+                   help="aggregate tokens/s of N concurrent chats through one node and 2- and 3-node chains "
+                        "(node processes and a gateway), e.g. 1,4,12")
     p.add_argument("--memory", action="store_true",
                    help="resident memory of a --layers none gateway and of a serving node (beyond weights and KV cache)")
     p.add_argument("--audit", action="store_true",
@@ -118,7 +136,7 @@ def _add_bench(sub) -> None:
                    help="a serving node's memory and view while N fresh identities publish records (e.g. 3000)")
     p.add_argument(
         "--threads", type=_thread_settings, default=[None, 1], metavar="N[,N...]",
-        help="with --mesh: torch threads per process, one measurement for each; 'default' is torch's own count (default: default,1)",
+        help="with --mesh or --concurrent: torch threads per process, one measurement for each; 'default' is torch's own count (default: default,1)",
     )
 
 
@@ -143,6 +161,7 @@ def run(args) -> int:
         device=args.device,
         backend=args.backend,
         kv_cache_gb=args.kv_cache_gb,
+        threads=args.threads,
         listen=tuple(args.listen or NodeConfig.listen),
         join=tuple(args.join),
         key_file=args.key_file,
@@ -161,6 +180,8 @@ def run(args) -> int:
     )
     try:
         config.api_host_port
+        if config.threads is not None and config.threads < 1:
+            raise UsageError(f"--threads wants a positive number of threads, got {config.threads}")
         if not 0 <= config.audit_rate <= 1:
             raise UsageError(f"--audit-rate wants a share between 0 and 1, got {config.audit_rate:g}")
         _check_addresses(config)

@@ -1,4 +1,5 @@
-"""Bad --join and --listen addresses: one plain line and exit code 2, before anything starts."""
+"""Bad --join and --listen addresses (and other bad flags): one plain line and exit code 2,
+before anything starts."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
         (["--join", "/ip4/10.0.0.5/tcp/4001"], "must end in /p2p/"),
         (["--join", "not-an-address"], "--join"),
         (["--listen", "garbage"], "--listen garbage: not a multiaddr"),
+        (["--threads", "0"], "--threads wants a positive number"),
     ],
 )
 def test_bad_addresses_are_one_line_errors(flags: list[str], expected: str, tmp_path) -> None:

@@ -31,12 +31,21 @@ def choose_backend(requested: str) -> str:
     return "mlx" if apple_silicon and mlx_available() else "torch"
 
 
-def build_stage(backend: str, files, start: int, end: int, *, model_name: str, dtype: str, device: str, cache_budget_bytes: int):
-    """The stage for blocks ``[start, end)``; call it on the compute thread."""
+def build_stage(
+    backend: str, files, start: int, end: int, *, model_name: str, dtype: str, device: str, cache_budget_bytes: int,
+    threads: int | None = None,
+):
+    """The stage for blocks ``[start, end)``; call it on the compute thread, which then
+    computes with ``threads`` CPU threads (torch; None: torch's default)."""
     if backend == "mlx":
         from ..backends.mlx.stage import MlxStage
 
         return MlxStage(files, start, end, model_name=model_name, dtype=dtype, cache_budget_bytes=cache_budget_bytes)
+    import torch
+
     from ..backends.torch.stage import TorchStage
 
+    if threads is not None:
+        # OpenMP's team size is per calling thread: this is the compute thread.
+        torch.set_num_threads(threads)
     return TorchStage(files, start, end, model_name=model_name, dtype=dtype, device=device, cache_budget_bytes=cache_budget_bytes)

@@ -54,9 +54,11 @@ async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, spa
             dtype=config.dtype,
             device=config.device,
             cache_budget_bytes=int(config.kv_cache_gb * (1 << 30)),
+            threads=config.threads,
         )
     )
-    key = throughput_cache_key(f"{model_id}|{backend}", stage.info.device, stage.info.dtype)
+    threads = "" if config.threads is None else f"|threads={config.threads}"  # the speed measured depends on them
+    key = throughput_cache_key(f"{model_id}|{backend}{threads}", stage.info.device, stage.info.dtype)
     throughput = await compute.run(cached_block_throughput, stage, default_cache_dir(), key)
     say(
         f"serving {model.name} blocks [{start}, {end}) with {backend} on {stage.info.device} in {stage.info.dtype} "

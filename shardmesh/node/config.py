@@ -22,6 +22,7 @@ class NodeConfig:
     backend: str = "auto"  # "torch", "mlx", or "auto": MLX on Apple silicon, torch elsewhere
     device: str = "auto"
     kv_cache_gb: float = 2.0  # KV cache budget of this node's stage
+    threads: int | None = None  # torch CPU threads for the blocks; None: torch's default (one per core)
     revision: str | None = None  # hub revision (branch, tag or commit)
     session_idle_timeout: float = 300.0  # seconds before an idle session's cache is freed
     listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)  # libp2p listen multiaddrs

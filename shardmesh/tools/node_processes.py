@@ -39,10 +39,8 @@ def start_node(
         "--api", "127.0.0.1:0" if api else "off",
         "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--dtype", dtype,
         "--key-file", str(key_dir / f"{name or layers.replace(':', '-')}.key"),
-    ] + (["--join", join] if join else []) + ([] if links else ["--no-links"]) + list(extra)
+    ] + (["--join", join] if join else []) + ([] if links else ["--no-links"]) + (["--threads", str(threads)] if threads else []) + list(extra)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
     node = NodeProcess(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
 
     def pump() -> None:

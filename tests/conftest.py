@@ -1,0 +1,13 @@
+"""What every test process, and every node process a test starts, runs with.
+
+Tests start several node processes on one machine (CI's has 2 cores), and torch gives
+each process one OpenMP thread per core: the teams of several processes then take turns
+on the same cores and every step gets slower (docs/PERFORMANCE.md, "Many chats at
+once"). One thread per process is how a swarm of separate machines looks from each node,
+and it is set before anything imports torch. A test that wants other threads passes
+``--threads`` to its nodes.
+"""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
