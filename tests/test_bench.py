@@ -40,6 +40,39 @@ def test_mesh_bench_runs_and_prints_its_figures(tmp_path) -> None:
     assert "1 torch thread per process" in out and "default threads" not in out, out
 
 
+def test_concurrent_bench_runs_every_setup_and_reads_the_stages_batches(tmp_path) -> None:
+    from shardmesh.tools.tiny_model import cached_tiny_model
+
+    model = cached_tiny_model("llama", layers=4, hidden=64)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, "-m", "shardmesh", "bench", "--concurrent", "3,1", "--model", str(model), "--tokens", "4", "--dtype", "float32",
+         "--threads", "1"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = re.findall(r"^\S+ +(one node|2-node chain|3-node chain) +(\d+) +([\d.]+) +([\d.]+)x +(.*)$", run.stdout, re.M)
+    assert [(setup, int(n)) for setup, n, *_ in rows] == [(s, n) for s in ("one node", "2-node chain", "3-node chain") for n in (1, 3)], run.stdout
+    for setup, sessions, rate, ratio, rest in rows:
+        figures = [float(x) for x in rest.split()]
+        hops = {"one node": 1, "2-node chain": 2, "3-node chain": 3}[setup]
+        processes = hops + (hops > 1)  # the gateway apart from the hops
+        assert float(rate) > 0 and len(figures) == processes + hops, run.stdout  # CPU per process, then batch per hop
+        assert all(batch >= 1 for batch in figures[processes:]), run.stdout  # each hop's stage really ran steps
+    assert "1 torch thread per process" in run.stdout and "default threads" not in run.stdout
+
+
+def test_session_counts_are_checked() -> None:
+    from shardmesh.cli import _session_counts
+    from shardmesh.tools.bench_concurrent import spans
+
+    assert _session_counts("12,1,4") == [1, 4, 12]
+    for bad in ("0", "1,1", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _session_counts(bad)
+    assert spans(8, 2) == ["0:4", "4:8"] and spans(12, 3) == ["0:4", "4:8", "8:12"] and spans(7, 3) == ["0:2", "2:5", "5:7"]
+
+
 def test_mesh_report_reads_no_rate_from_a_prefill_lost_in_noise(capsys) -> None:
     """Two prefills differ by their noise as well as by the hops: when the 3-node one
     comes out faster, the report says so instead of printing an infinite rate."""

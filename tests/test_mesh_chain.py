@@ -4,7 +4,9 @@ Per architecture, three nodes split a 12-layer tiny model (0:4, 4:8, 8:12) and a
 ``--layers none``, holds no weights and serves the OpenAI API. Every node is given only
 the first node's address: they must learn of each other through gossip and the DHT, and
 the gateway must find the route by itself. Greedy output, streamed and not, must equal
-single-process transformers ``generate`` token for token. The same for a MoE model.
+single-process transformers ``generate`` token for token, for one chat and for twelve at
+once (whose steps every hop must then compute in batches: the servers' ``/metrics``
+count them). The same for a MoE model.
 """
 
 from __future__ import annotations
@@ -41,14 +43,12 @@ class Swarm:
 
 
 def start_swarm(model: Path, tmp: Path) -> Swarm:
-    first = start_node(model, "--layers", SPANS[0], "--api", "off", api=False, key_dir=tmp)
+    # The servers have gateways too, for their /metrics (how their stages batch).
+    first = start_node(model, "--layers", SPANS[0], key_dir=tmp)
     nodes = [first]
     try:
         with ThreadPoolExecutor(2) as pool:
-            rest = pool.map(
-                lambda span: start_node(model, "--layers", span, "--api", "off", "--join", first.address, api=False, key_dir=tmp),
-                SPANS[1:],
-            )
+            rest = pool.map(lambda span: start_node(model, "--layers", span, "--join", first.address, key_dir=tmp), SPANS[1:])
             nodes += list(rest)
         gateway = start_node(model, "--layers", "none", "--join", first.address, key_dir=tmp)
         nodes.append(gateway)
@@ -149,8 +149,46 @@ def test_chat_through_three_nodes_equals_transformers(llama_swarm: Swarm, llama_
     assert text == want.text
 
 
-def test_concurrent_sessions_each_get_their_own_answer(llama_swarm: Swarm, llama_ref: Transformers) -> None:
-    prompts = ["Once upon a time", "The capital of France is", "1 2 3 4 5", "Dear diary, today", "In the beginning"]
+PROMPTS = [
+    "Once upon a time", "The capital of France is", "1 2 3 4 5", "Dear diary, today", "In the beginning",
+    "The fox", "Tell me about dogs", "Why is the sky blue?", "A B C", "Swarms of bees", "Hello there", "Last one",
+]
+
+
+def stage_counts(node: Node) -> tuple[float, float]:
+    """Steps and batches ``node``'s stage has run so far (its /metrics)."""
+    import re
+
+    text = httpx.get(f"{node.url}/metrics", timeout=10).text
+    steps = re.search(r"^shardmesh_stage_steps_total (\S+)", text, re.M)
+    batches = re.search(r"^shardmesh_stage_batches_total (\S+)", text, re.M)
+    assert steps and batches, text
+    return float(steps.group(1)), float(batches.group(1))
+
+
+def test_twelve_concurrent_chats_batch_on_every_hop_and_each_get_their_own_answer(llama_swarm: Swarm, llama_ref: Transformers) -> None:
+    wants = [llama_ref.greedy(llama_ref.prompt_ids(p), N).text for p in PROMPTS]
+    client = client_for(llama_swarm.gateway)
+    model = client.models.list().data[0].id
+
+    def complete(prompt: str) -> str:
+        return client.completions.create(model=model, prompt=prompt, max_tokens=N, temperature=0).choices[0].text
+
+    before = [stage_counts(node) for node in llama_swarm.servers]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        got = list(pool.map(complete, PROMPTS))
+    after = [stage_counts(node) for node in llama_swarm.servers]
+    assert got == wants
+    for node, (steps0, batches0), (steps1, batches1) in zip(llama_swarm.servers, before, after):
+        steps, batches = steps1 - steps0, batches1 - batches0
+        assert steps >= len(PROMPTS) * N, (node.address, steps)  # every session's prefill and decode steps
+        assert steps > batches, f"{node.address}: {steps:.0f} steps in {batches:.0f} batches: no two sessions ever shared one"
+
+
+def test_a_client_that_leaves_mid_answer_leaves_the_others_exact(llama_swarm: Swarm, llama_ref: Transformers) -> None:
+    """One streamed answer is dropped by its client after two chunks while eleven others
+    run in the same batches: its session ends alone, and the others finish exactly."""
+    prompts = PROMPTS[1:]
     wants = [llama_ref.greedy(llama_ref.prompt_ids(p), N).text for p in prompts]
     client = client_for(llama_swarm.gateway)
     model = client.models.list().data[0].id
@@ -158,9 +196,23 @@ def test_concurrent_sessions_each_get_their_own_answer(llama_swarm: Swarm, llama
     def complete(prompt: str) -> str:
         return client.completions.create(model=model, prompt=prompt, max_tokens=N, temperature=0).choices[0].text
 
-    with ThreadPoolExecutor(len(prompts)) as pool:
+    def leave_early() -> int:
+        stream = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=400, temperature=0, stream=True)
+        read = 0
+        for _ in stream:
+            read += 1
+            if read == 2:
+                break
+        stream.close()
+        return read
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        left = pool.submit(leave_early)
         got = list(pool.map(complete, prompts))
+        assert left.result() == 2
     assert got == wants
+    # The gateway still serves: a chat after the disconnect is exact too.
+    assert complete(prompts[0]) == wants[0]
 
 
 # --------------------------------------------------------------------------- MoE

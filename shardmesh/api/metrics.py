@@ -2,12 +2,18 @@
 
 ``/metrics`` serves these in Prometheus' text format. The generation counters and the
 time-to-first-token histogram are fed by the gateway as tokens arrive; requests are
-counted by :class:`CountRequests`, wrapped around the whole app.
+counted by :class:`CountRequests`, wrapped around the whole app. A node that serves
+blocks also reports how its stage batches (:class:`StageCounters`): steps over batches
+is the batch size its compute actually sees, the figure that decides how concurrent
+sessions share it.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -23,8 +29,10 @@ class Metrics:
     lets several apps live in one process, as tests do, without name clashes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stage_counts: Callable[[], tuple[int, int]] | None = None) -> None:
         self.registry = CollectorRegistry()
+        if stage_counts is not None:
+            self.registry.register(StageCounters(stage_counts))
         self.requests = Counter(
             "shardmesh_http_requests",
             "HTTP requests answered, by route template, method and status code.",
@@ -47,6 +55,21 @@ class Metrics:
     def render(self) -> bytes:
         """Everything in the Prometheus text exposition format."""
         return generate_latest(self.registry)
+
+
+class StageCounters:
+    """A collector read at scrape time: ``counts()`` gives the steps this node's blocks
+    have run (prefills and decode steps, of every session) and the batches they ran in.
+    Both restart from 0 when the node loads other blocks (Prometheus reads a counter
+    that goes down as a restart)."""
+
+    def __init__(self, counts: Callable[[], tuple[int, int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        steps, batches = self.counts()
+        yield CounterMetricFamily("shardmesh_stage_steps", "Steps this node's blocks ran, one per session per step.", value=steps)
+        yield CounterMetricFamily("shardmesh_stage_batches", "Batched computations those steps ran in.", value=batches)
 
 
 class CountRequests:

@@ -273,7 +273,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             repair=lambda: repair(registry.servers(), model.total_blocks),
         )
         if api is not None:
-            app = create_app(generator, api_key=config.api_key, swarm=registry.to_json)
+            app = create_app(generator, api_key=config.api_key, swarm=registry.to_json, stage_counts=keeper.stage_counts)
             port = await nursery.start(serve, app, api[0], api[1])
             host = f"[{api[0]}]" if ":" in api[0] else api[0]
             url = f"http://{host}:{port}"

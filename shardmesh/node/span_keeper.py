@@ -93,6 +93,11 @@ class SpanKeeper:
         self._busy = trio.Lock()  # one join or move at a time
         self._nursery: trio.Nursery | None = None
 
+    def stage_counts(self) -> tuple[int, int]:
+        """Steps and batches the held blocks have run (0, 0 when none are held)."""
+        blocks = self.held.blocks if self.held is not None else None
+        return (blocks.batcher.batched_requests, blocks.batcher.batches) if blocks is not None else (0, 0)
+
     def start(self, nursery: trio.Nursery) -> None:
         """Loaded stages will run in ``nursery`` (the node's)."""
         self._nursery = nursery

@@ -10,6 +10,7 @@ __all__ = [
     "bench_audit",
     "bench_churn",
     "bench_common",
+    "bench_concurrent",
     "bench_memory",
     "bench_mesh",
     "bench_no_mesh",

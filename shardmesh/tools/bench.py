@@ -138,6 +138,10 @@ async def bench_ours(path: Path, dtype: str, prompt: list[int], tokens: int, rep
 
 def run_bench(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.concurrent:  # node processes only, for one or two models
+        from .bench_concurrent import default_models, run_concurrent_bench
+
+        return run_concurrent_bench(default_models(args.model), args.dtype, args.concurrent, args.tokens, args.threads)
     path = bench_model_path(args.model)
     if args.memory:  # node processes only: nothing below (transformers, a stage) is needed
         from .bench_memory import run_memory_bench
