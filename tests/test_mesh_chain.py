@@ -157,13 +157,12 @@ PROMPTS = [
 
 def stage_counts(node: Node) -> tuple[float, float]:
     """Steps and batches ``node``'s stage has run so far (its /metrics)."""
-    import re
+    from shardmesh.tools.bench_concurrent import stage_counts_from
 
     text = httpx.get(f"{node.url}/metrics", timeout=10).text
-    steps = re.search(r"^shardmesh_stage_steps_total (\S+)", text, re.M)
-    batches = re.search(r"^shardmesh_stage_batches_total (\S+)", text, re.M)
-    assert steps and batches, text
-    return float(steps.group(1)), float(batches.group(1))
+    counts = stage_counts_from(text)
+    assert counts is not None, text
+    return counts
 
 
 def test_twelve_concurrent_chats_batch_on_every_hop_and_each_get_their_own_answer(llama_swarm: Swarm, llama_ref: Transformers) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import trio
 
-from .node_processes import NodeProcess, start_node, stop_all, wait_gateway, wait_serving
+from .node_processes import NodeProcess, start_chain, start_node, stop_all, wait_gateway
 
 TINY_QWEN3 = dict(arch="qwen3", layers=8, hidden=256, seed=9)  # the model of issue 23's figures
 SETUPS = ("one node", "2-node chain", "3-node chain")
@@ -68,18 +68,11 @@ def cpu_seconds(pid: int) -> float:
 
 def start_setup(path: Path, dtype: str, total: int, setup: str, threads: int | None, key_dir: Path) -> tuple[list[NodeProcess], NodeProcess]:
     """The setup's processes (hops in route order, then the gateway if apart) and its gateway."""
+    parts = ["all"] if setup == "one node" else spans(total, 2 if setup == "2-node chain" else 3)
+    nodes = start_chain(path, dtype, parts, key_dir, threads, api=True)  # every hop with a gateway, for its /metrics
     if setup == "one node":
-        node = start_node(path, "all", dtype, key_dir, threads=threads, api=True, name="all")
-        wait_serving(node)
-        wait_gateway(node)
-        return [node], node
-    parts = spans(total, 2 if setup == "2-node chain" else 3)
-    nodes: list[NodeProcess] = []
+        return nodes, nodes[0]
     try:
-        for span in parts:  # every hop has a gateway too, for its /metrics
-            nodes.append(start_node(path, span, dtype, key_dir, nodes[0].address if nodes else None, threads, api=True))
-            wait_serving(nodes[-1])
-            wait_gateway(nodes[-1])
         gateway = start_node(path, "none", dtype, key_dir, nodes[0].address, threads, api=True, name="gateway")
         nodes.append(gateway)
         wait_gateway(gateway)
@@ -89,11 +82,15 @@ def start_setup(path: Path, dtype: str, total: int, setup: str, threads: int | N
     return nodes, gateway
 
 
+def stage_counts_from(metrics: str) -> tuple[float, float] | None:
+    """The stage's steps and batches in a node's ``/metrics`` text; None if it has none."""
+    steps = re.search(r"^shardmesh_stage_steps_total (\S+)", metrics, re.M)
+    batches = re.search(r"^shardmesh_stage_batches_total (\S+)", metrics, re.M)
+    return (float(steps.group(1)), float(batches.group(1))) if steps and batches else None
+
+
 async def _stage_counts(client, node: NodeProcess) -> tuple[float, float]:
-    text = (await client.get(f"{node.url}/metrics")).text
-    steps = re.search(r"^shardmesh_stage_steps_total (\S+)", text, re.M)
-    batches = re.search(r"^shardmesh_stage_batches_total (\S+)", text, re.M)
-    return (float(steps.group(1)), float(batches.group(1))) if steps and batches else (0.0, 0.0)
+    return stage_counts_from((await client.get(f"{node.url}/metrics")).text) or (0.0, 0.0)
 
 
 async def _chats(client, url: str, model: str, sessions: int, tokens: int, first: int) -> int:

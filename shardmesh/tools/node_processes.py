@@ -78,15 +78,20 @@ def wait_gateway(node: NodeProcess, timeout: float = 300) -> None:
     raise RuntimeError("a bench gateway did not start in time:\n" + "".join(node.lines))
 
 
-def start_chain(path: Path, dtype: str, spans: list[str], key_dir: Path, threads: int | None, links: bool = True) -> list[NodeProcess]:
-    """Node processes for ``spans``; the first starts the swarm, the others join it."""
-    first = start_node(path, spans[0], dtype, key_dir, threads=threads, links=links)
+def start_chain(
+    path: Path, dtype: str, spans: list[str], key_dir: Path, threads: int | None, links: bool = True, api: bool = False
+) -> list[NodeProcess]:
+    """Node processes for ``spans``; the first starts the swarm, the others join it.
+    ``api``: each has a gateway too (for its ``/metrics``)."""
+    first = start_node(path, spans[0], dtype, key_dir, threads=threads, links=links, api=api)
     nodes = [first]
     try:
         wait_serving(first)
-        nodes += [start_node(path, span, dtype, key_dir, first.address, threads, links) for span in spans[1:]]
+        nodes += [start_node(path, span, dtype, key_dir, first.address, threads, links, api=api) for span in spans[1:]]
         for node in nodes:
             wait_serving(node)
+            if api:
+                wait_gateway(node)
         time.sleep(3)  # a gossip round or two, so every hop knows the next one's address
         return nodes
     except BaseException:
