@@ -1,8 +1,9 @@
-"""The torch backend: a transformers model's blocks ``[start, end)``, batched, with
-per-session KV caches, plus sampling and the per-block throughput measurement.
+"""The torch backend: a model's blocks ``[start, end)``, batched, with per-session KV
+caches (our own block code for the dense Llama family, transformers' modules for the
+rest), plus sampling and the per-block throughput measurement.
 
 Importing this package does not import torch; its modules do. The names below are its
 public modules (``from shardmesh.backends.torch import stage`` loads one).
 """
 
-__all__ = ["kv_attention", "sampling", "stage", "tensors", "throughput", "weights"]
+__all__ = ["dense_blocks", "dense_config", "hf_blocks", "kv_attention", "sampling", "stage", "tensors", "throughput", "weights"]

@@ -1,17 +1,16 @@
-"""A range of a transformers model's blocks, served with per-session KV caches.
+"""A range of a model's blocks, served with per-session KV caches.
 
 How it works:
 
-* The whole model is built on the ``meta`` device from its config, so every block keeps
-  its global index (sliding-window, MoE-dense and per-layer choices depend on it). We
-  keep ``layers[start:end]`` (plus the embeddings on the first stage, the final norm and
-  LM head on the last), then read exactly the tensors they need from safetensors.
-* We run the decoder layers ourselves. Each attention module calls the attention
-  function registered as ``shardmesh`` (see :mod:`.kv_attention`), which writes the new
-  keys and values into the session's preallocated cache and attends over it. No
-  transformers ``Cache`` object is involved, so sessions with different past lengths
-  share one batched forward pass: projections and MLPs run as one batch, attention per
-  session against its own cache.
+* The stage's blocks are built on the ``meta`` device from the model's config: our own
+  block code for the dense Llama family (:mod:`.dense_blocks`), transformers' modules
+  for the rest (:mod:`.hf_blocks`). Then exactly the tensors they need are read from
+  safetensors.
+* We run the decoder layers ourselves. Each layer's attention goes through
+  :mod:`.kv_attention`, which writes the new keys and values into the session's
+  preallocated cache and attends over it. No transformers ``Cache`` object is
+  involved, so sessions with different past lengths share one batched forward pass:
+  projections and MLPs run as one batch, attention per session against its own cache.
 * Positions are explicit: a request says where its tokens start, and the stage refuses
   a position that does not continue the session's cache.
 """
@@ -25,7 +24,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import kv_attention
+from . import dense_blocks, hf_blocks, kv_attention
+from .dense_config import dense_config, is_dense, read_raw
 from ...contract import BadInput, check_step, NonFiniteInput, RawTensor, StageInfo, StepRequest, UnknownSession
 from ..kv_sessions import DEFAULT_CACHE_BUDGET, KVSessions
 from ..weights import ModelFiles, ensure_span_files, span_tensor_names
@@ -84,20 +84,6 @@ def _grown(t: torch.Tensor, capacity: int, used: int) -> torch.Tensor:
     return out
 
 
-class StageModule(nn.Module):
-    """Just the parts of a causal LM that one stage runs."""
-
-    def __init__(self, full_model: nn.Module, start: int, end: int) -> None:
-        super().__init__()
-        base = full_model.get_decoder() if hasattr(full_model, "get_decoder") else full_model.model
-        total = len(base.layers)
-        self.embed_tokens = base.embed_tokens if start == 0 else None
-        self.layers = nn.ModuleList(list(base.layers)[start:end])
-        self.norm = base.norm if end == total else None
-        self.lm_head = full_model.lm_head if end == total else None
-        self.rotary_emb = base.rotary_emb
-
-
 class TorchStage(KVSessions):
     """Blocks ``[start, end)`` of a Hugging Face causal LM on one device."""
 
@@ -114,10 +100,14 @@ class TorchStage(KVSessions):
         device: str = "auto",
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
     ) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        raw = read_raw(files.root)
+        dense = is_dense(raw)
+        if dense:
+            config = dense_config(raw)
+        else:
+            from transformers import AutoConfig
 
-        kv_attention.register()
-        config = AutoConfig.from_pretrained(files.root)
+            config = AutoConfig.from_pretrained(files.root)
         total = config.num_hidden_layers
         end = total if end is None else end
         if not 0 <= start < end <= total:
@@ -127,19 +117,18 @@ class TorchStage(KVSessions):
         self.config = config
         self.start, self.end = start, end
 
-        config._attn_implementation = kv_attention.NAME
-        with torch.device("meta"):
-            full = AutoModelForCausalLM.from_config(config, dtype=self.dtype, attn_implementation=kv_attention.NAME)
-        self.module = StageModule(full, start, end).eval()
-        del full
+        if dense:
+            with torch.device("meta"):
+                self.module: nn.Module = dense_blocks.DenseStageModule(config, start, end).eval()
+        else:
+            self.module = hf_blocks.build(config, start, end, self.dtype).eval()
 
         tied = bool(getattr(config, "tie_word_embeddings", False))
         names = span_tensor_names(files.weight_map, start, end, total, tied)
         ensure_span_files(files, names)
         state = load_span_state(files, names, self.module, config, start)
         self.module.load_state_dict(state, strict=False, assign=True)
-        rotary_type = type(self.module.rotary_emb)
-        self.module.rotary_emb = None  # rebuilt below, never cast
+        self.module.rotary_emb = None  # built below, never cast
         self.module.to(device=self.device, dtype=self.dtype)
         if tied and self.module.embed_tokens is not None and self.module.lm_head is not None:
             # One matrix, as in the checkpoint: the cast above made two copies of it.
@@ -147,7 +136,7 @@ class TorchStage(KVSessions):
         # The rotary module's inv_freq is computed, not stored: rebuild it for real, in
         # float32 as transformers keeps it (casting it would change the logits).
         with torch.device(self.device):
-            self.module.rotary_emb = rotary_type(config=config)
+            self.module.rotary_emb = self.module.make_rotary(config)
         self._check_no_meta()
 
         text = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -1,4 +1,4 @@
-"""Checkpoint tensors → the state dict of one :class:`StageModule`.
+"""Checkpoint tensors → the state dict of one stage's module (our blocks or transformers').
 
 Checkpoints on the hub name tensors the way the model was first released
 (``model.layers.7.block_sparse_moe.experts.3.w1.weight``); transformers 5 modules may
@@ -35,7 +35,7 @@ def base_prefix(weight_map: dict[str, str]) -> str:
 
 
 def stage_name(checkpoint_name: str, prefix: str, start: int) -> str:
-    """Checkpoint name → name inside the StageModule (local block index)."""
+    """Checkpoint name → name inside the stage's module (local block index)."""
     if checkpoint_name.startswith("lm_head."):
         return checkpoint_name
     name = checkpoint_name.removeprefix(prefix)
