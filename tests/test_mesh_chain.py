@@ -11,11 +11,16 @@ count them). The same for a MoE model.
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -212,6 +217,62 @@ def test_a_client_that_leaves_mid_answer_leaves_the_others_exact(llama_swarm: Sw
     assert got == wants
     # The gateway still serves: a chat after the disconnect is exact too.
     assert complete(prompts[0]) == wants[0]
+
+
+def stream_with_a_small_window(url: str, body: dict) -> http.client.HTTPResponse:
+    """A streamed request from a client whose socket takes in at most a few KB: once it
+    stops reading, the gateway's writes to it block within a few dozen chunks."""
+    parts = urlsplit(url)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # before connect: it sets the TCP window
+    sock.settimeout(300)
+    sock.connect((parts.hostname, parts.port))
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
+    conn.sock = sock
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200, response.read()
+    return response
+
+
+def sse_texts(lines: Iterator[bytes]) -> Iterator[str]:
+    for line in lines:
+        if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+            yield "".join(c["text"] for c in json.loads(line[6:])["choices"])
+
+
+def test_a_client_that_stops_reading_holds_back_no_one(llama_swarm: Swarm, llama_ref: Transformers) -> None:
+    """One streamed answer's client reads its first chunk, then nothing until eleven
+    other chats have finished: they finish, exactly, without waiting for it (were its
+    unread tokens to stall a hop or the gateway, they would time out), and then it reads
+    the rest of its own answer, exact too."""
+    slow_tokens = 300  # about 75 KB of events: far more than the slow socket takes in
+    want_slow = llama_ref.greedy(llama_ref.prompt_ids(PROMPTS[0]), slow_tokens).text
+    prompts = PROMPTS[1:]
+    wants = [llama_ref.greedy(llama_ref.prompt_ids(p), N).text for p in prompts]
+    client = client_for(llama_swarm.gateway)
+    model = client.models.list().data[0].id
+    others_done = threading.Event()
+
+    def complete(prompt: str) -> str:
+        return client.completions.create(model=model, prompt=prompt, max_tokens=N, temperature=0).choices[0].text
+
+    def read_slowly() -> str:
+        body = {"model": model, "prompt": PROMPTS[0], "max_tokens": slow_tokens, "temperature": 0, "stream": True}
+        response = stream_with_a_small_window(llama_swarm.gateway.url, body)
+        texts = sse_texts(iter(response.readline, b""))
+        first = next(texts)
+        assert others_done.wait(timeout=300), "the other chats never finished"
+        return first + "".join(texts)
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        slow = pool.submit(read_slowly)
+        try:
+            got = list(pool.map(complete, prompts))
+        finally:
+            others_done.set()
+        assert got == wants
+        assert slow.result() == want_slow
 
 
 # --------------------------------------------------------------------------- MoE
