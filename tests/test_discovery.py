@@ -7,18 +7,18 @@ network namespace this file creates, so no multicast leaves the test.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
+
+from netns import network_namespace
 
 from shardmesh.mesh.addresses import parse_join_address
 from shardmesh.mesh.discovery import Discovery, backoff
@@ -289,32 +289,11 @@ def test_mdns_failure_is_logged_and_the_node_goes_on(monkeypatch, caplog):
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _sh(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=20)
-
-
 @pytest.fixture
 def netns():
     """A throwaway network namespace with multicast on loopback; deleted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("the mDNS test needs root to create a network namespace (ip netns)")
-    if shutil.which("ip") is None:
-        pytest.skip("the mDNS test needs iproute2's `ip netns`")
-    name = f"shardmesh-test-{uuid.uuid4().hex[:8]}"
-    made = _sh("ip", "netns", "add", name)
-    if made.returncode != 0:
-        pytest.skip(f"cannot create a network namespace: {made.stderr.strip()}")
-    try:
-        for cmd in (
-            ["ip", "-n", name, "link", "set", "lo", "up"],
-            ["ip", "-n", name, "link", "set", "lo", "multicast", "on"],
-            ["ip", "-n", name, "route", "add", "224.0.0.0/4", "dev", "lo"],
-        ):
-            done = _sh(*cmd)
-            assert done.returncode == 0, f"{' '.join(cmd)}: {done.stderr}"
+    with network_namespace("the mDNS test", multicast=True) as name:
         yield name
-    finally:
-        _sh("ip", "netns", "del", name)
 
 
 @dataclass

@@ -38,6 +38,7 @@ __all__ = [
     "liveness",
     "mdns",
     "mesh_chains",
+    "names",
     "next_hop",
     "notifee",
     "one_at_a_time",

@@ -3,10 +3,12 @@
 A node learns about other nodes in three ways, and this module turns all three into
 one list of *peers worth being connected to*, which a single loop keeps dialling:
 
-* **Join addresses** (``--join /ip4/.../tcp/4001/p2p/12D3Koo...``), given by the user.
-  They are checked when :class:`Discovery` is built (a typo is a ``ValueError`` that
-  names the address, before anything starts) and are never forgotten: a bootstrap
-  node that starts after us, or restarts, is dialled again until it answers. Without
+* **Join addresses** (``--join /ip4/.../tcp/4001/p2p/12D3Koo...``, or ``/dns4/NAME/...``
+  resolved by the system on each dial), given by the user. They are checked when
+  :class:`Discovery` is built (a typo is a ``ValueError`` that names the address,
+  before anything starts) and are never forgotten: a bootstrap node that starts after
+  us, or restarts, or a name that does not resolve yet, is dialled again until it
+  answers. Without
   ``--join`` the node simply starts a new swarm. There is no built-in list of public
   bootstrap nodes: we never dial an address nobody gave us.
 * **mDNS** on the local network (``--no-mdns`` turns it off), run by
@@ -61,6 +63,7 @@ class KnownPeer:
     failing_since: float | None = None  # trio clock of the first of those failures
     next_attempt: float = 0.0  # trio clock; 0 = as soon as the loop looks
     dialing: bool = False
+    last_error: str = ""  # why the last dial failed, for the user (a join peer's, say)
 
     @property
     def is_join(self) -> bool:
@@ -133,6 +136,10 @@ class Discovery:
         with trio.move_on_after(timeout):
             await self._bootstrapped.wait()
         return self._bootstrapped.is_set()
+
+    def join_errors(self) -> list[str]:
+        """Why each ``--join`` peer's last dial failed (those that have failed)."""
+        return [p.last_error for p in self._peers.values() if p.is_join and p.last_error]
 
     def add_known(self, peer_id_str: str, addrs: list[str]) -> bool:
         """Keep ``peer_id_str`` connected, dialling ``addrs`` (from its signed record).
@@ -229,7 +236,7 @@ class Discovery:
             peer.dialing = False
             now = trio.current_time()
             if ok:
-                peer.failures, peer.failing_since, peer.next_attempt = 0, None, 0.0
+                peer.failures, peer.failing_since, peer.next_attempt, peer.last_error = 0, None, 0.0, ""
                 if peer.is_join and not self._bootstrapped.is_set():
                     log.info("bootstrapped: connected to join peer %s", peer.peer_id)
                     self._bootstrapped.set()
@@ -254,6 +261,8 @@ class Discovery:
             await self._mesh.connect(addr)
         except HostError as exc:
             log.debug("%s", exc)
+            if (peer := self._peers.get(peer_id)) is not None:
+                peer.last_error = str(exc)
             return False
         log.info("connected to %s at %s", peer_id, addr)
         return True

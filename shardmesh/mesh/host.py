@@ -37,6 +37,7 @@ import trio
 from multiaddr import Multiaddr
 
 from .addresses import advertised_addrs
+from .names import NameNotResolved, resolve_names
 from .peer_table import PinnedPeerStore
 from .record_checks import MAX_ADDRS
 from .swarm_key import SwarmKey, require_swarm_key
@@ -167,7 +168,8 @@ class MeshHost:
         self.host.set_stream_handler(protocol, guarded)
 
     async def connect(self, address: str | Multiaddr):
-        """Dial ``address`` (which must end in ``/p2p/<peer id>``); returns the peer id."""
+        """Dial ``address`` (which must end in ``/p2p/<peer id>``); returns the peer id.
+        A DNS name in it is resolved by the system resolver on each call (:mod:`.names`)."""
         from libp2p.peer.peerinfo import info_from_p2p_addr
 
         try:
@@ -179,12 +181,23 @@ class MeshHost:
         async with self._dial_lock(info.peer_id):
             if info.peer_id in self.host.get_network().connections:
                 return info.peer_id
-            # py-libp2p dials only the *first* TCP address in the peerstore, whatever
-            # address connect() was given: a peer that restarted on a new port would be
-            # dialled at its old one forever. Drop the stale ones first.
-            self.host.get_peerstore().clear_addrs(info.peer_id)
-            await self._dial(info, str(address))
-        return info.peer_id
+            try:  # a /dns4/ name: the system resolver's addresses (see names.py)
+                targets = await resolve_names(str(address))
+            except NameNotResolved as exc:
+                raise HostError(f"dialling {address} failed: {exc}") from exc
+            failure: HostError | None = None
+            for target in targets:
+                # py-libp2p dials only the *first* TCP address in the peerstore, whatever
+                # address connect() was given: a peer that restarted on a new port would
+                # be dialled at its old one forever. Drop the stale ones first.
+                self.host.get_peerstore().clear_addrs(info.peer_id)
+                try:
+                    await self._dial(info_from_p2p_addr(Multiaddr(target)), str(address))
+                    return info.peer_id
+                except HostError as exc:
+                    failure = exc
+            assert failure is not None  # resolve_names returns at least one address
+            raise failure
 
     def _dial_lock(self, peer_id) -> trio.Lock:
         """One dial per peer at a time. Concurrent dials to one peer (five sessions

@@ -131,8 +131,10 @@ async def warn_while_alone(discovery: Discovery, config: NodeConfig, say: Callab
     if await discovery.wait_bootstrapped(JOIN_PATIENCE):
         return
     key = "the same --swarm-key as theirs" if config.swarm_key else "the --swarm-key of their swarm, if it is private"
+    errors = discovery.join_errors()
+    last = f"; last error: {errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "") if errors else ""
     say(f"no --join peer answered within {JOIN_PATIENCE:g} s; still trying (check the addresses, that a peer is up, "
-        f"and that this node has {key})")
+        f"and that this node has {key}){last}")
 
 
 def read_key(config: NodeConfig) -> SwarmKey | None:
