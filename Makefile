@@ -27,17 +27,18 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/shardmesh run --model $(MODEL) $(ARGS)
 
-# The web UI tests drive a real Chromium, the mDNS test runs inside a network namespace
-# (`ip netns`), the interop tests run a js-libp2p peer on Node.js (18.18 or later; Debian
-# 12's apt package is 18.20); as root on Debian/Ubuntu all three are installed here,
-# elsewhere those tests skip and say why.
+# The web UI tests drive a real Chromium, the mDNS and emulated-internet tests run inside
+# network namespaces (`ip netns`, `iptables` NAT), the interop tests run a js-libp2p peer
+# on Node.js (18.18 or later; Debian 12's apt package is 18.20); as root on Debian/Ubuntu
+# all of them are installed here, elsewhere those tests skip and say why.
 testdeps:
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		pkgs=""; \
 		command -v chromedriver >/dev/null || pkgs="$$pkgs chromium chromium-driver"; \
 		command -v ip >/dev/null || pkgs="$$pkgs iproute2"; \
+		command -v iptables >/dev/null || pkgs="$$pkgs iptables"; \
 		{ command -v node && command -v npm; } >/dev/null || pkgs="$$pkgs nodejs npm"; \
-		if [ -n "$$pkgs" ]; then echo "installing$$pkgs (web UI, mDNS and interop tests)"; \
+		if [ -n "$$pkgs" ]; then echo "installing$$pkgs (web UI, namespace and interop tests)"; \
 			apt-get update -qq && apt-get install -y -qq $$pkgs >/dev/null; fi; fi
 
 # The interop peer's npm packages, exactly as interop/package-lock.json locks them.

@@ -17,7 +17,7 @@ import pytest
 
 READY = re.compile(r"gateway ready at (http://[^\s/]+)")
 SERVING = re.compile(r"^serving ", re.M)
-LISTENING = re.compile(r"listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)")
+LISTENING = re.compile(r"listening on (/ip4/[\d.]+/tcp/\d+/p2p/\w+)")
 STARTUP_TIMEOUT = 120.0
 
 
@@ -46,15 +46,16 @@ def _pump(node: Node) -> None:
 
 
 def start_node(model: Path, *extra: str, api: bool = True, key_dir: Path | None = None, env: dict[str, str] | None = None,
-               prefix: tuple[str, ...] = ()) -> Node:
+               prefix: tuple[str, ...] = (), listen: str = "/ip4/127.0.0.1/tcp/0") -> Node:
     """Start a node on free ports (loopback only, mDNS off, its own identity) and wait
     until it is ready: its ``gateway ready at`` line, or with ``api=False`` (pass
     ``--api off`` yourself) its ``serving`` line. ``prefix`` goes before the command
-    (``("ip", "netns", "exec", NAME)`` runs it in a network namespace)."""
+    (``("ip", "netns", "exec", NAME)`` runs it in a network namespace), whose own
+    address ``listen`` may then be."""
     key_dir = Path(key_dir or tempfile.mkdtemp(prefix="shardmesh-key-"))
     key_file = key_dir / f"node-{uuid.uuid4().hex[:8]}.key"
     cmd = [*prefix, sys.executable, "-m", "shardmesh", "run", "--model", str(model),
-           "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--key-file", str(key_file)]
+           "--listen", listen, "--no-mdns", "--key-file", str(key_file)]
     if api:
         cmd += ["--api", "127.0.0.1:0"]
     cmd += list(extra)

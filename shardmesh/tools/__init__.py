@@ -15,6 +15,7 @@ __all__ = [
     "bench_mesh",
     "bench_no_mesh",
     "bench_wire",
+    "emulated_internet",
     "node_processes",
     "record_flood",
     "reference",

@@ -1,0 +1,130 @@
+"""Issue 19's ground: node processes on an emulated internet
+(shardmesh/tools/emulated_internet.py, the ``internet`` fixture in conftest.py).
+
+What holds before reachability, relays and hole punching: a gateway at home, behind its
+router's NAT, uses a swarm of public servers (it dials out to each; the NAT lets the
+answers back in; the servers chain to each other directly). And a server at home serves
+a public gateway: it dialled out to every peer it learned of, so each has a connection
+to it that streams can reuse, though none could dial it. Both answers are exactly
+transformers'. The fixture's NAT is real: nothing on the internet can dial a home host.
+(A gateway in one home and a server in another cannot chain yet: neither can dial the
+other, which is what relays and hole punching are for.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from node_process import Node, start_node, stop_node
+from reference import Transformers
+
+from shardmesh.tools.emulated_internet import Host
+from shardmesh.tools.tiny_model import cached_tiny_model
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]
+TOKENS = 12
+
+CHAT = """
+import json, sys, openai
+url, messages, tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+name = client.models.list().data[0].id
+answer = client.chat.completions.create(model=name, messages=messages, max_tokens=tokens, temperature=0)
+print(json.dumps(answer.choices[0].message.content))
+"""
+
+
+def chat_from(host: Host, url: str) -> str:
+    """One greedy chat through ``url``, by the official client running on ``host``."""
+    done = subprocess.run([*host.exec, sys.executable, "-c", CHAT, url, json.dumps(MESSAGES), str(TOKENS)],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def dial_from(host: Host, ip: str, port: int) -> str:
+    """What a TCP dial from ``host`` to ``ip:port`` gives: "connected" or the error."""
+    code = f"import socket\ntry:\n socket.create_connection(({ip!r}, {port}), timeout=3); print('connected')\nexcept OSError as e:\n print(e)"
+    return subprocess.run([*host.exec, sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+def wait_for_route(host: Host, gateway: Node, timeout: float = 60.0) -> None:
+    """Until the gateway's /health, asked from its own host, says a chain is complete."""
+    code = f"import httpx\nprint(httpx.get({gateway.url + '/health'!r}, timeout=5).status_code)"
+    deadline = time.monotonic() + timeout
+    while True:
+        done = subprocess.run([*host.exec, sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+        if done.stdout.strip() == "200":
+            return
+        assert time.monotonic() < deadline, f"no complete chain within {timeout:.0f} s:\n{gateway.output()[-3000:]}"
+        time.sleep(1)
+
+
+def test_a_gateway_at_home_chains_through_public_servers(internet, tmp_path: Path) -> None:
+    model = cached_tiny_model("llama", layers=4, hidden=64)
+    ref = Transformers(model)
+    want = ref.greedy(ref.chat_ids(MESSAGES), TOKENS).text
+    first, second = internet.public(), internet.public()
+    home = internet.home("cone")
+    laptop = internet.home_host(home)
+
+    nodes: list[Node] = []
+    try:
+        a = start_node(model, "--layers", "0:2", "--api", "off", api=False, key_dir=tmp_path,
+                       prefix=first.exec, listen=f"/ip4/{first.ip}/tcp/0")
+        nodes.append(a)
+        b = start_node(model, "--layers", "2:4", "--api", "off", "--join", a.address, api=False, key_dir=tmp_path,
+                       prefix=second.exec, listen=f"/ip4/{second.ip}/tcp/0")
+        nodes.append(b)
+        gateway = start_node(model, "--layers", "none", "--join", a.address, key_dir=tmp_path,
+                             prefix=laptop.exec, listen=f"/ip4/{laptop.ip}/tcp/0")
+        nodes.append(gateway)
+        assert a.address.startswith(f"/ip4/{first.ip}/") and gateway.address.startswith(f"/ip4/{laptop.ip}/")
+
+        # The NAT is real: the laptop reaches the internet, the internet not the laptop.
+        gateway_port = int(gateway.address.split("/tcp/")[1].split("/")[0])
+        a_port = int(a.address.split("/tcp/")[1].split("/")[0])
+        assert dial_from(laptop, first.ip, a_port) == "connected"
+        assert dial_from(first, laptop.ip, gateway_port) != "connected"
+
+        wait_for_route(laptop, gateway)
+        assert chat_from(laptop, gateway.url) == want
+    finally:
+        for node in nodes:
+            stop_node(node)
+        for node in nodes:
+            print(f"---- {' '.join(node.proc.args[4:8])} ----\n{node.output()[-2000:]}")
+
+
+def test_a_server_at_home_serves_a_public_gateway(internet, tmp_path: Path) -> None:
+    model = cached_tiny_model("llama", layers=4, hidden=64)
+    ref = Transformers(model)
+    want = ref.greedy(ref.chat_ids(MESSAGES), TOKENS).text
+    first, second = internet.public(), internet.public()
+    home = internet.home("cone")
+    desk = internet.home_host(home)
+    nodes: list[Node] = []
+    try:
+        a = start_node(model, "--layers", "0:2", "--api", "off", api=False, key_dir=tmp_path,
+                       prefix=first.exec, listen=f"/ip4/{first.ip}/tcp/0")
+        nodes.append(a)
+        h = start_node(model, "--layers", "2:4", "--api", "off", "--join", a.address, api=False, key_dir=tmp_path,
+                       prefix=desk.exec, listen=f"/ip4/{desk.ip}/tcp/0")
+        nodes.append(h)
+        gateway = start_node(model, "--layers", "none", "--join", a.address, key_dir=tmp_path,
+                             prefix=second.exec, listen=f"/ip4/{second.ip}/tcp/0")
+        nodes.append(gateway)
+        wait_for_route(second, gateway)
+        assert chat_from(second, gateway.url) == want
+    finally:
+        for node in nodes:
+            stop_node(node)
+        for node in nodes:
+            print(f"---- {' '.join(node.proc.args[4:8])} ----\n{node.output()[-2000:]}")
