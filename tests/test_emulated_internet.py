@@ -67,6 +67,14 @@ def wait_for_route(host: Host, gateway: Node, timeout: float = 60.0) -> None:
         time.sleep(1)
 
 
+def swarm_from(host: Host, node: Node) -> dict[str, dict]:
+    """``node``'s /v1/swarm peers by peer id, asked from its own host."""
+    code = f"import httpx, json\nprint(json.dumps(httpx.get({node.url + '/v1/swarm'!r}, timeout=5).json()))"
+    done = subprocess.run([*host.exec, sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {p["peer"]: p for p in json.loads(done.stdout)["peers"]}
+
+
 def test_a_gateway_at_home_chains_through_public_servers(internet, tmp_path: Path) -> None:
     model = cached_tiny_model("llama", layers=4, hidden=64)
     ref = Transformers(model)
@@ -123,6 +131,37 @@ def test_a_server_at_home_serves_a_public_gateway(internet, tmp_path: Path) -> N
         nodes.append(gateway)
         wait_for_route(second, gateway)
         assert chat_from(second, gateway.url) == want
+    finally:
+        for node in nodes:
+            stop_node(node)
+        for node in nodes:
+            print(f"---- {' '.join(node.proc.args[4:8])} ----\n{node.output()[-2000:]}")
+
+
+def test_each_node_learns_whether_others_can_dial_it(internet, tmp_path: Path) -> None:
+    """Its record's reach: a public node is public, a node behind its home NAT is
+    private, and one whose router forwards its listening port to it is public."""
+    model = cached_tiny_model("llama", layers=2, hidden=64)
+    public = internet.public()
+    closed, forwarded = internet.home("cone"), internet.home("cone")
+    behind, served = internet.home_host(closed), internet.home_host(forwarded)
+    internet.forward(forwarded, served, 4001)
+    nodes: list[Node] = []
+    try:
+        a = start_node(model, "--layers", "all", key_dir=tmp_path, prefix=public.exec, listen=f"/ip4/{public.ip}/tcp/0")
+        nodes.append(a)
+        for host, port in ((behind, 0), (served, 4001)):
+            nodes.append(start_node(model, "--layers", "all", "--api", "off", "--join", a.address, api=False,
+                                    key_dir=tmp_path, prefix=host.exec, listen=f"/ip4/{host.ip}/tcp/{port}", env={"SHARDMESH_DEBUG": "1"}))
+        want = {a.peer_id: "public", nodes[1].peer_id: "private", nodes[2].peer_id: "public"}
+        deadline = time.monotonic() + 60
+        while True:
+            peers = swarm_from(public, a)
+            seen = {peer: peers[peer]["reach"] for peer in want if peer in peers}
+            if seen == want:
+                break
+            assert time.monotonic() < deadline, f"reach seen {seen}, expected {want}"
+            time.sleep(1)
     finally:
         for node in nodes:
             stop_node(node)

@@ -186,6 +186,8 @@ def test_missing_signature(key) -> None:
         ("limits", {"max_tokens_per_step": 1.5}),
         ("api", 5),
         ("peer", 5),
+        ("reach", "everywhere"),
+        ("reach", 1),
     ],
 )
 def test_wrongly_typed_or_missing_fields(key, field: str, value) -> None:
@@ -196,6 +198,17 @@ def test_wrongly_typed_or_missing_fields(key, field: str, value) -> None:
         body[field] = value
     # correctly signed, so only the shape check can reject it
     assert reason_of(envelope(body, key)) == RecordError.MALFORMED
+
+
+def test_reach_travels_and_is_left_out_while_unknown(key) -> None:
+    """Records of nodes that never found out (or older versions) carry no ``reach``."""
+    for reach in ("public", "private"):
+        data = sign_record(make_record(key, reach=reach), key)
+        assert cbor2.loads(cbor2.loads(data)["body"])["reach"] == reach
+        assert verify_record(data, now=NOW).reach == reach
+    data = sign_record(make_record(key), key)
+    assert "reach" not in cbor2.loads(cbor2.loads(data)["body"])
+    assert verify_record(data, now=NOW).reach == "unknown"
 
 
 def test_unknown_fields_are_ignored(key) -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "cbor_plain",
     "chain_client",
     "deadlines",
+    "dialback",
     "dht",
     "dht_peers",
     "dht_values",

@@ -85,6 +85,12 @@ def port_in_use(address: str) -> bool:
     return False
 
 
+def remote_ip(stream) -> str | None:
+    """The IP of the libp2p connection under ``stream`` (None for the in-process pipe)."""
+    address = getattr(stream, "get_remote_address", lambda: None)()
+    return address[0] if address else None
+
+
 def peer_id_of(key_pair):
     from libp2p.peer.id import ID
 

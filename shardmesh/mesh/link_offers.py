@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .host import close_quietly
+from .host import close_quietly, remote_ip
 from .link import KEY_BYTES, TOKEN_BYTES, HopLink, LinkError, dial
 from .wire import ERROR, LINK, RESULT, FrameStream, StreamEnded, WireError
 
@@ -178,15 +178,9 @@ class Links:
 # -- the upgrade, as the two ends of a libp2p stream see it ----------------------------
 
 
-def _remote_ip(stream) -> str | None:
-    """The IP of the libp2p connection under ``stream`` (None for the in-process pipe)."""
-    address = getattr(stream, "get_remote_address", lambda: None)()
-    return address[0] if address else None
-
-
 def request_fields(links: Links | None, fs: FrameStream, peer: str) -> dict:
     """Header fields for an ``open`` or ``attach`` that ask ``peer`` for a link."""
-    if links is not None and links.may_dial(peer) and _remote_ip(fs.stream) is not None:
+    if links is not None and links.may_dial(peer) and remote_ip(fs.stream) is not None:
         return {"link": True}
     return {}
 
@@ -195,7 +189,7 @@ async def upgrade_opener(links: Links | None, fs: FrameStream, ok: dict, peer: s
     """The opener's step 3: dial the offered link and move ``fs`` onto it. Without an
     offer, or when the dial fails, ``fs`` stays on its libp2p stream."""
     offer = ok.get("link")
-    ip = _remote_ip(fs.stream)
+    ip = remote_ip(fs.stream)
     if links is None or not isinstance(offer, dict) or ip is None:
         return
     try:

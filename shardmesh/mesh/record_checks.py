@@ -144,6 +144,17 @@ def suspect_list(m: dict, peer: str) -> list[str]:
     return v
 
 
+REACHABILITY = ("public", "private", "unknown")  # whether others can dial the node (dialback.py)
+
+
+def reachability(m: dict) -> str:
+    """``reach`` (optional, ``unknown`` when absent): one of :data:`REACHABILITY`."""
+    v = m.get("reach", "unknown")
+    if v not in REACHABILITY:
+        raise _malformed(f"field 'reach' must be one of {', '.join(REACHABILITY)}")
+    return v
+
+
 def rtt_map(m: dict) -> dict[str, float]:
     """``rtt``: at most MAX_RTT_ENTRIES peer -> ms, each ms finite in [0, MAX_RTT_MS]."""
     return _bounded_map(

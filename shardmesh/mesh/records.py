@@ -47,7 +47,7 @@ from ..placement.spans import ServerView
 from .cbor_plain import PlainCborError, loads_plain, quote
 from .record_checks import (
     MAX_ADDRS, MAX_BLOCKS, MAX_LIMIT_VALUE, MAX_LIMITS, MAX_RTT_ENTRIES, MAX_RTT_MS, MAX_TEXT_BYTES, RecordError,
-    addr_list, integer, limits_map, number, rtt_map, suspect_list, text,
+    addr_list, integer, limits_map, number, reachability, rtt_map, suspect_list, text,
 )  # fmt: skip
 from .record_keys import RECORD_NAMESPACE, block_key, block_key_multihash, model_identity, record_key
 
@@ -89,6 +89,7 @@ class NodeRecord:
     api: str | None = None  # gateway URL, if this node runs one
     limits: Mapping[str, int] = field(default_factory=dict)  # max_tokens_per_step, ...
     suspects: tuple[str, ...] = ()  # peers this node found unreachable: a hint others check (hints.py)
+    reach: str = "unknown"  # can others dial it: public, private or unknown (dialback.py)
 
     @property
     def span(self) -> tuple[int, int]:
@@ -148,6 +149,7 @@ def record_json(record: NodeRecord, now: float | None = None) -> dict:
         "seq": record.seq,
         "expires_in": round(record_ttl(record, now), 1),
         "suspects": list(record.suspects),
+        "reach": record.reach,
     }
 
 
@@ -176,6 +178,7 @@ def _body_map(record: NodeRecord) -> dict[str, Any]:
         "api": record.api,
         "limits": {str(k): int(v) for k, v in record.limits.items()},
         **({"suspects": list(record.suspects)} if record.suspects else {}),
+        **({"reach": record.reach} if record.reach != "unknown" else {}),
     }
 
 
@@ -301,6 +304,7 @@ def _parse_body(body: bytes) -> NodeRecord:
         api=api,
         limits=limits_map(m),
         suspects=tuple(suspect_list(m, peer)),
+        reach=reachability(m),
     )
     if not record.peer:
         raise RecordError(RecordError.MALFORMED, "empty peer")

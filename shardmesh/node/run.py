@@ -25,10 +25,12 @@ from .. import __version__
 from ..api.app import create_app, serve
 from ..api.generate import Generator, eos_token_ids
 from ..backends.weights import identity_bytes
+from ..mesh.addresses import port_of
 from ..mesh.allow_list import AllowList, AllowListError, ConnectionGate, read_allow_list
 from ..mesh.audit_policy import AuditPolicy
 from ..mesh.audited_chains import AuditedChains
 from ..mesh.mesh_chains import MeshChains
+from ..mesh.dialback import PROTOCOL as DIALBACK_PROTOCOL, DialBackServer, dial_with_fresh_identity, watch_reachability
 from ..mesh.discovery import Discovery
 from ..mesh.gateway_ticket import TicketIssuer
 from ..mesh.hop_server import HopServer, Limits
@@ -135,6 +137,17 @@ async def warn_while_alone(discovery: Discovery, config: NodeConfig, say: Callab
     last = f"; last error: {errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "") if errors else ""
     say(f"no --join peer answered within {JOIN_PATIENCE:g} s; still trying (check the addresses, that a peer is up, "
         f"and that this node has {key}){last}")
+
+
+def watch_own_reachability(mesh: MeshHost, registry: Registry, swarm_key: SwarmKey | None, nursery: trio.Nursery) -> None:
+    """Answer others' dial-back requests, and ask peers whether they can dial us: the
+    record's ``reach`` (mesh/dialback.py)."""
+    server = DialBackServer(partial(dial_with_fresh_identity, swarm_key=swarm_key))
+    mesh.set_handler(DIALBACK_PROTOCOL, server.handle)
+    ports = sorted({port for addr in mesh.addrs() if (port := port_of(str(addr)))})
+    me = mesh.peer_id_str
+    others = lambda: [r.peer for r in registry.records() if r.peer != me]  # noqa: E731
+    nursery.start_soon(watch_reachability, mesh, others, ports, lambda reach: registry.update_local(reach=reach))
 
 
 def read_key(config: NodeConfig) -> SwarmKey | None:
@@ -249,6 +262,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
         nursery.start_soon(ping_connected, connected_online_peers, partial(answers_ping, mesh, timeout=PING_TIMEOUT), liveness, time.time)
         check = partial(confirm, connected=mesh.is_connected, ping=partial(answers_ping, mesh), dial=mesh.dial_peer, liveness=liveness, clock=time.time)
         nursery.start_soon(follow_hints, me, registry.records, liveness, check, lambda s: registry.update_local(suspects=s), time.time)
+        watch_own_reachability(mesh, registry, swarm_key, nursery)
 
         backoff = FailureBackoff()
         audits = AuditPolicy(rate=config.audit_rate)

@@ -58,6 +58,7 @@ class Internet:
         self.tag = uuid.uuid4().hex[:5]  # interface names are at most 15 characters
         self.namespaces: list[str] = []
         self.links = 0
+        self._wan_link: dict[str, int] = {}  # namespace -> number of its link to the internet
         self.switch = self._namespace("net")
         _run("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
         _run("ip", "-n", self.switch, "link", "set", "br0", "up")
@@ -82,6 +83,7 @@ class Internet:
 
     def _on_internet(self, ns: str, ip: str) -> str:
         port, wan = self._wire(self.switch, ns)
+        self._wan_link[ns] = self.links
         _run("ip", "-n", self.switch, "link", "set", port, "master", "br0", "up")
         _run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", wan)
         _run("ip", "-n", ns, "link", "set", wan, "up")
@@ -126,6 +128,13 @@ class Internet:
         host = Host(ns, ip)
         home.hosts.append(host)
         return host
+
+    def forward(self, home: Home, host: Host, port: int) -> None:
+        """Forward TCP ``port`` of ``home``'s public address to ``host`` (a port forward
+        set up on a home router, as a user would for one program)."""
+        wan = f"s{self.tag}{self._wan_link[home.router.ns]}b"
+        _run("ip", "netns", "exec", home.router.ns, "iptables", "-t", "nat", "-A", "PREROUTING", "-i", wan,
+             "-p", "tcp", "--dport", str(port), "-j", "DNAT", "--to-destination", f"{host.ip}:{port}")
 
     def close(self) -> None:
         for ns in reversed(self.namespaces):

@@ -178,7 +178,7 @@ def render(summary: dict[str, Any]) -> str:
         lines.append(f"dropped     {len(summary['dropped'])} record(s) that failed verification ({what})")
     lines.append("")
 
-    rows = [["PEER", "SPAN", "STATE", "TOK/S/BLOCK", "CACHE FREE", "BACKEND", "API"]]
+    rows = [["PEER", "SPAN", "STATE", "REACH", "TOK/S/BLOCK", "CACHE FREE", "BACKEND", "API"]]
     for p in peers:
         mark = " *" if p["peer"] == summary["via"] else "  "
         start, end = p["span"]
@@ -186,12 +186,13 @@ def render(summary: dict[str, Any]) -> str:
             p["peer"][-SHORT_ID:] + mark,
             "gateway" if p["gateway"] else f"[{start},{end})",
             f"unreachable {p['unreachable_for']:.0f}s" if p.get("unreachable") else p["state"],
+            p.get("reach", "unknown"),
             "-" if p["gateway"] else _rate(p["throughput"]),
             "-" if p["gateway"] else f"{p['cache_tokens_free']:,}",
             "-" if p["gateway"] else f"{p['backend']} {p['device']} {p['dtype']}",
             p["api"] or "-",
         ])
-    lines += _table(rows, right={3, 4}) if peers else ["  (no valid records)"]
+    lines += _table(rows, right={4, 5}) if peers else ["  (no valid records)"]
     lines.append("")
 
     if summary["complete"]:
