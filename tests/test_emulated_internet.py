@@ -17,6 +17,8 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,10 +43,14 @@ print(json.dumps(answer.choices[0].message.content))
 """
 
 
+def python_on(host: Host, code: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run ``code`` with this Python on ``host`` (in its namespace)."""
+    return subprocess.run([*host.exec, sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+
+
 def chat_from(host: Host, url: str) -> str:
     """One greedy chat through ``url``, by the official client running on ``host``."""
-    done = subprocess.run([*host.exec, sys.executable, "-c", CHAT, url, json.dumps(MESSAGES), str(TOKENS)],
-                          capture_output=True, text=True, timeout=180)
+    done = python_on(host, CHAT, url, json.dumps(MESSAGES), str(TOKENS), timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
@@ -52,27 +58,42 @@ def chat_from(host: Host, url: str) -> str:
 def dial_from(host: Host, ip: str, port: int) -> str:
     """What a TCP dial from ``host`` to ``ip:port`` gives: "connected" or the error."""
     code = f"import socket\ntry:\n socket.create_connection(({ip!r}, {port}), timeout=3); print('connected')\nexcept OSError as e:\n print(e)"
-    return subprocess.run([*host.exec, sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout.strip()
+    return python_on(host, code).stdout.strip()
 
 
 def wait_for_route(host: Host, gateway: Node, timeout: float = 60.0) -> None:
     """Until the gateway's /health, asked from its own host, says a chain is complete."""
     code = f"import httpx\nprint(httpx.get({gateway.url + '/health'!r}, timeout=5).status_code)"
     deadline = time.monotonic() + timeout
-    while True:
-        done = subprocess.run([*host.exec, sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
-        if done.stdout.strip() == "200":
-            return
+    while python_on(host, code).stdout.strip() != "200":
         assert time.monotonic() < deadline, f"no complete chain within {timeout:.0f} s:\n{gateway.output()[-3000:]}"
         time.sleep(1)
 
 
 def swarm_from(host: Host, node: Node) -> dict[str, dict]:
     """``node``'s /v1/swarm peers by peer id, asked from its own host."""
-    code = f"import httpx, json\nprint(json.dumps(httpx.get({node.url + '/v1/swarm'!r}, timeout=5).json()))"
-    done = subprocess.run([*host.exec, sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    done = python_on(host, f"import httpx, json\nprint(json.dumps(httpx.get({node.url + '/v1/swarm'!r}, timeout=5).json()))")
     assert done.returncode == 0, done.stderr[-2000:]
     return {p["peer"]: p for p in json.loads(done.stdout)["peers"]}
+
+
+@contextmanager
+def swarm_on(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """``start(host, model, *args, port=0, **kw)`` starts a node on ``host`` at its own
+    address; every node started is stopped at the end, its output printed."""
+    nodes: list[Node] = []
+
+    def start(host: Host, model: Path, *args: str, port: int = 0, **kw) -> Node:
+        nodes.append(start_node(model, *args, key_dir=tmp_path, prefix=host.exec, listen=f"/ip4/{host.ip}/tcp/{port}", **kw))
+        return nodes[-1]
+
+    try:
+        yield start
+    finally:
+        for node in nodes:
+            stop_node(node)
+        for node in nodes:
+            print(f"---- {' '.join(node.proc.args[4:8])} ----\n{node.output()[-2000:]}")
 
 
 def test_a_gateway_at_home_chains_through_public_servers(internet, tmp_path: Path) -> None:
@@ -83,17 +104,10 @@ def test_a_gateway_at_home_chains_through_public_servers(internet, tmp_path: Pat
     home = internet.home("cone")
     laptop = internet.home_host(home)
 
-    nodes: list[Node] = []
-    try:
-        a = start_node(model, "--layers", "0:2", "--api", "off", api=False, key_dir=tmp_path,
-                       prefix=first.exec, listen=f"/ip4/{first.ip}/tcp/0")
-        nodes.append(a)
-        b = start_node(model, "--layers", "2:4", "--api", "off", "--join", a.address, api=False, key_dir=tmp_path,
-                       prefix=second.exec, listen=f"/ip4/{second.ip}/tcp/0")
-        nodes.append(b)
-        gateway = start_node(model, "--layers", "none", "--join", a.address, key_dir=tmp_path,
-                             prefix=laptop.exec, listen=f"/ip4/{laptop.ip}/tcp/0")
-        nodes.append(gateway)
+    with swarm_on(tmp_path) as start:
+        a = start(first, model, "--layers", "0:2", "--api", "off", api=False)
+        start(second, model, "--layers", "2:4", "--api", "off", "--join", a.address, api=False)
+        gateway = start(laptop, model, "--layers", "none", "--join", a.address)
         assert a.address.startswith(f"/ip4/{first.ip}/") and gateway.address.startswith(f"/ip4/{laptop.ip}/")
 
         # The NAT is real: the laptop reaches the internet, the internet not the laptop.
@@ -104,11 +118,6 @@ def test_a_gateway_at_home_chains_through_public_servers(internet, tmp_path: Pat
 
         wait_for_route(laptop, gateway)
         assert chat_from(laptop, gateway.url) == want
-    finally:
-        for node in nodes:
-            stop_node(node)
-        for node in nodes:
-            print(f"---- {' '.join(node.proc.args[4:8])} ----\n{node.output()[-2000:]}")
 
 
 def test_a_server_at_home_serves_a_public_gateway(internet, tmp_path: Path) -> None:
@@ -118,24 +127,12 @@ def test_a_server_at_home_serves_a_public_gateway(internet, tmp_path: Path) -> N
     first, second = internet.public(), internet.public()
     home = internet.home("cone")
     desk = internet.home_host(home)
-    nodes: list[Node] = []
-    try:
-        a = start_node(model, "--layers", "0:2", "--api", "off", api=False, key_dir=tmp_path,
-                       prefix=first.exec, listen=f"/ip4/{first.ip}/tcp/0")
-        nodes.append(a)
-        h = start_node(model, "--layers", "2:4", "--api", "off", "--join", a.address, api=False, key_dir=tmp_path,
-                       prefix=desk.exec, listen=f"/ip4/{desk.ip}/tcp/0")
-        nodes.append(h)
-        gateway = start_node(model, "--layers", "none", "--join", a.address, key_dir=tmp_path,
-                             prefix=second.exec, listen=f"/ip4/{second.ip}/tcp/0")
-        nodes.append(gateway)
+    with swarm_on(tmp_path) as start:
+        a = start(first, model, "--layers", "0:2", "--api", "off", api=False)
+        start(desk, model, "--layers", "2:4", "--api", "off", "--join", a.address, api=False)
+        gateway = start(second, model, "--layers", "none", "--join", a.address)
         wait_for_route(second, gateway)
         assert chat_from(second, gateway.url) == want
-    finally:
-        for node in nodes:
-            stop_node(node)
-        for node in nodes:
-            print(f"---- {' '.join(node.proc.args[4:8])} ----\n{node.output()[-2000:]}")
 
 
 def test_each_node_learns_whether_others_can_dial_it(internet, tmp_path: Path) -> None:
@@ -146,14 +143,11 @@ def test_each_node_learns_whether_others_can_dial_it(internet, tmp_path: Path) -
     closed, forwarded = internet.home("cone"), internet.home("cone")
     behind, served = internet.home_host(closed), internet.home_host(forwarded)
     internet.forward(forwarded, served, 4001)
-    nodes: list[Node] = []
-    try:
-        a = start_node(model, "--layers", "all", key_dir=tmp_path, prefix=public.exec, listen=f"/ip4/{public.ip}/tcp/0")
-        nodes.append(a)
-        for host, port in ((behind, 0), (served, 4001)):
-            nodes.append(start_node(model, "--layers", "all", "--api", "off", "--join", a.address, api=False,
-                                    key_dir=tmp_path, prefix=host.exec, listen=f"/ip4/{host.ip}/tcp/{port}", env={"SHARDMESH_DEBUG": "1"}))
-        want = {a.peer_id: "public", nodes[1].peer_id: "private", nodes[2].peer_id: "public"}
+    with swarm_on(tmp_path) as start:
+        a = start(public, model, "--layers", "all")
+        home_nodes = [start(host, model, "--layers", "all", "--api", "off", "--join", a.address, api=False, port=port,
+                            env={"SHARDMESH_DEBUG": "1"}) for host, port in ((behind, 0), (served, 4001))]
+        want = {a.peer_id: "public", home_nodes[0].peer_id: "private", home_nodes[1].peer_id: "public"}
         deadline = time.monotonic() + 60
         while True:
             peers = swarm_from(public, a)
@@ -162,8 +156,3 @@ def test_each_node_learns_whether_others_can_dial_it(internet, tmp_path: Path) -
                 break
             assert time.monotonic() < deadline, f"reach seen {seen}, expected {want}"
             time.sleep(1)
-    finally:
-        for node in nodes:
-            stop_node(node)
-        for node in nodes:
-            print(f"---- {' '.join(node.proc.args[4:8])} ----\n{node.output()[-2000:]}")

@@ -146,7 +146,10 @@ def watch_own_reachability(mesh: MeshHost, registry: Registry, swarm_key: SwarmK
     mesh.set_handler(DIALBACK_PROTOCOL, server.handle)
     ports = sorted({port for addr in mesh.addrs() if (port := port_of(str(addr)))})
     me = mesh.peer_id_str
-    others = lambda: [r.peer for r in registry.records() if r.peer != me]  # noqa: E731
+
+    def others() -> list[str]:
+        return [r.peer for r in registry.records() if r.peer != me]
+
     nursery.start_soon(watch_reachability, mesh, others, ports, lambda reach: registry.update_local(reach=reach))
 
 

@@ -20,9 +20,8 @@ checkpoint loader (:mod:`.weights`) serves both paths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,6 +29,7 @@ from torch.nn import functional as F
 
 from . import kv_attention
 from .dense_config import DenseConfig
+
 
 @dataclass(frozen=True)
 class Family:
