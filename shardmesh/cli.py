@@ -33,6 +33,9 @@ def _add_run(sub) -> None:
                    help="libp2p listen address (repeatable; default /ip4/0.0.0.0/tcp/4001; tcp/0 picks a port)")
     p.add_argument("--join", action="append", default=[], metavar="MULTIADDR",
                    help="a peer of the swarm to join, ending in /p2p/<peer id> (repeatable); none: start a new swarm")
+    p.add_argument("--announce", action="append", default=[], metavar="MULTIADDR",
+                   help="an address others can dial this node at, published instead of the listening ones "
+                        "(repeatable): a port forwarded on the router, a DNS name (/dns4/NAME/tcp/PORT)")
     p.add_argument("--key-file", default=None, help="the node's identity key (created on first run; default in ~/.local/share/shardmesh)")
     p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN by multicast DNS")
     p.add_argument("--link-port", type=int, default=NodeConfig.link_port, metavar="PORT",
@@ -164,6 +167,7 @@ def run(args) -> int:
         threads=args.threads,
         listen=tuple(args.listen or NodeConfig.listen),
         join=tuple(args.join),
+        announce=tuple(args.announce),
         key_file=args.key_file,
         mdns=not args.no_mdns,
         links=not args.no_links,
@@ -198,7 +202,7 @@ def run(args) -> int:
 
 
 def _check_addresses(config) -> None:
-    """Bad --listen / --join addresses are the user's to fix: one line, before anything starts."""
+    """Bad --listen / --join / --announce addresses are the user's to fix: one line, before anything starts."""
     from multiaddr import Multiaddr
 
     from .node.config import UsageError
@@ -220,6 +224,13 @@ def _check_addresses(config) -> None:
             parse_join_address(address)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
+    for address in config.announce:
+        try:
+            protocols = [p.name for p in Multiaddr(address).protocols()]
+        except Exception as exc:
+            raise UsageError(f"--announce {address}: not a multiaddr ({exc})") from exc
+        if "tcp" not in protocols or protocols[0] not in ("ip4", "ip6", "dns", "dns4", "dns6"):
+            raise UsageError(f"--announce {address}: wants an IP or DNS name and a TCP port, e.g. /ip4/203.0.113.7/tcp/4001")
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

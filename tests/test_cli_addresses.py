@@ -17,6 +17,8 @@ import pytest
         (["--join", "not-an-address"], "--join"),
         (["--listen", "garbage"], "--listen garbage: not a multiaddr"),
         (["--threads", "0"], "--threads wants a positive number"),
+        (["--announce", "garbage"], "--announce garbage: not a multiaddr"),
+        (["--announce", "/ip4/198.18.0.1/udp/4001"], "wants an IP or DNS name and a TCP port"),
     ],
 )
 def test_bad_addresses_are_one_line_errors(flags: list[str], expected: str, tmp_path) -> None:

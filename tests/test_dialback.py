@@ -14,20 +14,38 @@ from libp2p.peer.id import ID
 
 from shardmesh.mesh.addresses import port_of
 from shardmesh.mesh.dialback import (
-    MAX_MESSAGE, PRIVATE, PROTOCOL, PUBLIC, UNKNOWN, DialBackServer, ask, dial_with_fresh_identity, verdict,
+    MAX_MESSAGE, PRIVATE, PROTOCOL, PUBLIC, UNKNOWN, UNNAMED, DialBackServer, ask, dial_with_fresh_identity,
+    reached_addresses, seen_at, verdict,
 )  # fmt: skip
 from shardmesh.mesh.host import running_host
 
 LOCAL = "/ip4/127.0.0.1/tcp/0"
 
 
+A = "/ip4/198.18.1.1/tcp/4001"
+
+
 def test_verdict() -> None:
-    assert verdict([True, False, None], 3) == PUBLIC
-    assert verdict([False, False], 3) == PRIVATE
-    assert verdict([False, None, None], 3) == UNKNOWN  # one "no" among three asked: their firewall?
-    assert verdict([False], 1) == PRIVATE  # the only peer there is tried and failed
+    assert verdict([[A], [], None], 3) == PUBLIC
+    assert verdict([[], []], 3) == PRIVATE
+    assert verdict([[], None, None], 3) == UNKNOWN  # one "no" among three asked: their firewall?
+    assert verdict([[]], 1) == PRIVATE  # the only peer there is tried and failed
     assert verdict([None], 1) == UNKNOWN
     assert verdict([], 0) == UNKNOWN
+    assert verdict([[UNNAMED]], 1) == PUBLIC  # an older peer reached us without saying where
+
+
+def test_where_peers_reached_us() -> None:
+    """The answer's ports at its IP, only ports we asked about; the address most peers
+    agree on first (a lying peer's address cannot come first alone)."""
+    assert reached_addresses({"reached": [4001, 4002], "ip": "198.18.1.1"}, [4001]) == [A]
+    assert reached_addresses({"reached": [4001], "ip": "2001:db8::1"}, [4001]) == ["/ip6/2001:db8::1/tcp/4001"]
+    assert reached_addresses({"reached": [4001]}, [4001]) == [UNNAMED]
+    assert reached_addresses({"reached": [4001], "ip": "not an ip"}, [4001]) == [UNNAMED]
+    assert reached_addresses({"reached": [True, "4001"], "ip": "198.18.1.1"}, [4001]) == []
+    assert reached_addresses({"refused": "no"}, [4001]) is None
+    liar = "/ip4/203.0.113.9/tcp/4001"
+    assert seen_at([[liar], [A], [A, UNNAMED], None, []]) == [A, liar]
 
 
 def free_port() -> int:
@@ -75,13 +93,13 @@ def test_a_peer_dials_us_back_and_a_hostile_asker_changes_nothing() -> None:
             server_id = ID.from_base58(server.peer_id_str)
 
             listening = port_of(str(asker.addrs()[0]))
-            assert await ask(asker, server.peer_id_str, [listening]) is True
+            assert await ask(asker, server.peer_id_str, [listening]) == [f"/ip4/127.0.0.1/tcp/{listening}"]
             assert dials == [f"/ip4/127.0.0.1/tcp/{listening}/p2p/{asker.peer_id_str}"]
             # At once again: refused (one request per asker per interval), nothing dialled.
             assert await ask(asker, server.peer_id_str, [listening]) is None
             assert len(dials) == 1
             clock[0] += 60
-            assert await ask(asker, server.peer_id_str, [free_port()]) is False  # nobody listens there
+            assert await ask(asker, server.peer_id_str, [free_port()]) == []  # nobody listens there
 
             # The hostile peer: oversized frames and junk are reset, bad ports refused;
             # no address of its choosing is ever dialled.
@@ -91,12 +109,12 @@ def test_a_peer_dials_us_back_and_a_hostile_asker_changes_nothing() -> None:
                 answer = await raw_request(hostile, server_id, framed({"ports": ports}))
                 assert answer is not None and "refused" in answer, (ports, answer)
             answer = await raw_request(hostile, server_id, framed({"ports": [4001], "ip": "10.9.9.9"}))
-            assert answer == {"reached": []}
+            assert answer == {"reached": [], "ip": "127.0.0.1"}
             assert dials[-1] == f"/ip4/127.0.0.1/tcp/4001/p2p/{hostile.peer_id_str}"  # its own IP, not 10.9.9.9
             assert not any("10.9.9.9" in d for d in dials)
 
             clock[0] += 60  # the server still serves
-            assert await ask(asker, server.peer_id_str, [listening]) is True
+            assert await ask(asker, server.peer_id_str, [listening]) == [f"/ip4/127.0.0.1/tcp/{listening}"]
 
     trio.run(main)
 

@@ -136,23 +136,35 @@ def test_a_server_at_home_serves_a_public_gateway(internet, tmp_path: Path) -> N
 
 
 def test_each_node_learns_whether_others_can_dial_it(internet, tmp_path: Path) -> None:
-    """Its record's reach: a public node is public, a node behind its home NAT is
-    private, and one whose router forwards its listening port to it is public."""
+    """Its record's reach and addresses: a public node is public; a node behind its home
+    NAT is private and never publishes its private address; one whose router forwards
+    its listening port is public at the router's address, which goes first; one with
+    ``--announce`` publishes exactly that."""
     model = cached_tiny_model("llama", layers=2, hidden=64)
     public = internet.public()
-    closed, forwarded = internet.home("cone"), internet.home("cone")
-    behind, served = internet.home_host(closed), internet.home_host(forwarded)
+    closed, forwarded, announced = internet.home("cone"), internet.home("cone"), internet.home("cone")
+    behind, served, named = internet.home_host(closed), internet.home_host(forwarded), internet.home_host(announced)
     internet.forward(forwarded, served, 4001)
+    internet.forward(announced, named, 4001)
     with swarm_on(tmp_path) as start:
         a = start(public, model, "--layers", "all")
-        home_nodes = [start(host, model, "--layers", "all", "--api", "off", "--join", a.address, api=False, port=port,
-                            env={"SHARDMESH_DEBUG": "1"}) for host, port in ((behind, 0), (served, 4001))]
-        want = {a.peer_id: "public", home_nodes[0].peer_id: "private", home_nodes[1].peer_id: "public"}
+        joined = ("--layers", "all", "--api", "off", "--join", a.address)
+        home_nodes = [start(host, model, *joined, *extra, api=False, port=port, env={"SHARDMESH_DEBUG": "1"})
+                      for host, port, extra in ((behind, 0, ()), (served, 4001, ()),
+                                                (named, 4001, ("--announce", f"/ip4/{announced.router.ip}/tcp/4001")))]
+        private, forwarded_node, announced_node = home_nodes
+        want = {a.peer_id: "public", private.peer_id: "private", forwarded_node.peer_id: "public", announced_node.peer_id: "public"}
         deadline = time.monotonic() + 60
         while True:
             peers = swarm_from(public, a)
+            if private.peer_id in peers:  # from the first time it is seen
+                assert not any(behind.ip in addr for addr in peers[private.peer_id]["addrs"]), peers[private.peer_id]
             seen = {peer: peers[peer]["reach"] for peer in want if peer in peers}
             if seen == want:
                 break
             assert time.monotonic() < deadline, f"reach seen {seen}, expected {want}"
             time.sleep(1)
+        assert peers[private.peer_id]["addrs"] == []  # no relay yet: nothing it could be dialled at
+        assert peers[forwarded_node.peer_id]["addrs"] == [
+            f"/ip4/{forwarded.router.ip}/tcp/4001/p2p/{forwarded_node.peer_id}", f"/ip4/{served.ip}/tcp/4001/p2p/{forwarded_node.peer_id}"]
+        assert peers[announced_node.peer_id]["addrs"] == [f"/ip4/{announced.router.ip}/tcp/4001/p2p/{announced_node.peer_id}"]

@@ -45,6 +45,7 @@ __all__ = [
     "one_at_a_time",
     "open_rate",
     "open_request",
+    "own_addresses",
     "peer_table",
     "pipe",
     "reclaim",

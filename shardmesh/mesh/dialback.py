@@ -17,13 +17,15 @@ look public. So this is our own, as small as it can be (docs/PROTOCOL.md, sectio
   at a time on a node, whoever asks.
 
 Frames: ``u16 big-endian length | plain CBOR map`` of at most :data:`MAX_MESSAGE` bytes,
-``{"ports": [int, ...]}`` one way and ``{"reached": [int, ...]}`` (or ``{"refused":
-"reason"}``) the other. :func:`verdict` turns several peers' answers into ``public``,
-``private`` or ``unknown``.
+``{"ports": [int, ...]}`` one way and ``{"reached": [int, ...], "ip": text}`` (or
+``{"refused": "reason"}``) the other. :func:`verdict` turns several peers' answers into
+``public``, ``private`` or ``unknown``; :func:`seen_at` into the addresses we were
+reached at (behind a forwarded port, the router's: the one others should dial).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import struct
 from typing import Awaitable, Callable, Iterable
@@ -49,9 +51,13 @@ ANSWER_TIMEOUT = 2 * (DIAL_TIMEOUT + 3) * MAX_PORTS  # s we wait for a peer's an
 ASK_PEERS = 3  # peers asked per check
 RECHECK = 300.0  # s between checks once the answer is clear
 RETRY = 30.0  # s before checking again while it is unknown
-NOBODY_YET = 2.0  # s before looking again for a peer to ask
+NOBODY_YET = 1.0  # s before looking again for a peer to ask
+UNNAMED = "?"  # reached, by a peer that did not say at which IP
 
-__all__ = ["PROTOCOL", "PRIVATE", "PUBLIC", "REACHABILITY", "UNKNOWN", "DialBackServer", "ask", "verdict", "watch_reachability"]
+__all__ = [
+    "PROTOCOL", "PRIVATE", "PUBLIC", "REACHABILITY", "UNKNOWN",
+    "DialBackServer", "ask", "reached_addresses", "seen_at", "verdict", "watch_reachability",
+]
 
 
 async def _read_message(stream) -> dict:
@@ -149,13 +155,13 @@ class DialBackServer:
             for port in ports:
                 if await self.dial(f"/{kind}/{ip}/tcp/{port}/p2p/{asker}"):
                     reached.append(port)
-        await _write_message(stream, {"reached": reached})
+        await _write_message(stream, {"reached": reached, "ip": ip})
         await close_quietly(stream)
 
 
-async def ask(mesh: MeshHost, peer: str, ports: list[int]) -> bool | None:
-    """Ask connected ``peer`` to dial us back on ``ports``: True if it reached one,
-    False if it reached none, None if it refused or did not answer."""
+async def ask(mesh: MeshHost, peer: str, ports: list[int]) -> list[str] | None:
+    """Ask connected ``peer`` to dial us back on ``ports``: the addresses it reached us
+    at (``/ip4/IP/tcp/PORT``; empty if none), or None if it refused or did not answer."""
     from libp2p.peer.id import ID
 
     stream = None
@@ -170,13 +176,28 @@ async def ask(mesh: MeshHost, peer: str, ports: list[int]) -> bool | None:
             await reset_quietly(stream)
         return None
     await close_quietly(stream)
+    return reached_addresses(answer, ports)
+
+
+def reached_addresses(answer: dict, ports: list[int]) -> list[str] | None:
+    """The addresses an answer says we were reached at: its ``reached`` ports (only
+    those we asked about) at its ``ip`` (the one it saw us at). An answer without a
+    valid ``ip`` (an older node) still counts as reached, at no address we can name."""
     reached = answer.get("reached")
     if not isinstance(reached, list):
         return None
-    return bool(reached)
+    ports_reached = [p for p in reached if isinstance(p, int) and not isinstance(p, bool) and p in ports]
+    if not ports_reached:
+        return []
+    try:
+        ip = ipaddress.ip_address(answer.get("ip"))  # type: ignore[arg-type]
+    except ValueError:
+        return [UNNAMED]
+    kind = "ip4" if ip.version == 4 else "ip6"
+    return [f"/{kind}/{ip}/tcp/{port}" for port in ports_reached]
 
 
-def verdict(answers: Iterable[bool | None], asked: int) -> str:
+def verdict(answers: Iterable[list[str] | None], asked: int) -> str:
     """``public`` if any peer reached us; ``private`` if none did and two tried (or, of
     ``asked`` peers fewer than two, all did: a small swarm has no second opinion); else
     ``unknown`` (one failure among several may be that peer's own firewall)."""
@@ -186,31 +207,48 @@ def verdict(answers: Iterable[bool | None], asked: int) -> str:
     return PRIVATE if answered and len(answered) >= min(2, asked) else UNKNOWN
 
 
+def seen_at(answers: Iterable[list[str] | None]) -> list[str]:
+    """The addresses peers reached us at, the one most peers agree on first."""
+    counts: dict[str, int] = {}
+    for answer in answers:
+        for addr in dict.fromkeys(answer or ()):
+            if addr != UNNAMED:
+                counts[addr] = counts.get(addr, 0) + 1
+    return sorted(counts, key=lambda a: -counts[a])
+
+
 async def watch_reachability(
     mesh: MeshHost,
     candidates: Callable[[], list[str]],
     ports: list[int],
-    publish: Callable[[str], None],
+    publish: Callable[[str, list[str]], None],
 ) -> None:
     """Forever: ask up to :data:`ASK_PEERS` of the connected ``candidates()`` to dial us
-    back, and ``publish`` the verdict whenever it changes."""
-    current = UNKNOWN
+    back, and ``publish(verdict, addresses reached)`` after the first round of
+    answers and whenever either changes."""
+    current: tuple[str, list[str]] = (UNKNOWN, [])
+    asked_before = False
     while True:
         connected = {p.to_base58() for p in mesh.connected_peers()}
         peers = [p for p in candidates() if p in connected][:ASK_PEERS]
-        answers: list[bool | None] = []
+        answers: list[list[str] | None] = []
         if peers and ports:
             async with trio.open_nursery() as nursery:
                 async def one(peer: str) -> None:
                     answers.append(await ask(mesh, peer, ports))
                 for peer in peers:
                     nursery.start_soon(one, peer)
-        found = verdict(answers, len(peers))
-        if found != current and (found != UNKNOWN or current == UNKNOWN):
-            log.info("reachability: %s (%d of %d peers asked reached us)", found, sum(bool(a) for a in answers), len(peers))
+        found = (verdict(answers, len(peers)), seen_at(answers))
+        first_answer = asked_before is False and peers
+        asked_before = asked_before or bool(peers)
+        # The first round is published even when it settled nothing (peers that do not
+        # speak this protocol): the node then stops holding its addresses back.
+        if first_answer or (found != current and (found[0] != UNKNOWN or current[0] == UNKNOWN)):
+            log.info("reachability: %s (%d of %d peers asked reached us%s)", found[0], sum(bool(a) for a in answers),
+                     len(peers), f" at {', '.join(found[1])}" if found[1] else "")
             current = found
-            publish(found)
+            publish(*found)
         if not peers:
             await trio.sleep(NOBODY_YET)
         else:
-            await trio.sleep(RETRY if found == UNKNOWN else RECHECK)
+            await trio.sleep(RETRY if found[0] == UNKNOWN else RECHECK)

@@ -37,7 +37,7 @@ import trio
 from multiaddr import Multiaddr
 
 from .addresses import advertised_addrs
-from .names import NameNotResolved, resolve_names
+from .names import NameNotResolved, dial_targets, resolve_names
 from .peer_table import PinnedPeerStore
 from .record_checks import MAX_ADDRS
 from .swarm_key import SwarmKey, require_swarm_key
@@ -86,9 +86,23 @@ def port_in_use(address: str) -> bool:
 
 
 def remote_ip(stream) -> str | None:
-    """The IP of the libp2p connection under ``stream`` (None for the in-process pipe)."""
+    """The IP of the libp2p connection under ``stream``; None for the in-process pipe and
+    for a relayed connection (whose socket's far end is the relay, not the peer)."""
+    if is_relayed(stream):
+        return None
     address = getattr(stream, "get_remote_address", lambda: None)()
     return address[0] if address else None
+
+
+def is_relayed(stream_or_conn) -> bool:
+    """Whether a stream's (or muxed connection's) connection runs through a relay."""
+    from libp2p.connection_types import ConnectionType
+
+    conn = getattr(stream_or_conn, "muxed_conn", stream_or_conn)
+    try:
+        return conn.get_connection_type() == ConnectionType.RELAYED
+    except Exception:  # noqa: BLE001 - the in-process pipe, or a connection being torn down
+        return False
 
 
 def peer_id_of(key_pair):
@@ -237,24 +251,38 @@ class MeshHost:
     async def ensure_connected(self, peer_id) -> None:
         """Dial ``peer_id`` unless connected: at the addresses its record names (the
         :attr:`address_book`), else at those the peer table holds (a peer we dialled
-        by address, e.g. ``--join``)."""
+        by address, e.g. ``--join``).
+
+        Record addresses are tried one by one, in the record's order, loopback ones
+        last: py-libp2p given several dials only the first of each kind, so a record
+        whose first address is stale or wrong (a lying dial-back peer) would make the
+        peer undialable although a later address works."""
         from libp2p.peer.peerinfo import PeerInfo
 
         async with self._dial_lock(peer_id):
             if peer_id in self.host.get_network().connections:
                 return
-            addrs = _transport_addrs(self.address_book(peer_id.to_base58()))
+            addrs = [Multiaddr(a) for a in await dial_targets(self.address_book(peer_id.to_base58()))]
             peerstore = self.host.get_peerstore()
-            if addrs:
-                peerstore.clear_addrs(peer_id)  # py-libp2p dials the first one it holds
-            else:
+            if not addrs:
                 try:
                     addrs = peerstore.addrs(peer_id)
                 except Exception:  # PeerStoreError: never heard of, or expired
                     addrs = []
-            if not addrs:
-                raise HostError(f"no known address for {peer_id}")
-            await self._dial(PeerInfo(peer_id, addrs), str(peer_id))
+                if not addrs:
+                    raise HostError(f"no known address for {peer_id}")
+                await self._dial(PeerInfo(peer_id, addrs), str(peer_id))
+                return
+            failure: HostError | None = None
+            for addr in addrs:
+                peerstore.clear_addrs(peer_id)  # py-libp2p dials the first one it holds
+                try:
+                    await self._dial(PeerInfo(peer_id, [addr]), f"{peer_id} at {addr}")
+                    return
+                except HostError as exc:
+                    failure = exc
+            assert failure is not None
+            raise failure
 
     async def dial_peer(self, peer: str) -> None:
         """:meth:`ensure_connected` by base58 peer id."""
@@ -288,17 +316,6 @@ class MeshHost:
 
     def connected_peers(self) -> list:
         return list(self.host.get_network().connections.keys())
-
-
-def _transport_addrs(addrs: list[str]) -> list[Multiaddr]:
-    """``addrs`` without their ``/p2p/<peer>`` part, as multiaddrs; unparsable ones left out."""
-    out = []
-    for a in addrs:
-        try:
-            out.append(Multiaddr(a.split("/p2p/")[0]))
-        except Exception:
-            continue
-    return out
 
 
 class StillRunning(Exception):

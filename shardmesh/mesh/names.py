@@ -20,7 +20,7 @@ from multiaddr import Multiaddr
 NAME_PROTOCOLS = {"dns": socket.AF_UNSPEC, "dns4": socket.AF_INET, "dns6": socket.AF_INET6}
 MAX_RESOLVED = 8  # addresses tried per name: a name with hundreds of records is not our problem
 
-__all__ = ["NameNotResolved", "has_name", "resolve_names"]
+__all__ = ["NameNotResolved", "dial_targets", "has_name", "resolve_names"]
 
 
 class NameNotResolved(Exception):
@@ -71,3 +71,18 @@ async def resolve_names(address: str) -> list[str]:
     if not resolved:
         raise NameNotResolved(f"cannot resolve {name!r}: no IPv4 or IPv6 address")
     return resolved
+
+
+async def dial_targets(addrs: list[str]) -> list[str]:
+    """A record's addresses as dialable multiaddrs: the final ``/p2p/<peer>`` dropped,
+    DNS names resolved (an ``--announce`` may be one), loopback ones last (on another
+    machine they reach nobody, or the wrong node); unparsable and unresolvable ones
+    left out. A record holds at most ``MAX_ADDRS``, so this is at most that many lookups."""
+    out: list[str] = []
+    for a in addrs:
+        base = a.rsplit("/p2p/", 1)[0] if "/p2p/" in a else a
+        try:
+            out.extend(str(Multiaddr(r)) for r in (await resolve_names(base) if has_name(base) else [base]))
+        except Exception:  # noqa: BLE001 - NameNotResolved, or junk a record should not carry
+            continue
+    return sorted(dict.fromkeys(out), key=lambda a: a.startswith(("/ip4/127.", "/ip6/::1/")))

@@ -81,8 +81,6 @@ class Registry:
                 raise ValueError(f"local record is for {local.peer}, but this host is {mesh_host.peer_id_str}")
             if local.model != model_id:
                 raise ValueError(f"local record is for model {local.model}, registry for {model_id}")
-            if not local.addrs:
-                local = dataclasses.replace(local, addrs=tuple(mesh_host.dialable_addrs()))
         self.mesh_host = mesh_host
         self.model_id = model_id
         self.topic = records_topic(model_id)

@@ -27,6 +27,7 @@ class NodeConfig:
     session_idle_timeout: float = 300.0  # seconds before an idle session's cache is freed
     listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)  # libp2p listen multiaddrs
     join: tuple[str, ...] = ()  # bootstrap multiaddrs (.../p2p/<peer id>); none: a new swarm
+    announce: tuple[str, ...] = ()  # addresses our record carries instead of the listening ones (mesh/own_addresses.py)
     key_file: str | None = None  # the node's identity; None: in the user's data directory
     mdns: bool = True  # find peers on the LAN by multicast DNS
     links: bool = True  # move sessions' frames to hop links (mesh/link.py) when both ends can

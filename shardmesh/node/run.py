@@ -25,12 +25,12 @@ from .. import __version__
 from ..api.app import create_app, serve
 from ..api.generate import Generator, eos_token_ids
 from ..backends.weights import identity_bytes
-from ..mesh.addresses import port_of
+from ..mesh.addresses import port_of, with_peer_id
 from ..mesh.allow_list import AllowList, AllowListError, ConnectionGate, read_allow_list
 from ..mesh.audit_policy import AuditPolicy
 from ..mesh.audited_chains import AuditedChains
 from ..mesh.mesh_chains import MeshChains
-from ..mesh.dialback import PROTOCOL as DIALBACK_PROTOCOL, DialBackServer, dial_with_fresh_identity, watch_reachability
+from ..mesh.dialback import MAX_PORTS, PROTOCOL as DIALBACK_PROTOCOL, DialBackServer, dial_with_fresh_identity, watch_reachability
 from ..mesh.discovery import Discovery
 from ..mesh.gateway_ticket import TicketIssuer
 from ..mesh.hop_server import HopServer, Limits
@@ -39,6 +39,7 @@ from ..mesh.hints import confirm, follow_hints
 from ..mesh.identity import IdentityInUse, default_key_file, holding_identity
 from ..mesh.liveness import PING_TIMEOUT, ping_connected
 from ..mesh.link_offers import LinkListener, Links
+from ..mesh.own_addresses import OwnAddresses, likely_behind_nat
 from ..mesh.records import NodeRecord, model_identity
 from ..mesh.registry import Registry
 from ..mesh.rtt import answers_ping, publish_rtts
@@ -56,11 +57,11 @@ from .span_keeper import SpanKeeper
 log = logging.getLogger("shardmesh.node")
 
 
-def local_record(mesh: MeshHost, model: LoadedModel, model_id: str, limits: Limits) -> NodeRecord:
+def local_record(mesh: MeshHost, addrs: list[str], model: LoadedModel, model_id: str, limits: Limits) -> NodeRecord:
     """The record a node starts with: no blocks yet (a span is announced when chosen)."""
     return NodeRecord(
         peer=mesh.peer_id_str,
-        addrs=tuple(mesh.dialable_addrs()),
+        addrs=tuple(addrs),
         model=model_id,
         start=0,
         end=0,
@@ -139,18 +140,37 @@ async def warn_while_alone(discovery: Discovery, config: NodeConfig, say: Callab
         f"and that this node has {key}){last}")
 
 
-def watch_own_reachability(mesh: MeshHost, registry: Registry, swarm_key: SwarmKey | None, nursery: trio.Nursery) -> None:
+def own_addresses(mesh: MeshHost, config: NodeConfig, publish: Callable[..., object]) -> OwnAddresses:
+    """Our addresses as the record will carry them (mesh/own_addresses.py): ``--announce``
+    ones as given; a node that looks to be behind a NAT holds its listening ones back
+    until peers say whether they can dial them."""
+    announced = []
+    for address in config.announce:
+        pinned = with_peer_id(address, mesh.peer_id_str)
+        if pinned is None:
+            raise UsageError(f"--announce {address}: names another peer than this node ({mesh.peer_id_str})")
+        announced.append(pinned)
+    listening = mesh.dialable_addrs()
+    hold = likely_behind_nat(listening, config.join)
+    return OwnAddresses(mesh.peer_id_str, listening, publish, announced=announced, hold_until_known=hold)
+
+
+def watch_own_reachability(
+    mesh: MeshHost, registry: Registry, own: OwnAddresses, swarm_key: SwarmKey | None, nursery: trio.Nursery
+) -> None:
     """Answer others' dial-back requests, and ask peers whether they can dial us: the
-    record's ``reach`` (mesh/dialback.py)."""
+    record's ``reach``, and with it the addresses it publishes (mesh/dialback.py)."""
     server = DialBackServer(partial(dial_with_fresh_identity, swarm_key=swarm_key))
     mesh.set_handler(DIALBACK_PROTOCOL, server.handle)
-    ports = sorted({port for addr in mesh.addrs() if (port := port_of(str(addr)))})
+    # Announced ports too: a router may forward another port than the one we listen on.
+    ports = sorted({port for addr in [*map(str, mesh.addrs()), *own.announced] if (port := port_of(addr))})[:MAX_PORTS]
     me = mesh.peer_id_str
 
-    def others() -> list[str]:
-        return [r.peer for r in registry.records() if r.peer != me]
+    def others() -> list[str]:  # swarm members first; any connected peer may still answer
+        members = [r.peer for r in registry.records() if r.peer != me]
+        return members + [p for p in (c.to_base58() for c in mesh.connected_peers()) if p not in members]
 
-    nursery.start_soon(watch_reachability, mesh, others, ports, lambda reach: registry.update_local(reach=reach))
+    nursery.start_soon(watch_reachability, mesh, others, ports, own.set_reach)
 
 
 def read_key(config: NodeConfig) -> SwarmKey | None:
@@ -205,7 +225,8 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             say(f"private swarm: every connection needs the key in {config.swarm_key} (fingerprint {swarm_key.fingerprint()})")
         if allow is not None:
             say(f"private swarm: only the {len(allow.peers) - 1} other peer ids in {config.allow_peers}")
-        registry = Registry(mesh, model_id, local_record(mesh, model, model_id, limits), allowed=allow and allow.allows)
+        own = own_addresses(mesh, config, lambda **changes: registry.update_local(**changes))
+        registry = Registry(mesh, model_id, local_record(mesh, own.addrs(), model, model_id, limits), allowed=allow and allow.allows)
         await nursery.start(registry.run)
         mesh.set_handler(SWARM_MAP_PROTOCOL, swarm_map_handler(registry))  # `shardmesh status`, joining nodes
         await nursery.start(discovery.run)
@@ -265,7 +286,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
         nursery.start_soon(ping_connected, connected_online_peers, partial(answers_ping, mesh, timeout=PING_TIMEOUT), liveness, time.time)
         check = partial(confirm, connected=mesh.is_connected, ping=partial(answers_ping, mesh), dial=mesh.dial_peer, liveness=liveness, clock=time.time)
         nursery.start_soon(follow_hints, me, registry.records, liveness, check, lambda s: registry.update_local(suspects=s), time.time)
-        watch_own_reachability(mesh, registry, swarm_key, nursery)
+        watch_own_reachability(mesh, registry, own, swarm_key, nursery)
 
         backoff = FailureBackoff()
         audits = AuditPolicy(rate=config.audit_rate)
