@@ -41,6 +41,9 @@ def _add_run(sub) -> None:
     p.add_argument("--link-port", type=int, default=NodeConfig.link_port, metavar="PORT",
                    help="TCP port for hop links, the sessions' direct encrypted connections (default 0: any free port; "
                         "behind a NAT forward it along with the libp2p port)")
+    p.add_argument("--relay-service", default="on", choices=["on", "off"],
+                   help="while peers can dial this node, relay for nodes behind NATs that they cannot dial "
+                        "(circuit relay v2, bounded per peer, in bytes and in time; default on)")
     p.add_argument("--no-links", action="store_true",
                    help="keep every session on its libp2p stream (slower per hop; for networks that allow one port only)")
     p.add_argument("--max-blocks", type=int, default=NodeConfig.max_blocks, metavar="N", help="with --layers auto: serve at most N blocks")
@@ -171,6 +174,7 @@ def run(args) -> int:
         key_file=args.key_file,
         mdns=not args.no_mdns,
         links=not args.no_links,
+        relay_service=args.relay_service == "on",
         link_port=args.link_port,
         max_blocks=args.max_blocks,
         memory_fraction=args.memory_fraction,

@@ -164,7 +164,91 @@ def test_each_node_learns_whether_others_can_dial_it(internet, tmp_path: Path) -
                 break
             assert time.monotonic() < deadline, f"reach seen {seen}, expected {want}"
             time.sleep(1)
-        assert peers[private.peer_id]["addrs"] == []  # no relay yet: nothing it could be dialled at
+        assert all("/p2p-circuit/" in addr for addr in peers[private.peer_id]["addrs"])  # relays only
         assert peers[forwarded_node.peer_id]["addrs"] == [
             f"/ip4/{forwarded.router.ip}/tcp/4001/p2p/{forwarded_node.peer_id}", f"/ip4/{served.ip}/tcp/4001/p2p/{forwarded_node.peer_id}"]
         assert peers[announced_node.peer_id]["addrs"] == [f"/ip4/{announced.router.ip}/tcp/4001/p2p/{announced_node.peer_id}"]
+
+
+@pytest.mark.parametrize("gateway_nat", ["cone", "random"])
+def test_homes_behind_two_nats_chain_through_a_relay(internet, tmp_path: Path, gateway_nat: str) -> None:
+    """A server in one home and a gateway in another (behind a cone NAT, or one that
+    maps each connection to a random port): neither can dial the other. The server,
+    private, reserves on the public node (its only public peer) and publishes a circuit
+    address; the gateway dials it through the relay. Exact answer."""
+    model = cached_tiny_model("llama", layers=4, hidden=64)
+    ref = Transformers(model)
+    want = ref.greedy(ref.chat_ids(MESSAGES), TOKENS).text
+    public = internet.public()
+    desk = internet.home_host(internet.home("cone"))
+    laptop = internet.home_host(internet.home(gateway_nat))
+    with swarm_on(tmp_path) as start:
+        a = start(public, model, "--layers", "0:2", "--api", "off", api=False)
+        server = start(desk, model, "--layers", "2:4", "--api", "off", "--join", a.address, api=False, env={"SHARDMESH_DEBUG": "1"})
+        gateway = start(laptop, model, "--layers", "none", "--join", a.address, env={"SHARDMESH_DEBUG": "1"})
+        wait_for_route(laptop, gateway, timeout=90)
+        assert chat_from(laptop, gateway.url) == want
+        record = swarm_from(laptop, gateway)[server.peer_id]
+        assert record["connection"] == "relayed" and swarm_from(laptop, gateway)[a.peer_id]["connection"] == "direct"
+        assert record["reach"] == "private"
+        assert record["addrs"] == [f"{a.address}/p2p-circuit/p2p/{server.peer_id}"]
+
+
+STREAM = """
+import json, sys, openai
+url, messages, tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+name = client.models.list().data[0].id
+for chunk in client.chat.completions.create(model=name, messages=messages, max_tokens=tokens, temperature=0, stream=True):
+    if chunk.choices and chunk.choices[0].delta.content:
+        print(json.dumps(chunk.choices[0].delta.content), flush=True)
+"""
+
+
+def test_a_relay_that_goes_away_mid_answer(internet, tmp_path: Path) -> None:
+    """The home server holds reservations on two of three public relays (the public
+    server relays for nobody: ``--relay-service off``); the relay
+    the gateway reaches it through is killed while an answer streams. The server
+    reserves on the third within 10 s; the answer fails over and ends exactly."""
+    model = cached_tiny_model("llama", layers=4, hidden=64)
+    ref = Transformers(model)
+    tokens = 60
+    want = ref.greedy(ref.chat_ids(MESSAGES), tokens).text
+    publics = [internet.public() for _ in range(4)]
+    desk = internet.home_host(internet.home("cone"))
+    laptop = internet.home_host(internet.home("cone"))
+    with swarm_on(tmp_path) as start:
+        a = start(publics[0], model, "--layers", "0:2", "--api", "off", "--relay-service", "off", api=False)
+        relays = {}
+        for host in publics[1:]:
+            node = start(host, model, "--layers", "none", "--join", a.address)  # relays that serve nothing
+            relays[node.peer_id] = node
+        server = start(desk, model, "--layers", "2:4", "--api", "off", "--join", a.address, "--max-blocks", "2", api=False)
+        gateway = start(laptop, model, "--layers", "none", "--join", a.address)
+        wait_for_route(laptop, gateway, timeout=90)
+
+        def circuits() -> list[str]:
+            return [addr.split("/p2p/")[1].split("/")[0] for addr in swarm_from(laptop, gateway)[server.peer_id]["addrs"]]
+
+        deadline = time.monotonic() + 30
+        while len(circuits()) < 2:  # two reservations, published
+            assert time.monotonic() < deadline, circuits()
+            time.sleep(0.5)
+        client = subprocess.Popen([*laptop.exec, sys.executable, "-c", STREAM, gateway.url, json.dumps(MESSAGES), str(tokens)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert client.stdout is not None
+        pieces = [json.loads(client.stdout.readline()) for _ in range(3)]
+        used = circuits()[0]  # the gateway dials a record's addresses in order
+        assert used in relays and swarm_from(laptop, gateway)[server.peer_id]["connection"] == "relayed"
+        relays[used].proc.kill()
+        killed = time.monotonic()
+        pieces += [json.loads(line) for line in client.stdout]
+        assert client.wait(timeout=60) == 0, client.stderr.read() if client.stderr else ""
+        assert "".join(pieces) == want
+
+        while True:  # the dead relay replaced: two circuits again, on live relays
+            now = circuits()
+            if len(now) == 2 and used not in now:
+                break
+            assert time.monotonic() - killed < 10 + 5, f"still {now} (dead relay {used})"  # 5 s: the record's travel
+            time.sleep(0.5)

@@ -1,11 +1,11 @@
-"""host.without_cancel: our deadlines stop the waiting, never the py-libp2p call."""
+"""without_cancel: our deadlines stop the waiting, never the py-libp2p call."""
 
 from __future__ import annotations
 
 import pytest
 import trio
 
-from shardmesh.mesh.host import StillRunning, without_cancel
+from shardmesh.mesh.without_cancel import StillRunning, without_cancel
 
 
 def test_a_slow_call_is_left_running_not_cancelled() -> None:

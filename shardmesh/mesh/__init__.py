@@ -52,6 +52,10 @@ __all__ = [
     "record_checks",
     "record_keys",
     "records",
+    "relay_client",
+    "relay_dial",
+    "relay_service",
+    "relay_wire",
     "registry",
     "registry_stats",
     "rtt",
@@ -60,4 +64,5 @@ __all__ = [
     "swarm_view",
     "view_room",
     "wire",
+    "without_cancel",
 ]

@@ -38,7 +38,8 @@ import trio
 
 from ..placement.spans import DRAINING
 from .dht_peers import ConnectionWatcher, adopt_peers
-from .host import MeshHost, StillRunning, reset_quietly
+from .host import MeshHost, reset_quietly
+from .without_cancel import StillRunning
 from .dht_values import ExpiringValues, RecordValidator
 from .one_at_a_time import OneAtATime
 from .record_keys import RECORD_NAMESPACE, block_key, block_key_multihash, record_key

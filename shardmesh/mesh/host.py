@@ -31,13 +31,14 @@ import logging
 import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 from multiaddr import Multiaddr
 
 from .addresses import advertised_addrs
 from .names import NameNotResolved, dial_targets, resolve_names
+from .relay_dial import UPGRADE_TIMEOUT, dial_through_relay, is_circuit
 from .peer_table import PinnedPeerStore
 from .record_checks import MAX_ADDRS
 from .swarm_key import SwarmKey, require_swarm_key
@@ -229,6 +230,9 @@ class MeshHost:
         return lock
 
     async def _dial(self, info, what: str) -> None:
+        if len(info.addrs) == 1 and is_circuit(info.addrs[0]):
+            await self._dial_through_relay(info.peer_id, str(info.addrs[0]), what)
+            return
         self.host.get_network().unblock_peer(info.peer_id)  # a restarted peer: dial it now
         try:
             with trio.fail_after(DIAL_TIMEOUT + 1):
@@ -237,6 +241,21 @@ class MeshHost:
             raise HostError(f"dialling {what} timed out") from exc
         except Exception as exc:
             raise HostError(f"dialling {what} failed: {exc}") from exc
+
+    async def _dial_through_relay(self, peer_id, circuit: str, what: str) -> None:
+        """``circuit`` is ``<relay address>/p2p/<relay>/p2p-circuit``: reach the relay, then
+        ask it to connect us (:mod:`.relay_dial`)."""
+        relay_address = circuit.split("/p2p-circuit")[0]
+        try:
+            relay = await self.connect(relay_address)
+            with trio.fail_after(DIAL_TIMEOUT + UPGRADE_TIMEOUT):
+                await dial_through_relay(self.host, relay, peer_id, Multiaddr(f"{circuit}/p2p/{peer_id.to_base58()}"))
+        except HostError as exc:
+            raise HostError(f"dialling {what} through its relay: {exc}") from exc
+        except trio.TooSlowError as exc:
+            raise HostError(f"dialling {what} through its relay timed out") from exc
+        except Exception as exc:
+            raise HostError(f"dialling {what} through its relay failed: {exc}") from exc
 
     def protect(self, peer_id) -> None:
         """Never trim connections to ``peer_id``. Two peers that dial each other at
@@ -290,6 +309,18 @@ class MeshHost:
 
         await self.ensure_connected(ID.from_base58(peer))
 
+    def connection_kind(self, peer: str) -> str | None:
+        """How we are connected to ``peer`` now: ``direct``, ``relayed`` or None."""
+        from libp2p.peer.id import ID
+
+        try:
+            conns = self.host.get_network().get_connections(ID.from_base58(peer))
+        except Exception:  # noqa: BLE001 - not a peer id
+            return None
+        if not conns:
+            return None
+        return "relayed" if all(is_relayed(c.muxed_conn) for c in conns) else "direct"
+
     def is_connected(self, peer: str) -> bool:
         return any(p.to_base58() == peer for p in self.host.get_network().connections)
 
@@ -316,41 +347,6 @@ class MeshHost:
 
     def connected_peers(self) -> list:
         return list(self.host.get_network().connections.keys())
-
-
-class StillRunning(Exception):
-    """A call given to :func:`without_cancel` had not finished by its deadline."""
-
-
-async def without_cancel(nursery: trio.Nursery, timeout: float, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-    """``await fn(*args)`` run in ``nursery``, waited for up to ``timeout`` seconds.
-
-    py-libp2p cannot take a cancellation in the middle of a stream write or read: half
-    a Noise message or a lost window update, and the peer stalls or drops the whole
-    connection, with every inference session on it. So our deadlines never cancel its
-    calls: past ``timeout`` we stop waiting (:class:`StillRunning`) and the call ends in
-    the background, bounded by py-libp2p's own timeouts. Its result, or its exception.
-    """
-    done = trio.Event()
-    outcome: list[tuple[bool, Any]] = []
-
-    async def run() -> None:
-        try:
-            outcome.append((True, await fn(*args)))
-        except Exception as exc:
-            outcome.append((False, exc))
-        finally:
-            done.set()
-
-    nursery.start_soon(run)
-    with trio.move_on_after(timeout):
-        await done.wait()
-    if not outcome:
-        raise StillRunning(f"{getattr(fn, '__name__', fn)} still running after {timeout:g} s")
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
 
 
 async def reset_quietly(stream) -> None:

@@ -1,7 +1,7 @@
 """py-libp2p calls under our deadlines, at most one of each kind in flight.
 
 A publish, a DHT put or a provide must not be cancelled half-way (see
-:func:`~.host.without_cancel`): past its deadline we stop waiting and the call ends in
+:func:`~.without_cancel.without_cancel`): past its deadline we stop waiting and the call ends in
 the background. If that call is stuck, the next one of the same kind would pile up
 behind it, and the next; refusing a second call of a kind while one still runs keeps
 the number of stuck calls at one per kind.
@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from .host import StillRunning, without_cancel
+from .without_cancel import StillRunning, without_cancel
 
 
 class OneAtATime:

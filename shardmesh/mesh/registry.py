@@ -31,7 +31,8 @@ from ..placement.spans import ServerView, coverage
 from .dht import LOOKUP_TIMEOUT, REPROVIDE_INTERVAL, SwarmDht
 from .gossip import Gossip, records_topic
 from .liveness import DisconnectWatcher, check_peer
-from .host import MeshHost, StillRunning
+from .host import MeshHost
+from .without_cancel import StillRunning
 from .records import MAX_RECORD_LIFETIME, RECORD_TTL, NodeRecord, expires_at, record_json, sign_record
 from .registry_stats import RegistryStats
 from .swarm_map import SwarmMapError, fetch_swarm_map
@@ -184,6 +185,7 @@ class Registry:
     def _peer_json(self, record: NodeRecord, now: float) -> dict[str, Any]:
         peer = record_json(record, now)
         since = self.view.liveness.since(record.peer)
+        peer["connection"] = self.mesh_host.connection_kind(record.peer)  # direct, relayed or None
         peer["unreachable"] = since is not None
         if since is not None:
             peer["unreachable_for"] = round(now - since, 1)  # seconds since this node found it so

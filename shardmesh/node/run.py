@@ -25,12 +25,10 @@ from .. import __version__
 from ..api.app import create_app, serve
 from ..api.generate import Generator, eos_token_ids
 from ..backends.weights import identity_bytes
-from ..mesh.addresses import port_of, with_peer_id
 from ..mesh.allow_list import AllowList, AllowListError, ConnectionGate, read_allow_list
 from ..mesh.audit_policy import AuditPolicy
 from ..mesh.audited_chains import AuditedChains
 from ..mesh.mesh_chains import MeshChains
-from ..mesh.dialback import MAX_PORTS, PROTOCOL as DIALBACK_PROTOCOL, DialBackServer, dial_with_fresh_identity, watch_reachability
 from ..mesh.discovery import Discovery
 from ..mesh.gateway_ticket import TicketIssuer
 from ..mesh.hop_server import HopServer, Limits
@@ -39,7 +37,6 @@ from ..mesh.hints import confirm, follow_hints
 from ..mesh.identity import IdentityInUse, default_key_file, holding_identity
 from ..mesh.liveness import PING_TIMEOUT, ping_connected
 from ..mesh.link_offers import LinkListener, Links
-from ..mesh.own_addresses import OwnAddresses, likely_behind_nat
 from ..mesh.records import NodeRecord, model_identity
 from ..mesh.registry import Registry
 from ..mesh.rtt import answers_ping, publish_rtts
@@ -52,6 +49,7 @@ from .blocks import auto_capacity, load_blocks, run_blocks
 from .chains import NodeChains, route_finder
 from .config import NodeConfig, UsageError
 from .model import LoadedModel, load_model_meta
+from .reachability import own_addresses, use_relays, watch_own_reachability
 from .span_keeper import SpanKeeper
 
 log = logging.getLogger("shardmesh.node")
@@ -138,39 +136,6 @@ async def warn_while_alone(discovery: Discovery, config: NodeConfig, say: Callab
     last = f"; last error: {errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "") if errors else ""
     say(f"no --join peer answered within {JOIN_PATIENCE:g} s; still trying (check the addresses, that a peer is up, "
         f"and that this node has {key}){last}")
-
-
-def own_addresses(mesh: MeshHost, config: NodeConfig, publish: Callable[..., object]) -> OwnAddresses:
-    """Our addresses as the record will carry them (mesh/own_addresses.py): ``--announce``
-    ones as given; a node that looks to be behind a NAT holds its listening ones back
-    until peers say whether they can dial them."""
-    announced = []
-    for address in config.announce:
-        pinned = with_peer_id(address, mesh.peer_id_str)
-        if pinned is None:
-            raise UsageError(f"--announce {address}: names another peer than this node ({mesh.peer_id_str})")
-        announced.append(pinned)
-    listening = mesh.dialable_addrs()
-    hold = likely_behind_nat(listening, config.join)
-    return OwnAddresses(mesh.peer_id_str, listening, publish, announced=announced, hold_until_known=hold)
-
-
-def watch_own_reachability(
-    mesh: MeshHost, registry: Registry, own: OwnAddresses, swarm_key: SwarmKey | None, nursery: trio.Nursery
-) -> None:
-    """Answer others' dial-back requests, and ask peers whether they can dial us: the
-    record's ``reach``, and with it the addresses it publishes (mesh/dialback.py)."""
-    server = DialBackServer(partial(dial_with_fresh_identity, swarm_key=swarm_key))
-    mesh.set_handler(DIALBACK_PROTOCOL, server.handle)
-    # Announced ports too: a router may forward another port than the one we listen on.
-    ports = sorted({port for addr in [*map(str, mesh.addrs()), *own.announced] if (port := port_of(addr))})[:MAX_PORTS]
-    me = mesh.peer_id_str
-
-    def others() -> list[str]:  # swarm members first; any connected peer may still answer
-        members = [r.peer for r in registry.records() if r.peer != me]
-        return members + [p for p in (c.to_base58() for c in mesh.connected_peers()) if p not in members]
-
-    nursery.start_soon(watch_reachability, mesh, others, ports, own.set_reach)
 
 
 def read_key(config: NodeConfig) -> SwarmKey | None:
@@ -287,6 +252,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
         check = partial(confirm, connected=mesh.is_connected, ping=partial(answers_ping, mesh), dial=mesh.dial_peer, liveness=liveness, clock=time.time)
         nursery.start_soon(follow_hints, me, registry.records, liveness, check, lambda s: registry.update_local(suspects=s), time.time)
         watch_own_reachability(mesh, registry, own, swarm_key, nursery)
+        use_relays(mesh, registry, own, config, nursery)
 
         backoff = FailureBackoff()
         audits = AuditPolicy(rate=config.audit_rate)
