@@ -11,6 +11,7 @@
 import { createInterface } from 'node:readline'
 import { createLibp2p } from 'libp2p'
 import { tcp } from '@libp2p/tcp'
+import { circuitRelayTransport } from '@libp2p/circuit-relay-v2'
 import { noise } from '@chainsafe/libp2p-noise'
 import { yamux } from '@chainsafe/libp2p-yamux'
 import { identify } from '@libp2p/identify'
@@ -38,7 +39,8 @@ const libp2p = await createLibp2p({
   privateKey,
   ...(swarmKeyFile ? { connectionProtector: preSharedKey({ psk: readFileSync(swarmKeyFile), timeout: 10000 }) } : {}),
   addresses: { listen: ['/ip4/127.0.0.1/tcp/0'] },
-  transports: [tcp()],
+  // circuitRelayTransport: dial nodes that are reachable only through a relay (/p2p-circuit).
+  transports: [tcp(), circuitRelayTransport()],
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
   services: {

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from js_peer import JsPeer, js_skip_reason
 from node_process import Node, start_node, stop_node
 from reference import Transformers
 
@@ -252,3 +253,28 @@ def test_a_relay_that_goes_away_mid_answer(internet, tmp_path: Path) -> None:
                 break
             assert time.monotonic() - killed < 10 + 5, f"still {now} (dead relay {used})"  # 5 s: the record's travel
             time.sleep(0.5)
+
+
+@pytest.mark.skipif(js_skip_reason() is not None, reason=js_skip_reason() or "")
+def test_a_js_libp2p_peer_dials_a_home_node_through_a_relay(internet, tmp_path: Path) -> None:
+    """Our relay speaks standard circuit relay v2: js-libp2p's own relay transport
+    dials a node behind a NAT at the circuit address its record names, and reads its
+    swarm map over that connection."""
+    model = cached_tiny_model("llama", layers=2, hidden=64)
+    public, elsewhere = internet.public(), internet.public()
+    desk = internet.home_host(internet.home("cone"))
+    with swarm_on(tmp_path) as start:
+        a = start(public, model, "--layers", "none")
+        server = start(desk, model, "--layers", "all", "--api", "off", "--join", a.address, api=False)
+        deadline = time.monotonic() + 30
+        while not (addrs := swarm_from(public, a).get(server.peer_id, {}).get("addrs")):
+            assert time.monotonic() < deadline, "no circuit address published"
+            time.sleep(0.5)
+        js = JsPeer(prefix=elsewhere.exec)
+        try:
+            connection = js.call("dial", addr=addrs[0], timeout=30)
+            assert connection["peer"] == server.peer_id and "/p2p-circuit" in connection["remote_addr"]
+            swarm = js.call("swarm_map", peer=server.peer_id)
+            assert server.peer_id in {r["peer"] for r in swarm["records"]}
+        finally:
+            js.close()

@@ -14,7 +14,9 @@ protocol). Everything here is bounded, since anyone may ask:
 * a circuit carries at most :attr:`RelayLimits.circuit_bytes` and lives at most
   :attr:`RelayLimits.circuit_seconds`: enough for a chain's signalling and, where no
   direct path exists, its inference traffic; then it is closed and its slot freed at
-  once, whichever direction was waiting.
+  once, whichever direction was waiting. The answers carry no ``limit`` field:
+  libp2p peers treat a connection with one as fit for signalling only (js-libp2p
+  opens no other protocol on it), and these circuits are meant to carry chains.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Callable
 import trio
 
 from .host import MeshHost, close_quietly, is_relayed, remote_ip, reset_quietly
-from .relay_wire import STOP, HopMessage, Limit, Peer, RelayWireError, Reservation, Status, StopMessage, peer_id_from, read_message, write_message
+from .relay_wire import STOP, HopMessage, Peer, RelayWireError, Reservation, Status, StopMessage, peer_id_from, read_message, write_message
 
 log = logging.getLogger("shardmesh.mesh.relay")
 
@@ -116,9 +118,6 @@ class RelayService:
         if status != Status.OK:
             await close_quietly(stream)  # a reset could overtake the answer
 
-    def _limit(self) -> Limit:
-        return Limit(duration=self.limits.circuit_seconds, data=self.limits.circuit_bytes)
-
     async def _reserve(self, stream) -> None:
         peer = stream.muxed_conn.peer_id.to_base58()
         ip = remote_ip(stream)
@@ -139,7 +138,7 @@ class RelayService:
         expires = now + limits.reservation_seconds
         books.reservations[peer] = (expires, ip)
         addrs = [a.encode() for a in self.addrs()[:8]]
-        await self._answer(stream, Status.OK, reservation=Reservation(expire=int(expires), addrs=addrs), limit=self._limit())
+        await self._answer(stream, Status.OK, reservation=Reservation(expire=int(expires), addrs=addrs))
         await stream.close()
 
     async def _connect(self, stream, message: HopMessage) -> None:
@@ -166,7 +165,7 @@ class RelayService:
             if far is None:
                 await self._answer(stream, Status.CONNECTION_FAILED)
                 return
-            await self._answer(stream, Status.OK, limit=self._limit())
+            await self._answer(stream, Status.OK)
             await self._splice(stream, far)
         finally:
             books.close(src, dst)
@@ -178,7 +177,7 @@ class RelayService:
         try:
             with trio.fail_after(10):
                 stream = await self.mesh.host.new_stream(target, [STOP])
-            await write_message(stream, StopMessage(type=StopMessage.CONNECT, peer=Peer(id=source.to_bytes()), limit=self._limit()))
+            await write_message(stream, StopMessage(type=StopMessage.CONNECT, peer=Peer(id=source.to_bytes())))
             answer = await read_message(stream, StopMessage)
             if answer.type == StopMessage.STATUS and answer.status == Status.OK:
                 return stream
