@@ -71,6 +71,13 @@ def wait_for_route(host: Host, gateway: Node, timeout: float = 60.0) -> None:
         time.sleep(1)
 
 
+def stage_steps(host: Host, node: Node) -> float:
+    """How many steps ``node``'s stage has run (its /metrics, asked from its host)."""
+    code = f"import httpx\nprint(httpx.get({node.url + '/metrics'!r}, timeout=5).text)"
+    text = python_on(host, code).stdout
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("shardmesh_stage_steps_total"))
+
+
 def swarm_from(host: Host, node: Node) -> dict[str, dict]:
     """``node``'s /v1/swarm peers by peer id, asked from its own host."""
     done = python_on(host, f"import httpx, json\nprint(json.dumps(httpx.get({node.url + '/v1/swarm'!r}, timeout=5).json()))")
@@ -176,7 +183,8 @@ def test_homes_behind_two_nats_chain_through_a_relay(internet, tmp_path: Path, g
     """A server in one home and a gateway in another (behind a cone NAT, or one that
     maps each connection to a random port): neither can dial the other. The server,
     private, reserves on the public node (its only public peer) and publishes a circuit
-    address; the gateway dials it through the relay. Exact answer."""
+    address; the gateway dials it through the relay. Exact answer. Then a public server
+    for the same blocks joins, and the next answer goes through it: direct beats relayed."""
     model = cached_tiny_model("llama", layers=4, hidden=64)
     ref = Transformers(model)
     want = ref.greedy(ref.chat_ids(MESSAGES), TOKENS).text
@@ -193,6 +201,16 @@ def test_homes_behind_two_nats_chain_through_a_relay(internet, tmp_path: Path, g
         assert record["connection"] == "relayed" and swarm_from(laptop, gateway)[a.peer_id]["connection"] == "direct"
         assert record["reach"] == "private"
         assert record["addrs"] == [f"{a.address}/p2p-circuit/p2p/{server.peer_id}"]
+
+        # A public server for the same blocks: routing prefers the direct path.
+        second = internet.public()
+        direct = start(second, model, "--layers", "2:4", "--join", a.address)
+        deadline = time.monotonic() + 60
+        while swarm_from(laptop, gateway).get(direct.peer_id, {}).get("state") != "online":
+            assert time.monotonic() < deadline, "the public server never came online"
+            time.sleep(0.5)
+        assert chat_from(laptop, gateway.url) == want
+        assert stage_steps(second, direct) > 0
 
 
 STREAM = """

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from shardmesh.placement.routing import CACHE_PENALTY_MS, FailureBackoff, Hop, find_route, route_cost
+from shardmesh.placement.routing import CACHE_PENALTY_MS, RELAY_PENALTY_MS, FailureBackoff, Hop, find_route, route_cost
 from shardmesh.placement.spans import ServerView, valid_span
 
 
@@ -204,6 +204,19 @@ def test_broken_rtt_figures_fall_back() -> None:
 # ---------------------------------------------------------------- against a reference
 
 
+def test_a_direct_path_beats_a_relayed_one() -> None:
+    """A server behind a NAT (reached through a relay) costs more to enter, unless its
+    RTT was measured; it is still used when nothing else serves its blocks."""
+    swarm = [sv("A", 0, 6), sv("Home", 6, 12, throughput=200.0, relayed=True), sv("B", 6, 12)]
+    assert route(swarm) == [Hop("A", 0, 6), Hop("B", 6, 12)]  # Home computes faster, but the relay
+    assert cost(route(swarm), swarm) < cost([Hop("A", 0, 6), Hop("Home", 6, 12)], swarm)
+    alone = [sv("A", 0, 6), sv("Home", 6, 12, relayed=True)]
+    assert route(alone) == [Hop("A", 0, 6), Hop("Home", 6, 12)]
+    assert cost(route(alone), alone) == pytest.approx(2 * 62.5 + RELAY_PENALTY_MS + 2)
+    measured = [sv("A", 0, 6, rtt_ms={"Home": 1.0}), sv("Home", 6, 12, throughput=200.0, relayed=True), sv("B", 6, 12)]
+    assert route(measured) == [Hop("A", 0, 6), Hop("Home", 6, 12)]  # a measured RTT is what it is
+
+
 def _reference_cost(servers, total, origin, tokens_needed, default_rtt, overhead):
     """Plain Dijkstra over (boundary, last peer) that enumerates every edge [a, b)."""
     views = {s.peer: s for s in servers}
@@ -217,7 +230,7 @@ def _reference_cost(servers, total, origin, tokens_needed, default_rtt, overhead
             return views[p].rtt_ms[q]
         if q in views and p in views[q].rtt_ms:
             return views[q].rtt_ms[p]
-        return default_rtt
+        return default_rtt + (RELAY_PENALTY_MS if q in views and views[q].relayed else 0.0)
 
     start = object()
     heap = [(0.0, 0, 0, start)]
@@ -260,6 +273,7 @@ def _random_swarm(rng: random.Random, n: int, total: int, rtt_links: int):
             cache_tokens_free=rng.choice([0, 1000, 10_000]),
             load=rng.choice([0.0, 0.0, 0.3, 0.9]),
             rtt_ms={q: rng.uniform(0.1, 60.0) for q in links if q != p},
+            relayed=rng.random() < 0.3,
         ))
     return swarm
 

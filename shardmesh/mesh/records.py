@@ -127,6 +127,7 @@ def server_view(record: NodeRecord) -> ServerView:
         state=record.state,
         cache_tokens_free=record.cache_tokens_free,
         rtt_ms=dict(record.rtt),
+        relayed=record.reach == "private",
     )
 
 

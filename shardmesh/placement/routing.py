@@ -11,7 +11,10 @@ the next, and the last hop sends the sampled token straight back to the gateway
 where the first hop's "previous peer" is the gateway and compute is
 ``1000 * blocks / throughput * (1 + load)``. A server short of free KV cache pays a big
 fixed penalty instead of being excluded: when every server is full, a slow answer beats
-none.
+none. An RTT nobody measured is the default, plus :data:`RELAY_PENALTY_MS` into a
+``relayed`` server (one behind a NAT: reached through a relay, a detour through a
+third machine that also carries others' traffic), so direct paths are preferred and a
+relayed hop is still used when nothing else serves its blocks.
 
 The search. A hop may enter and leave a server at any block boundary inside its span,
 and the RTT a hop pays depends on who came before it, so a state is (boundary, last
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from .spans import ONLINE, ServerView, valid_span
 
 CACHE_PENALTY_MS = 10_000.0  # added to a hop whose server lacks the KV cache asked for
+RELAY_PENALTY_MS = 50.0  # added to an unmeasured RTT into a server reached through a relay
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class _Rtt:
 
     def __init__(self, views: Mapping[str, ServerView], default_ms: float) -> None:
         self.default_ms = default_ms
+        self.relayed = {p for p, s in views.items() if s.relayed}
         self.maps = {p: s.rtt_ms for p, s in views.items()}
         self.measured_by: dict[str, set[str]] = {}  # peer -> who measured it
         for p, m in self.maps.items():
@@ -64,7 +69,11 @@ class _Rtt:
             v = self.maps.get(a, {}).get(b)
             if v is not None and v >= 0:  # a negative or NaN figure is a broken record
                 return float(v)
-        return self.default_ms
+        return self.unmeasured_ms(dst)
+
+    def unmeasured_ms(self, dst: str) -> float:
+        """The RTT into ``dst`` assumed where nobody measured it."""
+        return self.default_ms + (RELAY_PENALTY_MS if dst in self.relayed else 0.0)
 
     def neighbours(self, peer: str) -> set[str]:
         """Every peer whose RTT to ``peer`` may differ from the default."""
@@ -133,7 +142,7 @@ def find_route(
             else:
                 for c, p in ranked:  # cheapest predecessor at the default RTT
                     if p != t and p not in near[t]:
-                        best = (c + default_rtt_ms, p)
+                        best = (c + rtt.unmeasured_ms(t), p)
                         break
                 for p, ms in near[t].items():  # predecessors with a measured RTT to t
                     if p in here:

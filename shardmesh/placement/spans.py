@@ -32,6 +32,8 @@ class ServerView:
     server: serving k blocks costs k / throughput seconds per token. ``load`` (0..1) is
     the fraction of time it is busy, which inflates that cost. ``rtt_ms`` holds the
     round-trip times this server measured to other peers, keyed by peer id.
+    ``relayed`` servers cannot be dialled (behind a NAT): whoever is not connected to
+    one already reaches it through a relay.
     """
 
     peer: str
@@ -43,6 +45,7 @@ class ServerView:
     load: float = 0.0
     # hash=False keeps views hashable (a dict is not); equality still compares it.
     rtt_ms: Mapping[str, float] = field(default_factory=dict, hash=False)
+    relayed: bool = False  # nobody can dial it: reached through relays (its reach is private)
 
 
 def valid_span(server: ServerView, total_blocks: int) -> bool:
