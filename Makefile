@@ -9,7 +9,7 @@ MODEL  ?= Qwen/Qwen3-0.6B
 ARGS   ?=
 JOBS   ?= auto
 
-.PHONY: run test venv bench soak clean testdeps
+.PHONY: run test venv bench soak clean testdeps internet-demo
 
 $(STAMP): pyproject.toml
 	@command -v gcc >/dev/null || { echo "gcc is needed to build fastecdsa (py-libp2p)"; exit 1; }
@@ -56,6 +56,12 @@ test: $(STAMP) testdeps interop/node_modules
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/shardmesh bench $(ARGS)
+
+# A public node, a node at home behind a NAT and a gateway in a second home, on an
+# emulated internet of network namespaces (as root): see shardmesh/tools/internet_demo.py
+# (DEMO_MODEL=PATH for another model than a cached tiny Llama).
+internet-demo: $(STAMP) testdeps
+	$(BIN)/python -m shardmesh.tools.internet_demo $(DEMO_MODEL)
 
 # A churning swarm on loopback under steady traffic, every answer checked (not part of
 # `make test`): SOAK_MINUTES long (default 20). See shardmesh/tools/soak.py.

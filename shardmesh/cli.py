@@ -134,6 +134,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--concurrent", type=_session_counts, default=None, metavar="N[,N...]",
                    help="aggregate tokens/s of N concurrent chats through one node and 2- and 3-node chains "
                         "(node processes and a gateway), e.g. 1,4,12")
+    p.add_argument("--internet", action="store_true",
+                   help="on an emulated internet (network namespaces, as root): connection set-up direct and through "
+                        "a relay, and a 3-hop chain's decode speed with every hop public vs every hop behind a NAT")
     p.add_argument("--memory", action="store_true",
                    help="resident memory of a --layers none gateway and of a serving node (beyond weights and KV cache)")
     p.add_argument("--audit", action="store_true",

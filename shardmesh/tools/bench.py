@@ -16,7 +16,6 @@ Every torch call (ours and ``generate``) runs on the one compute thread.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 import trio
 
-from .bench_common import Figure, bench_model_path, decode_rate, prompt_ids
+from .bench_common import Figure, bench_model_path, decode_rate, http_decode_rate, prompt_ids
 
 
 class GenerateReference:
@@ -51,30 +50,6 @@ class GenerateReference:
         """Decode tokens/s: a full run minus a prefill-plus-first-token run."""
         first = self._timed(1)
         return (tokens - 1) / (self._timed(tokens) - first)
-
-
-async def _http_rate(url: str, model: str, prompt: str, tokens: int) -> float:
-    import httpx
-
-    # logprobs make every token its own chunk (a token whose text is held back, such as
-    # half a UTF-8 character, sends none otherwise), so chunks count tokens exactly.
-    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "logprobs": 1}
-    first = last = None
-    count = 0
-    async with httpx.AsyncClient(timeout=120) as client:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-            resp.raise_for_status()
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk["choices"] and chunk["choices"][0].get("finish_reason") is None:
-                    count += len(chunk["choices"][0]["logprobs"]["tokens"])
-                    last = time.perf_counter()
-                    if first is None:
-                        first = last
-    assert count == tokens, f"received {count} of {tokens} tokens"
-    return (count - 1) / (last - first)
 
 
 async def bench_ours(path: Path, dtype: str, prompt: list[int], tokens: int, repeats: int, sessions: int) -> list[Figure]:
@@ -106,7 +81,7 @@ async def bench_ours(path: Path, dtype: str, prompt: list[int], tokens: int, rep
         for _ in range(repeats):
             best["generate"] = max(best["generate"], await compute.run(reference.decode_rate, tokens))
             best["stage"] = max(best["stage"], await decode_rate(generator, prompt, tokens))
-            best["http"] = max(best["http"], await _http_rate(url, "bench", text, tokens))
+            best["http"] = max(best["http"], await http_decode_rate(url, "bench", text, tokens))
         figures = [
             Figure("transformers generate", best["generate"], f"{reference.params_m:.0f}M parameters"),
             Figure("shardmesh one-node stage path", best["stage"]),
@@ -147,6 +122,10 @@ def run_bench(args) -> int:
         from .bench_memory import run_memory_bench
 
         return run_memory_bench(path, args.dtype)
+    if args.internet:  # node processes in network namespaces
+        from .bench_internet import run_internet_bench
+
+        return run_internet_bench(path, args.dtype, args.tokens, args.repeats)
     if args.audit:
         from .bench_audit import run_audit_bench
 

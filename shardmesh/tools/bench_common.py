@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,4 +51,29 @@ async def decode_rate(generator: Generator, prompt: list[int], tokens: int) -> f
         if first is None:
             first = last
     assert count == tokens, f"generated {count} of {tokens} tokens (eos?)"
+    return (count - 1) / (last - first)
+
+
+async def http_decode_rate(url: str, model: str, prompt: str, tokens: int) -> float:
+    """Greedy decode tokens/s of a gateway's streamed ``/v1/completions``, as a client reads it."""
+    import httpx
+
+    # logprobs make every token its own chunk (a token whose text is held back, such as
+    # half a UTF-8 character, sends none otherwise), so chunks count tokens exactly.
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "logprobs": 1}
+    first = last = None
+    count = 0
+    async with httpx.AsyncClient(timeout=120) as client:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+            resp.raise_for_status()
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0].get("finish_reason") is None:
+                    count += len(chunk["choices"][0]["logprobs"]["tokens"])
+                    last = time.perf_counter()
+                    if first is None:
+                        first = last
+    assert count == tokens, f"received {count} of {tokens} tokens"
     return (count - 1) / (last - first)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LISTENING = re.compile(r"listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/(\w+))")
+LISTENING = re.compile(r"listening on (/ip4/[\d.]+/tcp/\d+/p2p/(\w+))")
 READY = re.compile(r"gateway ready at (http://\S+) ")
 
 
@@ -30,14 +30,16 @@ class NodeProcess:
 
 def start_node(
     path: Path, layers: str, dtype: str, key_dir: Path, join: str | None = None, threads: int | None = None, links: bool = True,
-    api: bool = False, name: str | None = None, extra: tuple[str, ...] = (),
+    api: bool = False, name: str | None = None, extra: tuple[str, ...] = (), prefix: tuple[str, ...] = (),
+    listen: str = "/ip4/127.0.0.1/tcp/0",
 ) -> NodeProcess:
     """``shardmesh run`` on loopback; ``api`` adds a gateway on a free port (else ``--api off``).
-    ``name`` names its key file (default: from ``layers``); ``extra`` are more flags."""
+    ``name`` names its key file (default: from ``layers``); ``extra`` are more flags;
+    ``prefix`` goes before the command (``ip netns exec NS``), ``listen`` is its address."""
     cmd = [
-        sys.executable, "-m", "shardmesh", "run", "--model", str(path), "--layers", layers,
+        *prefix, sys.executable, "-m", "shardmesh", "run", "--model", str(path), "--layers", layers,
         "--api", "127.0.0.1:0" if api else "off",
-        "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--dtype", dtype,
+        "--listen", listen, "--no-mdns", "--dtype", dtype,
         "--key-file", str(key_dir / f"{name or layers.replace(':', '-')}.key"),
     ] + (["--join", join] if join else []) + ([] if links else ["--no-links"]) + (["--threads", str(threads)] if threads else []) + list(extra)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
