@@ -39,8 +39,8 @@ def _add_run(sub) -> None:
     p.add_argument("--key-file", default=None, help="the node's identity key (created on first run; default in ~/.local/share/shardmesh)")
     p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN by multicast DNS")
     p.add_argument("--link-port", type=int, default=NodeConfig.link_port, metavar="PORT",
-                   help="TCP port for hop links, the sessions' direct encrypted connections (default 0: any free port; "
-                        "behind a NAT forward it along with the libp2p port)")
+                   help="a TCP port of their own for hop links, the sessions' direct encrypted connections "
+                        "(0: any free port; default: they share the libp2p port, the one port to forward behind a NAT)")
     p.add_argument("--relay-service", default="on", choices=["on", "off"],
                    help="while peers can dial this node, relay for nodes behind NATs that they cannot dial "
                         "(circuit relay v2, bounded per peer, in bytes and in time; default on)")

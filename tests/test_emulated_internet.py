@@ -296,3 +296,33 @@ def test_a_js_libp2p_peer_dials_a_home_node_through_a_relay(internet, tmp_path: 
             assert server.peer_id in {r["peer"] for r in swarm["records"]}
         finally:
             js.close()
+
+
+def links_taken(host: Host, node: Node) -> float:
+    """Session hops ``node`` moved to hop links (its /metrics, asked from its host)."""
+    code = f"import httpx\nprint(httpx.get({node.url + '/metrics'!r}, timeout=5).text)"
+    text = python_on(host, code).stdout
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("shardmesh_hop_links_total"))
+
+
+def test_one_forwarded_port_carries_libp2p_and_hop_links(internet, tmp_path: Path) -> None:
+    """A server at home whose router forwards only its one listening port: it is public,
+    and the gateway's session moves to a hop link through that same port."""
+    model = cached_tiny_model("llama", layers=4, hidden=64)
+    ref = Transformers(model)
+    want = ref.greedy(ref.chat_ids(MESSAGES), TOKENS).text
+    public = internet.public()
+    home = internet.home("cone")
+    desk = internet.home_host(home)
+    internet.forward(home, desk, 4001)
+    with swarm_on(tmp_path) as start:
+        gateway = start(public, model, "--layers", "none")
+        server = start(desk, model, "--layers", "all", "--join", gateway.address, port=4001)
+        wait_for_route(public, gateway)
+        deadline = time.monotonic() + 30
+        while swarm_from(public, gateway)[server.peer_id]["reach"] != "public":
+            assert time.monotonic() < deadline, "the forwarded server never became public"
+            time.sleep(0.5)
+        assert chat_from(public, gateway.url) == want
+        assert links_taken(public, gateway) >= 1 and links_taken(desk, server) >= 1
+        assert swarm_from(public, gateway)[server.peer_id]["addrs"][0] == f"/ip4/{home.router.ip}/tcp/4001/p2p/{server.peer_id}"

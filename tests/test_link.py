@@ -21,7 +21,7 @@ from shardmesh.backends.torch.stage import TorchStage
 from shardmesh.backends.weights import resolve
 from shardmesh.mesh.gateway_ticket import TicketIssuer
 from shardmesh.mesh.host import running_host
-from shardmesh.mesh.link import DIRECT_MAX, MAX_RECORD, HopLink, LinkError, dial
+from shardmesh.mesh.link import DIRECT_MAX, LINK_MAGIC, MAX_RECORD, HopLink, LinkError, dial
 from shardmesh.mesh.link_offers import LinkListener, Links
 from shardmesh.contract import ChainFailed
 from shardmesh.mesh.chain_client import RemoteChain
@@ -242,10 +242,10 @@ def test_tokens_are_single_use_and_unknown_tokens_are_dropped() -> None:
             used = listener.offer()
             await dial("127.0.0.1", used.fields)
             await listener.take(used)
-            for token in (used.token, b"\0" * 16, b"short"):
+            for greeting in (LINK_MAGIC + used.token, LINK_MAGIC + b"\0" * 16, LINK_MAGIC + b"short", used.token + used.token):
                 stranger = await trio.open_tcp_stream("127.0.0.1", listener.port)
-                await stranger.send_all(token)
-                if len(token) < 16:
+                await stranger.send_all(greeting)
+                if len(greeting) < 32:
                     await stranger.send_eof()
                 with trio.fail_after(10):
                     assert await stranger.receive_some(10) == b""

@@ -257,12 +257,13 @@ class Gateway:
 
 def create_app(
     generator: Generator, *, api_key: str | None = None, swarm: Callable[[], dict] | None = None,
-    stage_counts: Callable[[], tuple[int, int]] | None = None,
+    stage_counts: Callable[[], tuple[int, int]] | None = None, links_taken: Callable[[], int] | None = None,
 ) -> Starlette:
     """The gateway app for ``generator``. With ``api_key``, /v1 and /metrics need it.
     ``swarm`` returns the swarm map for ``GET /v1/swarm``; ``stage_counts`` the steps and
-    batches of the node's blocks for ``/metrics`` (:class:`~.metrics.StageCounters`)."""
-    gateway = Gateway(generator, Metrics(stage_counts), swarm)
+    batches of the node's blocks for ``/metrics`` (:class:`~.metrics.StageCounters`);
+    ``links_taken`` how many session hops moved to hop links."""
+    gateway = Gateway(generator, Metrics(stage_counts, links_taken), swarm)
     routes: list[BaseRoute] = [
         Route("/health", guarded(gateway.health), methods=["GET"]),
         Route("/v1/models", guarded(gateway.list_models), methods=["GET"]),

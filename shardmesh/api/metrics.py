@@ -29,10 +29,13 @@ class Metrics:
     lets several apps live in one process, as tests do, without name clashes.
     """
 
-    def __init__(self, stage_counts: Callable[[], tuple[int, int]] | None = None) -> None:
+    def __init__(self, stage_counts: Callable[[], tuple[int, int]] | None = None,
+                 links_taken: Callable[[], int] | None = None) -> None:
         self.registry = CollectorRegistry()
         if stage_counts is not None:
             self.registry.register(StageCounters(stage_counts))
+        if links_taken is not None:
+            self.registry.register(LinkCounter(links_taken))
         self.requests = Counter(
             "shardmesh_http_requests",
             "HTTP requests answered, by route template, method and status code.",
@@ -70,6 +73,17 @@ class StageCounters:
         steps, batches = self.counts()
         yield CounterMetricFamily("shardmesh_stage_steps", "Steps this node's blocks ran, one per session per step.", value=steps)
         yield CounterMetricFamily("shardmesh_stage_batches", "Batched computations those steps ran in.", value=batches)
+
+
+class LinkCounter:
+    """A collector read at scrape time: session hops whose frames moved to a hop link,
+    at either end (this node opened the link or took it)."""
+
+    def __init__(self, taken: Callable[[], int]) -> None:
+        self.taken = taken
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("shardmesh_hop_links", "Session hops moved to a hop link, at either end.", value=self.taken())
 
 
 class CountRequests:

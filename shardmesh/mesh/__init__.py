@@ -59,6 +59,7 @@ __all__ = [
     "registry",
     "registry_stats",
     "rtt",
+    "shared_port",
     "swarm_key",
     "swarm_map",
     "swarm_view",

@@ -14,8 +14,10 @@ to a link:
 2. the answer's ``ok`` carries ``"link": {"port", "token", "key"}``: a fresh random
    16-byte token and 32-byte key. They are secret because they travel inside the
    Noise-encrypted stream, and authentic because that stream is bound to the peer id;
-3. the opener dials TCP to the IP of its libp2p connection to that peer, on that port,
-   sends the token, then sends a ``link`` frame on the libp2p stream and closes it;
+3. the opener dials TCP to the IP of its libp2p connection to that peer, on that port
+   (by default the libp2p port itself: :mod:`.shared_port`), sends
+   :data:`LINK_MAGIC` and the token, then a ``link`` frame on the libp2p stream, and
+   closes that stream;
 4. the answering node, on reading that frame, takes the connection, closes its side of
    the stream and confirms on the link (``{"t": "result", "linked": true}``); the opener
    sends nothing more until then, so no frame can go to the stream it has left;
@@ -55,6 +57,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 
 TOKEN_BYTES = 16
+LINK_MAGIC = b"/shardmesh/link\n"  # what a link connection starts with: 16 bytes, then its token
 KEY_BYTES = 32
 MAX_RECORD = 1 << 20  # plaintext bytes per record: a 3 MB prefill frame is 3 records
 DIRECT_MAX = 64 << 10  # frames up to this size may be sent straight from the compute thread
@@ -289,7 +292,7 @@ async def dial(ip: str, offer: dict) -> HopLink:
     try:
         with trio.fail_after(DIAL_TIMEOUT):
             stream = await trio.open_tcp_stream(ip, port)
-            await stream.send_all(token)
+            await stream.send_all(LINK_MAGIC + token)
     except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
         if stream is not None:
             await trio.aclose_forcefully(stream)

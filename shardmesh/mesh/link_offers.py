@@ -1,7 +1,8 @@
 """Offering hop links and moving sessions onto them (steps 1 to 5 of :mod:`.link`).
 
-The answering side: a :class:`LinkListener` accepts connections on the link port and
-hands each to the session hop whose one-time token it shows; :func:`offer_fields` and
+The answering side: a :class:`LinkListener` accepts connections on the link port (or
+takes them from the shared libp2p port) and hands each to the session hop whose
+one-time token it shows; :func:`offer_fields` and
 :func:`accept_link` are its part of the upgrade. The opening side:
 :func:`request_fields` and :func:`upgrade_opener`. :class:`Links` is a node's state for
 both (its listener, and the peers whose link port it could not reach lately).
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .host import close_quietly, remote_ip
-from .link import KEY_BYTES, TOKEN_BYTES, HopLink, LinkError, dial
+from .link import KEY_BYTES, LINK_MAGIC, TOKEN_BYTES, HopLink, LinkError, dial
 from .wire import ERROR, LINK, RESULT, FrameStream, StreamEnded, WireError
 
 log = logging.getLogger("shardmesh.mesh.link_offers")
@@ -50,23 +51,40 @@ class Offer:
 class LinkListener:
     """Accepts the links this node offered. :meth:`run` must be running in a nursery."""
 
-    def __init__(self, listeners: list[trio.SocketListener]) -> None:
+    def __init__(self, listeners: list[trio.SocketListener], port: int | None = None) -> None:
         self._listeners = listeners
-        self.port: int = listeners[0].socket.getsockname()[1]
+        self.port: int = port if port is not None else listeners[0].socket.getsockname()[1]
         self._offers: dict[bytes, _Offer] = {}
         self._unidentified: list[trio.CancelScope] = []  # oldest first
+        self._nursery: trio.Nursery | None = None
 
     @classmethod
     async def bind(cls, host: str, port: int = 0) -> "LinkListener":
         """Listening on ``host:port`` (0: any free port); raises OSError if it cannot."""
         return cls(await trio.open_tcp_listeners(port, host=host))
 
+    @classmethod
+    def on_shared_port(cls, port: int) -> "LinkListener":
+        """No socket of its own: links come in on the libp2p port, handed over by
+        :func:`.shared_port.share_port` through :meth:`adopt`."""
+        return cls([], port)
+
     async def run(self) -> None:
         # Not trio.serve_listeners: it closes each connection when its handler returns,
         # and a link outlives the task that identified it.
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(trio.sleep_forever)  # adopted links arrive at any time
             for listener in self._listeners:
                 nursery.start_soon(self._accept_loop, listener, nursery)
+
+    def adopt(self, stream: trio.SocketStream) -> None:
+        """A connection from the shared port that showed :data:`~.link.LINK_MAGIC`;
+        its token comes next."""
+        if self._nursery is None:
+            stream.socket.close()
+            return
+        self._nursery.start_soon(self._accept, stream, LINK_MAGIC)
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
@@ -121,14 +139,16 @@ class LinkListener:
         # Arrived but never claimed: its socket is closed outright.
         stream.socket.close()
 
-    async def _accept(self, stream: trio.SocketStream) -> None:
+    async def _accept(self, stream: trio.SocketStream, head: bytes = b"") -> None:
         try:
-            await self._identify(stream)
+            await self._identify(stream, head)
         except Exception as exc:  # nothing a stranger sends may stop the listener
             log.warning("a link connection failed: %s: %s", type(exc).__name__, exc)
             await stream.aclose()
 
-    async def _identify(self, stream: trio.SocketStream) -> None:
+    async def _identify(self, stream: trio.SocketStream, head: bytes) -> None:
+        """Read the greeting (:data:`~.link.LINK_MAGIC`, then a token; ``head`` is what
+        was read of it already) and hand the connection to the offer it names."""
         # Connections still waiting to show a token are bounded; past the bound the
         # oldest is dropped, not the newest: an opener sends its token at once, so
         # strangers holding connections open cannot lock real links out.
@@ -136,20 +156,22 @@ class LinkListener:
         self._unidentified.append(waiting)
         if len(self._unidentified) > MAX_UNIDENTIFIED:
             self._unidentified.pop(0).cancel()
-        token = b""
+        greeting = head
+        size = len(LINK_MAGIC) + TOKEN_BYTES
         try:
             with waiting:
-                while len(token) < TOKEN_BYTES:
-                    chunk = await stream.receive_some(TOKEN_BYTES - len(token))
+                while len(greeting) < size and LINK_MAGIC.startswith(greeting[: len(LINK_MAGIC)]):
+                    chunk = await stream.receive_some(size - len(greeting))
                     if not chunk:
                         break
-                    token += chunk
+                    greeting += chunk
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            token = b""
+            greeting = b""
         finally:
             if waiting in self._unidentified:
                 self._unidentified.remove(waiting)
-        entry = self._offers.get(token) if len(token) == TOKEN_BYTES else None
+        token = greeting[len(LINK_MAGIC):]
+        entry = self._offers.get(token) if greeting.startswith(LINK_MAGIC) and len(token) == TOKEN_BYTES else None
         if entry is None:
             await stream.aclose()
             return
@@ -166,6 +188,7 @@ class Links:
 
     listener: LinkListener | None = None
     dial_enabled: bool = True
+    taken: int = 0  # session hops moved to a link, at either end (``/metrics``)
     _unreachable: dict[str, float] = field(default_factory=dict)
 
     def may_dial(self, peer: str) -> bool:
@@ -218,6 +241,7 @@ async def upgrade_opener(links: Links | None, fs: FrameStream, ok: dict, peer: s
         raise WireError(str(reply.header.get("code", "error")), str(reply.header.get("message", "")))
     if reply.type != RESULT or reply.header.get("linked") is not True:
         raise WireError("bad_frame", f"a link was answered with {reply.type}")
+    links.taken += 1
 
 
 def offer_fields(links: Links | None, request: dict) -> tuple[Offer | None, dict]:
@@ -254,4 +278,5 @@ async def accept_link(links: Links | None, fs: FrameStream, offer: Offer | None,
         await link.reset()
         raise
     await close_quietly(old)
+    links.taken += 1
     await fs.write({"t": RESULT, "session": session, "linked": True})

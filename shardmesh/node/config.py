@@ -32,7 +32,7 @@ class NodeConfig:
     mdns: bool = True  # find peers on the LAN by multicast DNS
     links: bool = True  # move sessions' frames to hop links (mesh/link.py) when both ends can
     relay_service: bool = True  # relay for nodes behind NATs while this node is public (mesh/relay_service.py)
-    link_port: int = 0  # TCP port for hop links offered to others; 0: any free port
+    link_port: int | None = None  # hop links on a TCP port of their own (0: any free one); None: on the libp2p port
     max_blocks: int | None = None  # `--layers auto` serves at most this many blocks
     memory_fraction: float = 0.8  # share of the free memory `--layers auto` may fill
     memory_gb: float | None = None  # memory for weights + KV cache instead of measuring free memory

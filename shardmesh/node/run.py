@@ -25,6 +25,7 @@ from .. import __version__
 from ..api.app import create_app, serve
 from ..api.generate import Generator, eos_token_ids
 from ..backends.weights import identity_bytes
+from ..mesh.addresses import port_of
 from ..mesh.allow_list import AllowList, AllowListError, ConnectionGate, read_allow_list
 from ..mesh.audit_policy import AuditPolicy
 from ..mesh.audited_chains import AuditedChains
@@ -41,6 +42,7 @@ from ..mesh.records import NodeRecord, model_identity
 from ..mesh.registry import Registry
 from ..mesh.rtt import answers_ping, publish_rtts
 from ..mesh.swarm_key import SwarmKey, SwarmKeyError, read_swarm_key
+from ..mesh.shared_port import share_port
 from ..mesh.swarm_map import PROTOCOL as SWARM_MAP_PROTOCOL, swarm_map_handler
 from ..placement.claims import MeasuredSpeeds
 from ..placement.routing import FailureBackoff
@@ -91,11 +93,21 @@ async def publish_free_cache(registry: Registry, keeper: SpanKeeper, every: floa
             last = free
 
 
-async def start_links(config: NodeConfig, nursery: trio.Nursery) -> Links | None:
-    """Hop links (mesh/link.py): a listener on the host of the first ``--listen``
-    address, unless ``--no-links``."""
+async def start_links(config: NodeConfig, mesh: MeshHost, nursery: trio.Nursery) -> Links | None:
+    """Hop links (mesh/link.py), unless ``--no-links``: on the libp2p port itself
+    (mesh/shared_port.py), or with ``--link-port`` on a port of their own on the host of
+    the first ``--listen`` address."""
     if not config.links:
         return None
+    if config.link_port is None:
+        port = next((p for a in mesh.addrs() if (p := port_of(str(a)))), None)
+        if port is None:
+            log.warning("no hop links: no TCP port to share")
+            return None
+        listener = LinkListener.on_shared_port(port)
+        share_port(mesh.host, listener.adopt)
+        nursery.start_soon(listener.run)
+        return Links(listener)
     from multiaddr import Multiaddr
 
     first = Multiaddr(config.listen[0])
@@ -196,8 +208,8 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
         mesh.set_handler(SWARM_MAP_PROTOCOL, swarm_map_handler(registry))  # `shardmesh status`, joining nodes
         await nursery.start(discovery.run)
         nursery.start_soon(warn_while_alone, discovery, config, say)
-        links = await start_links(config, nursery)
-        if links is not None and links.listener is not None:
+        links = await start_links(config, mesh, nursery)
+        if links is not None and links.listener is not None and config.link_port is not None:
             say(f"hop links on tcp port {links.listener.port} (forward it with the libp2p port behind a NAT)")
         server = HopServer(
             mesh,
@@ -279,7 +291,8 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             repair=lambda: repair(registry.servers(), model.total_blocks),
         )
         if api is not None:
-            app = create_app(generator, api_key=config.api_key, swarm=registry.to_json, stage_counts=keeper.stage_counts)
+            app = create_app(generator, api_key=config.api_key, swarm=registry.to_json, stage_counts=keeper.stage_counts,
+                             links_taken=(lambda: links.taken) if links is not None else None)
             port = await nursery.start(serve, app, api[0], api[1])
             host = f"[{api[0]}]" if ":" in api[0] else api[0]
             url = f"http://{host}:{port}"
