@@ -178,6 +178,16 @@ def test_each_node_learns_whether_others_can_dial_it(internet, tmp_path: Path) -
         assert peers[announced_node.peer_id]["addrs"] == [f"/ip4/{announced.router.ip}/tcp/4001/p2p/{announced_node.peer_id}"]
 
 
+def split_across_two_homes(start: Callable[..., Node], model: Path, public: Host, desk: Host, laptop: Host) -> tuple[Node, Node, Node]:
+    """Blocks 0:2 on a public node, 2:4 on a server at one home, a gateway at another;
+    returned once the gateway sees a complete chain."""
+    a = start(public, model, "--layers", "0:2", "--api", "off", api=False)
+    server = start(desk, model, "--layers", "2:4", "--api", "off", "--join", a.address, api=False, env={"SHARDMESH_DEBUG": "1"})
+    gateway = start(laptop, model, "--layers", "none", "--join", a.address, env={"SHARDMESH_DEBUG": "1"})
+    wait_for_route(laptop, gateway, timeout=90)
+    return a, server, gateway
+
+
 @pytest.mark.parametrize("gateway_nat", ["cone", "random"])
 def test_homes_behind_two_nats_chain_through_a_relay(internet, tmp_path: Path, gateway_nat: str) -> None:
     """A server in one home and a gateway in another (behind a cone NAT, or one that
@@ -192,10 +202,7 @@ def test_homes_behind_two_nats_chain_through_a_relay(internet, tmp_path: Path, g
     desk = internet.home_host(internet.home("cone"))
     laptop = internet.home_host(internet.home(gateway_nat))
     with swarm_on(tmp_path) as start:
-        a = start(public, model, "--layers", "0:2", "--api", "off", api=False)
-        server = start(desk, model, "--layers", "2:4", "--api", "off", "--join", a.address, api=False, env={"SHARDMESH_DEBUG": "1"})
-        gateway = start(laptop, model, "--layers", "none", "--join", a.address, env={"SHARDMESH_DEBUG": "1"})
-        wait_for_route(laptop, gateway, timeout=90)
+        a, server, gateway = split_across_two_homes(start, model, public, desk, laptop)
         assert chat_from(laptop, gateway.url) == want
         record = swarm_from(laptop, gateway)[server.peer_id]
         assert record["connection"] == "relayed" and swarm_from(laptop, gateway)[a.peer_id]["connection"] == "direct"
@@ -326,3 +333,24 @@ def test_one_forwarded_port_carries_libp2p_and_hop_links(internet, tmp_path: Pat
         assert chat_from(public, gateway.url) == want
         assert links_taken(public, gateway) >= 1 and links_taken(desk, server) >= 1
         assert swarm_from(public, gateway)[server.peer_id]["addrs"][0] == f"/ip4/{home.router.ip}/tcp/4001/p2p/{server.peer_id}"
+
+
+def test_two_homes_behind_cone_nats_end_up_direct(internet, tmp_path: Path) -> None:
+    """Blocks split across two homes (cone NATs that drop what nobody asked for) and a
+    public node: the gateway first reaches the home server through the relay, then hole
+    punching makes that connection direct; answers are exact before and after."""
+    model = cached_tiny_model("llama", layers=4, hidden=64)
+    ref = Transformers(model)
+    want = ref.greedy(ref.chat_ids(MESSAGES), TOKENS).text
+    public = internet.public()
+    desk = internet.home_host(internet.home("cone", drop_unsolicited=True))
+    laptop = internet.home_host(internet.home("cone", drop_unsolicited=True))
+    with swarm_on(tmp_path) as start:
+        a, server, gateway = split_across_two_homes(start, model, public, desk, laptop)
+        assert chat_from(laptop, gateway.url) == want
+        deadline = time.monotonic() + 30
+        while swarm_from(laptop, gateway)[server.peer_id]["connection"] != "direct":
+            assert time.monotonic() < deadline, "the relayed connection was never made direct"
+            time.sleep(0.5)
+        assert swarm_from(laptop, gateway)[server.peer_id]["reach"] == "private"  # still nobody can dial it
+        assert chat_from(laptop, gateway.url) == want

@@ -27,6 +27,7 @@ __all__ = [
     "discovery",
     "gateway_ticket",
     "hints",
+    "hole_punch",
     "gossip",
     "hop_attach",
     "hop_server",

@@ -25,7 +25,7 @@ import trio
 from multiaddr import Multiaddr
 
 from .host import reset_quietly
-from .relay_dial import UPGRADE_TIMEOUT, RelayRefused, status_name
+from .relay_dial import UPGRADE_TIMEOUT, RelayRefused, mark_relayed, status_name
 from .relay_wire import HOP, HopMessage, RelayWireError, Status, StopMessage, peer_id_from, read_message, write_message
 
 log = logging.getLogger("shardmesh.mesh.relay")
@@ -91,7 +91,8 @@ class CircuitAcceptor:
         address = Multiaddr(f"/p2p/{relay}/p2p-circuit/p2p/{source.to_base58()}")
         raw = RawConnection(stream, initiator=False, connection_type=ConnectionType.RELAYED, addresses=[address])
         with trio.fail_after(UPGRADE_TIMEOUT):
-            await self.mesh.host.upgrade_inbound_connection(raw, address)
+            muxed = await self.mesh.host.upgrade_inbound_connection(raw, address)
+        mark_relayed(self.mesh.host, muxed.peer_id, muxed, address)  # the Noise-proven peer
         log.debug("relayed connection from %s via %s", source, relay)
 
 

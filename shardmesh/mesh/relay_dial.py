@@ -12,9 +12,23 @@ from multiaddr import Multiaddr
 
 from .relay_wire import HOP, HopMessage, Peer, Status, read_message, write_message
 
-__all__ = ["UPGRADE_TIMEOUT", "RelayRefused", "dial_through_relay", "is_circuit", "status_name"]
+__all__ = ["UPGRADE_TIMEOUT", "RelayRefused", "dial_through_relay", "is_circuit", "mark_relayed", "status_name"]
 
 UPGRADE_TIMEOUT = 15.0  # s for Noise and Yamux over a new circuit
+
+
+def mark_relayed(host, peer_id, muxed_conn, circuit: Multiaddr) -> None:
+    """Tag the host's connection over ``muxed_conn`` with its circuit address: py-libp2p
+    cannot tell a relayed connection's addresses itself, and its hole punching
+    (:mod:`.hole_punch`) looks for ``/p2p-circuit`` in them."""
+    from libp2p.connection_types import ConnectionType
+
+    for conn in host.get_network().get_connections(peer_id):
+        if muxed_conn is None or getattr(conn, "muxed_conn", None) is muxed_conn:
+            try:
+                conn.set_transport_info([circuit], ConnectionType.RELAYED)
+            except Exception:  # noqa: BLE001 - an older connection class: hole punching just skips it
+                pass
 
 
 def is_circuit(addr: str | Multiaddr) -> bool:
@@ -48,7 +62,8 @@ async def dial_through_relay(host, relay_id, target_id, circuit: Multiaddr) -> N
             raise RelayRefused(status_name(answer.status))
         raw = RawConnection(stream, initiator=True, connection_type=ConnectionType.RELAYED, addresses=[circuit])
         with trio.fail_after(UPGRADE_TIMEOUT):
-            await host.upgrade_outbound_connection(raw, target_id)
+            conn = await host.upgrade_outbound_connection(raw, target_id)
+        mark_relayed(host, target_id, getattr(conn, "muxed_conn", None), circuit)
     except BaseException:
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             try:

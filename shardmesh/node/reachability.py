@@ -4,7 +4,8 @@ Wired here for :func:`.run.serve_node`: the node answers others' dial-back reque
 asks peers to dial it (its ``reach``, :mod:`..mesh.dialback`); its record carries the
 addresses that others can use (:mod:`..mesh.own_addresses`); a public node relays for
 nodes behind NATs unless ``--relay-service off`` (:mod:`..mesh.relay_service`), and a
-private node keeps reservations on public ones (:mod:`..mesh.relay_client`).
+private node keeps reservations on public ones (:mod:`..mesh.relay_client`); relayed
+connections are made direct by hole punching where the NATs allow (:mod:`..mesh.hole_punch`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import trio
 
 from ..mesh.addresses import port_of, with_peer_id
 from ..mesh.dialback import MAX_PORTS, PRIVATE, PUBLIC, PROTOCOL as DIALBACK_PROTOCOL, DialBackServer, dial_with_fresh_identity, watch_reachability
+from ..mesh.hole_punch import HolePunching
 from ..mesh.host import MeshHost
 from ..mesh.own_addresses import OwnAddresses, likely_behind_nat
 from ..mesh.registry import Registry
@@ -76,3 +78,4 @@ def use_relays(mesh: MeshHost, registry: Registry, own: OwnAddresses, config: No
     reservations = Reservations(mesh, public_peers, wanted=lambda: own.reach == PRIVATE, publish=own.set_relayed)
     mesh.set_handler(STOP, CircuitAcceptor(mesh, reservations.relays).handle)
     nursery.start_soon(reservations.run)
+    nursery.start_soon(HolePunching(mesh).run)  # relayed connections made direct where NATs allow

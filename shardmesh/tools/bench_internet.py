@@ -7,7 +7,9 @@ set-up and in per-hop work, not distance (``bench --wan`` adds delay). Figures:
 
 * **connection set-up**: a fresh identity dials a public node (TCP, Noise, Yamux), and a
   home node at its circuit address (the same to its relay, then ``CONNECT`` and Noise
-  and Yamux again through it); the median of several dials.
+  and Yamux again through it); the median of several dials. And from a node in one
+  home to a node in another: from the relayed connection up to the direct one hole
+  punching makes (both homes behind cone NATs that drop what nobody asked for).
 * **decode tokens/s of a 3-hop chain** of the bench model, from a gateway's streamed
   answer: every hop public (direct connections and hop links), and every hop in a home
   of its own behind a NAT with the gateway in a fourth (every hop reached through the
@@ -20,7 +22,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from .emulated_internet import Host, Internet, can_build
@@ -46,6 +47,30 @@ async def main(address, n):
 trio.run(main, sys.argv[1], int(sys.argv[2]))
 """
 
+PUNCH = """
+import statistics, sys, time, trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from shardmesh.mesh.hole_punch import HolePunching
+from shardmesh.mesh.host import running_host
+
+async def main(listen, circuit, peer, n):
+    times = []
+    for _ in range(n):
+        async with running_host(create_new_key_pair(), [listen]) as me, trio.open_nursery() as nursery:
+            await nursery.start(HolePunching(me).run)
+            await me.connect(circuit)
+            t0 = time.perf_counter()
+            with trio.move_on_after(30):
+                while me.connection_kind(peer) != "direct":
+                    await trio.sleep(0.01)
+            if me.connection_kind(peer) == "direct":
+                times.append(time.perf_counter() - t0)
+            nursery.cancel_scope.cancel()
+    print(statistics.median(times) * 1000 if times else -1)
+
+trio.run(main, sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+"""
+
 RATE = """
 import sys, time, httpx, trio
 from shardmesh.tools.bench_common import http_decode_rate
@@ -66,6 +91,27 @@ def _python_on(host: Host, code: str, *args: str, timeout: float = 600) -> float
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     return float(done.stdout.strip().splitlines()[-1])
+
+
+WAIT_CIRCUIT = """
+import httpx, sys, time
+url, peer = sys.argv[1], sys.argv[2]
+deadline = time.monotonic() + 60  # a NAT that drops the dial-back makes the verdict wait out a dial timeout
+while time.monotonic() < deadline:
+    peers = {p["peer"]: p for p in httpx.get(url + "/v1/swarm", timeout=5).json()["peers"]}
+    if any("/p2p-circuit/" in a for a in peers.get(peer, {}).get("addrs", [])):
+        print(1)
+        break
+    time.sleep(0.5)
+else:
+    print(0)
+"""
+
+
+def _wait_for_circuit(host: Host, node: NodeProcess, peer: str) -> None:
+    """Until ``node``'s view (asked on ``host``) shows ``peer`` with a relay address."""
+    if not _python_on(host, WAIT_CIRCUIT, node.url, peer):
+        raise RuntimeError(f"{peer} published no relay address within 60 s")
 
 
 def _node(path: Path, host: Host, layers: str, dtype: str, keys: Path, join: str | None, api: bool = False) -> NodeProcess:
@@ -107,6 +153,7 @@ def run_internet_bench(path: Path, dtype: str, tokens: int, repeats: int) -> int
     try:
         relay, publics = internet.public(), [internet.public() for _ in range(4)]
         homes = [internet.home_host(internet.home("cone")) for _ in range(4)]
+        punched = [internet.home_host(internet.home("cone", drop_unsolicited=True)) for _ in range(2)]
 
         print("connection set-up (fresh identity; median of", DIALS, "dials):", flush=True)
         keys = Path(tempfile.mkdtemp(prefix="shardmesh-bench-"))
@@ -116,17 +163,23 @@ def run_internet_bench(path: Path, dtype: str, tokens: int, repeats: int) -> int
             setup_nodes.append(boot)
             wait_gateway(boot)
             home = _node(path, homes[0], "none", dtype, keys, boot.address, api=True)
-            setup_nodes.append(home)
+            far = _node(path, punched[0], "none", dtype, keys, boot.address, api=True)
+            setup_nodes += [home, far]
             wait_gateway(home)
+            wait_gateway(far)
             circuit = f"{boot.address}/p2p-circuit/p2p/{home.peer}"
-            time.sleep(5)  # its dial-back verdict and its reservation on the relay
+            for node in (home, far):  # their dial-back verdicts, then their reservations on the relay
+                _wait_for_circuit(relay, boot, node.peer)
             direct_ms = _python_on(publics[0], SETUP, boot.address, str(DIALS))
             relayed_ms = _python_on(publics[0], SETUP, circuit, str(DIALS))
+            far_circuit = f"{boot.address}/p2p-circuit/p2p/{far.peer}"
+            punch_ms = _python_on(punched[1], PUNCH, f"/ip4/{punched[1].ip}/tcp/4001", far_circuit, far.peer, "3")
         finally:
             stop_all(setup_nodes)
         print(f"  direct to a public node          {direct_ms:8.1f} ms")
         print(f"  relayed to a node behind a NAT   {relayed_ms:8.1f} ms")
-        print("  hole-punched                     (not built: DCUtR)", flush=True)
+        punch = f"{punch_ms:8.1f} ms" if punch_ms >= 0 else "  failed"
+        print(f"  hole-punched, home to home       {punch}   (after the relayed one; cone NATs that drop the unasked)", flush=True)
 
         print(f"\ndecode tokens/s, 3-hop chain, {tokens} tokens, best of {repeats} (each node --threads 1):", flush=True)
         direct, kinds = _chain_rate(path, dtype, tokens, repeats, publics[:3], publics[3], relay)

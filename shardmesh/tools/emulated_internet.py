@@ -97,8 +97,12 @@ class Internet:
         self._on_internet(ns, ip)
         return Host(ns, ip)
 
-    def home(self, nat: str = "cone") -> Home:
-        """A home network behind its own NAT router (``cone`` or ``random``)."""
+    def home(self, nat: str = "cone", drop_unsolicited: bool = False) -> Home:
+        """A home network behind its own NAT router (``cone`` or ``random``). A router
+        answers a connection nobody asked for with a reset, unless ``drop_unsolicited``:
+        then it drops it silently, as most home routers do (and as hole punching between
+        two homes on this delay-free segment needs: a reset would kill the other side's
+        attempt before its own packet has left)."""
         if nat not in ("cone", "random"):
             raise ValueError(f"nat must be cone or random, not {nat!r}")
         index = len(self.homes) + 1
@@ -107,6 +111,8 @@ class Internet:
         _run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         masquerade = ["--random-fully"] if nat == "random" else []
         _run("ip", "netns", "exec", ns, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", wan, "-j", "MASQUERADE", *masquerade)
+        if drop_unsolicited:
+            _run("ip", "netns", "exec", ns, "iptables", "-A", "INPUT", "-i", wan, "-m", "conntrack", "--ctstate", "NEW,INVALID", "-j", "DROP")
         home = Home(Host(ns, f"{WAN}.{100 + index}"), index, nat)
         self.homes.append(home)
         return home
