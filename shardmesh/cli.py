@@ -134,6 +134,11 @@ def _add_bench(sub) -> None:
     p.add_argument("--concurrent", type=_session_counts, default=None, metavar="N[,N...]",
                    help="aggregate tokens/s of N concurrent chats through one node and 2- and 3-node chains "
                         "(node processes and a gateway), e.g. 1,4,12")
+    p.add_argument("--wan", action="store_true",
+                   help="a chain over emulated distance (a delay line in front of every node, on loopback): decode tok/s "
+                        "against the latency bound, and time to first token, without and with the delay")
+    p.add_argument("--delay-ms", type=float, default=10.0, metavar="MS", help="with --wan: one-way delay per link (default %(default)g)")
+    p.add_argument("--hops", type=int, default=3, metavar="N", help="with --wan: serving nodes in the chain (default %(default)d)")
     p.add_argument("--internet", action="store_true",
                    help="on an emulated internet (network namespaces, as root): connection set-up direct and through "
                         "a relay, and a 3-hop chain's decode speed with every hop public vs every hop behind a NAT")

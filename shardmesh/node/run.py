@@ -100,7 +100,9 @@ async def start_links(config: NodeConfig, mesh: MeshHost, nursery: trio.Nursery)
     if not config.links:
         return None
     if config.link_port is None:
-        port = next((p for a in mesh.addrs() if (p := port_of(str(a)))), None)
+        # Offered to openers, who dial it at the IP they reach us at: behind an
+        # announced address (a forwarded port, a delay line) that is its port.
+        port = next((p for a in [*config.announce, *map(str, mesh.addrs())] if (p := port_of(a))), None)
         if port is None:
             log.warning("no hop links: no TCP port to share")
             return None

@@ -122,6 +122,10 @@ def run_bench(args) -> int:
         from .bench_memory import run_memory_bench
 
         return run_memory_bench(path, args.dtype)
+    if args.wan:  # node processes behind delay lines
+        from .bench_wan import run_wan_bench
+
+        return run_wan_bench(path, args.dtype, args.tokens, args.repeats, args.hops, args.delay_ms)
     if args.internet:  # node processes in network namespaces
         from .bench_internet import run_internet_bench
 
