@@ -10,11 +10,12 @@ relayed one is closed a minute later. Behind a NAT that gives every connection a
 port (a symmetric NAT) the dials miss, and the connection stays relayed.
 
 We run py-libp2p's ``DCUtRProtocol`` (both ends start an attempt for each relayed
-connection within seconds, at most three attempts per peer), with two changes:
+connection within seconds, at most three attempts per peer), with these changes:
 
 * before punching it first dials the peer's known addresses, which identify has filled
   with the peer's private LAN addresses, and waits out a 10 s dial timeout on them: we
-  skip that step (test_hole_punch.py);
+  skip that step (test_hole_punch.py); and the side that dialled through the relay
+  starts at once, not at the next of its 2-second scans;
 * it answers a hole-punch request on any connection, and dials whatever addresses the
   request lists: we serve it only over a relayed connection, and at most once per peer
   per :data:`REQUEST_INTERVAL`, so a peer cannot make us dial a list of its choosing at
@@ -57,13 +58,24 @@ class HolePunching:
         from libp2p.tools.anyio_service import background_trio_service
 
         try:
-            async with background_trio_service(self.dcutr):
+            async with background_trio_service(self.dcutr), trio.open_nursery() as nursery:
                 await self.dcutr.event_started.wait()
                 self.mesh.set_handler(PROTOCOL, self.handle)  # ours in front of py-libp2p's
+                self.mesh.relayed_dial = lambda peer_id: nursery.start_soon(self._punch, peer_id)
                 task_status.started()
                 await trio.sleep_forever()
         except Exception as exc:  # noqa: BLE001 - hole punching is an optimisation: the node goes on
             log.warning("hole punching stopped: %s: %s", type(exc).__name__, exc)
+        finally:
+            self.mesh.relayed_dial = lambda peer_id: None
+
+    async def _punch(self, peer_id) -> None:
+        """Right after we dialled ``peer_id`` through a relay (py-libp2p's own scan for
+        relayed connections runs every 2 s)."""
+        try:
+            await self.dcutr.initiate_hole_punch(peer_id)
+        except Exception as exc:  # noqa: BLE001 - the relayed connection still works
+            log.debug("hole punching to %s: %r", peer_id, exc)
 
     async def handle(self, stream) -> None:
         peer = stream.muxed_conn.peer_id.to_base58()
