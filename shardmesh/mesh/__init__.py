@@ -52,6 +52,7 @@ __all__ = [
     "reclaim",
     "record_checks",
     "record_keys",
+    "read_exactly",
     "records",
     "relay_client",
     "relay_dial",

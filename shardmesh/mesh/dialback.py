@@ -34,6 +34,7 @@ import cbor2
 import trio
 
 from .cbor_plain import PlainCborError, loads_plain
+from .read_exactly import read_exactly
 from .record_checks import REACHABILITY
 from .host import DIAL_TIMEOUT, MeshHost, close_quietly, remote_ip, reset_quietly, running_host
 from .swarm_key import SwarmKey
@@ -61,27 +62,24 @@ __all__ = [
 
 
 async def _read_message(stream) -> dict:
-    head = await _read_exactly(stream, 2)
+    try:
+        return await _read_frame(stream)
+    except EOFError as exc:
+        raise ValueError(str(exc)) from None
+
+
+async def _read_frame(stream) -> dict:
+    head = await read_exactly(stream, 2)
     (length,) = struct.unpack(">H", head)
     if length > MAX_MESSAGE:
         raise ValueError(f"a {length}-byte message (at most {MAX_MESSAGE})")
     try:
-        message = loads_plain(await _read_exactly(stream, length))
+        message = loads_plain(await read_exactly(stream, length))
     except PlainCborError as exc:
         raise ValueError(f"not plain CBOR ({exc})") from None
     if not isinstance(message, dict):
         raise ValueError("not a map")
     return message
-
-
-async def _read_exactly(stream, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = await stream.read(n - len(data))
-        if not chunk:
-            raise ValueError("the stream ended early")
-        data += chunk
-    return data
 
 
 async def _write_message(stream, message: dict) -> None:

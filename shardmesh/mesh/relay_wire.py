@@ -20,6 +20,8 @@ from __future__ import annotations
 import trio
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Limit, PeerId as Peer, Reservation, Status, StopMessage
 
+from .read_exactly import read_exactly
+
 __all__ = [
     "HOP",
     "MAX_MESSAGE",
@@ -97,13 +99,9 @@ async def _read_varint(stream) -> int:
 
 
 async def _read_exactly(stream, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        try:
-            chunk = await stream.read(n - len(data))
-        except Exception as exc:  # StreamEOF, StreamReset: the other end is gone
-            raise RelayWireError(f"the stream ended ({type(exc).__name__})") from None
-        if not chunk:
-            raise RelayWireError("the stream ended early")
-        data += chunk
-    return data
+    try:
+        return await read_exactly(stream, n)
+    except EOFError:
+        raise RelayWireError("the stream ended early") from None
+    except Exception as exc:  # StreamEOF, StreamReset: the other end is gone
+        raise RelayWireError(f"the stream ended ({type(exc).__name__})") from None

@@ -41,6 +41,8 @@ from pathlib import Path
 import trio
 from Crypto.Cipher import Salsa20
 
+from .read_exactly import read_exactly
+
 __all__ = ["SwarmKey", "SwarmKeyError", "protect", "read_swarm_key", "require_swarm_key", "write_new_swarm_key"]
 
 HEADER = "/key/swarm/psk/1.0.0/"
@@ -194,12 +196,10 @@ async def protect(stream, key: SwarmKey) -> ProtectedStream:
     local = os.urandom(NONCE_BYTES)
     with trio.fail_after(HANDSHAKE_TIMEOUT):
         await stream.write(local)
-        remote = b""
-        while len(remote) < NONCE_BYTES:
-            part = await stream.read(NONCE_BYTES - len(remote))
-            if not part:
-                raise EOFError("the peer closed the connection before sending its nonce")
-            remote += part
+        try:
+            remote = await read_exactly(stream, NONCE_BYTES)
+        except EOFError:
+            raise EOFError("the peer closed the connection before sending its nonce") from None
     return ProtectedStream(stream, xsalsa20(key.psk, local), xsalsa20(key.psk, remote))
 
 
