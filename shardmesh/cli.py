@@ -60,6 +60,12 @@ def _add_run(sub) -> None:
     p.add_argument("--audit-rate", type=float, default=NodeConfig.audit_rate, metavar="R",
                    help="share of generated tokens this gateway re-checks on independent peers; a new peer's first "
                         "tokens are always checked; 0 turns auditing off (default %(default)g)")
+    p.add_argument("--no-speculation", action="store_true",
+                   help="this gateway sends one token per decode step (default: it proposes draft tokens, found by "
+                        "prompt lookup or --draft-model, that the chain checks in the same trip; output is the same)")
+    p.add_argument("--draft-model", default=None, metavar="PATH",
+                   help="a small model with the same tokenizer, run at this gateway to propose draft tokens "
+                        "(default: prompt lookup, which needs no model)")
     p.add_argument("--allow-peers", default=None, metavar="FILE",
                    help="a private swarm: talk only to the peer ids in FILE (one per line); others are disconnected and never routed to")
     p.add_argument("--swarm-key", default=None, metavar="FILE",
@@ -193,8 +199,12 @@ def run(args) -> int:
         allow_peers=args.allow_peers,
         swarm_key=args.swarm_key,
         audit_rate=args.audit_rate,
+        speculation=not args.no_speculation,
+        draft_model=args.draft_model,
     )
     try:
+        if config.draft_model is not None and not config.speculation:
+            raise UsageError("--draft-model proposes draft tokens, --no-speculation turns them off: choose one")
         config.api_host_port
         if config.threads is not None and config.threads < 1:
             raise UsageError(f"--threads wants a positive number of threads, got {config.threads}")

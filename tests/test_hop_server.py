@@ -335,6 +335,28 @@ def test_a_step_with_a_bad_spent_field_is_refused(model_path, expected) -> None:
     run(model_path, expected, attack)
 
 
+def test_a_step_with_a_bad_draft_field_is_refused(model_path, expected) -> None:
+    """The ``draft`` field (docs/PROTOCOL.md 6.2): a list of at most 16 token ids,
+    fewer than the step's tokens, and only on a step that wants a token."""
+    async def attack(raw, next_token, server, client):
+        ids = lambda n: (b"\1" + b"\0" * 7) * n  # noqa: E731
+        for n, fields in [
+            (3, {"want": True, "draft": "1 2"}),  # not a list
+            (3, {"want": True, "draft": [1, "2"]}),  # not token ids
+            (3, {"want": True, "draft": [1, -2]}),
+            (3, {"want": True, "draft": [True]}),
+            (2, {"want": True, "draft": [1, 1]}),  # as many drafts as tokens
+            (20, {"want": True, "draft": [1] * 17}),  # more than 16
+            (3, {"want": False, "draft": [1]}),  # drafts where no token is wanted
+        ]:
+            fs = await open_and_step(raw, server, client, "drafter", ids(n), dtype="int64", shape=[n], **fields)
+            await expect_error(fs, "bad_input")
+            await next_token()
+        assert list(server.sessions) == ["good@0"], "refused sessions must be gone"
+
+    run(model_path, expected, attack)
+
+
 def test_link_frames_that_do_not_follow_an_offer_are_refused(model_path, expected) -> None:
     async def attack(raw, next_token, server, client):
         fs = await raw()  # a session that never asked for a link

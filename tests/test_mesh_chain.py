@@ -176,7 +176,10 @@ def test_twelve_concurrent_chats_batch_on_every_hop_and_each_get_their_own_answe
     model = client.models.list().data[0].id
 
     def complete(prompt: str) -> str:
-        return client.completions.create(model=model, prompt=prompt, max_tokens=N, temperature=0).choices[0].text
+        # One step per token (no draft tokens), so that the steps counted below are known.
+        return client.completions.create(
+            model=model, prompt=prompt, max_tokens=N, temperature=0, extra_body={"speculative": False}
+        ).choices[0].text
 
     before = [stage_counts(node) for node in llama_swarm.servers]
     with ThreadPoolExecutor(len(PROMPTS)) as pool:

@@ -25,6 +25,7 @@ __all__ = [
     "resumable",
     "schemas",
     "server",
+    "speculation",
     "streaming",
     "text",
     "token_bytes",

@@ -59,6 +59,7 @@ from .formats import ChatFormat, CompletionFormat
 from .generate import Finished, GenerationRequest, Generator, PromptTooLong, TokenEvent
 from ..contract import BadRequest, ModelUnavailable
 from .metrics import CountRequests, Metrics
+from .speculation import SpeculationStats
 from .prompts import chat_prompt_ids, completion_prompt_ids
 from .schemas import ChatCompletionRequest, CompletionRequest, check_request, generation_request, parse_request
 from .request_body import read_json
@@ -263,7 +264,7 @@ def create_app(
     ``swarm`` returns the swarm map for ``GET /v1/swarm``; ``stage_counts`` the steps and
     batches of the node's blocks for ``/metrics`` (:class:`~.metrics.StageCounters`);
     ``links_taken`` how many session hops moved to hop links."""
-    gateway = Gateway(generator, Metrics(stage_counts, links_taken), swarm)
+    gateway = Gateway(generator, Metrics(stage_counts, links_taken, speculation=lambda: getattr(generator, "speculation", SpeculationStats())), swarm)
     routes: list[BaseRoute] = [
         Route("/health", guarded(gateway.health), methods=["GET"]),
         Route("/v1/models", guarded(gateway.list_models), methods=["GET"]),

@@ -15,9 +15,10 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable
 
-from ..contract import CacheBudgetExceeded, ChainOpener, ModelUnavailable, SampledToken, SamplingParams
+from ..contract import CacheBudgetExceeded, ChainOpener, DraftSource, ModelUnavailable, SampledToken, SamplingParams
 from ..placement.spans import Repair
 from .resumable import ResumableChain
+from .speculation import DraftLength, SpeculationStats
 from .text import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
+    speculative: bool = True  # False: no draft tokens for this request (the client's `speculative: false`)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class Generator:
         *,
         route_wait: float = DEFAULT_ROUTE_WAIT,
         repair: Callable[[], Repair] | None = None,
+        drafts: DraftSource | None = None,
     ):
         self.model_name = model_name
         self.tokenizer = tokenizer
@@ -104,6 +107,8 @@ class Generator:
         self.repair = repair  # the swarm's gaps and who fills them: requests wait for a repair under way
         self.accepting = True  # False while the node drains: new requests get a 503
         self.active = 0  # generations running now (a draining node waits for them)
+        self.drafts = drafts  # speculative decoding's proposals (None: off, --no-speculation)
+        self.speculation = SpeculationStats()
 
     def ready(self) -> bool:
         return self.chains.available()
@@ -148,29 +153,44 @@ class Generator:
             sampling = replace(sampling, seed=secrets.randbits(63))
 
         chain = ResumableChain(self.chains, sampling, prompt, len(prompt) + max_tokens, wait=self.route_wait, repair=self.repair)
+        drafts = self.drafts.drafts() if (self.drafts is not None and req.speculative) else None
+        length = DraftLength()
+        history = list(prompt)  # the prompt and every token drawn: what drafts continue
         try:
-            token = await chain.start()
+            run = [await chain.start()]
             detok = IncrementalDetokenizer(self.tokenizer)
             stops = StopMatcher(req.stop)
-            for produced in range(1, max_tokens + 1):
-                if token.token_id in self.eos_ids:
-                    yield Finished("stop", stops.feed(detok.flush())[0] + stops.flush(), len(prompt), produced - 1)
-                    return
-                released, hit = stops.feed(detok.add(token.token_id))
-                yield self._event(token, released)
-                if hit:
-                    yield Finished("stop", "", len(prompt), produced)
-                    return
+            produced = 0
+            while True:
+                for token in run:
+                    produced += 1
+                    if token.token_id in self.eos_ids:
+                        yield Finished("stop", stops.feed(detok.flush())[0] + stops.flush(), len(prompt), produced - 1)
+                        return
+                    history.append(token.token_id)
+                    released, hit = stops.feed(detok.add(token.token_id))
+                    yield self._event(token, released)
+                    if hit:
+                        yield Finished("stop", "", len(prompt), produced)
+                        return
+                    if produced == max_tokens:
+                        break
                 if produced == max_tokens:
                     break
+                # Never guess past max_tokens: the chain would compute what nobody reads.
+                proposed = await drafts.propose(history, min(length.k, max_tokens - produced - 1)) if drafts else []
                 try:
-                    token = await chain.next(token.token_id)
+                    run = await chain.next_run(history[-1], proposed)
                 except CacheBudgetExceeded:
                     # Out of KV memory mid-answer: end it as if the context were full.
                     log.warning("KV cache full: ending a completion after %d tokens", produced)
                     max_tokens = produced
                     break
+                length.update(len(proposed), len(run) - 1)
+                self.speculation.record(len(proposed), len(run))
             tail, hit = stops.feed(detok.flush())
             yield Finished("stop" if hit else "length", tail + ("" if hit else stops.flush()), len(prompt), max_tokens)
         finally:
             await chain.close()
+            if drafts is not None:
+                await drafts.close()

@@ -13,9 +13,11 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .speculation import SpeculationStats
 
 # Label values for the request counter are kept to a fixed set, so a client sending
 # random paths or methods cannot make the metrics grow without bound.
@@ -30,8 +32,11 @@ class Metrics:
     """
 
     def __init__(self, stage_counts: Callable[[], tuple[int, int]] | None = None,
-                 links_taken: Callable[[], int] | None = None) -> None:
+                 links_taken: Callable[[], int] | None = None,
+                 speculation: Callable[[], SpeculationStats] | None = None) -> None:
         self.registry = CollectorRegistry()
+        if speculation is not None:
+            self.registry.register(SpeculationCounters(speculation))
         if stage_counts is not None:
             self.registry.register(StageCounters(stage_counts))
         if links_taken is not None:
@@ -84,6 +89,25 @@ class LinkCounter:
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         yield CounterMetricFamily("shardmesh_hop_links", "Session hops moved to a hop link, at either end.", value=self.taken())
+
+
+class SpeculationCounters:
+    """A collector read at scrape time: the gateway's decode trips, the tokens they
+    brought back and the draft tokens proposed and accepted (:mod:`.speculation`),
+    with the two figures that tell whether speculation pays: acceptance and tokens
+    per trip (1.0 means it bought nothing)."""
+
+    def __init__(self, stats: Callable[[], SpeculationStats]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        s = self.stats()
+        yield CounterMetricFamily("shardmesh_decode_trips", "Decode steps that waited for tokens from a chain.", value=s.trips)
+        yield CounterMetricFamily("shardmesh_decode_trip_tokens", "Tokens those decode steps brought back.", value=s.tokens)
+        yield CounterMetricFamily("shardmesh_draft_tokens_proposed", "Draft tokens proposed to chains (speculative decoding).", value=s.proposed)
+        yield CounterMetricFamily("shardmesh_draft_tokens_accepted", "Draft tokens the chains accepted.", value=s.accepted)
+        yield GaugeMetricFamily("shardmesh_draft_acceptance", "Draft tokens accepted over proposed, since start.", value=s.acceptance)
+        yield GaugeMetricFamily("shardmesh_tokens_per_trip", "Tokens per decode trip, since start.", value=s.tokens_per_trip)
 
 
 class CountRequests:

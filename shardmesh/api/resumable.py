@@ -67,21 +67,38 @@ class ResumableChain:
 
     async def next(self, token_id: int) -> SampledToken:
         """Feed back ``token_id`` (just generated); the token after it."""
+        [token] = await self.next_run(token_id, [])
+        return token
+
+    async def next_run(self, token_id: int, drafts: list[int]) -> list[SampledToken]:
+        """Feed back ``token_id`` with ``drafts``, tokens guessed to follow it; the
+        tokens drawn after it: the drafts the chain accepted, then one of its own. The
+        accepted drafts join the history; the rejected ones leave every hop's cache with
+        the next step. A chain that breaks is replaced, replaying the accepted tokens
+        only, and gives one token."""
         self.generated.append(token_id)
         position = len(self.prompt_ids) + len(self.generated) - 1
         assert self._chain is not None, "start() first"
         try:
-            token = await self._chain.step([token_id], position, True)
+            if not drafts:
+                token = await self._chain.step([token_id], position, True)
+                assert token is not None
+                return [token]
+            tokens = await self._chain.verify([token_id, *drafts], position, len(drafts))
         except ChainFailed as exc:
-            log.warning("a chain broke after %d tokens (%s); replaying on a new one", len(self.generated), exc)
-            self._blame(exc)
-            began = trio.current_time()
-            token = await self._open_and_replay(first=False)
-            pause = trio.current_time() - began
-            self.failovers += 1
-            self.paused_seconds += pause
-            log.info("generation resumed on a new chain after %.2f s", pause)
-        assert token is not None
+            return [await self._recover(exc)]
+        self.generated.extend(t.token_id for t in tokens[:-1])
+        return tokens
+
+    async def _recover(self, exc: ChainFailed) -> SampledToken:
+        log.warning("a chain broke after %d tokens (%s); replaying on a new one", len(self.generated), exc)
+        self._blame(exc)
+        began = trio.current_time()
+        token = await self._open_and_replay(first=False)
+        pause = trio.current_time() - began
+        self.failovers += 1
+        self.paused_seconds += pause
+        log.info("generation resumed on a new chain after %.2f s", pause)
         return token
 
     def _blame(self, exc: ChainFailed) -> None:

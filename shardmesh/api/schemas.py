@@ -133,6 +133,7 @@ class _SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, Any] | None = None
+    speculative: bool | None = None  # extension: false turns speculative decoding off for this request
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -332,4 +333,5 @@ def generation_request(
         max_tokens=max_tokens,
         sampling=sampling,
         stop=tuple(req.stop or ()),
+        speculative=req.speculative is not False,
     )

@@ -14,13 +14,14 @@ batcher`` does).
 __all__ = [
     "batcher",
     "compute_thread",
+    "draft_model",
     "footprint",
     "hop_compute",
     "kv_sessions",
     "local_chain",
     "memory_release",
-    "sampler_state",
     "mlx",
+    "sampler_state",
     "torch",
     "weights",
 ]

@@ -9,6 +9,7 @@ step that produced the logits, so the event loop never touches a tensor.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Sequence
 
 from ..contract import BadInput, RawTensor, SamplingParams, StageInfo, StepOutput, StepRequest
@@ -45,11 +46,15 @@ class StageHopCompute:
         await self.batcher.open(session_id, max_length, start, end)
 
     async def step(
-        self, session_id: str, inputs: RawTensor, position: int, sampler: SamplerState | None, then: Callable[[Any, float], bool] | None = None
+        self, session_id: str, inputs: RawTensor, position: int, sampler: SamplerState | None,
+        then: Callable[[Any, float], bool] | None = None, drafts: Sequence[int] = (),
     ) -> StepOutput:
-        """Hidden states out, or (last hop, ``sampler`` given) the sampled token dict;
-        ``then(value, seconds)`` runs on the compute thread right after (see batcher.py)."""
-        return await self.batcher.step_timed(StepRequest(session_id, inputs, position), after=sampler, then=then)
+        """Hidden states out, or (last hop, ``sampler`` given) the sampled token dict,
+        with draft tokens checked (:meth:`SamplerState.verify`); ``then(value, seconds)``
+        runs on the compute thread right after (see batcher.py)."""
+        after = sampler if sampler is None or not drafts else partial(sampler.verify, drafts=list(drafts))
+        request = StepRequest(session_id, inputs, position, draft=len(drafts))
+        return await self.batcher.step_timed(request, after=after, then=then)
 
     async def close(self, session_id: str) -> None:
         await self.batcher.close(session_id)

@@ -7,6 +7,8 @@ the gateway's generation loop does not care where the blocks are.
 from __future__ import annotations
 
 from array import array
+from functools import partial
+from typing import Any, Callable
 
 from ..contract import RawTensor, SampledToken, SamplingParams, StepRequest
 from .batcher import StepBatcher
@@ -28,13 +30,22 @@ class LocalChain:
 
     async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None:
         """Feed ``token_ids`` starting at ``position``; sample the next token if asked."""
+        return await self._run(token_ids, position, self.sampler.token if want_token else None, 0)
+
+    async def verify(self, token_ids: list[int], position: int, draft: int) -> list[SampledToken]:
+        """Feed ``token_ids`` from ``position``, the last ``draft`` of them proposals;
+        the tokens drawn from the first proposal's position on (:meth:`SamplerState.run`)."""
+        drafts = token_ids[len(token_ids) - draft :] if draft else []
+        return await self._run(token_ids, position, partial(self.sampler.run, drafts=drafts), draft)
+
+    async def _run(self, token_ids: list[int], position: int, after: Callable[[RawTensor], Any] | None, draft: int) -> Any:
         # Built without torch: the event loop's thread must never run torch (see compute_thread).
         x = RawTensor("int64", (len(token_ids),), array("q", token_ids).tobytes())
         last = len(self.batchers) - 1
         for i, batcher in enumerate(self.batchers):
-            after = self.sampler.token if (i == last and want_token) else None
-            x = await batcher.step(StepRequest(self.session_id, x, position), after=after)
-        return x if want_token else None
+            request = StepRequest(self.session_id, x, position, draft=draft if i == last else 0)
+            x = await batcher.step(request, after=after if i == last else None)
+        return x if after is not None else None
 
     async def close(self) -> None:
         """Close on every stage; safe after a partial or cancelled open. The compute

@@ -8,7 +8,7 @@ that produced the logits, so a session draws the same tokens wherever it runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from ..contract import BadRequest, RawTensor, SampledToken, SamplingParams
 from .torch.sampling import SamplingRefused, sample
@@ -28,8 +28,34 @@ class SamplerState:
         """Compute thread: the next token. A refusal caused by the request's parameters
         is :class:`BadRequest` (error code ``bad_request``: the gateway answers HTTP 400
         and holds it against no peer); anything else stays this stage's own failure."""
+        return self._draw(tensor_from_raw(logits))
+
+    def run(self, logits: RawTensor, drafts: Sequence[int]) -> list[SampledToken]:
+        """Compute thread: check draft tokens against ``logits`` ``[len(drafts) + 1,
+        vocab]``, the rows of the positions where each draft, then one more token, would
+        be drawn. Each row draws the token this session would draw there without
+        speculation (same history, same per-step seed); a draft is accepted while it
+        equals that token. Returns the tokens drawn: the accepted drafts, then the first
+        token that differs from its draft (or, all accepted, one past them).
+
+        For a proposal that is one fixed token (prompt lookup, a draft model's argmax)
+        this is exactly speculative sampling's rule: a draft ``d`` is kept with the
+        target's probability ``p(d)``, and a rejection draws from ``p`` without ``d``.
+        It keeps the target distribution, and a seed gives the same tokens with
+        speculation on or off."""
+        rows = tensor_from_raw(logits)
+        if rows.dim() != 2 or rows.shape[0] != len(drafts) + 1:
+            raise ValueError(f"{len(drafts)} drafts need {len(drafts) + 1} rows of logits, got {list(rows.shape)}")
+        drawn: list[SampledToken] = []
+        for i in range(len(drafts) + 1):
+            drawn.append(self._draw(rows[i]))
+            if i == len(drafts) or drawn[-1].token_id != drafts[i]:
+                break
+        return drawn
+
+    def _draw(self, logits: Any) -> SampledToken:
         try:
-            token = sample(tensor_from_raw(logits), self.params, self.prompt_ids, self.generated)
+            token = sample(logits, self.params, self.prompt_ids, self.generated)
         except SamplingRefused as exc:
             raise BadRequest(f"cannot sample with these parameters: {exc}") from exc
         self.generated.append(token.token_id)
@@ -37,9 +63,16 @@ class SamplerState:
 
     def __call__(self, logits: RawTensor) -> dict[str, Any]:
         """The next token as the last hop sends it on the wire."""
-        token = self.token(logits)
-        return {
-            "token": token.token_id,
-            "logprob": token.logprob,
-            "top": [[i, lp] for i, lp in token.top_logprobs],
-        }
+        return _on_wire(self.token(logits))
+
+    def verify(self, logits: RawTensor, drafts: Sequence[int]) -> dict[str, Any]:
+        """:meth:`run` as the last hop sends it: the first token drawn, and the rest in
+        ``more`` (docs/PROTOCOL.md 6.2)."""
+        first, *more = self.run(logits, drafts)
+        wire = _on_wire(first)
+        wire["more"] = [[t["token"], t["logprob"], t["top"]] for t in map(_on_wire, more)]
+        return wire
+
+
+def _on_wire(token: SampledToken) -> dict[str, Any]:
+    return {"token": token.token_id, "logprob": token.logprob, "top": [[i, lp] for i, lp in token.top_logprobs]}

@@ -6,10 +6,11 @@ one room. See ``docs/ARCHITECTURE.md``.
 """
 
 from .chains import Chain, ChainOpener
+from .drafts import Drafts, DraftSource
 from .errors import BadInput, BadRequest, CacheBudgetExceeded, ChainFailed, ModelUnavailable, NoRoute, NonFiniteInput, StageError, UnknownSession
 from .hop import HopCompute, Sampler
 from .sampling import MAX_TOP_LOGPROBS, SampledToken, SamplingParams
-from .stage import Stage, StageInfo, StepOutput, StepRequest, check_step
+from .stage import MAX_DRAFT_TOKENS, Stage, StageInfo, StepOutput, StepRequest, check_step
 from .tensors import DTYPE_SIZES, RawTensor
 
 __all__ = [
@@ -20,7 +21,10 @@ __all__ = [
     "ChainFailed",
     "ChainOpener",
     "DTYPE_SIZES",
+    "DraftSource",
+    "Drafts",
     "HopCompute",
+    "MAX_DRAFT_TOKENS",
     "MAX_TOP_LOGPROBS",
     "ModelUnavailable",
     "NoRoute",

@@ -19,6 +19,13 @@ class Chain(Protocol):
 
     async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None: ...
 
+    async def verify(self, token_ids: list[int], position: int, draft: int) -> list[SampledToken]:
+        """A speculative step: ``token_ids`` from ``position`` (which may lie before the
+        end of what the chain holds: the tokens from there on are dropped), the last
+        ``draft`` of them proposals. Returns the tokens the last hop drew from the first
+        proposal's position on: the proposals it accepted, then one of its own."""
+        ...
+
     async def close(self) -> None: ...
 
 

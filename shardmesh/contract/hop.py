@@ -20,6 +20,12 @@ class Sampler(Protocol):
 
     def __call__(self, logits: RawTensor) -> dict[str, Any]: ...
 
+    def verify(self, logits: RawTensor, drafts: Sequence[int]) -> dict[str, Any]:
+        """Check draft tokens against the logits of their positions (``[len(drafts) + 1,
+        vocab]``): the token dict of the first token drawn, with the rest (the drafts it
+        accepted after the first, then its own) in ``"more"`` as ``[id, logprob, top]``."""
+        ...
+
 
 class HopCompute(Protocol):
     """The local blocks as a hop: open a session, step it, close it."""
@@ -43,9 +49,12 @@ class HopCompute(Protocol):
         position: int,
         sampler: Sampler | None,
         then: Callable[[Any, float], bool] | None = None,
+        drafts: Sequence[int] = (),
     ) -> StepOutput:
         """Hidden states out, or (``sampler`` given) the sampled token dict; ``then(value,
-        seconds)`` runs on the compute thread right after and says whether it sent it."""
+        seconds)`` runs on the compute thread right after and says whether it sent it.
+        ``drafts``: the last ``len(drafts)`` inputs are proposals that the last hop's
+        sampler checks (:meth:`Sampler.verify`)."""
         ...
 
     async def close(self, session_id: str) -> None: ...

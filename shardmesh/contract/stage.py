@@ -15,6 +15,11 @@ from .errors import BadInput
 from .tensors import RawTensor
 
 
+#: The most draft tokens one step may carry: the last stage returns a row of logits
+#: per draft, so a stranger's step must not ask for a vocabulary's worth of them.
+MAX_DRAFT_TOKENS = 16
+
+
 @dataclass(frozen=True)
 class StageInfo:
     """What a stage serves. ``end`` is exclusive; blocks are the transformer layers."""
@@ -44,13 +49,20 @@ class StepRequest:
 
     ``inputs`` holds token ids ``int64 [n]`` on the first stage and hidden states
     ``[n, hidden]`` elsewhere. ``position`` is the absolute position of the first of
-    those ``n`` tokens and must equal the number of tokens the session has already seen:
-    positions are explicit so that a replay after failover can never drift.
+    those ``n`` tokens. It may not lie beyond the tokens the session's cache holds
+    (positions are explicit so that a replay after failover can never drift), but it
+    may lie before: the cached tokens from ``position`` on are dropped first. That is
+    how a speculative step's rejected draft tokens leave every hop's cache.
+
+    ``draft``: the last ``draft`` of the ``n`` tokens are proposals (speculative
+    decoding); the last stage then returns the logits of the last ``draft + 1``
+    positions instead of only the final one, so that each proposal can be checked.
     """
 
     session_id: str
     inputs: RawTensor
     position: int
+    draft: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,7 +80,9 @@ class Stage(Protocol):
     """A contiguous range of blocks with per-session KV caches.
 
     ``step`` returns, per request in order, hidden states ``[n, hidden]`` in the stage's
-    dtype, or on the last stage the float32 logits of the final position ``[vocab]``.
+    dtype, or on the last stage the float32 logits of the final position ``[vocab]``
+    (of the last ``draft + 1`` positions, ``[draft + 1, vocab]``, for a request with
+    draft tokens).
     Implementations are synchronous and thread-safe enough to be called from one worker
     thread at a time; the node runs them off the event loop.
     """
@@ -92,7 +106,8 @@ class Stage(Protocol):
 
 def check_step(req: StepRequest, *, embeds: bool, hidden_size: int, length: int, max_length: int) -> int:
     """The checks every backend makes before a step touches a cache; returns the token
-    count. ``embeds``: the session starts at block 0 and so takes token ids."""
+    count. ``embeds``: the session starts at block 0 and so takes token ids; ``length``:
+    the tokens its cache holds now."""
     raw = req.inputs
     if embeds:
         if raw.dtype not in ("int64", "int32") or len(raw.shape) != 1:
@@ -105,8 +120,10 @@ def check_step(req: StepRequest, *, embeds: bool, hidden_size: int, length: int,
     n = raw.shape[0]
     if n == 0:
         raise BadInput("a step needs at least one token")
-    if req.position != length:
-        raise BadInput(f"session {req.session_id!r} is at position {length}, step says {req.position}")
-    if length + n > max_length:
+    if not 0 <= req.position <= length:
+        raise BadInput(f"session {req.session_id!r} holds {length} tokens, step says position {req.position}")
+    if not 0 <= req.draft < n or req.draft > MAX_DRAFT_TOKENS:
+        raise BadInput(f"a step of {n} tokens may hold 0 to {min(n - 1, MAX_DRAFT_TOKENS)} draft tokens, not {req.draft}")
+    if req.position + n > max_length:
         raise BadInput(f"session {req.session_id!r} would exceed its max_length {max_length}")
     return n

@@ -60,6 +60,7 @@ __all__ = [
     "relay_wire",
     "registry",
     "registry_stats",
+    "result_tokens",
     "rtt",
     "shared_port",
     "swarm_key",

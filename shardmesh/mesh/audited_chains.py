@@ -218,7 +218,24 @@ class AuditedChain:
         self.fed[position:] = token_ids
         if token is None:
             return None
-        if len(token_ids) == 1:
+        return await self._answered(token, began, decode=len(token_ids) == 1)
+
+    async def verify(self, token_ids: list[int], position: int, draft: int) -> list[SampledToken]:
+        """A speculative step; the audit looks at its first token, the one drawn right
+        after the history fed so far (the accepted drafts join that history)."""
+        if self.caught is not None:
+            raise self.caught
+        began = trio.current_time()
+        tokens = await self.inner.verify(token_ids, position, draft)
+        self.fed[position:] = token_ids[: len(token_ids) - draft]
+        first = await self._answered(tokens[0], began, decode=len(token_ids) == draft + 1)
+        self.fed.extend(t.token_id for t in tokens[:-1])
+        return [first, *(_as_client_asked(t, self.sampling) for t in tokens[1:])]
+
+    async def _answered(self, token: SampledToken, began: float, *, decode: bool) -> SampledToken:
+        """Audit ``token`` (the answer to ``self.fed``) if the policy says so; what the
+        client asked for of it. A decode step's time is a measure of the route's speed."""
+        if decode:
             self.auditor.speeds.record(self.inner.route or [], trio.current_time() - began)
         peers = self.auditor.peers(self.inner)
         policy = self.auditor.policy

@@ -35,6 +35,7 @@ from .host import close_quietly, reset_quietly
 from .link_offers import Links, request_fields, upgrade_opener
 from .next_hop import relayed_error
 from .reclaim import RECLAIMED, believable
+from .result_tokens import result_tokens
 from .wire import ATTACH, CLOSE, ERROR, OPEN, RESULT, STEP, Frame, FrameStream, StreamEnded, WireError
 
 log = logging.getLogger("shardmesh.mesh.chain_client")
@@ -270,25 +271,34 @@ class RemoteChain:
 
     async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None:
         """Send ``token_ids`` at ``position`` into the chain; wait for the token if asked."""
+        tokens = await self._checked_step(token_ids, position, want_token, [])
+        return tokens[0] if tokens else None
+
+    async def verify(self, token_ids: list[int], position: int, draft: int) -> list[SampledToken]:
+        """A step whose last ``draft`` ids are proposals: the tokens the last hop drew
+        from the first proposal's position on (the accepted ones, then its own)."""
+        return await self._checked_step(token_ids, position, True, token_ids[len(token_ids) - draft :] if draft else [])
+
+    async def _checked_step(self, token_ids: list[int], position: int, want_token: bool, drafts: list[int]) -> list[SampledToken]:
         assert self._first is not None and not self._closed, "open the chain first"
         try:
-            return await self._step(token_ids, position, want_token)
+            return await self._step(token_ids, position, want_token, drafts)
         except ChainFailed as exc:
             self._report(exc)
             raise
 
-    async def _step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None:
+    async def _step(self, token_ids: list[int], position: int, want_token: bool, drafts: list[int]) -> list[SampledToken]:
         assert self._first is not None
         self._raise_pending()
         payload = array("q", token_ids).tobytes()
         header = {"t": STEP, "session": self.session_id, "position": position, "want": want_token,
-                  "dtype": "int64", "shape": [len(token_ids)]}
+                  "dtype": "int64", "shape": [len(token_ids)], **({"draft": drafts} if drafts else {})}
         if self._unanswered == 0:
             self._sent_at = trio.current_time()
         await self._write(self._first, self._route[0].peer, header, payload)
         self._unanswered += len(token_ids)
         if not want_token:
-            return None
+            return []
         wait = self.step_times.deadline(self._unanswered)
         event = await self._receive_by(self._sent_at + self.step_times.probe_after(self._unanswered))
         if event is None and (silent := await self._silent_hop()) is not None:
@@ -300,10 +310,10 @@ class RemoteChain:
             blamed = silent or self._route[-1].peer  # all answer: the last hop owed the token
             why = f"no token within {wait:.0f} s" + (f"; {silent} does not answer" if silent else "")
             raise ChainFailed(blamed, "timeout", why)
-        token = self._token(event, position)
+        tokens = self._tokens(event, position, drafts)
         self.step_times.record(self._unanswered, trio.current_time() - self._sent_at)
         self._unanswered = 0
-        return token
+        return tokens
 
     async def _receive_by(self, when: float) -> Frame | Exception | None:
         """The next event, or None if none came by ``when`` (trio time)."""
@@ -334,27 +344,13 @@ class RemoteChain:
             event = self._events.receive_nowait()
         except trio.WouldBlock:
             return
-        self._token(event, None)
+        self._tokens(event, None, [])
         raise ChainFailed(self._route[-1].peer, "bad_frame", "a result arrived that nobody asked for")
 
-    def _token(self, event: Frame | Exception, position: int | None) -> SampledToken:
-        last = self._route[-1].peer
+    def _tokens(self, event: Frame | Exception, position: int | None, drafts: list[int]) -> list[SampledToken]:
         if isinstance(event, Exception):  # error frames arrive as their exception (_failure)
             raise event
-        h = event.header
-        token = h.get("token")
-        is_id = isinstance(token, int) and not isinstance(token, bool) and token >= 0
-        if event.type != RESULT or not is_id or (position is not None and h.get("position") != position):
-            raise ChainFailed(last, "bad_frame", f"unexpected {event.type} frame instead of a token")
-        try:
-            top = tuple((int(i), float(lp)) for i, lp in (h.get("top") or []))
-            logprob = h.get("logprob")
-            logprob = None if logprob is None else float(logprob)
-            spent = h.get("spent")
-            spent = float(spent) if isinstance(spent, (int, float)) else None
-        except (TypeError, ValueError) as exc:
-            raise ChainFailed(last, "bad_frame", f"malformed logprobs in a result: {exc}") from exc
-        return SampledToken(token, logprob, top, spent)
+        return result_tokens(event, self._route[-1].peer, position, drafts)
 
     async def close(self) -> None:
         """Tell the chain to end and close our streams; never raises. The hops close

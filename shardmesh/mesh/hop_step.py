@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from ..contract import MAX_DRAFT_TOKENS
 from .hop_session import HopSession
 from .link import HopLink
 from .wire import RESULT, STEP, Frame, FrameStream, WireError, encode_frame, tensor_fields, tensor_from_frame
@@ -32,13 +33,15 @@ async def run_step(session: HopSession, frame: Frame, downstream: FrameStream | 
     if isinstance(spent, bool) or not isinstance(spent, (int, float)) or not 0 <= spent < 1e6:
         raise WireError("bad_input", "spent must be a number of seconds >= 0")
     inputs = tensor_from_frame(frame, max_elements)
+    drafts = drafts_of(frame.header, inputs.shape[0], want)
     sampler = session.sampler if (session.is_last and want) else None
 
     def frame_for(value: Any, seconds: float) -> tuple[dict[str, Any], bytes]:
         """The frame this step's output travels in (next hop: a step; gateway: a result)."""
         head = {"session": session.session, "position": position, "spent": spent + seconds}
         if downstream is not None:
-            return {"t": STEP, **head, "want": want, **tensor_fields(value)}, value.data
+            more = {"draft": drafts} if drafts else {}
+            return {"t": STEP, **head, "want": want, **more, **tensor_fields(value)}, value.data
         return {"t": RESULT, **head, **value}, b""
 
     # Where the output goes over a hop link, the compute thread sends it itself.
@@ -49,7 +52,7 @@ async def run_step(session: HopSession, frame: Frame, downstream: FrameStream | 
         assert link is not None
         return link.send_now(encode_frame(*frame_for(value, seconds)))
 
-    done = await session.served.step(session.id, inputs, position, sampler, send_now if link is not None else None)
+    done = await session.served.step(session.id, inputs, position, sampler, send_now if link is not None else None, drafts)
     if done.sent or (downstream is None and not want):
         return
     if downstream is None:
@@ -60,3 +63,17 @@ async def run_step(session: HopSession, frame: Frame, downstream: FrameStream | 
         target = session.attach
     assert target is not None
     await target.write(*frame_for(done.value, done.seconds))
+
+
+def drafts_of(header: dict[str, Any], n: int, want: bool) -> list[int]:
+    """The step's ``draft`` field: the token ids proposed as its last inputs, checked
+    (at most ``MAX_DRAFT_TOKENS``, fewer than the step's ``n`` tokens, only where a
+    token is wanted); empty when absent. The first hop sees the ids themselves and the
+    stage checks them against the vocabulary; the last hop compares what it draws with
+    them, so a wrong id there is only a rejected draft."""
+    drafts = header.get("draft", [])
+    if not isinstance(drafts, list) or not all(type(t) is int and 0 <= t < 2**32 for t in drafts):
+        raise WireError("bad_input", "draft must be a list of token ids")
+    if len(drafts) > min(n - 1, MAX_DRAFT_TOKENS) or (drafts and not want):
+        raise WireError("bad_input", f"a step of {n} tokens may carry 0 to {min(n - 1, MAX_DRAFT_TOKENS)} draft tokens, and only with want")
+    return drafts

@@ -32,10 +32,10 @@ def choose_backend(requested: str) -> str:
 
 
 def build_stage(
-    backend: str, files, start: int, end: int, *, model_name: str, dtype: str, device: str, cache_budget_bytes: int,
+    backend: str, files, start: int, end: int | None, *, model_name: str, dtype: str, device: str, cache_budget_bytes: int,
     threads: int | None = None,
 ):
-    """The stage for blocks ``[start, end)``; call it on the compute thread, which then
+    """The stage for blocks ``[start, end)`` (``end`` None: to the last); call it on the compute thread, which then
     computes with ``threads`` CPU threads (torch; None: torch's default)."""
     if backend == "mlx":
         from ..backends.mlx.stage import MlxStage

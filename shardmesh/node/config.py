@@ -42,6 +42,8 @@ class NodeConfig:
     audit_rate: float = DEFAULT_RATE  # share of steps this gateway re-checks on independent peers (mesh/audit_policy.py)
     allow_peers: str | None = None  # file of the peer ids of a private swarm (mesh/allow_list.py); None: anyone
     swarm_key: str | None = None  # file of a private swarm's pre-shared key (mesh/swarm_key.py); None: open
+    speculation: bool = True  # the gateway proposes draft tokens that chains check in one trip (api/speculation.py)
+    draft_model: str | None = None  # a small model with the target's tokenizer that drafts (backends/draft_model.py); None: prompt lookup
 
     @property
     def auto_layers(self) -> bool:

@@ -50,6 +50,7 @@ from ..placement.spans import ONLINE, repair
 from .blocks import auto_capacity, load_blocks, run_blocks
 from .chains import NodeChains, route_finder
 from .config import NodeConfig, UsageError
+from .drafting import draft_source
 from .model import LoadedModel, load_model_meta
 from .reachability import own_addresses, use_relays, watch_own_reachability
 from .span_keeper import SpanKeeper
@@ -291,6 +292,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             eos_token_ids(model.tokenizer, model.generation_config),
             route_wait=config.route_wait,
             repair=lambda: repair(registry.servers(), model.total_blocks),
+            drafts=await draft_source(config, model, nursery),
         )
         if api is not None:
             app = create_app(generator, api_key=config.api_key, swarm=registry.to_json, stage_counts=keeper.stage_counts,

@@ -211,9 +211,9 @@ class MlxStage(KVSessions):
             raise BadInput("a session may appear only once per batch")
         with self._lock:
             checked = [self._checked_inputs(r) for r in batch]
-            for session, array in checked:
-                self._make_room(session, session.length + array.shape[0])
-            results = [self._forward(session, array) for session, array in checked]
+            for req, (session, array) in zip(batch, checked):
+                self._make_room(session, req.position + array.shape[0])
+            results = [self._forward(session, array, req.position, req.draft) for req, (session, array) in zip(batch, checked)]
         return results
 
     def _mask(self, layer_index: int, n: int, offset: int) -> mx.array | str | None:
@@ -225,18 +225,23 @@ class MlxStage(KVSessions):
             return create_causal_mask(n, offset, window_size=window)
         return "causal" if n > 1 else None
 
-    def _forward(self, session: MlxSession, inputs: mx.array) -> RawTensor:
-        n, offset = inputs.shape[0], session.length
+    def _forward(self, session: MlxSession, inputs: mx.array, offset: int, draft: int) -> RawTensor:
+        """Blocks over ``inputs`` from ``offset`` on; a cache that holds more (rejected
+        draft tokens) is cut back to ``offset`` first, as mlx-lm's ``trim`` does."""
+        n = inputs.shape[0]
+        for cache in session.caches:
+            cache.offset = offset
         hidden = self.embed(inputs[None]) if session.start == 0 else inputs[None].astype(self.dtype)
         for i, cache in zip(range(session.start, session.end), session.caches):
             hidden = self.layers[i - self.start](hidden, self._mask(i, n, offset), cache=cache)
         if session.end < self.info.total_blocks:
             out = hidden[0]
         else:
-            out = self.head(self.norm(hidden[:, -1:, :]))[0, 0].astype(mx.float32)
+            out = self.head(self.norm(hidden[:, -(draft + 1) :, :]))[0].astype(mx.float32)
+            out = out[0] if draft == 0 else out
         # Evaluate now: keeps the lazy graph one step deep and the caches concrete.
         mx.eval(out, *[c.keys for c in session.caches], *[c.values for c in session.caches])
-        session.length += n
+        session.length = offset + n
         session.last_used = time.monotonic()
         return raw_from_mx(out)
 

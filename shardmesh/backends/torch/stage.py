@@ -12,7 +12,8 @@ How it works:
   involved, so sessions with different past lengths share one batched forward pass:
   projections and MLPs run as one batch, attention per session against its own cache.
 * Positions are explicit: a request says where its tokens start, and the stage refuses
-  a position that does not continue the session's cache.
+  a position beyond the session's cache. One before its end drops the cached tokens
+  from there on (a speculative step's rejected drafts): the next step writes over them.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ class TorchStage(KVSessions):
             # One reduction per step, before the cache grows: NaN or inf from upstream
             # would poison this session's KV cache and every hop after us.
             raise NonFiniteInput("the hidden states received hold NaN or infinity")
-        if (capacity := self._capacity_for(cache, cache.length + n)) is not None:
+        if (capacity := self._capacity_for(cache, req.position + n)) is not None:
             cache.grow(capacity)
         return cache, tensor
 
@@ -212,19 +213,19 @@ class TorchStage(KVSessions):
         with self._lock:
             checked = [self._checked_inputs(r) for r in batch]
             results: list[RawTensor | None] = [None] * len(batch)
-            groups: dict[tuple[int, int, int], list[int]] = {}
+            groups: dict[tuple[int, int, int, int], list[int]] = {}
             for i, (cache, tensor) in enumerate(checked):
-                groups.setdefault((tensor.shape[0], cache.start, cache.end), []).append(i)
-            for (_, start, end), rows in groups.items():
+                groups.setdefault((tensor.shape[0], cache.start, cache.end, batch[i].draft), []).append(i)
+            for (_, start, end, draft), rows in groups.items():
                 caches = [checked[i][0] for i in rows]
                 inputs = torch.stack([checked[i][1] for i in rows])
                 positions = [batch[i].position for i in rows]
-                outputs = self._forward(inputs, caches, positions, start, end)
+                outputs = self._forward(inputs, caches, positions, start, end, draft)
                 for i, out in zip(rows, outputs):
                     results[i] = out
             now = time.monotonic()
-            for cache, tensor in checked:
-                cache.length += tensor.shape[0]
+            for req, (cache, tensor) in zip(batch, checked):
+                cache.length = req.position + tensor.shape[0]
                 cache.last_used = now
         return results  # type: ignore[return-value]
 
@@ -240,7 +241,7 @@ class TorchStage(KVSessions):
 
     @torch.inference_mode()
     def _forward(
-        self, inputs: torch.Tensor, caches: list[SessionCache], positions: list[int], start: int, end: int
+        self, inputs: torch.Tensor, caches: list[SessionCache], positions: list[int], start: int, end: int, draft: int = 0
     ) -> list[RawTensor]:
         m = self.module
         n = inputs.shape[1]
@@ -266,6 +267,6 @@ class TorchStage(KVSessions):
             )
         if end < self.info.total_blocks:
             return [raw_from_tensor(row) for row in hidden]
-        last = m.norm(hidden[:, -1:, :])
-        logits = m.lm_head(last)[:, 0, :].float()
-        return [raw_from_tensor(row) for row in logits]
+        last = m.norm(hidden[:, -(draft + 1) :, :])
+        logits = m.lm_head(last).float()
+        return [raw_from_tensor(row[0] if draft == 0 else row) for row in logits]

@@ -1,0 +1,270 @@
+"""Speculative decoding, in one process: prompt lookup, the stage's draft rows and
+rewinds, the last hop's check, and whole generations over local chains of 1 to 3
+stages, compared with transformers (greedy) and with speculation off (sampled)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import trio
+
+from shardmesh.api.generate import GenerationRequest, Generator, TokenEvent
+from shardmesh.api.speculation import MAX_K, DraftLength, PromptLookup, PromptLookupSource, SpeculationStats
+from shardmesh.backends.batcher import StepBatcher
+from shardmesh.backends.draft_model import DraftModel
+from shardmesh.backends.local_chain import LocalChains
+from shardmesh.backends.sampler_state import SamplerState
+from shardmesh.backends.torch.sampling import sample
+from shardmesh.backends.torch.stage import TorchStage
+from shardmesh.backends.torch.tensors import raw_from_tensor, tensor_from_raw
+from shardmesh.backends.weights import resolve_local
+from shardmesh.contract import MAX_DRAFT_TOKENS, BadInput, ChainFailed, SamplingParams, StepRequest
+from shardmesh.mesh.result_tokens import result_tokens
+from shardmesh.mesh.wire import Frame
+from shardmesh.tools.tiny_model import cached_tiny_model
+from shardmesh.tools.reference import Transformers
+
+LAYERS = 4
+GREEDY = SamplingParams(temperature=0.0)
+# A prompt that repeats itself, so that prompt lookup has something to propose.
+PROMPT = [11, 12, 13, 14, 15, 16, 17, 18] * 4 + [11, 12, 13]
+
+
+def path_of(arch: str):
+    return cached_tiny_model(arch, layers=LAYERS, hidden=64)
+
+
+# -- prompt lookup and the draft length ------------------------------------------------
+
+
+def brute_force_lookup(history: list[int], k: int) -> list[int]:
+    """The same rule, written the slow and obvious way."""
+    for n in (3, 2, 1):
+        if len(history) <= n:
+            continue
+        tail = history[-n:]
+        for start in range(len(history) - n - 1, -1, -1):
+            if history[start : start + n] == tail:
+                return history[start + n : start + n + k]
+    return []
+
+
+def test_prompt_lookup_proposes_what_followed_the_most_recent_repeat() -> None:
+    lookup = PromptLookup()
+    assert lookup.guess([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 4) == [7, 8, 1, 2]  # the later "1 2 3" wins
+    assert PromptLookup().guess([5, 6, 7, 8], 3) == []  # nothing repeats
+    assert PromptLookup().guess([4, 4], 5) == [4]  # as much as there is
+    assert PromptLookup().guess([1, 2, 3, 1, 2], 0) == []
+
+
+def test_prompt_lookup_grows_with_its_history_and_agrees_with_the_slow_rule() -> None:
+    rng = random.Random(7)
+    for _ in range(20):
+        history = [rng.randrange(6) for _ in range(rng.randrange(2, 12))]
+        lookup = PromptLookup()
+        for _ in range(40):
+            k = rng.randrange(0, 6)
+            assert lookup.guess(history, k) == brute_force_lookup(history, k), history
+            history.extend(rng.randrange(6) for _ in range(rng.randrange(1, 4)))
+
+
+def test_draft_length_grows_on_success_and_shrinks_on_failure() -> None:
+    length = DraftLength()
+    start = length.k
+    length.update(start, start)
+    assert length.k == start + 2
+    for _ in range(10):
+        length.update(length.k, length.k)
+    assert length.k == MAX_K <= MAX_DRAFT_TOKENS
+    for _ in range(20):
+        length.update(length.k, 0)
+    assert length.k == 1
+    length.update(0, 0)  # nothing proposed: nothing learned
+    assert length.k == 1
+
+
+# -- the stage: draft rows and rewinds ---------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral"])
+def test_draft_rows_are_the_logits_of_one_token_steps_and_a_rewind_forgets(arch: str) -> None:
+    stage = TorchStage(resolve_local(str(path_of(arch))), 0, LAYERS, dtype="float32")
+    ids = lambda tokens: raw_from_tensor(torch.tensor(tokens))  # noqa: E731
+    prompt, proposal = PROMPT[:10], [21, 22, 23, 24]
+
+    # One token per step: the logits after each of the proposal's tokens.
+    stage.open("plain", 64)
+    stage.step([StepRequest("plain", ids(prompt), 0)])
+    plain = [tensor_from_raw(stage.step([StepRequest("plain", ids([t]), len(prompt) + i)])[0]) for i, t in enumerate(proposal)]
+
+    # The same as one step whose last three tokens are drafts: one row per position.
+    stage.open("spec", 64)
+    stage.step([StepRequest("spec", ids(prompt), 0)])
+    [rows] = stage.step([StepRequest("spec", ids(proposal), len(prompt), draft=3)])
+    rows = tensor_from_raw(rows)
+    assert rows.shape == (4, stage.info.vocab_size)
+    torch.testing.assert_close(rows, torch.stack(plain), rtol=1e-4, atol=1e-4)
+
+    # Two drafts rejected: the next step starts after the first accepted one and must
+    # see exactly what a session that never saw the rejected ones sees.
+    [after_rewind] = stage.step([StepRequest("spec", ids([30]), len(prompt) + 2)])
+    assert stage.sessions["spec"].length == len(prompt) + 3
+    stage.open("never", 64)
+    stage.step([StepRequest("never", ids(prompt + proposal[:2]), 0)])
+    [never] = stage.step([StepRequest("never", ids([30]), len(prompt) + 2)])
+    torch.testing.assert_close(tensor_from_raw(after_rewind), tensor_from_raw(never), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_draft_steps_are_refused_and_change_nothing() -> None:
+    stage = TorchStage(resolve_local(str(path_of("llama"))), 0, LAYERS, dtype="float32")
+    stage.open("s", 64)
+    ids = raw_from_tensor(torch.tensor([1, 2, 3]))
+    with pytest.raises(BadInput):  # as many drafts as tokens: no token to check them after
+        stage.step([StepRequest("s", ids, 0, draft=3)])
+    with pytest.raises(BadInput):
+        stage.step([StepRequest("s", raw_from_tensor(torch.arange(40)), 0, draft=MAX_DRAFT_TOKENS + 1)])
+    with pytest.raises(BadInput):
+        stage.step([StepRequest("s", ids, 0, draft=-1)])
+    stage.step([StepRequest("s", ids, 0)])
+    with pytest.raises(BadInput):  # beyond what the cache holds
+        stage.step([StepRequest("s", ids, 4)])
+    assert stage.sessions["s"].length == 3
+
+
+# -- the last hop's check ------------------------------------------------------------------
+
+
+def test_greedy_check_keeps_the_longest_matching_run_and_adds_its_own() -> None:
+    logits = torch.full((4, 10), -5.0)
+    for row, best in enumerate([3, 4, 9, 6]):
+        logits[row, best] = 5.0
+    state = SamplerState(GREEDY, [1, 2])
+    drawn = state.run(raw_from_tensor(logits), [3, 4, 5])
+    assert [t.token_id for t in drawn] == [3, 4, 9]  # 5 rejected: 9 is the target's own token
+    assert state.generated == [3, 4, 9]
+    state = SamplerState(GREEDY, [1, 2])
+    assert [t.token_id for t in state.run(raw_from_tensor(logits), [3, 4, 9])] == [3, 4, 9, 6]  # all kept, one more
+
+
+def test_sampled_check_draws_what_plain_sampling_draws_and_keeps_the_distribution() -> None:
+    """For 3,000 seeds, one draft checked against a small vocabulary: the first token
+    drawn is, seed for seed, the token sampling without speculation draws; over the
+    seeds its frequencies fit the target's probabilities (chi-square, 7 degrees of
+    freedom, p > 0.001), and the draft is kept as often as the target would draw it."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 8) * 1.5
+    probs = torch.softmax(logits[0], dim=-1)
+    draft = int(torch.argmax(probs))  # a draft model's greedy guess
+    counts = [0] * 8
+    kept = 0
+    seeds = 3000
+    for seed in range(seeds):
+        params = SamplingParams(temperature=1.0, seed=seed)
+        first = SamplerState(params, [0]).run(raw_from_tensor(logits), [draft])[0].token_id
+        assert first == sample(logits[0], params, [0], []).token_id
+        counts[first] += 1
+        kept += first == draft
+    chi2 = sum((c - seeds * float(p)) ** 2 / (seeds * float(p)) for c, p in zip(counts, probs))
+    assert chi2 < 24.32, (chi2, counts, probs)  # the 0.999 quantile of chi-square with 7 degrees
+    p_draft = float(probs[draft])
+    assert abs(kept / seeds - p_draft) < 4 * math.sqrt(p_draft * (1 - p_draft) / seeds)
+
+
+# -- what the gateway believes of a last hop's result ---------------------------------
+
+
+def result(**fields) -> Frame:
+    return Frame({"t": "result", "session": "s", "position": 9, "token": 5, "logprob": None, "top": [], **fields})
+
+
+def test_a_result_may_only_accept_what_was_drafted() -> None:
+    got = result_tokens(result(more=[[6, None, []], [8, -0.5, [[8, -0.5]]]]), "last", 9, [5, 6, 7])
+    assert [(t.token_id, t.logprob) for t in got] == [(5, None), (6, None), (8, -0.5)]
+    assert [t.token_id for t in result_tokens(result(), "last", 9, [4, 6])] == [5]  # the first draft rejected
+    for bad in (
+        result(more=[[6, None, []], [7, None, []], [1, None, []], [2, None, []]]),  # more than drafted + 1
+        result(more=[[9, None, []], [1, None, []]]),  # accepted 9 where 6 was drafted
+        result(more=[[6, None]]),  # malformed
+        result(more=[["6", None, []]]),
+        result(more="6"),
+    ):
+        with pytest.raises(ChainFailed) as caught:
+            result_tokens(bad, "last", 9, [5, 6, 7])
+        assert caught.value.peer == "last" and caught.value.code == "bad_frame"
+
+
+# -- whole generations over local chains -----------------------------------------------
+
+
+def run_generations(path, cuts, requests: list[GenerationRequest], drafts=True) -> tuple[list[list[int]], SpeculationStats]:
+    batchers = [StepBatcher(TorchStage(resolve_local(str(path)), a, b, dtype="float32")) for a, b in zip(cuts, cuts[1:])]
+    reference = Transformers(path)
+    generator = Generator("tiny", reference.tokenizer, 2048, LocalChains(batchers), frozenset(reference.eos),
+                          drafts=PromptLookupSource() if drafts else None)
+
+    async def main() -> list[list[int]]:
+        async with trio.open_nursery() as nursery:
+            for b in batchers:
+                await nursery.start(b.run)
+            out = []
+            for req in requests:
+                out.append([e.token_id async for e in generator.stream(req) if isinstance(e, TokenEvent)])
+            nursery.cancel_scope.cancel()
+        for b in batchers:
+            assert b.stage.sessions == {}, "every session closed"
+        return out
+
+    return trio.run(main), generator.speculation
+
+
+@pytest.mark.parametrize("arch,cuts", [("llama", (0, 4)), ("llama", (0, 2, 4)), ("qwen3_moe", (0, 1, 3, 4)), ("mixtral", (0, 2, 4))])
+def test_greedy_with_prompt_lookup_equals_transformers(arch: str, cuts: tuple[int, ...]) -> None:
+    path = path_of(arch)
+    reference = Transformers(path)
+    prompts = [PROMPT, [40, 41, 42, 43] * 6, reference.prompt_ids("one two three one two three one two")]
+    [got, stats] = run_generations(path, cuts, [GenerationRequest(p, 40, GREEDY) for p in prompts])
+    for prompt, tokens in zip(prompts, got):
+        assert tokens == reference.greedy(prompt, 40).token_ids
+    assert stats.accepted > 0 and stats.tokens_per_trip > 1, stats  # speculation did happen
+
+
+def test_a_seed_gives_the_same_tokens_with_speculation_on_or_off() -> None:
+    path = path_of("qwen3")
+    requests = [GenerationRequest(PROMPT, 30, SamplingParams(temperature=0.7, top_k=20, seed=s, repetition_penalty=1.1)) for s in range(4)]
+    on, stats = run_generations(path, (0, 2, 4), requests)
+    again, _ = run_generations(path, (0, 2, 4), requests)
+    off, _ = run_generations(path, (0, 2, 4), requests, drafts=False)
+    assert on == again == off
+    assert stats.proposed > 0
+
+
+def test_speculative_false_proposes_nothing() -> None:
+    _, stats = run_generations(path_of("llama"), (0, 4), [GenerationRequest(PROMPT, 20, GREEDY, speculative=False)])
+    assert stats.proposed == 0 and stats.tokens == stats.trips
+
+
+def test_a_draft_model_that_is_the_target_is_always_right() -> None:
+    """``--draft-model`` set to the target itself: the upper bound, every draft kept,
+    and the answer still exactly transformers' greedy one."""
+    path = path_of("llama")
+    reference = Transformers(path)
+    target = [StepBatcher(TorchStage(resolve_local(str(path)), a, b, dtype="float32")) for a, b in ((0, 2), (2, 4))]
+    drafter = StepBatcher(TorchStage(resolve_local(str(path)), 0, LAYERS, dtype="float32"))
+    generator = Generator("tiny", reference.tokenizer, 2048, LocalChains(target), frozenset(), drafts=DraftModel(drafter, 2048))
+    prompt = reference.prompt_ids("Tell me a long story about foxes.")
+
+    async def main() -> list[int]:
+        async with trio.open_nursery() as nursery:
+            for b in (*target, drafter):
+                await nursery.start(b.run)
+            tokens = [e.token_id async for e in generator.stream(GenerationRequest(prompt, 60, GREEDY)) if isinstance(e, TokenEvent)]
+            nursery.cancel_scope.cancel()
+        assert drafter.stage.sessions == {}, "the draft session is closed with the answer"
+        return tokens
+
+    assert trio.run(main) == reference.greedy_forwards(prompt, 60)
+    stats = generator.speculation
+    assert stats.acceptance == 1.0 and stats.tokens_per_trip > 4, stats
