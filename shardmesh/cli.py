@@ -63,6 +63,9 @@ def _add_run(sub) -> None:
     p.add_argument("--no-speculation", action="store_true",
                    help="this gateway sends one token per decode step (default: it proposes draft tokens, found by "
                         "prompt lookup or --draft-model, that the chain checks in the same trip; output is the same)")
+    p.add_argument("--draft-tokens", type=int, default=NodeConfig.draft_tokens, metavar="K",
+                   help="the most draft tokens per decode step, 1 to 16 (default %(default)d); "
+                        "how many up to that adapts to how many are kept")
     p.add_argument("--draft-model", default=None, metavar="PATH",
                    help="a small model with the same tokenizer, run at this gateway to propose draft tokens "
                         "(default: prompt lookup, which needs no model)")
@@ -145,6 +148,8 @@ def _add_bench(sub) -> None:
                         "against the latency bound, and time to first token, without and with the delay")
     p.add_argument("--delay-ms", type=float, default=10.0, metavar="MS", help="with --wan: one-way delay per link (default %(default)g)")
     p.add_argument("--hops", type=int, default=3, metavar="N", help="with --wan: serving nodes in the chain (default %(default)d)")
+    p.add_argument("--draft-k", type=int, default=4, metavar="K",
+                   help="with --wan: the most draft tokens per step of the gateway whose draft model is the target (default %(default)d)")
     p.add_argument("--internet", action="store_true",
                    help="on an emulated internet (network namespaces, as root): connection set-up direct and through "
                         "a relay, and a 3-hop chain's decode speed with every hop public vs every hop behind a NAT")
@@ -168,6 +173,7 @@ def _add_sim(sub) -> None:
 
 def run(args) -> int:
     from .backends.weights import ModelSourceError
+    from .contract import MAX_DRAFT_TOKENS
     from .node.config import NodeConfig, UsageError, env_api_key
     from .node.run import main as node_main
 
@@ -201,8 +207,11 @@ def run(args) -> int:
         audit_rate=args.audit_rate,
         speculation=not args.no_speculation,
         draft_model=args.draft_model,
+        draft_tokens=args.draft_tokens,
     )
     try:
+        if not 1 <= config.draft_tokens <= MAX_DRAFT_TOKENS:
+            raise UsageError(f"--draft-tokens wants 1 to {MAX_DRAFT_TOKENS}, got {config.draft_tokens}")
         if config.draft_model is not None and not config.speculation:
             raise UsageError("--draft-model proposes draft tokens, --no-speculation turns them off: choose one")
         config.api_host_port

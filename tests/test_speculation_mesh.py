@@ -186,8 +186,14 @@ def test_draft_model_and_no_speculation_flags(tmp_path: Path) -> None:
                 stop_node(node)
 
 
-def test_a_draft_model_needs_speculation() -> None:
+@pytest.mark.parametrize("flags,says", [
+    (["--draft-model", "MODEL", "--no-speculation"], "choose one"),
+    (["--draft-tokens", "0"], "--draft-tokens wants 1 to 16"),
+    (["--draft-tokens", "17"], "--draft-tokens wants 1 to 16"),
+])
+def test_bad_speculation_flags_are_one_line_errors(flags: list[str], says: str) -> None:
     model = cached_tiny_model("llama", layers=4, hidden=64)
-    out = subprocess.run([sys.executable, "-m", "shardmesh", "run", "--model", str(model), "--draft-model", str(model),
-                          "--no-speculation", "--no-mdns"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "choose one" in out.stderr
+    flags = [str(model) if f == "MODEL" else f for f in flags]
+    out = subprocess.run([sys.executable, "-m", "shardmesh", "run", "--model", str(model), "--no-mdns", *flags],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and says in out.stderr, out.stderr

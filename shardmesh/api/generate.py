@@ -18,7 +18,7 @@ from typing import AsyncIterator, Callable
 from ..contract import CacheBudgetExceeded, ChainOpener, DraftSource, ModelUnavailable, SampledToken, SamplingParams
 from ..placement.spans import Repair
 from .resumable import ResumableChain
-from .speculation import DraftLength, SpeculationStats
+from .speculation import MAX_K, DraftLength, SpeculationStats
 from .text import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class Generator:
         route_wait: float = DEFAULT_ROUTE_WAIT,
         repair: Callable[[], Repair] | None = None,
         drafts: DraftSource | None = None,
+        draft_tokens: int = MAX_K,
     ):
         self.model_name = model_name
         self.tokenizer = tokenizer
@@ -108,6 +109,7 @@ class Generator:
         self.accepting = True  # False while the node drains: new requests get a 503
         self.active = 0  # generations running now (a draining node waits for them)
         self.drafts = drafts  # speculative decoding's proposals (None: off, --no-speculation)
+        self.draft_tokens = draft_tokens  # the most proposed per step (--draft-tokens)
         self.speculation = SpeculationStats()
 
     def ready(self) -> bool:
@@ -154,7 +156,7 @@ class Generator:
 
         chain = ResumableChain(self.chains, sampling, prompt, len(prompt) + max_tokens, wait=self.route_wait, repair=self.repair)
         drafts = self.drafts.drafts() if (self.drafts is not None and req.speculative) else None
-        length = DraftLength()
+        length = DraftLength(most=self.draft_tokens)
         history = list(prompt)  # the prompt and every token drawn: what drafts continue
         try:
             run = [await chain.start()]

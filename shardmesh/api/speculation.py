@@ -27,7 +27,7 @@ __all__ = ["DraftLength", "MAX_NGRAM", "PromptLookup", "PromptLookupSource", "Sp
 MAX_NGRAM = 3  # the longest run of last tokens looked up: longer matches predict better
 MIN_NGRAM = 1
 START_K = 4  # tokens proposed at first
-MAX_K = 8  # never more per step: a longer run is rarely all right, and each costs compute
+MAX_K = 8  # the most per step by default (--draft-tokens): a longer run is rarely all right, and each costs compute
 
 
 class PromptLookup:
@@ -83,7 +83,7 @@ class DraftLength:
     """
 
     def __init__(self, start: int = START_K, most: int = MAX_K) -> None:
-        self.most = min(most, MAX_DRAFT_TOKENS)
+        self.most = max(1, min(most, MAX_DRAFT_TOKENS))
         self.k = min(start, self.most)
 
     def update(self, proposed: int, accepted: int) -> None:

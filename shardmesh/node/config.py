@@ -43,6 +43,7 @@ class NodeConfig:
     allow_peers: str | None = None  # file of the peer ids of a private swarm (mesh/allow_list.py); None: anyone
     swarm_key: str | None = None  # file of a private swarm's pre-shared key (mesh/swarm_key.py); None: open
     speculation: bool = True  # the gateway proposes draft tokens that chains check in one trip (api/speculation.py)
+    draft_tokens: int = 8  # the most draft tokens per decode step (1..16); how many up to that adapts to what is kept
     draft_model: str | None = None  # a small model with the target's tokenizer that drafts (backends/draft_model.py); None: prompt lookup
 
     @property

@@ -293,6 +293,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             route_wait=config.route_wait,
             repair=lambda: repair(registry.servers(), model.total_blocks),
             drafts=await draft_source(config, model, nursery),
+            draft_tokens=config.draft_tokens,
         )
         if api is not None:
             app = create_app(generator, api_key=config.api_key, swarm=registry.to_json, stage_counts=keeper.stage_counts,

@@ -125,7 +125,7 @@ def run_bench(args) -> int:
     if args.wan:  # node processes behind delay lines
         from .bench_wan import run_wan_bench
 
-        return run_wan_bench(path, args.dtype, args.tokens, args.repeats, args.hops, args.delay_ms)
+        return run_wan_bench(path, args.dtype, args.tokens, args.repeats, args.hops, args.delay_ms, args.draft_k)
     if args.internet:  # node processes in network namespaces
         from .bench_internet import run_internet_bench
 

@@ -54,13 +54,14 @@ async def decode_rate(generator: Generator, prompt: list[int], tokens: int) -> f
     return (count - 1) / (last - first)
 
 
-async def http_decode_rate(url: str, model: str, prompt: str, tokens: int) -> float:
-    """Greedy decode tokens/s of a gateway's streamed ``/v1/completions``, as a client reads it."""
+async def http_decode_rate(url: str, model: str, prompt: str, tokens: int, **fields) -> float:
+    """Greedy decode tokens/s of a gateway's streamed ``/v1/completions``, as a client
+    reads it; ``fields`` go into the request body (e.g. ``speculative=False``)."""
     import httpx
 
     # logprobs make every token its own chunk (a token whose text is held back, such as
     # half a UTF-8 character, sends none otherwise), so chunks count tokens exactly.
-    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "logprobs": 1}
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "logprobs": 1, **fields}
     first = last = None
     count = 0
     async with httpx.AsyncClient(timeout=120) as client:

@@ -11,15 +11,22 @@ the delay, and printed:
 * the latency bound: one token per trip around the chain plus what a token costs the
   same chain with no delay (its compute and every hop's overhead), and the ratio of
   the measured rate to it;
-* time to first token for a 32-token and a 2,048-token prompt.
+* time to first token for a 32-token and a 2,048-token prompt;
+* speculative decoding on and off: the same answer with no draft tokens
+  (``speculative: false``), with prompt lookup (the gateway's default), and, at the
+  delay, through a second gateway whose draft model is the target itself with at most
+  ``--draft-k`` drafts per step (every draft is kept: the upper bound of tokens per
+  trip). Tokens per trip and the share of drafts kept come from the gateway's
+  ``/metrics``.
 
-Speculative decoding and pipelined prefill (issue 20) are not built yet; when they are,
-each gets a line with it on and off.
+The latency bound and its ratio are for decoding without speculation, which can
+only do one token per trip. Pipelined prefill (issue 20) is not built yet.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -33,6 +40,7 @@ from .bench_common import http_decode_rate
 from .node_processes import NodeProcess, start_node, stop_all, wait_gateway, wait_serving
 
 TTFT_PROMPTS = (32, 2048)
+TEXT = "The history of the fox, told in many parts: " * 3
 
 
 def _free_port() -> int:
@@ -50,6 +58,7 @@ class WanChain:
     """``hops`` serving nodes and a gateway, each behind its own delay line."""
 
     def __init__(self, path: Path, dtype: str, total_blocks: int, hops: int, delay_ms: float) -> None:
+        self.path, self.dtype, self.delay_ms = path, dtype, delay_ms
         self.keys = Path(tempfile.mkdtemp(prefix="shardmesh-wan-"))
         self.lines: list[subprocess.Popen] = []
         self.nodes: list[NodeProcess] = []
@@ -71,9 +80,23 @@ class WanChain:
                 if join is None:
                     join = f"/ip4/127.0.0.1/tcp/{line_port}/p2p/{node.peer}"
             self.gateway = self.nodes[-1]
+            self.join = join
         except BaseException:
             self.stop()
             raise
+
+    def add_gateway(self, extra: tuple[str, ...]) -> NodeProcess:
+        """One more ``--layers none`` gateway on the chain, behind a line of its own."""
+        i = len(self.nodes)
+        port, line_port = _free_port(), _free_port()
+        self.lines.append(subprocess.Popen(
+            [sys.executable, "-m", "shardmesh.tools.delay_line", "--to", f"127.0.0.1:{port}",
+             "--delay-ms", str(self.delay_ms), "--port", str(line_port)], stdout=subprocess.DEVNULL))
+        node = start_node(self.path, "none", self.dtype, self.keys, self.join, threads=1, api=True, name=f"wan{i}",
+                          listen=f"/ip4/127.0.0.1/tcp/{port}", extra=("--announce", f"/ip4/127.0.0.1/tcp/{line_port}", *extra))
+        self.nodes.append(node)
+        wait_gateway(node)
+        return node
 
     def stop(self) -> None:
         stop_all(self.nodes)
@@ -98,27 +121,59 @@ async def _ttft(url: str, model: str, prompt: list[int]) -> float:
     raise RuntimeError("no token came back")
 
 
-async def _measure(url: str, tokens: int, repeats: int, vocab: int) -> dict[str, float]:
+async def _ready(url: str) -> str:
+    """The gateway's model id, once it has a complete chain."""
     import httpx
-
-    from .bench_common import prompt_ids
 
     async with httpx.AsyncClient(timeout=30) as client:
         deadline = time.monotonic() + 120
-        while (await client.get(url + "/health")).status_code != 200:  # a complete chain
+        while (await client.get(url + "/health")).status_code != 200:
             if time.monotonic() > deadline:
                 raise RuntimeError("no complete chain within 120 s")
             await trio.sleep(1)
-        model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
-    text = "The history of the fox, told in many parts: " * 3
-    rate = max([await http_decode_rate(url, model, text, tokens) for _ in range(repeats)])
-    figures = {"rate": rate}
-    for n in TTFT_PROMPTS:
-        figures[f"ttft{n}"] = await _ttft(url, model, prompt_ids(vocab, n))
+        return (await client.get(url + "/v1/models")).json()["data"][0]["id"]
+
+
+async def _trips(url: str) -> tuple[float, float, float, float]:
+    """The gateway's decode trips, their tokens, drafts proposed and kept (/metrics)."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        text = (await client.get(url + "/metrics")).text
+    names = ("decode_trips", "decode_trip_tokens", "draft_tokens_proposed", "draft_tokens_accepted")
+    found = {m.group(1): float(m.group(2)) for m in re.finditer(r"^shardmesh_(\w+)_total (\S+)$", text, re.M)}
+    return tuple(found[n] for n in names)  # type: ignore[return-value]
+
+
+async def _rate(url: str, model: str, tokens: int, repeats: int, **fields) -> dict[str, float]:
+    """Best decode rate of ``repeats`` answers, with the tokens per trip and the share of
+    drafts kept over all of them."""
+    before = await _trips(url)
+    rate = max([await http_decode_rate(url, model, TEXT, tokens, **fields) for _ in range(repeats)])
+    trips, got, proposed, kept = (b - a for a, b in zip(before, await _trips(url)))
+    return {"rate": rate, "per_trip": got / max(trips, 1), "kept": kept / proposed if proposed else 0.0}
+
+
+async def _measure(url: str, tokens: int, repeats: int, vocab: int) -> dict[str, dict[str, float]]:
+    from .bench_common import prompt_ids
+
+    model = await _ready(url)
+    figures = {"plain": await _rate(url, model, tokens, repeats, speculative=False),
+               "lookup": await _rate(url, model, tokens, repeats)}
+    figures["ttft"] = {str(n): await _ttft(url, model, prompt_ids(vocab, n)) for n in TTFT_PROMPTS}
     return figures
 
 
-def run_wan_bench(path: Path, dtype: str, tokens: int, repeats: int, hops: int, delay_ms: float) -> int:
+async def _measure_draft(url: str, tokens: int, repeats: int) -> dict[str, float]:
+    return await _rate(url, await _ready(url), tokens, repeats)
+
+
+def _line(name: str, r: dict[str, float]) -> str:
+    extra = f" ({r['per_trip']:.2f} tokens per trip, {r['kept']:.0%} of drafts kept)" if name != "no speculation" else ""
+    return f"{name} {r['rate']:.1f} tok/s{extra}"
+
+
+def run_wan_bench(path: Path, dtype: str, tokens: int, repeats: int, hops: int, delay_ms: float, draft_k: int = 4) -> int:
     from transformers import AutoConfig
 
     from tokenizers import Tokenizer
@@ -130,21 +185,28 @@ def run_wan_bench(path: Path, dtype: str, tokens: int, repeats: int, hops: int, 
     print(f"{hops}-hop chain and a gateway on 127.0.0.1, each node behind a delay line (--threads 1 each); "
           f"decode {tokens} tokens, best of {repeats}", flush=True)
     results = {}
+    draft: dict[str, float] = {}
     for delay in (0.0, delay_ms):
         chain = WanChain(path, dtype, total, hops, delay)
         try:
             results[delay] = trio.run(_measure, chain.gateway.url, tokens, repeats, vocab)
+            if delay == delay_ms:
+                drafting = chain.add_gateway(("--draft-model", str(path), "--draft-tokens", str(draft_k)))
+                draft = trio.run(_measure_draft, drafting.url, tokens, repeats)
         finally:
             chain.stop()
         r = results[delay]
-        print(f"  {delay:5.1f} ms each way: {r['rate']:6.1f} tok/s, TTFT {r['ttft32']:.2f} s (32 tokens), "
-              f"{r['ttft2048']:.1f} s (2,048 tokens)", flush=True)
-    per_token = 1 / results[0.0]["rate"]
+        print(f"  {delay:5.1f} ms each way: {_line('no speculation', r['plain'])}; {_line('prompt lookup', r['lookup'])}; "
+              f"TTFT {r['ttft']['32']:.2f} s (32 tokens), {r['ttft']['2048']:.1f} s (2,048 tokens)", flush=True)
+    print(f"  {delay_ms:5.1f} ms each way, a gateway whose draft model is the target (k <= {draft_k}): {_line('draft model', draft)}")
+    per_token = 1 / results[0.0]["plain"]["rate"]
     trip = (hops + 1) * delay_ms / 1000
     bound = 1 / (trip + per_token)
-    rate = results[delay_ms]["rate"]
+    plain, lookup = results[delay_ms]["plain"]["rate"], results[delay_ms]["lookup"]["rate"]
     print(f"\nlatency bound at {delay_ms:g} ms: one trip ({hops + 1} links, {trip * 1000:.0f} ms) + {per_token * 1000:.1f} ms "
           f"per token with no delay = {bound:.1f} tok/s")
-    print(f"measured {rate:.1f} tok/s = {rate / bound:.2f} of the bound")
-    print("speculative decoding, pipelined prefill: not built yet (issue 20)")
+    print(f"measured without speculation {plain:.1f} tok/s = {plain / bound:.2f} of the bound")
+    print(f"speculation at {delay_ms:g} ms: prompt lookup {lookup / plain:.2f}x, draft model {draft['rate'] / plain:.2f}x "
+          f"the rate without it")
+    print("pipelined prefill: not built yet (issue 20)")
     return 0
