@@ -153,6 +153,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--internet", action="store_true",
                    help="on an emulated internet (network namespaces, as root): connection set-up direct and through "
                         "a relay, and a 3-hop chain's decode speed with every hop public vs every hop behind a NAT")
+    p.add_argument("--stage", action="store_true",
+                   help="the torch stage alone on its device (--device): decode steps at batch 1, 8 and 32, steps with "
+                        "draft tokens, prefills")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="with --stage: where it runs")
     p.add_argument("--memory", action="store_true",
                    help="resident memory of a --layers none gateway and of a serving node (beyond weights and KV cache)")
     p.add_argument("--audit", action="store_true",

@@ -261,3 +261,25 @@ def test_raw_round_trip_dtypes():
         raw = RawTensor(dtype, (2, 3), arr.tobytes())
         back = raw_from_mx(mx_from_raw(raw))
         assert back.dtype == dtype and back.shape == (2, 3) and bytes(back.data) == arr.tobytes()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_draft_rows_and_a_rewind_match_the_torch_stage(arch: str) -> None:
+    """A step with draft tokens returns a row of logits per draft and one more, as the
+    torch stage does; a step that starts before the cache's end drops what was after."""
+    path = model_path(arch)
+    proposal = [21, 22, 23, 24]
+    rows = {}
+    for name, stages in (("mlx", mlx_chain(path, [0, 3, 6])), ("torch", torch_chain(path, [0, 3, 6]))):
+        for stage in stages:
+            stage.open("s", 64)
+        run_chain(stages, "s", PROMPT, 0)
+        x = raw_from_tensor(torch.tensor(proposal))
+        for stage in stages:
+            [x] = stage.step([StepRequest("s", x, len(PROMPT), draft=3 if stage is stages[-1] else 0)])
+        rewound = run_chain(stages, "s", [30], len(PROMPT) + 2)  # two drafts rejected
+        assert all(stage.sessions["s"].length == len(PROMPT) + 3 for stage in stages)
+        rows[name] = (tensor_from_raw(x), rewound)
+    assert rows["mlx"][0].shape == (4, rows["torch"][0].shape[1])
+    torch.testing.assert_close(rows["mlx"][0], rows["torch"][0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(rows["mlx"][1], rows["torch"][1], atol=ATOL, rtol=0)

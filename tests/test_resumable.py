@@ -55,6 +55,8 @@ class BreakingChains:
         real = self.inner.chain(session_id, sampling, prompt_ids, generated, avoid)
 
         class Breaking:
+            parallel_stages = 1
+
             async def open(self, max_length):
                 if outer.no_route_for > 0:
                     outer.no_route_for -= 1

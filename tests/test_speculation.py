@@ -1,6 +1,7 @@
 """Speculative decoding, in one process: prompt lookup, the stage's draft rows and
 rewinds, the last hop's check, and whole generations over local chains of 1 to 3
-stages, compared with transformers (greedy) and with speculation off (sampled)."""
+stages, compared with transformers (greedy) and with speculation off (sampled). And
+pipelined prefill: its chunk sizes, and its logits against sequential prefill."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 import trio
 
 from shardmesh.api.generate import GenerationRequest, Generator, TokenEvent
-from shardmesh.api.speculation import MAX_K, DraftLength, PromptLookup, PromptLookupSource, SpeculationStats
+from shardmesh.api.resumable import MIN_PREFILL_CHUNK, PREFILL_CHUNK, prefill_chunk
+from shardmesh.api.speculation import MAX_K, PROBE_EVERY, DraftLength, PromptLookup, PromptLookupSource, SpeculationStats
 from shardmesh.backends.batcher import StepBatcher
 from shardmesh.backends.draft_model import DraftModel
 from shardmesh.backends.local_chain import LocalChains
@@ -71,19 +73,24 @@ def test_prompt_lookup_grows_with_its_history_and_agrees_with_the_slow_rule() ->
             history.extend(rng.randrange(6) for _ in range(rng.randrange(1, 4)))
 
 
-def test_draft_length_grows_on_success_and_shrinks_on_failure() -> None:
+def test_draft_length_grows_on_success_shrinks_on_failure_and_probes_at_none() -> None:
     length = DraftLength()
-    start = length.k
+    start = length.next()
     length.update(start, start)
-    assert length.k == start + 2
+    assert length.next() == start + 2
     for _ in range(10):
-        length.update(length.k, length.k)
-    assert length.k == MAX_K <= MAX_DRAFT_TOKENS
+        length.update(length.next(), length.next())
+    assert length.next() == MAX_K <= MAX_DRAFT_TOKENS
     for _ in range(20):
-        length.update(length.k, 0)
-    assert length.k == 1
+        if k := length.next():
+            length.update(k, 0)
+    assert length.k == 0
+    asked = [length.next() for _ in range(3 * PROBE_EVERY)]
+    assert asked.count(1) == 3 and set(asked) == {0, 1}  # a one-token probe every PROBE_EVERY steps
+    length.update(1, 1)  # a probe kept: proposals are back
+    assert length.next() == 2
     length.update(0, 0)  # nothing proposed: nothing learned
-    assert length.k == 1
+    assert length.next() == 2
 
 
 # -- the stage: draft rows and rewinds ---------------------------------------------------
@@ -268,3 +275,47 @@ def test_a_draft_model_that_is_the_target_is_always_right() -> None:
     assert trio.run(main) == reference.greedy_forwards(prompt, 60)
     stats = generator.speculation
     assert stats.acceptance == 1.0 and stats.tokens_per_trip > 4, stats
+
+
+# -- pipelined prefill -------------------------------------------------------------------
+
+
+def test_prefill_chunks_fill_the_pipe_within_bounds() -> None:
+    assert prefill_chunk(2048, 1) == PREFILL_CHUNK  # one process: nothing to overlap
+    assert prefill_chunk(2048, 3) == 384  # 6 chunks through 3 hops
+    assert prefill_chunk(100, 3) == MIN_PREFILL_CHUNK
+    assert prefill_chunk(100_000, 3) == PREFILL_CHUNK
+    assert prefill_chunk(2048, 8) == 128
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral"])
+def test_pipelined_prefill_gives_exactly_the_logits_of_sequential_prefill(arch: str) -> None:
+    """Three stages, a prompt in four chunks: computed as a pipeline (stage 1 on chunk
+    n + 1 while stage 2 is on chunk n, a wavefront) or chunk after chunk, the logits
+    are the same to the bit."""
+    files = resolve_local(str(path_of(arch)))
+    prompt = torch.randint(3, 200, (320,), generator=torch.Generator().manual_seed(3)).tolist()
+    chunks = [prompt[i : i + 80] for i in range(0, len(prompt), 80)]
+
+    def prefill(pipelined: bool) -> torch.Tensor:
+        stages = [TorchStage(files, a, b, dtype="float32") for a, b in ((0, 1), (1, 3), (3, 4))]
+        for stage in stages:
+            stage.open("s", 512)
+        outputs: dict[tuple[int, int], object] = {}
+
+        def run(stage: int, chunk: int) -> None:
+            x = raw_from_tensor(torch.tensor(chunks[chunk])) if stage == 0 else outputs[stage - 1, chunk]
+            [outputs[stage, chunk]] = stages[stage].step([StepRequest("s", x, 80 * chunk)])
+
+        if pipelined:
+            for wave in range(len(chunks) + len(stages) - 1):
+                for stage in reversed(range(len(stages))):  # later stages first, as the hops of a pipe would
+                    if 0 <= wave - stage < len(chunks):
+                        run(stage, wave - stage)
+        else:
+            for chunk in range(len(chunks)):
+                for stage in range(len(stages)):
+                    run(stage, chunk)
+        return tensor_from_raw(outputs[len(stages) - 1, len(chunks) - 1])
+
+    assert torch.equal(prefill(True), prefill(False))

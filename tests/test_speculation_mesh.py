@@ -4,7 +4,8 @@ The gateways here run with their defaults, so prompt lookup proposes draft token
 every hop of the route computes them as extra positions of one step. Greedy answers
 must equal single-process transformers token for token: over a 3-hop chain whose
 every node sits behind a 10 ms delay line (``shardmesh/tools/delay_line.py``), for a
-dense and a MoE model, and across a failover in the middle of an answer whose drafts
+dense and a MoE model (a long prompt among them, prefilled as a pipeline of chunks),
+and across a failover in the middle of an answer whose drafts
 are being accepted. The gateway's ``/metrics`` must show that drafts were accepted.
 """
 
@@ -114,8 +115,10 @@ def test_greedy_with_speculation_through_hops_equals_transformers(lined, arch: s
     gateway = swarm.start("none", api=True)
     wait_for_route(gateway, timeout=60)
 
-    got = greedy_completions(gateway, PROMPTS)
-    assert got == [reference.greedy(reference.prompt_ids(p), TOKENS).text for p in PROMPTS]
+    # The last prompt is long enough to be prefilled in chunks through the pipe.
+    prompts = [*PROMPTS, " ".join(f"word{i % 97}" for i in range(300))]
+    got = greedy_completions(gateway, prompts)
+    assert got == [reference.greedy(reference.prompt_ids(p), TOKENS).text for p in prompts]
     proposed, accepted = speculation_counts(gateway)
     assert accepted > 0, f"no draft token was accepted ({proposed:.0f} proposed)"
     # The same answers with speculation off for the request.

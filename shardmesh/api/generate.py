@@ -2,9 +2,12 @@
 
 The loop is the same whoever holds the blocks: it asks a *chain opener* for a session
 over the whole model (local stages, or a chain of peers over the mesh), sends the
-prompt in chunks, then feeds each sampled token back until a stop condition. A chain
+prompt in chunks, then feeds each sampled token back until a stop condition, with the
+tokens its draft source guesses will follow (speculative decoding, :mod:`.speculation`):
+a step may then bring back several tokens, each handled as if it came alone. A chain
 that breaks mid-answer is replaced and replayed by :mod:`.resumable`, out of sight of
-this loop. It holds only the tokenizer, never weights.
+this loop. It holds only the tokenizer (and, with ``--draft-model``, a handle on a
+draft model run elsewhere in the process), never weights.
 """
 
 from __future__ import annotations
@@ -180,7 +183,7 @@ class Generator:
                 if produced == max_tokens:
                     break
                 # Never guess past max_tokens: the chain would compute what nobody reads.
-                proposed = await drafts.propose(history, min(length.k, max_tokens - produced - 1)) if drafts else []
+                proposed = await drafts.propose(history, min(length.next(), max_tokens - produced - 1)) if drafts else []
                 try:
                     run = await chain.next_run(history[-1], proposed)
                 except CacheBudgetExceeded:

@@ -26,7 +26,9 @@ from ..placement.spans import Repair
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 512  # tokens per prefill step: long prompts pipeline through the stages
+PREFILL_CHUNK = 512  # the most tokens per prefill step: one step's work and activations stay bounded
+MIN_PREFILL_CHUNK = 128  # the fewest: smaller steps cost more per token than they gain in overlap
+CHUNK_GRAIN = 64
 RETRY_PAUSE = 0.5  # seconds between attempts while no working chain exists
 QUICK_RETRIES = 2  # a chain that failed on a named peer is first retried at once (routing avoids it)
 REPAIR_WAIT = 300.0  # s a request may wait while the swarm fills a gap (a span's load, on a slow disk)
@@ -173,12 +175,29 @@ class ResumableChain:
         return deadline
 
     async def _replay(self, chain: Chain) -> SampledToken:
-        """Prompt and generated tokens in chunks, so that one step's work and
-        activations stay bounded and the hops of a push chain overlap."""
+        """Prompt and generated tokens in chunks (:func:`prefill_chunk`), sent one after
+        the other without waiting: only the last asks for a token. So the hops of a
+        route work as a pipeline, each on its own chunk, and the first token leaves the
+        last hop as soon as the last chunk is through."""
         history = self.prompt_ids + self.generated
+        size = prefill_chunk(len(history), chain.parallel_stages)
         token = None
-        for start in range(0, len(history), PREFILL_CHUNK):
-            chunk = history[start : start + PREFILL_CHUNK]
+        for start in range(0, len(history), size):
+            chunk = history[start : start + size]
             token = await chain.step(chunk, start, start + len(chunk) == len(history))
         assert token is not None
         return token
+
+
+def prefill_chunk(length: int, stages: int) -> int:
+    """Tokens per prefill step for a history of ``length`` through ``stages`` parts that
+    compute at once: enough chunks (two per stage) that every stage has work while the
+    pipe fills and drains, within [:data:`MIN_PREFILL_CHUNK`, :data:`PREFILL_CHUNK`].
+
+    With ``n`` equal chunks through ``s`` stages a prefill takes ``(n + s - 1) / n``
+    of one stage's whole work, against ``s`` times it sent chunk after chunk; one
+    process (``s == 1``) gains nothing from small chunks and takes the largest."""
+    if stages <= 1:
+        return PREFILL_CHUNK
+    wanted = -(-length // (2 * stages))
+    return max(MIN_PREFILL_CHUNK, min(PREFILL_CHUNK, -(-wanted // CHUNK_GRAIN) * CHUNK_GRAIN))

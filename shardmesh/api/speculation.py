@@ -27,6 +27,7 @@ __all__ = ["DraftLength", "MAX_NGRAM", "PromptLookup", "PromptLookupSource", "Sp
 MAX_NGRAM = 3  # the longest run of last tokens looked up: longer matches predict better
 MIN_NGRAM = 1
 START_K = 4  # tokens proposed at first
+PROBE_EVERY = 8  # steps between single-token probes once proposals have stopped paying
 MAX_K = 8  # the most per step by default (--draft-tokens): a longer run is rarely all right, and each costs compute
 
 
@@ -77,19 +78,30 @@ class PromptLookupSource:
 class DraftLength:
     """How many tokens to propose next, from how the last proposals fared.
 
-    All accepted: propose two more next time; any rejected: one fewer. A run of good
-    guesses so grows quickly towards :data:`MAX_K`, and a source that guesses badly
-    falls back to one token per step, where a wrong guess costs least.
+    All accepted: propose two more next time; any rejected: one fewer, down to none. A
+    run of good guesses so grows quickly towards ``most``, and a generation whose
+    guesses keep failing stops paying for them: a wrong draft costs every hop compute,
+    and a step of several tokens cannot share a batched forward with other sessions'
+    one-token steps. At none, one token is still proposed every :data:`PROBE_EVERY`
+    steps, so that text that starts to repeat itself is noticed.
     """
 
     def __init__(self, start: int = START_K, most: int = MAX_K) -> None:
         self.most = max(1, min(most, MAX_DRAFT_TOKENS))
         self.k = min(start, self.most)
+        self._steps_at_none = 0
+
+    def next(self) -> int:
+        """How many to propose for the coming step."""
+        if self.k:
+            return self.k
+        self._steps_at_none += 1
+        return 1 if self._steps_at_none % PROBE_EVERY == 0 else 0
 
     def update(self, proposed: int, accepted: int) -> None:
         if proposed == 0:
             return
-        self.k = min(self.k + 2, self.most) if accepted == proposed else max(1, self.k - 1)
+        self.k = min(self.k + 2, self.most) if accepted == proposed else max(0, self.k - 1)
 
 
 @dataclass

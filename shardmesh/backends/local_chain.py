@@ -18,6 +18,8 @@ from .sampler_state import SamplerState
 class LocalChain:
     """One session through local batchers that together cover ``[0, total_blocks)``."""
 
+    parallel_stages = 1  # one compute thread runs every stage of the process in turn
+
     def __init__(self, batchers: list[StepBatcher], session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]):
         self.batchers = batchers
         self.session_id = session_id

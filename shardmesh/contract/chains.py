@@ -13,7 +13,14 @@ from .sampling import SampledToken, SamplingParams
 
 
 class Chain(Protocol):
-    """One session over blocks ``[0, L)``: opened, stepped, always closed."""
+    """One session over blocks ``[0, L)``: opened, stepped, always closed.
+
+    ``parallel_stages``: how many parts of the chain compute at the same time once
+    open, each on its own chunk of a prefill (the hops of a route of peers; 1 for
+    blocks in one process, which one compute thread runs in turn)."""
+
+    @property
+    def parallel_stages(self) -> int: ...
 
     async def open(self, max_length: int) -> None: ...
 

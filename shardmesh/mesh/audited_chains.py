@@ -207,6 +207,10 @@ class AuditedChain:
         self.spot_checked = False
         self.caught: ChainFailed | None = None  # set by a spot check that caught a peer of this chain
 
+    @property
+    def parallel_stages(self) -> int:
+        return self.inner.parallel_stages
+
     async def open(self, max_length: int) -> None:
         await self.inner.open(max_length)
 

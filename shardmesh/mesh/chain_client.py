@@ -154,6 +154,11 @@ class RemoteChain:
         self._closed = False
 
     @property
+    def parallel_stages(self) -> int:
+        """The route's hops: each computes its own chunk of a prefill at the same time."""
+        return len(self.route) if self.route else 1
+
+    @property
     def _route(self) -> list[Hop]:
         assert self.route is not None, "open the chain first"
         return self.route

@@ -122,6 +122,10 @@ def run_bench(args) -> int:
         from .bench_memory import run_memory_bench
 
         return run_memory_bench(path, args.dtype)
+    if args.stage:  # the stage alone
+        from .bench_stage import run_stage_bench
+
+        return run_stage_bench(path, args.dtype, args.device)
     if args.wan:  # node processes behind delay lines
         from .bench_wan import run_wan_bench
 

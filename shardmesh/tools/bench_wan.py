@@ -12,6 +12,9 @@ the delay, and printed:
   same chain with no delay (its compute and every hop's overhead), and the ratio of
   the measured rate to it;
 * time to first token for a 32-token and a 2,048-token prompt;
+* aggregate tokens/s of 8 answers sent at once against one alone (all completion
+  tokens over the wall time), with speculation off and on: while one session's step
+  travels, the hops can serve the others';
 * speculative decoding on and off: the same answer with no draft tokens
   (``speculative: false``), with prompt lookup (the gateway's default), and, at the
   delay, through a second gateway whose draft model is the target itself with at most
@@ -20,7 +23,11 @@ the delay, and printed:
   ``/metrics``.
 
 The latency bound and its ratio are for decoding without speculation, which can
-only do one token per trip. Pipelined prefill (issue 20) is not built yet.
+only do one token per trip. Last, pipelined prefill: a 2,048-token prompt sent by a
+client in this process straight to the hops, in chunks one after the other (each
+waits for the one before to come out of the last hop) and pipelined (all sent at
+once, the gateway's way), at 512 tokens per chunk and at the size the gateway picks
+for this many hops (:func:`~shardmesh.api.resumable.prefill_chunk`).
 """
 
 from __future__ import annotations
@@ -36,10 +43,11 @@ from pathlib import Path
 
 import trio
 
-from .bench_common import http_decode_rate
+from .bench_common import http_decode_rate, prompt_ids
 from .node_processes import NodeProcess, start_node, stop_all, wait_gateway, wait_serving
 
 TTFT_PROMPTS = (32, 2048)
+CONCURRENT = 8  # sessions at once: does the chain serve others while one session's step travels?
 TEXT = "The history of the fox, told in many parts: " * 3
 
 
@@ -62,6 +70,8 @@ class WanChain:
         self.keys = Path(tempfile.mkdtemp(prefix="shardmesh-wan-"))
         self.lines: list[subprocess.Popen] = []
         self.nodes: list[NodeProcess] = []
+        self.announced: list[str] = []  # each node's address at its delay line
+        self.spans = _spans(total_blocks, hops)
         join = None
         try:
             for i, span in enumerate([*_spans(total_blocks, hops), "none"]):
@@ -77,8 +87,9 @@ class WanChain:
                     wait_gateway(node)
                 else:
                     wait_serving(node)
+                self.announced.append(f"/ip4/127.0.0.1/tcp/{line_port}/p2p/{node.peer}")
                 if join is None:
-                    join = f"/ip4/127.0.0.1/tcp/{line_port}/p2p/{node.peer}"
+                    join = self.announced[-1]
             self.gateway = self.nodes[-1]
             self.join = join
         except BaseException:
@@ -154,14 +165,79 @@ async def _rate(url: str, model: str, tokens: int, repeats: int, **fields) -> di
     return {"rate": rate, "per_trip": got / max(trips, 1), "kept": kept / proposed if proposed else 0.0}
 
 
-async def _measure(url: str, tokens: int, repeats: int, vocab: int) -> dict[str, dict[str, float]]:
-    from .bench_common import prompt_ids
+async def _aggregate(url: str, model: str, sessions: int, tokens: int, **fields) -> float:
+    """All completion tokens over the wall time of ``sessions`` answers sent at once."""
+    import httpx
 
+    done: list[int] = []
+
+    async def one(client, i: int) -> None:
+        body = {"model": model, "prompt": f"{i}: {TEXT}", "max_tokens": tokens, "temperature": 0, **fields}
+        r = await client.post(f"{url}/v1/completions", json=body)
+        r.raise_for_status()
+        done.append(r.json()["usage"]["completion_tokens"])
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for i in range(sessions):
+                nursery.start_soon(one, client, i)
+        return sum(done) / (time.perf_counter() - t0)
+
+
+async def _measure(url: str, tokens: int, repeats: int, vocab: int) -> dict[str, dict[str, float]]:
     model = await _ready(url)
     figures = {"plain": await _rate(url, model, tokens, repeats, speculative=False),
                "lookup": await _rate(url, model, tokens, repeats)}
     figures["ttft"] = {str(n): await _ttft(url, model, prompt_ids(vocab, n)) for n in TTFT_PROMPTS}
+    figures["sessions"] = {f"{n}{'' if spec else '-plain'}": await _aggregate(url, model, n, tokens, speculative=spec)
+                           for spec in (False, True) for n in (1, CONCURRENT)}
     return figures
+
+
+async def _prefill_times(chain: WanChain, prompt: list[int], chunks: tuple[int, ...], repeats: int = 2) -> dict[str, float]:
+    """A prompt's time to first token through the chain's hops, from a client in this
+    process, per chunk size: sent as sequential chunks (each waits for the one before to
+    come out of the last hop) and pipelined (sent at once, only the last wants a token),
+    best of ``repeats``."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    from ..backends.weights import identity_bytes, resolve_local
+    from ..contract import SamplingParams
+    from ..mesh.gateway_ticket import TicketIssuer
+    from ..mesh.hop_server import HopServer
+    from ..mesh.host import running_host
+    from ..mesh.link_offers import Links
+    from ..mesh.records import model_identity
+    from ..placement.routing import Hop
+    from .bench_mesh import FixedRoute
+
+    model_id = model_identity(chain.path.resolve().name, *identity_bytes(resolve_local(str(chain.path))))
+    route = [Hop(node.peer, *map(int, span.split(":"))) for node, span in zip(chain.nodes, chain.spans)]
+    times: dict[str, float] = {}
+    async with running_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as mesh, trio.open_nursery() as nursery:
+        server = HopServer(mesh, None, model_id, route[-1].end, 1 << 16)
+        await nursery.start(server.run)
+        for address in chain.announced[: len(route)]:
+            await mesh.connect(address)
+        opener = FixedRoute(nursery, server, route, model_id, TicketIssuer(mesh.peer_id_str, mesh.key_pair), Links())
+        for size in chunks:
+            for pipelined in (False, True):
+                best = float("inf")
+                for _ in range(repeats):
+                    one = opener.chain(f"prefill-{time.monotonic_ns()}", SamplingParams(temperature=0.0), prompt, [])
+                    try:
+                        await one.open(len(prompt) + 1)
+                        t0 = time.perf_counter()
+                        for start in range(0, len(prompt), size):
+                            last = start + size >= len(prompt)
+                            await one.step(prompt[start : start + size], start, last or not pipelined)
+                        best = min(best, time.perf_counter() - t0)
+                    finally:
+                        await one.close()
+                times[f"{size}{' pipelined' if pipelined else ''}"] = best
+        nursery.cancel_scope.cancel()
+    return times
 
 
 async def _measure_draft(url: str, tokens: int, repeats: int) -> dict[str, float]:
@@ -178,6 +254,8 @@ def run_wan_bench(path: Path, dtype: str, tokens: int, repeats: int, hops: int, 
 
     from tokenizers import Tokenizer
 
+    from ..api.resumable import PREFILL_CHUNK, prefill_chunk
+
     config = AutoConfig.from_pretrained(path)
     # Prompt ids the gateway takes: within the tokenizer's vocabulary (the bench model's
     # is smaller than its embedding).
@@ -186,10 +264,12 @@ def run_wan_bench(path: Path, dtype: str, tokens: int, repeats: int, hops: int, 
           f"decode {tokens} tokens, best of {repeats}", flush=True)
     results = {}
     draft: dict[str, float] = {}
+    chunk = prefill_chunk(2048, hops)
     for delay in (0.0, delay_ms):
         chain = WanChain(path, dtype, total, hops, delay)
         try:
             results[delay] = trio.run(_measure, chain.gateway.url, tokens, repeats, vocab)
+            results[delay]["prefill"] = trio.run(_prefill_times, chain, prompt_ids(vocab, 2048), sorted({PREFILL_CHUNK, chunk}))
             if delay == delay_ms:
                 drafting = chain.add_gateway(("--draft-model", str(path), "--draft-tokens", str(draft_k)))
                 draft = trio.run(_measure_draft, drafting.url, tokens, repeats)
@@ -198,6 +278,16 @@ def run_wan_bench(path: Path, dtype: str, tokens: int, repeats: int, hops: int, 
         r = results[delay]
         print(f"  {delay:5.1f} ms each way: {_line('no speculation', r['plain'])}; {_line('prompt lookup', r['lookup'])}; "
               f"TTFT {r['ttft']['32']:.2f} s (32 tokens), {r['ttft']['2048']:.1f} s (2,048 tokens)", flush=True)
+        p = r["prefill"]
+        print(f"  {'':5} 2,048-token prefill, a client to the hops: {PREFILL_CHUNK}-token chunks one after the other "
+              f"{p[str(PREFILL_CHUNK)]:.2f} s, pipelined {p[f'{PREFILL_CHUNK} pipelined']:.2f} s; {chunk}-token chunks "
+              f"(the gateway's for {hops} hops) one after the other {p[str(chunk)]:.2f} s, pipelined "
+              f"{p[f'{chunk} pipelined']:.2f} s = {p[f'{chunk} pipelined'] / p[str(chunk)]:.2f} of sequential", flush=True)
+        c = r["sessions"]
+        print(f"  {'':5} {CONCURRENT} sessions at once, all tokens over the wall time: no speculation "
+              f"{c[f'{CONCURRENT}-plain']:.1f} tok/s = {c[f'{CONCURRENT}-plain'] / c['1-plain']:.2f}x one session's "
+              f"{c['1-plain']:.1f}; prompt lookup {c[str(CONCURRENT)]:.1f} tok/s = {c[str(CONCURRENT)] / c['1']:.2f}x "
+              f"one session's {c['1']:.1f}", flush=True)
     print(f"  {delay_ms:5.1f} ms each way, a gateway whose draft model is the target (k <= {draft_k}): {_line('draft model', draft)}")
     per_token = 1 / results[0.0]["plain"]["rate"]
     trip = (hops + 1) * delay_ms / 1000
@@ -208,5 +298,4 @@ def run_wan_bench(path: Path, dtype: str, tokens: int, repeats: int, hops: int, 
     print(f"measured without speculation {plain:.1f} tok/s = {plain / bound:.2f} of the bound")
     print(f"speculation at {delay_ms:g} ms: prompt lookup {lookup / plain:.2f}x, draft model {draft['rate'] / plain:.2f}x "
           f"the rate without it")
-    print("pipelined prefill: not built yet (issue 20)")
     return 0

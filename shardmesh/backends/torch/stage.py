@@ -115,6 +115,11 @@ class TorchStage(KVSessions):
             raise ValueError(f"span [{start}, {end}) is not inside the model's {total} blocks")
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, config, self.device)
+        if self.device.type == "cuda":
+            # cuDNN's attention plans each new key length once, tens of ms each: a decode
+            # meets a new length every step (docs/PERFORMANCE.md, "On a GPU"). Flash and
+            # memory-efficient attention need no plan. The switch is process-wide.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.config = config
         self.start, self.end = start, end
 
