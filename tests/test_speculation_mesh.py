@@ -2,10 +2,10 @@
 
 The gateways here run with their defaults, so prompt lookup proposes draft tokens and
 every hop of the route computes them as extra positions of one step. Greedy answers
-must equal single-process transformers token for token: over a 3-hop chain whose
-every node sits behind a 10 ms delay line (``shardmesh/tools/delay_line.py``), for a
-dense and a MoE model (a long prompt among them, prefilled as a pipeline of chunks),
-and across a failover in the middle of an answer whose drafts
+must equal single-process transformers token for token: over 1 to 3 hops, with and
+without a 10 ms delay line in front of every node (``shardmesh/tools/delay_line.py``),
+for a dense and a MoE model (a long prompt among them, prefilled as a pipeline of
+chunks), with prompt lookup and with a draft model, and across a failover in the middle of an answer whose drafts
 are being accepted. The gateway's ``/metrics`` must show that drafts were accepted.
 """
 
@@ -52,15 +52,15 @@ class LinedSwarm:
         self.lines: list[subprocess.Popen] = []
         self.join: str | None = None
 
-    def start(self, layers: str, *, api: bool = False) -> Node:
+    def start(self, layers: str, *, api: bool = False, extra: tuple[str, ...] = ()) -> Node:
         port, line_port = free_port(), free_port()
         self.lines.append(subprocess.Popen(
             [sys.executable, "-m", "shardmesh.tools.delay_line", "--to", f"127.0.0.1:{port}",
              "--delay-ms", str(self.delay_ms), "--port", str(line_port)], stdout=subprocess.DEVNULL))
-        extra = ["--layers", layers, "--announce", f"/ip4/127.0.0.1/tcp/{line_port}"]
-        extra += ["--join", self.join] if self.join else []
-        extra += [] if api else ["--api", "off"]
-        node = start_node(self.model, *extra, api=api, key_dir=self.key_dir, listen=f"/ip4/127.0.0.1/tcp/{port}",
+        flags = ["--layers", layers, "--announce", f"/ip4/127.0.0.1/tcp/{line_port}", *extra]
+        flags += ["--join", self.join] if self.join else []
+        flags += [] if api else ["--api", "off"]
+        node = start_node(self.model, *flags, api=api, key_dir=self.key_dir, listen=f"/ip4/127.0.0.1/tcp/{port}",
                           env={"SHARDMESH_DEBUG": "1"})
         self.nodes.append(node)
         if self.join is None:
@@ -102,17 +102,19 @@ def greedy_completions(gateway: Node, prompts: list[str], **extra) -> list[str]:
             for p in prompts]
 
 
-@pytest.mark.parametrize("arch,delay_ms,spans", [
-    ("llama", 10.0, ["0:2", "2:3", "3:4"]),
-    ("qwen3_moe", 0.0, ["0:2", "2:4"]),
+@pytest.mark.parametrize("arch,delay_ms,spans,drafting", [
+    ("llama", 10.0, ["0:2", "2:3", "3:4"], "prompt lookup"),
+    ("qwen3_moe", 0.0, ["0:2", "2:4"], "prompt lookup"),
+    ("qwen3_moe", 10.0, ["0:4"], "draft model"),
 ])
-def test_greedy_with_speculation_through_hops_equals_transformers(lined, arch: str, delay_ms: float, spans: list[str]) -> None:
+def test_greedy_with_speculation_through_hops_equals_transformers(lined, arch: str, delay_ms: float, spans: list[str], drafting: str) -> None:
     model = cached_tiny_model(arch, layers=4, hidden=64)
     reference = Transformers(model)
     swarm = lined(model, delay_ms)
     for span in spans:
         swarm.start(span)
-    gateway = swarm.start("none", api=True)
+    # The draft model is the target itself: every draft right, the most tokens per trip.
+    gateway = swarm.start("none", api=True, extra=("--draft-model", str(model)) if drafting == "draft model" else ())
     wait_for_route(gateway, timeout=60)
 
     # The last prompt is long enough to be prefilled in chunks through the pipe.
