@@ -23,7 +23,7 @@ from shardmesh.backends.torch.sampling import sample
 from shardmesh.backends.torch.stage import TorchStage
 from shardmesh.backends.torch.tensors import raw_from_tensor, tensor_from_raw
 from shardmesh.backends.weights import resolve_local
-from shardmesh.contract import MAX_DRAFT_TOKENS, BadInput, ChainFailed, SamplingParams, StepRequest
+from shardmesh.contract import MAX_DRAFT_TOKENS, BadInput, ChainFailed, SampledToken, SamplingParams, StepRequest
 from shardmesh.mesh.result_tokens import result_tokens
 from shardmesh.mesh.wire import Frame
 from shardmesh.tools.tiny_model import cached_tiny_model
@@ -319,3 +319,110 @@ def test_pipelined_prefill_gives_exactly_the_logits_of_sequential_prefill(arch: 
         return tensor_from_raw(outputs[len(stages) - 1, len(chunks) - 1])
 
     assert torch.equal(prefill(True), prefill(False))
+
+
+# -- audits see every token of a speculative step ----------------------------------------
+
+
+class _TruthChains:
+    """A stand-in swarm for the auditor: one-hop routes to ``peers`` in order, whose
+    last hop answers ``truth(history)`` with sure logprobs; the peer ``liar`` accepts
+    every draft and makes up the token after them, and answers plain steps honestly."""
+
+    VOCAB = 50
+
+    def __init__(self, nursery, peers: list[str], liar: str, banned) -> None:
+        self.nursery, self.peers, self.liar, self.banned = nursery, peers, liar, banned
+
+    @classmethod
+    def truth(cls, history: list[int]) -> int:
+        return (sum(history) * 7 + len(history)) % cls.VOCAB
+
+    @classmethod
+    def answer(cls, token: int) -> SampledToken:
+        others = [t for t in range(cls.VOCAB) if t != token][:19]
+        return SampledToken(token, 0.0, ((token, 0.0), *((t, -20.0) for t in others)))
+
+    def available(self) -> bool:
+        return True
+
+    def find_route(self, tokens: int, avoid: frozenset[str] = frozenset()):
+        from shardmesh.placement.routing import Hop
+
+        return next(([Hop(p, 0, 1)] for p in self.peers if p not in avoid | self.banned()), None)
+
+    def chain(self, session_id, sampling, prompt_ids, generated, avoid=frozenset(), *, route=None):
+        outer = self
+
+        class Chain:
+            parallel_stages = 1
+
+            def __init__(self) -> None:
+                self.session_id, self.route = session_id, route or outer.find_route(0, avoid)
+                self.history: list[int] = []
+
+            async def open(self, max_length: int) -> None:
+                return None
+
+            async def step(self, token_ids, position, want_token):
+                self.history[position:] = token_ids
+                return outer.answer(outer.truth(self.history)) if want_token else None
+
+            async def verify(self, token_ids, position, draft):
+                await trio.sleep(0)  # a real chain waits for its answer: spot checks run meanwhile
+                self.history[position:] = token_ids[: len(token_ids) - draft]
+                drafts, drawn = token_ids[len(token_ids) - draft :], []
+                for d in drafts:
+                    drawn.append(outer.truth(self.history))
+                    if self.route[0].peer == outer.liar:
+                        drawn[-1] = d  # accepted, right or not
+                    if drawn[-1] != d:
+                        return [outer.answer(t) for t in drawn]
+                    self.history.append(d)
+                lie = (outer.truth(self.history) + 1) % outer.VOCAB if self.route[0].peer == outer.liar else None
+                drawn.append(outer.truth(self.history) if lie is None else lie)
+                return [outer.answer(t) for t in drawn]
+
+            async def close(self) -> None:
+                return None
+
+        return Chain()
+
+
+def test_a_last_hop_that_lies_only_after_accepted_drafts_is_caught_by_spot_checks() -> None:
+    """The liar answers every plain step honestly and, in speculative steps, accepts
+    wrong drafts and makes up the token after them. Spot checks look at every token
+    of a speculative step, so it is caught and banned within a few answers (had they
+    looked only at each step's first token, never)."""
+    from shardmesh.mesh.audit_policy import AuditPolicy
+    from shardmesh.mesh.audited_chains import AuditedChains
+    from shardmesh.placement.claims import MeasuredSpeeds
+
+    policy = AuditPolicy(rate=0.2, rng=random.Random(5))
+
+    async def main() -> int:
+        async with trio.open_nursery() as nursery:
+            swarm = _TruthChains(nursery, ["liar", "h1", "h2"], "liar", lambda: policy.banned(0.0))
+            auditor = AuditedChains(swarm, policy, MeasuredSpeeds(), "me", lambda: 0.0)
+            for answers in range(1, 50):
+                chain = auditor.chain(f"s{answers}", GREEDY, [1, 2, 3], [])
+                await chain.open(64)
+                history = [1, 2, 3]
+                try:
+                    history.append((await chain.step(history, 0, True)).token_id)
+                    for _ in range(20):
+                        # Drafts: the truth, then a wrong one (which the liar accepts).
+                        good = _TruthChains.truth(history)
+                        run = await chain.verify([history[-1], good, (good + 3) % 50], len(history) - 1, 2)
+                        history.extend(t.token_id for t in run)
+                except ChainFailed as exc:  # caught mid-answer: the request would replay without it
+                    assert exc.peer == "liar"
+                finally:
+                    await chain.close()
+                await trio.sleep(0.01)  # let a spot check still running finish
+                if "liar" in policy.banned(0.0):
+                    nursery.cancel_scope.cancel()
+                    return answers
+            raise AssertionError("the liar was never caught")
+
+    assert trio.run(main) <= 5

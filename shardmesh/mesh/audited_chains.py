@@ -225,16 +225,21 @@ class AuditedChain:
         return await self._answered(token, began, decode=len(token_ids) == 1)
 
     async def verify(self, token_ids: list[int], position: int, draft: int) -> list[SampledToken]:
-        """A speculative step; the audit looks at its first token, the one drawn right
-        after the history fed so far (the accepted drafts join that history)."""
+        """A speculative step. Each token it brings back is an answer of its own, to the
+        history up to it (the drafts accepted before it included), and may be audited
+        as a token of a plain step would be: a last hop that accepts a wrong draft or
+        makes up the token after them is caught the same way."""
         if self.caught is not None:
             raise self.caught
         began = trio.current_time()
         tokens = await self.inner.verify(token_ids, position, draft)
         self.fed[position:] = token_ids[: len(token_ids) - draft]
-        first = await self._answered(tokens[0], began, decode=len(token_ids) == draft + 1)
-        self.fed.extend(t.token_id for t in tokens[:-1])
-        return [first, *(_as_client_asked(t, self.sampling) for t in tokens[1:])]
+        answered = []
+        for i, token in enumerate(tokens):
+            if i:
+                self.fed.append(tokens[i - 1].token_id)
+            answered.append(await self._answered(token, began, decode=i == 0 and len(token_ids) == draft + 1))
+        return answered
 
     async def _answered(self, token: SampledToken, began: float, *, decode: bool) -> SampledToken:
         """Audit ``token`` (the answer to ``self.fed``) if the policy says so; what the
