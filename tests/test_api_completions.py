@@ -80,6 +80,7 @@ SAMPLING_CASES = {
     "greedy-presence": {"temperature": 0.0, "presence_penalty": 0.5},
     "greedy-frequency": {"temperature": 0.0, "frequency_penalty": 1.0},
     "greedy-repetition": {"temperature": 0.0, "repetition_penalty": 1.3},
+    "seeded-min-p": {"temperature": 1.5, "min_p": 0.3, "seed": 11},
 }
 
 
@@ -97,8 +98,37 @@ def test_completion_sampling_knobs_match_local_replay(
 
     prompt_ids = reference.prompt_ids(PROMPT)
     expected = reference.sample(prompt_ids, SamplingParams(**knobs), N)
-    extensions = {name: knobs[name] for name in ("top_k", "repetition_penalty") if name in knobs}
+    extensions = {name: knobs[name] for name in ("top_k", "repetition_penalty", "min_p") if name in knobs}
     standard = {name: value for name, value in knobs.items() if name not in extensions}
     r = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=N, extra_body=extensions, **standard)
     assert r.choices[0].text == reference.tokenizer.decode(expected, skip_special_tokens=True)
     assert r.usage.completion_tokens == len(expected)
+
+
+def test_completion_logit_bias_matches_local_replay(client: openai.OpenAI, model_id: str, reference: Transformers) -> None:
+    """``logit_bias`` reaches the last hop: the greedy answer's first token banned and
+    another pushed up give the tokens shardmesh's sampler gives with that bias."""
+    from shardmesh.contract import SamplingParams
+
+    prompt_ids = reference.prompt_ids(PROMPT)
+    plain = reference.sample(prompt_ids, SamplingParams(temperature=0.0), N)
+    bias = tuple(sorted({plain[0]: -100.0, 42: 4.0}.items()))
+    expected = reference.sample(prompt_ids, SamplingParams(temperature=0.0, logit_bias=bias), N)
+    assert expected != plain
+    r = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=N, temperature=0,
+                                  logit_bias={str(i): b for i, b in bias})
+    assert r.choices[0].text == reference.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"logit_bias": {"999999": 1}}, "logit_bias"),  # not a token of this tokenizer
+    ({"logit_bias": {"five": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ({"min_p": 1.5}, "min_p"),
+])
+def test_bad_logit_bias_and_min_p_are_400s(client: openai.OpenAI, model_id: str, body: dict, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=model_id, prompt=PROMPT, max_tokens=2, extra_body=body)
+    assert caught.value.body["param"] == param, caught.value.body
+

@@ -471,3 +471,37 @@ def test_large_vocab_with_every_knob(monkeypatch: pytest.MonkeyPatch) -> None:
         assert tok.token_id in allowed
         assert tok.logprob == pytest.approx(float(lp[tok.token_id]), abs=1e-6)
         assert [i for i, _ in tok.top_logprobs] == best5
+
+
+def test_logit_bias_comes_first_and_logprobs_stay_the_models() -> None:
+    logits = torch.tensor([3.0, 1.0, 0.0, -1.0])
+    params = SamplingParams(temperature=0.0, logprobs=True, logit_bias=((0, -100.0), (3, 5.0)))
+    token = sample(logits, params, [], [])
+    assert token.token_id == 3  # -1 + 5 beats 1 and the banned 0
+    assert token.logprob == pytest.approx(float(torch.log_softmax(logits, -1)[3]))  # the raw logits' view
+    seeded = SamplingParams(temperature=1.0, seed=3, logit_bias=((0, -100.0),))
+    assert all(sample(logits, SamplingParams(**{**seeded.__dict__, "seed": s}), [], []).token_id != 0 for s in range(200))
+
+
+def test_min_p_keeps_only_tokens_near_the_best() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    drawn = {sample(logits, SamplingParams(temperature=1.0, min_p=0.35, seed=s), [], []).token_id for s in range(300)}
+    assert drawn == {0, 1}  # 0.15 / 0.5 and 0.05 / 0.5 are below 0.35
+    assert {sample(logits, SamplingParams(temperature=1.0, min_p=1.0, seed=s), [], []).token_id for s in range(50)} == {0}
+    wide = {sample(logits, SamplingParams(temperature=1.0, min_p=0.0, seed=s), [], []).token_id for s in range(300)}
+    assert wide == {0, 1, 2, 3}
+
+
+def test_min_p_and_logit_bias_travel_as_plain_values_and_are_checked() -> None:
+    params = SamplingParams(temperature=0.5, min_p=0.1, logit_bias=((2, 1.5), (7, -3.0)))
+    wire = params.to_dict()
+    assert wire["logit_bias"] == [[2, 1.5], [7, -3.0]]
+    assert SamplingParams.from_dict(wire) == params
+    assert "min_p" not in SamplingParams().to_dict() and "logit_bias" not in SamplingParams().to_dict()
+    for bad in (
+        {"min_p": 1.5}, {"min_p": True}, {"logit_bias": [[7, 1.0], [2, 1.0]]}, {"logit_bias": [[2, 1.0], [2, 2.0]]},
+        {"logit_bias": [[-1, 1.0]]}, {"logit_bias": [[2, 101.0]]}, {"logit_bias": [[2, "1"]]}, {"logit_bias": [[True, 1.0]]},
+        {"logit_bias": [[i, 1.0] for i in range(301)]}, {"logit_bias": {"2": 1.0}}, {"logit_bias": [[2]]},
+    ):
+        with pytest.raises(ValueError):
+            SamplingParams.from_dict(bad)

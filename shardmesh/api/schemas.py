@@ -15,9 +15,10 @@ Decisions worth knowing (where OpenAI's own behaviour is not the obvious choice)
   are checked by :meth:`SamplingParams.validate`, the one place that defines them; its
   ``ValueError`` becomes a 400 naming the parameter.
 * ``n`` must be 1 and ``stop`` holds at most 4 non-empty strings. Features that would
-  change the output and that we do not implement (``tools``, ``logit_bias``,
-  ``response_format`` other than text, ``echo``, ``suffix``, ``best_of`` > 1) are a 400
-  rather than silently ignored: a client that relies on them must learn it at once.
+  change the output and that we do not implement (``tools``, ``response_format`` other
+  than text, ``echo``, ``suffix``, ``best_of`` > 1) are a 400 rather than silently
+  ignored: a client that relies on them must learn it at once. ``logit_bias`` (token ids
+  below the tokenizer's size, checked where the prompt is) and ``min_p`` are honoured.
 * A message's content may be a string or a list of ``{"type": "text", "text": ...}``
   parts; the parts are concatenated as they are. The ``developer`` role (OpenAI's new
   name for ``system``) is passed to the chat template as ``system``, which every
@@ -37,6 +38,7 @@ from typing import Any, Literal, Sequence, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..contract import SamplingParams
+from ..contract.sampling import MAX_LOGIT_BIASES
 from .errors import bad_request
 from .generate import GenerationRequest
 
@@ -133,6 +135,7 @@ class _SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, Any] | None = None
+    min_p: float | None = None  # extension (vLLM, llama.cpp): 0 disables it
     speculative: bool | None = None  # extension: false turns speculative decoding off for this request
 
     @field_validator("stop", mode="before")
@@ -228,8 +231,6 @@ def _reject_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
     """A 400 for parameters we understand but do not implement (see module docstring)."""
     if req.n is not None and req.n != 1:
         raise bad_request("only n=1 is supported", param="n")
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", param="logit_bias")
     if isinstance(req, ChatCompletionRequest):
         if req.tools or req.functions:
             raise bad_request("tools and function calling are not supported", param="tools")
@@ -260,10 +261,12 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest) -> SamplingP
     chosen token's logprob).
     """
     kwargs: dict[str, Any] = {}
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
         value = getattr(req, name)
         if value is not None:
             kwargs[name] = float(value)
+    if req.logit_bias:
+        kwargs["logit_bias"] = logit_bias_pairs(req.logit_bias)
     if req.top_k is not None:
         kwargs["top_k"] = 0 if req.top_k == -1 else req.top_k  # -1 is vLLM's "disabled"
     if req.seed is not None:
@@ -282,6 +285,22 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest) -> SamplingP
         name = str(exc).split(" ", 1)[0]
         raise bad_request(str(exc), param=name if name in kwargs else None) from None
     return params
+
+
+def logit_bias_pairs(bias: dict[str, Any]) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"token id": bias}`` as sorted ``(id, bias)`` pairs; a 400 naming
+    ``logit_bias`` for a key that is not a token id or a bias that is not a number
+    (the ranges are :meth:`SamplingParams.validate`'s)."""
+    if len(bias) > MAX_LOGIT_BIASES:
+        raise bad_request(f"logit_bias may hold at most {MAX_LOGIT_BIASES} tokens, got {len(bias)}", param="logit_bias")
+    pairs: dict[int, float] = {}
+    for key, value in bias.items():
+        if not key.isdigit() or len(key) > 10:
+            raise bad_request(f"logit_bias keys must be token ids, got {key[:20]!r}", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad_request(f"logit_bias values must be numbers, got {type(value).__name__}", param="logit_bias")
+        pairs[int(key)] = float(value)
+    return tuple(sorted(pairs.items()))
 
 
 def resolve_max_tokens(requested: int | None, prompt_tokens: int, context_length: int, *, prompt_param: str = "messages") -> int:
@@ -313,10 +332,15 @@ def requested_max_tokens(req: ChatCompletionRequest | CompletionRequest) -> int 
     return req.max_tokens
 
 
-def check_request(req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
-    """Every check that needs no tokenizer: unsupported features and sampling ranges."""
+def check_request(req: ChatCompletionRequest | CompletionRequest, vocab_size: int | None = None) -> SamplingParams:
+    """Every check that needs no tokenizer: unsupported features and sampling ranges;
+    with ``vocab_size``, also that ``logit_bias`` names tokens the tokenizer has."""
     _reject_unsupported(req)
-    return sampling_params(req)
+    params = sampling_params(req)
+    if vocab_size is not None and params.logit_bias and params.logit_bias[-1][0] >= vocab_size:
+        raise bad_request(f"logit_bias names token {params.logit_bias[-1][0]}, outside the vocabulary [0, {vocab_size})",
+                          param="logit_bias")
+    return params
 
 
 def generation_request(

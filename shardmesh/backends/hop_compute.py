@@ -40,6 +40,8 @@ class StageHopCompute:
         vocab = self.info.vocab_size
         if any(not 0 <= t < vocab for t in (*prompt_ids, *generated)):
             raise BadInput(f"history token ids must lie in [0, {vocab})")
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise BadInput(f"logit_bias token ids must lie in [0, {vocab})")
         return SamplerState(params, list(prompt_ids), list(generated))
 
     async def open(self, session_id: str, max_length: int, start: int, end: int) -> None:

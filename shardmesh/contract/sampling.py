@@ -10,10 +10,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["MAX_TOP_LOGPROBS", "REPETITION_PENALTY_MAX", "REPETITION_PENALTY_MIN", "SampledToken", "SamplingParams"]
+__all__ = [
+    "LOGIT_BIAS_MAX", "MAX_LOGIT_BIASES", "MAX_TOP_LOGPROBS", "REPETITION_PENALTY_MAX", "REPETITION_PENALTY_MIN",
+    "SampledToken", "SamplingParams",
+]
 
 #: The most alternatives a client may ask for per token (OpenAI's limit too).
 MAX_TOP_LOGPROBS = 20
+#: ``logit_bias``: at most this many tokens, each biased by at most this much (OpenAI's ranges).
+MAX_LOGIT_BIASES = 300
+LOGIT_BIAS_MAX = 100.0
 
 # Seeds are reduced modulo 2**64. Bound what we accept so untrusted input cannot hand
 # us a million-digit integer; this range covers both signed and unsigned 64-bit seeds.
@@ -43,6 +49,11 @@ class SamplingParams:
       prompt *or* the completion, a positive logit is divided by the penalty and a
       negative one multiplied by it, so a penalty > 1 always makes it less likely.
 
+    ``logit_bias`` (OpenAI) adds a bias in [-100, 100] to the logits of up to 300 token
+    ids before anything else (greedy picks see it too), as ``(id, bias)`` pairs sorted
+    by id. ``min_p`` (vLLM, llama.cpp) keeps, after the temperature, only the tokens at
+    least ``min_p`` times as likely as the best one; 0 turns it off.
+
     Instances are not validated on construction (so that :meth:`validate` can report
     a readable error); :func:`sample` and :meth:`from_dict` always validate. Every
     instance that passes :meth:`validate` can be sampled from any finite logits: the
@@ -58,6 +69,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: bool = False
     top_logprobs: int = 0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def validate(self) -> None:
         """Raise :class:`ValueError` naming the first out-of-range or mistyped field.
@@ -65,7 +78,7 @@ class SamplingParams:
         Comparisons are written as ``lo <= x <= hi`` so NaN (which compares false with
         everything) is rejected along with out-of-range values.
         """
-        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"{name} must be a number, got {type(v).__name__}")
@@ -97,6 +110,9 @@ class SamplingParams:
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if self.seed is not None and not _SEED_MIN <= self.seed <= _SEED_MAX:
             raise ValueError(f"seed must fit in 64 bits ([{_SEED_MIN}, {_SEED_MAX}]), got {self.seed}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        _check_logit_bias(self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -104,8 +120,16 @@ class SamplingParams:
         return self.temperature == 0
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields as a plain dict (ints, floats, bools, None): safe for JSON and CBOR."""
-        return asdict(self)
+        """The fields as a plain dict (ints, floats, bools, None, lists): safe for JSON and
+        CBOR. ``logit_bias`` becomes a list of ``[id, bias]`` pairs. ``min_p`` and
+        ``logit_bias`` appear only when set, so that hops from before they existed
+        still take the requests that do not use them."""
+        d = asdict(self)
+        d["logit_bias"] = [[i, b] for i, b in self.logit_bias]
+        for name, off in (("min_p", 0.0), ("logit_bias", [])):
+            if d[name] == off:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SamplingParams:
@@ -125,7 +149,7 @@ class SamplingParams:
 
         kwargs: dict[str, Any] = {}
         for name, value in d.items():
-            if name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
                 # bool is an int subclass: reject it explicitly, "temperature": true is a bug.
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ValueError(f"{name} must be a number, got {type(value).__name__}")
@@ -139,10 +163,44 @@ class SamplingParams:
             elif name == "logprobs":
                 if not isinstance(value, bool):
                     raise ValueError(f"logprobs must be a boolean, got {type(value).__name__}")
+            elif name == "logit_bias":
+                value = _logit_bias_pairs(value)
             kwargs[name] = value
         params = cls(**kwargs)
         params.validate()
         return params
+
+
+def _logit_bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
+    """``[[id, bias], ...]`` from the wire as pairs; the count is checked before the
+    pairs are looked at, so a huge list costs nothing."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"logit_bias must be a list of [token id, bias] pairs, got {type(value).__name__}")
+    if len(value) > MAX_LOGIT_BIASES:
+        raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIASES} tokens, got {len(value)}")
+    pairs = []
+    for pair in value:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError("logit_bias must be a list of [token id, bias] pairs")
+        token, bias = pair
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise ValueError(f"a logit_bias bias must be a number, got {type(bias).__name__}")
+        pairs.append((token, float(bias)))
+    return tuple(pairs)
+
+
+def _check_logit_bias(pairs: Any) -> None:
+    if not isinstance(pairs, tuple) or len(pairs) > MAX_LOGIT_BIASES:
+        raise ValueError(f"logit_bias must be at most {MAX_LOGIT_BIASES} (token id, bias) pairs")
+    last = -1
+    for token, bias in pairs:
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"logit_bias token ids must be integers >= 0, got {token!r}")
+        if token <= last:
+            raise ValueError("logit_bias pairs must be sorted by token id, each id once")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -LOGIT_BIAS_MAX <= bias <= LOGIT_BIAS_MAX:
+            raise ValueError(f"logit_bias biases must lie in [-{LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}], got {bias!r}")
+        last = token
 
 
 @dataclass(frozen=True)

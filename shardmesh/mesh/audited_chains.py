@@ -117,7 +117,7 @@ class AuditedChains:
         """Check ``main`` (the answer after ``history``); raises :class:`ChainFailed`
         against a peer of the main chain caught lying."""
         greedy = sampling.greedy and sampling.presence_penalty == sampling.frequency_penalty == 0 \
-            and sampling.repetition_penalty == 1
+            and sampling.repetition_penalty == 1 and not sampling.logit_bias
         top = max(sampling.top_logprobs, AUDIT_TOP)
         answers = [main]
         agreeing: list[tuple[int, int]] = []

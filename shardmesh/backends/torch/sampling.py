@@ -14,9 +14,11 @@ logits => same token, on any machine.
 The pipeline, in order (each stage is skipped when its parameter is neutral)::
 
     raw logits (float32, CPU)
+      -> logit bias     add each listed token's bias
       -> penalties      repetition (prompt + generated), then frequency/presence (generated)
       -> greedy?        temperature == 0: argmax, ties to the lowest id; done
       -> temperature    divide by T (a T too small to divide by in float32: its limit)
+      -> min-p          keep the tokens at least min_p times as likely as the best
       -> top-k          keep the k best (ties to the lowest ids)
       -> top-p          keep the smallest best-first prefix whose mass reaches p
       -> draw           inverse CDF with one uniform number from the (seed, step) stream
@@ -254,7 +256,7 @@ def sample(
     except ValueError as exc:
         raise SamplingRefused(str(exc)) from exc
     raw = _as_logits(logits)
-    x = _penalize(raw, params, prompt_ids, generated_ids)
+    x = _penalize(_biased(raw, params), params, prompt_ids, generated_ids)
 
     if params.greedy:
         # torch.argmax returns the first maximal index: ties go to the lowest id.
@@ -264,6 +266,18 @@ def sample(
 
     logprob, top = _log_softmax_info(raw, token_id, params)
     return SampledToken(token_id=token_id, logprob=logprob, top_logprobs=top)
+
+
+def _biased(raw: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """``raw`` with ``params.logit_bias`` added (a new tensor; ``raw`` itself if none)."""
+    if not params.logit_bias:
+        return raw
+    ids = torch.tensor([i for i, _ in params.logit_bias], dtype=torch.int64)
+    if int(ids.max()) >= raw.numel():
+        raise SamplingRefused(f"logit_bias names token {int(ids.max())}; the vocabulary has {raw.numel()}")
+    out = raw.clone()
+    out[ids] += torch.tensor([b for _, b in params.logit_bias], dtype=raw.dtype)
+    return out
 
 
 # How many best tokens the nucleus search looks at before paying for more. For real LLM
@@ -300,6 +314,9 @@ def _draw(x: torch.Tensor, params: SamplingParams, step: int) -> int:
         # their probability rounds to. So this is T itself, not an approximation.
         shifted = (x - x.max()).to(torch.float64)
         x = torch.where(shifted == 0, shifted, shifted / t)
+    if params.min_p > 0:
+        # The best logit is 0 here, so a token's probability over the best's is exp(x).
+        x = torch.where(x >= math.log(params.min_p), x, float("-inf"))
     vocab = x.numel()
 
     # `ids` lists the surviving candidates, best first, in the order the CDF walks
