@@ -21,6 +21,9 @@ def _add_run(sub) -> None:
                         "'all', START:END, or 'none' (a gateway without weights)")
     p.add_argument("--api", default="127.0.0.1:8000", help="HOST:PORT of the OpenAI gateway (port 0 picks one), or 'off'")
     p.add_argument("--api-key", default=None, help="require this bearer key (or set SHARDMESH_API_KEY)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages of ORIGIN (e.g. http://localhost:3000; '*' for any) call the API from a browser "
+                        "(repeatable; default: none)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"],
@@ -209,6 +212,7 @@ def run(args) -> int:
         allow_peers=args.allow_peers,
         swarm_key=args.swarm_key,
         audit_rate=args.audit_rate,
+        cors_origins=tuple(args.cors_origin),
         speculation=not args.no_speculation,
         draft_model=args.draft_model,
         draft_tokens=args.draft_tokens,

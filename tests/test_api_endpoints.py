@@ -1,7 +1,8 @@
-"""The gateway's small endpoints on a real node: models, health, metrics, the API key.
+"""The gateway's small endpoints on a real node: models, health, metrics, the API key, CORS.
 
 Most tests use the shared gateway node (``api_fixtures.py``). A second node, started
-with ``--api-key``, checks authentication: every route but ``/health`` wants the key.
+with ``--api-key`` and ``--cors-origin``, checks authentication (every route but
+``/health`` wants the key) and what a browser on another origin may do.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ pytest_plugins = ["api_fixtures"]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("node_output_on_failure")]
 
 API_KEY = "test-key-0123456789"
+ORIGIN = "http://app.example:3000"  # a web page the keyed node lets call it (--cors-origin)
 
 
 @pytest.fixture(scope="module")
 def keyed_node(request: pytest.FixtureRequest, model_path: Path) -> Iterator[Node]:
-    yield from serve_node(request, model_path, "--api-key", API_KEY)
+    yield from serve_node(request, model_path, "--api-key", API_KEY, "--cors-origin", ORIGIN)
 
 
 # --------------------------------------------------------------------------- models, health, metrics
@@ -86,3 +88,26 @@ def test_api_key_required(keyed_node: Node) -> None:
     r = good.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2, temperature=0)
     assert r.usage.completion_tokens >= 1
     assert httpx.get(f"{keyed_node.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).status_code == 200
+
+
+def preflight(node: Node, origin: str) -> httpx.Response:
+    """What a browser asks before a page of ``origin`` POSTs a chat with a key."""
+    return httpx.options(f"{node.url}/v1/chat/completions", timeout=10, headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    })
+
+
+def test_cors_only_for_the_origins_named(keyed_node: Node, node: Node) -> None:
+    ok = preflight(keyed_node, ORIGIN)  # no key in a preflight: it must pass before the key check
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ORIGIN
+    assert "authorization" in ok.headers["access-control-allow-headers"].lower()
+    model = httpx.get(f"{keyed_node.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).json()["data"][0]["id"]
+    r = httpx.post(f"{keyed_node.url}/v1/chat/completions", timeout=60, json={"model": model, "messages": MESSAGES, "max_tokens": 2},
+                   headers={"Origin": ORIGIN, "Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    assert "access-control-allow-origin" not in preflight(keyed_node, "http://elsewhere.example").headers
+    # The default: no origin is named, so no page elsewhere may call the gateway.
+    refused = preflight(node, ORIGIN)
+    assert refused.status_code == 405 and "access-control-allow-origin" not in refused.headers
+

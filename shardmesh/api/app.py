@@ -49,6 +49,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -259,11 +260,14 @@ class Gateway:
 def create_app(
     generator: Generator, *, api_key: str | None = None, swarm: Callable[[], dict] | None = None,
     stage_counts: Callable[[], tuple[int, int]] | None = None, links_taken: Callable[[], int] | None = None,
+    cors_origins: tuple[str, ...] = (),
 ) -> Starlette:
     """The gateway app for ``generator``. With ``api_key``, /v1 and /metrics need it.
     ``swarm`` returns the swarm map for ``GET /v1/swarm``; ``stage_counts`` the steps and
     batches of the node's blocks for ``/metrics`` (:class:`~.metrics.StageCounters`);
-    ``links_taken`` how many session hops moved to hop links."""
+    ``links_taken`` how many session hops moved to hop links. ``cors_origins``: web
+    pages of these origins may call the API from a browser (``--cors-origin``; none by
+    default, so a page elsewhere cannot use a gateway on the user's machine)."""
     gateway = Gateway(generator, Metrics(stage_counts, links_taken, speculation=lambda: getattr(generator, "speculation", SpeculationStats())), swarm)
     routes: list[BaseRoute] = [
         Route("/health", guarded(gateway.health), methods=["GET"]),
@@ -278,6 +282,12 @@ def create_app(
     ]
     # First listed = outermost: count every response, 401s included.
     middleware = [Middleware(CountRequests, metrics=gateway.metrics, routes=routes)]
+    if cors_origins:
+        # Before the key check: a browser's preflight carries no Authorization header.
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"], max_age=600,
+        ))
     if api_key is not None:
         middleware.append(Middleware(RequireApiKey, api_key=api_key))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: http_exception})

@@ -18,6 +18,7 @@ class NodeConfig:
     layers: str = "auto"  # "auto" (the swarm's weakest blocks), "all", "A:B", or "none" (no weights)
     api: str = "127.0.0.1:8000"  # HOST:PORT of the OpenAI gateway, or "off"
     api_key: str | None = None  # bearer key the gateway requires; None = open
+    cors_origins: tuple[str, ...] = ()  # web origins whose pages may call the API from a browser; none by default
     dtype: str = "auto"
     backend: str = "auto"  # "torch", "mlx", or "auto": MLX on Apple silicon, torch elsewhere
     device: str = "auto"

@@ -297,7 +297,8 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
         )
         if api is not None:
             app = create_app(generator, api_key=config.api_key, swarm=registry.to_json, stage_counts=keeper.stage_counts,
-                             links_taken=(lambda: links.taken) if links is not None else None)
+                             links_taken=(lambda: links.taken) if links is not None else None,
+                             cors_origins=config.cors_origins)
             port = await nursery.start(serve, app, api[0], api[1])
             host = f"[{api[0]}]" if ":" in api[0] else api[0]
             url = f"http://{host}:{port}"
