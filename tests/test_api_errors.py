@@ -107,6 +107,23 @@ def test_n_greater_than_one_is_400(client: openai.OpenAI, model_id: str) -> None
     assert_still_serving(client, model_id)
 
 
+def test_unknown_parameters_are_named_in_a_400_and_harmless_ones_pass(client: openai.OpenAI, model_id: str) -> None:
+    """A knob the gateway does not implement is refused, never silently dropped; the
+    fields that cannot change an answer (``user``, ``metadata``, ...) are accepted."""
+    for extra, param in (({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
+                         ({"reasoning_effort": "low", "verbosity": "low"}, "reasoning_effort")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=2, extra_body=extra)
+        assert info.value.param == param and param in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model_id, prompt="hi", max_tokens=2, extra_body={"typical_p": 0.5})
+    assert info.value.param == "typical_p"
+    r = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=2, user="u1", metadata={"a": "b"},
+                                       store=False, extra_body={"parallel_tool_calls": False, "service_tier": "auto"})
+    assert r.usage.completion_tokens >= 1
+    assert_still_serving(client, model_id)
+
+
 def test_temperature_out_of_range_is_400(client: openai.OpenAI, model_id: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=2, temperature=5)

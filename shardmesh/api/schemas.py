@@ -10,7 +10,9 @@ Decisions worth knowing (where OpenAI's own behaviour is not the obvious choice)
 
 * Validation is *strict*: ``"temperature": "0.5"`` or ``"max_tokens": 16.0`` is a 400,
   not silently coerced. Integers are accepted where a float is expected (JSON writes
-  ``1`` for ``1.0``). Unknown fields are ignored, as OpenAI does.
+  ``1`` for ``1.0``). A top-level field the request models do not know is a 400 naming
+  it, unless it is one that cannot change an answer (:data:`NO_EFFECT_FIELDS`: ``user``,
+  ``metadata``, ...): a client must not believe a knob worked when it was dropped.
 * Sampling ranges (temperature in [0, 2], top_p in (0, 1], penalties in [-2, 2], ...)
   are checked by :meth:`SamplingParams.validate`, the one place that defines them; its
   ``ValueError`` becomes a 400 naming the parameter.
@@ -61,10 +63,11 @@ MAX_COMPLETION_LOGPROBS = 5
 
 
 class _Strict(BaseModel):
-    """Base of every request model: strict types, unknown fields ignored.
+    """Base of every request model: strict types; unknown fields ignored here.
 
     Strict mode refuses silent coercions (a string for a number, a bool for an int).
-    ``extra="ignore"`` lets newer clients send fields we do not know yet.
+    Unknown *top-level* fields never get this far (:func:`parse_request` names them in
+    a 400); inside a message, fields we do not read (``name``, say) are ignored.
     """
 
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -197,6 +200,14 @@ class CompletionRequest(_SamplingFields):
 RequestT = TypeVar("RequestT", ChatCompletionRequest, CompletionRequest)
 
 
+#: Top-level fields OpenAI clients send that cannot change an answer here: accepted and
+#: ignored. Any other field the request models do not know is a 400 that names it.
+NO_EFFECT_FIELDS = frozenset({
+    "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+    "parallel_tool_calls",  # only means something with tools, which are refused
+})
+
+
 def parse_request(model: type[RequestT], body: Any) -> RequestT:
     """Validate a decoded JSON body into ``model``; any problem becomes a 400.
 
@@ -205,6 +216,13 @@ def parse_request(model: type[RequestT], body: Any) -> RequestT:
     """
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
+    unknown = sorted(set(body) - set(model.model_fields) - NO_EFFECT_FIELDS)
+    if unknown:
+        raise bad_request(
+            f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(repr(u[:40]) for u in unknown[:5])}: this "
+            f"gateway does not implement {'them' if len(unknown) > 1 else 'it'}, and refuses rather than ignore "
+            f"what could change the answer", param=unknown[0][:40],
+        )
     try:
         return model.model_validate(body)
     except ValidationError as exc:
