@@ -426,3 +426,24 @@ def test_a_last_hop_that_lies_only_after_accepted_drafts_is_caught_by_spot_check
             raise AssertionError("the liar was never caught")
 
     assert trio.run(main) <= 5
+
+
+def test_a_draft_model_that_runs_out_of_cache_only_stops_drafting() -> None:
+    """The draft model's KV cache too small for a session: no drafts, the same answer."""
+    path = path_of("llama")
+    reference = Transformers(path)
+    target = [StepBatcher(TorchStage(resolve_local(str(path)), 0, LAYERS, dtype="float32"))]
+    drafter = StepBatcher(TorchStage(resolve_local(str(path)), 0, LAYERS, dtype="float32", cache_budget_bytes=1024))
+    generator = Generator("tiny", reference.tokenizer, 2048, LocalChains(target), frozenset(), drafts=DraftModel(drafter, 2048))
+    prompt = reference.prompt_ids("Tell me a long story about foxes.")
+
+    async def main() -> list[int]:
+        async with trio.open_nursery() as nursery:
+            for b in (*target, drafter):
+                await nursery.start(b.run)
+            tokens = [e.token_id async for e in generator.stream(GenerationRequest(prompt, 20, GREEDY)) if isinstance(e, TokenEvent)]
+            nursery.cancel_scope.cancel()
+        return tokens
+
+    assert trio.run(main) == reference.greedy_forwards(prompt, 20)
+    assert generator.speculation.proposed == 0

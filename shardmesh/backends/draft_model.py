@@ -14,17 +14,20 @@ was fed, and a step that starts before its end drops the guesses that were rejec
 
 from __future__ import annotations
 
+import logging
 import uuid
 from array import array
 from typing import Sequence
 
 import trio
 
-from ..contract import RawTensor, StepRequest
+from ..contract import RawTensor, StageError, StepRequest
 from .batcher import StepBatcher
 from .torch.tensors import tensor_from_raw
 
 __all__ = ["DraftModel", "DraftModelDrafts", "FEED_CHUNK"]
+
+log = logging.getLogger("shardmesh.backends.draft_model")
 
 FEED_CHUNK = 512  # tokens per step when the draft model catches up with a long history
 
@@ -59,11 +62,22 @@ class DraftModelDrafts:
         self.session_id = f"draft-{uuid.uuid4().hex}"
         self.fed: list[int] = []  # the tokens the session's cache holds, in order
         self.opened = False
+        self.refused = False
 
     async def propose(self, history: Sequence[int], k: int) -> list[int]:
-        """``k`` greedy tokens after ``history`` (none if they would not fit the context)."""
-        if k <= 0 or len(history) + k > self.context_length:
+        """``k`` greedy tokens after ``history``; none if they would not fit the context,
+        or once the draft model has refused this generation (its KV cache full, say):
+        drafts only ever save time, so their failure must not fail the answer."""
+        if k <= 0 or len(history) + k > self.context_length or self.refused:
             return []
+        try:
+            return await self._propose(history, k)
+        except StageError as exc:
+            log.info("the draft model stops drafting for this answer: %s", exc)
+            self.refused = True
+            return []
+
+    async def _propose(self, history: Sequence[int], k: int) -> list[int]:
         if not self.opened:
             await self.batcher.open(self.session_id, self.context_length)
             self.opened = True
