@@ -115,6 +115,29 @@ def start_two_hop_swarm(model: Path, key_dir: Path) -> list[Node]:
     return nodes
 
 
+def start_doubled_swarm(model: Path, key_dir: Path) -> list[Node]:
+    """M (blocks [0, 2), the API, routes logged), two servers of [2, 3) and Y ([3, 4)),
+    all joined to M, once M routes and sees all four servers. Returns ``[M, S1, S2, Y]``;
+    what was started is stopped if the swarm does not come up."""
+    import httpx
+
+    m = start_node(model, "--layers", "0:2", key_dir=key_dir, env={"SHARDMESH_DEBUG": "1"})
+    nodes = [m]
+    try:
+        for span in ("2:3", "2:3", "3:4"):
+            nodes.append(start_node(model, "--layers", span, "--api", "off", "--join", m.address, api=False, key_dir=key_dir))
+        wait_for_route(m)
+        deadline = time.monotonic() + 60
+        while len([p for p in httpx.get(f"{m.url}/v1/swarm", timeout=10).json()["peers"] if not p["gateway"]]) < 4:
+            assert time.monotonic() < deadline, "M does not see all four servers"
+            time.sleep(0.2)
+    except BaseException:
+        for node in nodes:
+            stop_node(node)
+        raise
+    return nodes
+
+
 def greedy_chat(node: Node, messages: list[dict], model: str | None = None, max_tokens: int = 12) -> str:
     """One greedy chat through ``node``'s gateway with the official ``openai`` client, on
     a client of its own that is closed afterwards (no pooled connection stays open)."""

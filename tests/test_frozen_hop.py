@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from node_process import Node, start_node, stop_node, wait_for_route
+from node_process import Node, start_doubled_swarm, start_node, stop_node, wait_for_route
 
 from shardmesh.mesh.deadlines import STEP_CAP
 from shardmesh.tools.tiny_model import cached_tiny_model
@@ -92,16 +92,8 @@ ROUTE = re.compile(r"session [0-9a-f]{32}(?:-\d+)? via (.+)")
 @pytest.fixture
 def doubled(model: Path, tmp_path: Path) -> Iterator[list[Node]]:
     """M [0, 2) with the API (routes logged), two servers of [2, 3), Y [3, 4)."""
-    m = start_node(model, "--layers", "0:2", key_dir=tmp_path, env={"SHARDMESH_DEBUG": "1"})
-    nodes = [m]
+    nodes = start_doubled_swarm(model, tmp_path)
     try:
-        for span in ("2:3", "2:3", "3:4"):
-            nodes.append(start_node(model, "--layers", span, "--api", "off", "--join", m.address, api=False, key_dir=tmp_path))
-        wait_for_route(m)
-        deadline = time.monotonic() + 30
-        while len([p for p in httpx.get(f"{m.url}/v1/swarm", timeout=10).json()["peers"] if not p["gateway"]]) < 4:
-            assert time.monotonic() < deadline, "M does not see all four servers"
-            time.sleep(0.2)
         yield nodes
     finally:
         for node in nodes:

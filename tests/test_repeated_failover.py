@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from node_process import Node, start_node, stop_node, wait_for_route
+from node_process import Node, start_doubled_swarm, start_node, stop_node
 
 from shardmesh.tools.tiny_model import cached_tiny_model
 
@@ -46,17 +46,13 @@ def live_servers(m: Node, span: list[int]) -> set[str]:
 
 @pytest.fixture
 def swarm(model: Path, tmp_path: Path) -> Iterator[list[Node]]:
-    m = start_node(model, "--layers", "0:2", key_dir=tmp_path, env={"SHARDMESH_DEBUG": "1"})
-    nodes = [m]
+    nodes = start_doubled_swarm(model, tmp_path)
     try:
-        for span in ("2:3", "2:3", "3:4"):
-            nodes.append(start_node(model, "--layers", span, "--api", "off", "--join", m.address, api=False, key_dir=tmp_path))
-        wait_for_route(m)
         yield nodes
     finally:
         for node in nodes:
             stop_node(node)
-        print(f"---- M's output ----\n{m.output()[-4000:]}")
+        print(f"---- M's output ----\n{nodes[0].output()[-4000:]}")
 
 
 def test_killing_one_of_two_servers_ten_times_in_a_row(swarm: list[Node], model: Path, tmp_path: Path) -> None:

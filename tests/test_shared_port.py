@@ -53,8 +53,11 @@ def check(swarm_key=None) -> None:
                 strangers.append(s)
             for s in strangers[:2] + strangers[3:]:
                 with trio.fail_after(15):
-                    while await s.receive_some(100):
-                        pass  # whatever libp2p answers, then the close
+                    try:
+                        while await s.receive_some(100):
+                            pass  # whatever libp2p answers, then the close
+                    except trio.BrokenResourceError:
+                        pass  # closed with our junk still unread there: the kernel resets, which is a close too
             # ... and both still work, with the silent stranger still waiting.
             assert await link_round_trip(listener, b"still") == b"still"
             async with running_host(create_new_key_pair(), [LOCAL], swarm_key) as peer:

@@ -253,13 +253,14 @@ def test_speculative_false_proposes_nothing() -> None:
     assert stats.proposed == 0 and stats.tokens == stats.trips
 
 
-def test_a_draft_model_that_is_the_target_is_always_right() -> None:
-    """``--draft-model`` set to the target itself: the upper bound, every draft kept,
-    and the answer still exactly transformers' greedy one."""
+def generate_with_draft_model(cuts: tuple[int, ...], tokens: int, **drafter_stage) -> tuple[list[int], list[int], Generator]:
+    """A greedy answer over local stages split at ``cuts``, drafted by the same model
+    in a stage of its own (``drafter_stage``: its keyword arguments); the answer, the
+    transformers reference and the generator (its counters)."""
     path = path_of("llama")
     reference = Transformers(path)
-    target = [StepBatcher(TorchStage(resolve_local(str(path)), a, b, dtype="float32")) for a, b in ((0, 2), (2, 4))]
-    drafter = StepBatcher(TorchStage(resolve_local(str(path)), 0, LAYERS, dtype="float32"))
+    target = [StepBatcher(TorchStage(resolve_local(str(path)), a, b, dtype="float32")) for a, b in zip(cuts, cuts[1:])]
+    drafter = StepBatcher(TorchStage(resolve_local(str(path)), 0, LAYERS, dtype="float32", **drafter_stage))
     generator = Generator("tiny", reference.tokenizer, 2048, LocalChains(target), frozenset(), drafts=DraftModel(drafter, 2048))
     prompt = reference.prompt_ids("Tell me a long story about foxes.")
 
@@ -267,12 +268,19 @@ def test_a_draft_model_that_is_the_target_is_always_right() -> None:
         async with trio.open_nursery() as nursery:
             for b in (*target, drafter):
                 await nursery.start(b.run)
-            tokens = [e.token_id async for e in generator.stream(GenerationRequest(prompt, 60, GREEDY)) if isinstance(e, TokenEvent)]
+            got = [e.token_id async for e in generator.stream(GenerationRequest(prompt, tokens, GREEDY)) if isinstance(e, TokenEvent)]
             nursery.cancel_scope.cancel()
         assert drafter.stage.sessions == {}, "the draft session is closed with the answer"
-        return tokens
+        return got
 
-    assert trio.run(main) == reference.greedy_forwards(prompt, 60)
+    return trio.run(main), reference.greedy_forwards(prompt, tokens), generator
+
+
+def test_a_draft_model_that_is_the_target_is_always_right() -> None:
+    """``--draft-model`` set to the target itself: the upper bound, every draft kept,
+    and the answer still exactly transformers' greedy one."""
+    got, expected, generator = generate_with_draft_model((0, 2, 4), 60)
+    assert got == expected
     stats = generator.speculation
     assert stats.acceptance == 1.0 and stats.tokens_per_trip > 4, stats
 
@@ -430,20 +438,6 @@ def test_a_last_hop_that_lies_only_after_accepted_drafts_is_caught_by_spot_check
 
 def test_a_draft_model_that_runs_out_of_cache_only_stops_drafting() -> None:
     """The draft model's KV cache too small for a session: no drafts, the same answer."""
-    path = path_of("llama")
-    reference = Transformers(path)
-    target = [StepBatcher(TorchStage(resolve_local(str(path)), 0, LAYERS, dtype="float32"))]
-    drafter = StepBatcher(TorchStage(resolve_local(str(path)), 0, LAYERS, dtype="float32", cache_budget_bytes=1024))
-    generator = Generator("tiny", reference.tokenizer, 2048, LocalChains(target), frozenset(), drafts=DraftModel(drafter, 2048))
-    prompt = reference.prompt_ids("Tell me a long story about foxes.")
-
-    async def main() -> list[int]:
-        async with trio.open_nursery() as nursery:
-            for b in (*target, drafter):
-                await nursery.start(b.run)
-            tokens = [e.token_id async for e in generator.stream(GenerationRequest(prompt, 20, GREEDY)) if isinstance(e, TokenEvent)]
-            nursery.cancel_scope.cancel()
-        return tokens
-
-    assert trio.run(main) == reference.greedy_forwards(prompt, 20)
+    got, expected, generator = generate_with_draft_model((0, 4), 20, cache_budget_bytes=1024)
+    assert got == expected
     assert generator.speculation.proposed == 0

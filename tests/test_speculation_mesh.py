@@ -17,14 +17,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from node_process import Node, start_node, stop_node, wait_for_route
+from node_process import Node, start_doubled_swarm, start_node, stop_node, wait_for_route
 from reference import Transformers
 
 from shardmesh.tools.tiny_model import cached_tiny_model
@@ -135,16 +134,9 @@ def test_failover_in_the_middle_of_an_accepted_run(tmp_path: Path) -> None:
     again on the new chain."""
     model = cached_tiny_model("llama", layers=4, hidden=64)
     reference = Transformers(model)
-    m = start_node(model, "--layers", "0:2", key_dir=tmp_path, env={"SHARDMESH_DEBUG": "1"})
-    nodes = [m]
+    nodes = start_doubled_swarm(model, tmp_path)
+    m = nodes[0]
     try:
-        for span in ("2:3", "2:3", "3:4"):
-            nodes.append(start_node(model, "--layers", span, "--api", "off", "--join", m.address, api=False, key_dir=tmp_path))
-        wait_for_route(m)
-        deadline = time.monotonic() + 60
-        while sum(p["span"] == [2, 3] for p in httpx.get(f"{m.url}/v1/swarm", timeout=10).json()["peers"]) < 2:
-            assert time.monotonic() < deadline, "M does not see both servers of [2, 3)"
-            time.sleep(0.2)
         prompt = PROMPTS[0]
         expected = reference.greedy(reference.prompt_ids(prompt), 80).text
         client = openai.OpenAI(base_url=f"{m.url}/v1", api_key="unused", max_retries=0, timeout=300)

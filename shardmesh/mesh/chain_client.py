@@ -301,7 +301,9 @@ class RemoteChain:
         if self._unanswered == 0:
             self._sent_at = trio.current_time()
         await self._write(self._first, self._route[0].peer, header, payload)
-        self._unanswered += len(token_ids)
+        # Drafts ride along as extra positions of the same pass: time-wise the step is
+        # its other tokens' (a decode step's, usually), and is bounded and measured so.
+        self._unanswered += len(token_ids) - len(drafts)
         if not want_token:
             return []
         wait = self.step_times.deadline(self._unanswered)
