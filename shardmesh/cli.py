@@ -70,7 +70,7 @@ def _add_run(sub) -> None:
                    help="the most draft tokens per decode step, 1 to 16 (default %(default)d); "
                         "how many up to that adapts to how many are kept")
     p.add_argument("--draft-model", default=None, metavar="PATH",
-                   help="a small model with the same tokenizer, run at this gateway to propose draft tokens "
+                   help="a small model with the same tokenizer (a folder or a hub id), run at this gateway to propose draft tokens "
                         "(default: prompt lookup, which needs no model)")
     p.add_argument("--allow-peers", default=None, metavar="FILE",
                    help="a private swarm: talk only to the peer ids in FILE (one per line); others are disconnected and never routed to")

@@ -187,10 +187,14 @@ def test_draft_model_and_no_speculation_flags(tmp_path: Path) -> None:
     (["--draft-model", "MODEL", "--no-speculation"], "choose one"),
     (["--draft-tokens", "0"], "--draft-tokens wants 1 to 16"),
     (["--draft-tokens", "17"], "--draft-tokens wants 1 to 16"),
+    (["--layers", "all", "--api", "127.0.0.1:0", "--listen", "/ip4/127.0.0.1/tcp/0", "--draft-model", "OTHER"],
+     "a draft model must share the target's tokenizer"),
 ])
-def test_bad_speculation_flags_are_one_line_errors(flags: list[str], says: str) -> None:
+def test_bad_speculation_flags_are_one_line_errors(flags: list[str], says: str, tmp_path: Path) -> None:
     model = cached_tiny_model("llama", layers=4, hidden=64)
-    flags = [str(model) if f == "MODEL" else f for f in flags]
-    out = subprocess.run([sys.executable, "-m", "shardmesh", "run", "--model", str(model), "--no-mdns", *flags],
-                         capture_output=True, text=True, timeout=60)
+    other = cached_tiny_model("llama", layers=1, hidden=32, vocab_size=1024) if "OTHER" in flags else None
+    flags = [str(model) if f == "MODEL" else str(other) if f == "OTHER" else f for f in flags]
+    out = subprocess.run([sys.executable, "-m", "shardmesh", "run", "--model", str(model), "--no-mdns",
+                          "--key-file", str(tmp_path / "node.key"), *flags],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2 and says in out.stderr, out.stderr

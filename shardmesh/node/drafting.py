@@ -25,10 +25,10 @@ async def draft_source(config: NodeConfig, model: LoadedModel, nursery: trio.Nur
     from ..backends.batcher import StepBatcher
     from ..backends.compute_thread import compute_thread
     from ..backends.draft_model import DraftModel
-    from ..backends.weights import resolve_local
+    from ..backends.weights import resolve
     from .backend import build_stage
 
-    files = resolve_local(config.draft_model)
+    files = resolve(config.draft_model)  # a folder, or a hub id: only the files it needs are fetched
     stage = await compute_thread().run(
         lambda: build_stage("torch", files, 0, None, model_name="draft", dtype=config.dtype, device=config.device,
                             cache_budget_bytes=int(config.kv_cache_gb * (1 << 30)), threads=config.threads)
