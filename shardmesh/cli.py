@@ -21,6 +21,9 @@ def _add_run(sub) -> None:
                         "'all', START:END, or 'none' (a gateway without weights)")
     p.add_argument("--api", default="127.0.0.1:8000", help="HOST:PORT of the OpenAI gateway (port 0 picks one), or 'off'")
     p.add_argument("--api-key", default=None, help="require this bearer key (or set SHARDMESH_API_KEY)")
+    p.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                   help="serve Prometheus /metrics at HOST:PORT (port 0 picks one): for a node with --api off, whose "
+                        "gateway would otherwise carry them (with --api-key, /metrics wants the key)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages of ORIGIN (e.g. http://localhost:3000; '*' for any) call the API from a browser "
                         "(repeatable; default: none)")
@@ -212,6 +215,7 @@ def run(args) -> int:
         allow_peers=args.allow_peers,
         swarm_key=args.swarm_key,
         audit_rate=args.audit_rate,
+        metrics=args.metrics,
         cors_origins=tuple(args.cors_origin),
         speculation=not args.no_speculation,
         draft_model=args.draft_model,
@@ -223,6 +227,7 @@ def run(args) -> int:
         if config.draft_model is not None and not config.speculation:
             raise UsageError("--draft-model proposes draft tokens, --no-speculation turns them off: choose one")
         config.api_host_port
+        config.metrics_host_port
         if config.threads is not None and config.threads < 1:
             raise UsageError(f"--threads wants a positive number of threads, got {config.threads}")
         if not 0 <= config.audit_rate <= 1:

@@ -8,6 +8,7 @@ with ``--api-key`` and ``--cors-origin``, checks authentication (every route but
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,3 +112,25 @@ def test_cors_only_for_the_origins_named(keyed_node: Node, node: Node) -> None:
     refused = preflight(node, ORIGIN)
     assert refused.status_code == 405 and "access-control-allow-origin" not in refused.headers
 
+
+
+def test_a_node_without_an_api_serves_its_metrics_alone(model_path: Path, tmp_path: Path) -> None:
+    """``--api off --metrics 127.0.0.1:0``: the serving node's stage and link counters,
+    behind its API key, and nothing else on that port."""
+    from node_process import start_node, stop_node
+
+    node = start_node(model_path, "--layers", "all", "--api", "off", "--metrics", "127.0.0.1:0", "--api-key", API_KEY,
+                      api=False, key_dir=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not (found := re.search(r"metrics at (http://\S+/metrics)", node.output())):
+            assert time.monotonic() < deadline, node.output()
+            time.sleep(0.1)
+        url = found.group(1)
+        assert httpx.get(url, timeout=10).status_code == 401
+        text = httpx.get(url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).text
+        assert "shardmesh_stage_steps_total" in text and "shardmesh_hop_links_total" in text
+        assert httpx.get(url.replace("/metrics", "/v1/models"), headers={"Authorization": f"Bearer {API_KEY}"},
+                         timeout=10).status_code == 404
+    finally:
+        stop_node(node)

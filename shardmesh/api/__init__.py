@@ -19,6 +19,7 @@ __all__ = [
     "formats",
     "generate",
     "metrics",
+    "metrics_app",
     "prompts",
     "request_body",
     "response_json",

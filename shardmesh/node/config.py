@@ -18,6 +18,7 @@ class NodeConfig:
     layers: str = "auto"  # "auto" (the swarm's weakest blocks), "all", "A:B", or "none" (no weights)
     api: str = "127.0.0.1:8000"  # HOST:PORT of the OpenAI gateway, or "off"
     api_key: str | None = None  # bearer key the gateway requires; None = open
+    metrics: str | None = None  # HOST:PORT of a /metrics-only server (for --api off); None: none
     cors_origins: tuple[str, ...] = ()  # web origins whose pages may call the API from a browser; none by default
     dtype: str = "auto"
     backend: str = "auto"  # "torch", "mlx", or "auto": MLX on Apple silicon, torch elsewhere
@@ -55,10 +56,11 @@ class NodeConfig:
     def api_host_port(self) -> tuple[str, int] | None:
         if self.api == "off":
             return None
-        host, _, port = self.api.rpartition(":")
-        if not host or not port.isdigit():
-            raise UsageError(f"--api wants HOST:PORT or 'off', got {self.api!r}")
-        return host.strip("[]"), int(port)
+        return _host_port(self.api, "--api wants HOST:PORT or 'off'")
+
+    @property
+    def metrics_host_port(self) -> tuple[str, int] | None:
+        return None if self.metrics is None else _host_port(self.metrics, "--metrics wants HOST:PORT")
 
     def span(self, total_blocks: int) -> tuple[int, int] | None:
         """The blocks ``[start, end)`` this node serves; None for ``--layers none`` (and
@@ -74,6 +76,13 @@ class NodeConfig:
         if not 0 <= start < end <= total_blocks:
             raise UsageError(f"--layers {self.layers} is not inside the model's {total_blocks} blocks")
         return start, end
+
+
+def _host_port(value: str, usage: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"{usage}, got {value!r}")
+    return host.strip("[]"), int(port)
 
 
 def env_api_key() -> str | None:

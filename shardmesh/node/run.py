@@ -24,6 +24,7 @@ import trio
 from .. import __version__
 from ..api.app import create_app, serve
 from ..api.generate import Generator, eos_token_ids
+from ..api.metrics_app import create_metrics_app
 from ..backends.weights import identity_bytes
 from ..mesh.addresses import port_of
 from ..mesh.allow_list import AllowList, AllowListError, ConnectionGate, read_allow_list
@@ -304,6 +305,11 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             url = f"http://{host}:{port}"
             registry.update_local(api=url)
             say(f"gateway ready at {url} (OpenAI base URL {url}/v1)")
+        if (where := config.metrics_host_port) is not None:
+            metrics = create_metrics_app(stage_counts=keeper.stage_counts, api_key=config.api_key,
+                                         links_taken=(lambda: links.taken) if links is not None else None)
+            port = await nursery.start(serve, metrics, where[0], where[1])
+            say(f"metrics at http://{f'[{where[0]}]' if ':' in where[0] else where[0]}:{port}/metrics")
         if stop is not None:
             await stop.wait()
             await drain(keeper, generator, config.drain_timeout, say)
