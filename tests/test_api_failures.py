@@ -13,6 +13,7 @@ import httpx
 import pytest
 from api_helpers import assert_error, sse_events
 
+from shardmesh.api.speculation import SpeculationStats
 from shardmesh.api.streaming import HEARTBEAT_SECONDS
 
 pytest_plugins = ["api_fixtures"]
@@ -22,6 +23,7 @@ class ScriptedGenerator:
     """Stands in for the Generator to fail on demand; everything else is the real gateway."""
 
     model_name = "scripted"
+    speculation = SpeculationStats()  # read by /metrics, as the Generator's is
     context_length = 256
 
     def __init__(self, tokenizer: Any, behaviour: str) -> None:

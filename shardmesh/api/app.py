@@ -60,7 +60,6 @@ from .formats import ChatFormat, CompletionFormat
 from .generate import Finished, GenerationRequest, Generator, PromptTooLong, TokenEvent
 from ..contract import BadRequest, ModelUnavailable
 from .metrics import CountRequests, Metrics
-from .speculation import SpeculationStats
 from .prompts import chat_prompt_ids, completion_prompt_ids
 from .schemas import ChatCompletionRequest, CompletionRequest, check_request, generation_request, parse_request
 from .request_body import read_json
@@ -268,7 +267,7 @@ def create_app(
     ``links_taken`` how many session hops moved to hop links. ``cors_origins``: web
     pages of these origins may call the API from a browser (``--cors-origin``; none by
     default, so a page elsewhere cannot use a gateway on the user's machine)."""
-    gateway = Gateway(generator, Metrics(stage_counts, links_taken, speculation=lambda: getattr(generator, "speculation", SpeculationStats())), swarm)
+    gateway = Gateway(generator, Metrics(stage_counts, links_taken, speculation=lambda: generator.speculation), swarm)
     routes: list[BaseRoute] = [
         Route("/health", guarded(gateway.health), methods=["GET"]),
         Route("/v1/models", guarded(gateway.list_models), methods=["GET"]),

@@ -55,7 +55,10 @@ class StageHopCompute:
         with draft tokens checked (:meth:`SamplerState.verify`); ``then(value, seconds)``
         runs on the compute thread right after (see batcher.py)."""
         after = sampler if sampler is None or not drafts else partial(sampler.verify, drafts=list(drafts))
-        request = StepRequest(session_id, inputs, position, draft=len(drafts))
+        # Only the sampling (last) hop returns a row of logits per draft; a middle hop's
+        # hidden states are the same either way, and a draft count there would only keep
+        # its step from sharing a forward with other sessions' steps of as many tokens.
+        request = StepRequest(session_id, inputs, position, draft=len(drafts) if sampler is not None else 0)
         return await self.batcher.step_timed(request, after=after, then=then)
 
     async def close(self, session_id: str) -> None:

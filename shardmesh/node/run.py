@@ -296,24 +296,25 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             drafts=await draft_source(config, model, nursery),
             draft_tokens=config.draft_tokens,
         )
+        links_taken = (lambda: links.taken) if links is not None else None
         if api is not None:
             app = create_app(generator, api_key=config.api_key, swarm=registry.to_json, stage_counts=keeper.stage_counts,
-                             links_taken=(lambda: links.taken) if links is not None else None,
-                             cors_origins=config.cors_origins)
-            port = await nursery.start(serve, app, api[0], api[1])
-            host = f"[{api[0]}]" if ":" in api[0] else api[0]
-            url = f"http://{host}:{port}"
+                             links_taken=links_taken, cors_origins=config.cors_origins)
+            url = http_url(api[0], await nursery.start(serve, app, api[0], api[1]))
             registry.update_local(api=url)
             say(f"gateway ready at {url} (OpenAI base URL {url}/v1)")
         if (where := config.metrics_host_port) is not None:
-            metrics = create_metrics_app(stage_counts=keeper.stage_counts, api_key=config.api_key,
-                                         links_taken=(lambda: links.taken) if links is not None else None)
-            port = await nursery.start(serve, metrics, where[0], where[1])
-            say(f"metrics at http://{f'[{where[0]}]' if ':' in where[0] else where[0]}:{port}/metrics")
+            metrics = create_metrics_app(stage_counts=keeper.stage_counts, links_taken=links_taken, api_key=config.api_key)
+            say(f"metrics at {http_url(where[0], await nursery.start(serve, metrics, where[0], where[1]))}/metrics")
         if stop is not None:
             await stop.wait()
             await drain(keeper, generator, config.drain_timeout, say)
             nursery.cancel_scope.cancel()
+
+
+def http_url(host: str, port: int) -> str:
+    """The base URL of a server bound to ``host`` (an IPv6 address goes in brackets)."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 async def drain(keeper: SpanKeeper, generator: Generator, timeout: float, say: Callable[[str], None]) -> None:

@@ -72,41 +72,37 @@ class WanChain:
         self.nodes: list[NodeProcess] = []
         self.announced: list[str] = []  # each node's address at its delay line
         self.spans = _spans(total_blocks, hops)
-        join = None
+        self.join: str | None = None  # the first node, at its line: every other joins it
         try:
-            for i, span in enumerate([*_spans(total_blocks, hops), "none"]):
-                gateway = span == "none"
-                port, line_port = _free_port(), _free_port()
-                self.lines.append(subprocess.Popen(
-                    [sys.executable, "-m", "shardmesh.tools.delay_line", "--to", f"127.0.0.1:{port}",
-                     "--delay-ms", str(delay_ms), "--port", str(line_port)], stdout=subprocess.DEVNULL))
-                node = start_node(path, span, dtype, self.keys, join, threads=1, api=gateway, name=f"wan{i}",
-                                  listen=f"/ip4/127.0.0.1/tcp/{port}", extra=("--announce", f"/ip4/127.0.0.1/tcp/{line_port}"))
-                self.nodes.append(node)
-                if gateway:
-                    wait_gateway(node)
-                else:
-                    wait_serving(node)
-                self.announced.append(f"/ip4/127.0.0.1/tcp/{line_port}/p2p/{node.peer}")
-                if join is None:
-                    join = self.announced[-1]
-            self.gateway = self.nodes[-1]
-            self.join = join
+            for span in self.spans:
+                self.start(span)
+            self.gateway = self.start("none")
         except BaseException:
             self.stop()
             raise
 
     def add_gateway(self, extra: tuple[str, ...]) -> NodeProcess:
         """One more ``--layers none`` gateway on the chain, behind a line of its own."""
-        i = len(self.nodes)
+        return self.start("none", extra)
+
+    def start(self, span: str, extra: tuple[str, ...] = ()) -> NodeProcess:
+        """A node serving ``span`` (``none``: a gateway) behind a delay line of its own,
+        once it serves (or its gateway is ready)."""
+        gateway = span == "none"
         port, line_port = _free_port(), _free_port()
         self.lines.append(subprocess.Popen(
             [sys.executable, "-m", "shardmesh.tools.delay_line", "--to", f"127.0.0.1:{port}",
              "--delay-ms", str(self.delay_ms), "--port", str(line_port)], stdout=subprocess.DEVNULL))
-        node = start_node(self.path, "none", self.dtype, self.keys, self.join, threads=1, api=True, name=f"wan{i}",
+        node = start_node(self.path, span, self.dtype, self.keys, self.join, threads=1, api=gateway, name=f"wan{len(self.nodes)}",
                           listen=f"/ip4/127.0.0.1/tcp/{port}", extra=("--announce", f"/ip4/127.0.0.1/tcp/{line_port}", *extra))
         self.nodes.append(node)
-        wait_gateway(node)
+        if gateway:
+            wait_gateway(node)
+        else:
+            wait_serving(node)
+        self.announced.append(f"/ip4/127.0.0.1/tcp/{line_port}/p2p/{node.peer}")
+        if self.join is None:
+            self.join = self.announced[-1]
         return node
 
     def stop(self) -> None:
