@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..api.speculation import MAX_K
 from ..mesh.audit_policy import DEFAULT_RATE
 
 
@@ -45,7 +46,7 @@ class NodeConfig:
     allow_peers: str | None = None  # file of the peer ids of a private swarm (mesh/allow_list.py); None: anyone
     swarm_key: str | None = None  # file of a private swarm's pre-shared key (mesh/swarm_key.py); None: open
     speculation: bool = True  # the gateway proposes draft tokens that chains check in one trip (api/speculation.py)
-    draft_tokens: int = 8  # the most draft tokens per decode step (1..16); how many up to that adapts to what is kept
+    draft_tokens: int = MAX_K  # the most draft tokens per decode step (1..16); how many up to that adapts to what is kept
     draft_model: str | None = None  # a small model with the target's tokenizer that drafts (backends/draft_model.py); None: prompt lookup
 
     @property
