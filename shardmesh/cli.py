@@ -52,6 +52,8 @@ def _add_run(sub) -> None:
                         "(circuit relay v2, bounded per peer, in bytes and in time; default on)")
     p.add_argument("--no-links", action="store_true",
                    help="keep every session on its libp2p stream (slower per hop; for networks that allow one port only)")
+    p.add_argument("--no-trunks", action="store_true",
+                   help="send each session's steps on its own stream or link, not those of concurrent sessions to the same next hop in one frame")
     p.add_argument("--max-blocks", type=int, default=NodeConfig.max_blocks, metavar="N", help="with --layers auto: serve at most N blocks")
     p.add_argument("--memory-fraction", type=float, default=NodeConfig.memory_fraction, metavar="F",
                    help="with --layers auto: share of the free memory (VRAM on a GPU) to fill with weights + KV cache (default %(default)g)")
@@ -204,6 +206,7 @@ def run(args) -> int:
         key_file=args.key_file,
         mdns=not args.no_mdns,
         links=not args.no_links,
+        trunks=not args.no_trunks,
         relay_service=args.relay_service == "on",
         link_port=args.link_port,
         max_blocks=args.max_blocks,

@@ -170,6 +170,13 @@ def stage_counts(node: Node) -> tuple[float, float]:
     return counts
 
 
+def trunk_counts(node: Node) -> tuple[float, float]:
+    """``steps`` frames ``node``'s trunks have brought in so far, and the steps in them."""
+    text = httpx.get(f"{node.url}/metrics", timeout=10).text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("shardmesh_batched_frame")}
+    return values["shardmesh_batched_frames_total"], values["shardmesh_batched_frame_steps_total"]
+
+
 def test_twelve_concurrent_chats_batch_on_every_hop_and_each_get_their_own_answer(llama_swarm: Swarm, llama_ref: Transformers) -> None:
     wants = [llama_ref.greedy(llama_ref.prompt_ids(p), N).text for p in PROMPTS]
     client = client_for(llama_swarm.gateway)
@@ -182,14 +189,23 @@ def test_twelve_concurrent_chats_batch_on_every_hop_and_each_get_their_own_answe
         ).choices[0].text
 
     before = [stage_counts(node) for node in llama_swarm.servers]
+    trunks_before = [trunk_counts(node) for node in llama_swarm.servers]
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         got = list(pool.map(complete, PROMPTS))
     after = [stage_counts(node) for node in llama_swarm.servers]
+    trunks_after = [trunk_counts(node) for node in llama_swarm.servers]
     assert got == wants
     for node, (steps0, batches0), (steps1, batches1) in zip(llama_swarm.servers, before, after):
         steps, batches = steps1 - steps0, batches1 - batches0
         assert steps >= len(PROMPTS) * N, (node.address, steps)  # every session's prefill and decode steps
         assert steps > batches, f"{node.address}: {steps:.0f} steps in {batches:.0f} batches: no two sessions ever shared one"
+    # Between hops, every step came on a trunk, several sessions' steps to a frame.
+    # The first hop's steps come from the gateway, one session per stream.
+    assert trunks_after[0] == trunks_before[0]
+    for node, (frames0, carried0), (frames1, carried1) in zip(llama_swarm.servers[1:], trunks_before[1:], trunks_after[1:]):
+        frames, carried = frames1 - frames0, carried1 - carried0
+        assert carried >= len(PROMPTS) * N, (node.address, carried)
+        assert carried > frames, f"{node.address}: {carried:.0f} steps in {frames:.0f} frames: no frame ever carried two sessions"
 
 
 def test_a_client_that_leaves_mid_answer_leaves_the_others_exact(llama_swarm: Swarm, llama_ref: Transformers) -> None:

@@ -33,7 +33,8 @@ class Metrics:
 
     def __init__(self, stage_counts: Callable[[], tuple[int, int]] | None = None,
                  links_taken: Callable[[], int] | None = None,
-                 speculation: Callable[[], SpeculationStats] | None = None) -> None:
+                 speculation: Callable[[], SpeculationStats] | None = None,
+                 trunk_counts: Callable[[], tuple[int, int]] | None = None) -> None:
         self.registry = CollectorRegistry()
         if speculation is not None:
             self.registry.register(SpeculationCounters(speculation))
@@ -41,6 +42,8 @@ class Metrics:
             self.registry.register(StageCounters(stage_counts))
         if links_taken is not None:
             self.registry.register(LinkCounter(links_taken))
+        if trunk_counts is not None:
+            self.registry.register(TrunkCounters(trunk_counts))
         self.requests = Counter(
             "shardmesh_http_requests",
             "HTTP requests answered, by route template, method and status code.",
@@ -89,6 +92,20 @@ class LinkCounter:
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         yield CounterMetricFamily("shardmesh_hop_links", "Session hops moved to a hop link, at either end.", value=self.taken())
+
+
+class TrunkCounters:
+    """A collector read at scrape time: the ``steps`` frames this node's trunks brought
+    in (each carries the steps of several sessions from one hop, mesh/trunk.py) and the
+    steps in them; steps over frames is how many sessions shared a frame."""
+
+    def __init__(self, counts: Callable[[], tuple[int, int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        frames, steps = self.counts()
+        yield CounterMetricFamily("shardmesh_batched_frames", "Frames of several sessions' steps received on trunks.", value=frames)
+        yield CounterMetricFamily("shardmesh_batched_frame_steps", "Sessions' steps those frames carried.", value=steps)
 
 
 class SpeculationCounters:

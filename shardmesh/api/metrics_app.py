@@ -25,10 +25,10 @@ __all__ = ["create_metrics_app"]
 
 def create_metrics_app(
     *, stage_counts: Callable[[], tuple[int, int]] | None = None, links_taken: Callable[[], int] | None = None,
-    api_key: str | None = None,
+    trunk_counts: Callable[[], tuple[int, int]] | None = None, api_key: str | None = None,
 ) -> Starlette:
-    """An app with ``GET /metrics`` only: the node's stage and link counters."""
-    metrics = Metrics(stage_counts, links_taken)
+    """An app with ``GET /metrics`` only: the node's stage, link and trunk counters."""
+    metrics = Metrics(stage_counts, links_taken, trunk_counts=trunk_counts)
 
     async def render(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -32,6 +32,7 @@ class _Pending:
     request: StepRequest
     after: Callable[[RawTensor], Any] | None
     then: Callable[[Any, float], bool] | None = None
+    flush: Callable[[], None] | None = None
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -73,11 +74,14 @@ class StepBatcher:
         return (await self.step_timed(request, after)).value
 
     async def step_timed(
-        self, request: StepRequest, after: Callable[[RawTensor], Any] | None = None, then: Callable[[Any, float], bool] | None = None
+        self, request: StepRequest, after: Callable[[RawTensor], Any] | None = None,
+        then: Callable[[Any, float], bool] | None = None, flush: Callable[[], None] | None = None,
     ) -> StepOutput:
         """:meth:`step`, with its compute seconds; then ``then(result, seconds)`` runs on
-        the compute thread, and what it returns (True: it sent the result on) is ``sent``."""
-        pending = _Pending(request, after, then)
+        the compute thread, and what it returns (True: it sent the result on) is ``sent``.
+        ``flush()`` runs there once after the ``then`` of every request in the batch (the
+        same ``flush`` of several requests, once)."""
+        pending = _Pending(request, after, then, flush)
         self._queue.append(pending)
         self._wakeup.set()
         await pending.done.wait()
@@ -125,3 +129,8 @@ class StepBatcher:
                     pending.sent = bool(pending.then(pending.result, pending.seconds))
                 except Exception:  # sending is best effort: the event loop sends instead
                     log.exception("sending a step's output from the compute thread failed")
+        for flush in dict.fromkeys(p.flush for p in batch if p.flush is not None and p.sent):
+            try:
+                flush()
+            except Exception:
+                log.exception("flushing a batch's outputs failed")

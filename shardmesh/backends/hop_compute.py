@@ -50,16 +50,17 @@ class StageHopCompute:
     async def step(
         self, session_id: str, inputs: RawTensor, position: int, sampler: SamplerState | None,
         then: Callable[[Any, float], bool] | None = None, drafts: Sequence[int] = (),
+        flush: Callable[[], None] | None = None,
     ) -> StepOutput:
         """Hidden states out, or (last hop, ``sampler`` given) the sampled token dict,
         with draft tokens checked (:meth:`SamplerState.verify`); ``then(value, seconds)``
-        runs on the compute thread right after (see batcher.py)."""
+        runs on the compute thread right after, ``flush()`` after the whole batch (see batcher.py)."""
         after = sampler if sampler is None or not drafts else partial(sampler.verify, drafts=list(drafts))
         # Only the sampling (last) hop returns a row of logits per draft; a middle hop's
         # hidden states are the same either way, and a draft count there would only keep
         # its step from sharing a forward with other sessions' steps of as many tokens.
         request = StepRequest(session_id, inputs, position, draft=len(drafts) if sampler is not None else 0)
-        return await self.batcher.step_timed(request, after=after, then=then)
+        return await self.batcher.step_timed(request, after=after, then=then, flush=flush)
 
     async def close(self, session_id: str) -> None:
         await self.batcher.close(session_id)

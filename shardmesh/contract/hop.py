@@ -50,9 +50,12 @@ class HopCompute(Protocol):
         sampler: Sampler | None,
         then: Callable[[Any, float], bool] | None = None,
         drafts: Sequence[int] = (),
+        flush: Callable[[], None] | None = None,
     ) -> StepOutput:
         """Hidden states out, or (``sampler`` given) the sampled token dict; ``then(value,
-        seconds)`` runs on the compute thread right after and says whether it sent it.
+        seconds)`` runs on the compute thread right after and says whether it sent it, and
+        ``flush()`` once after every ``then`` of the batch the step was computed in (a
+        trunk sends the batch's outputs as one frame then).
         ``drafts``: the last ``len(drafts)`` inputs are proposals that the last hop's
         sampler checks (:meth:`Sampler.verify`)."""
         ...

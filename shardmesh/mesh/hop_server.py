@@ -42,29 +42,16 @@ from .open_rate import OpenRate
 from .open_request import Limits, OpenRequest, ThisNode, check_gateway, refuse_oversized_open, validate_open
 from .pipe import pipe_pair
 from .reclaim import RECLAIMED, longest_idle
-from .wire import (
-    ATTACH,
-    CLOSE,
-    LINK,
-    OPEN,
-    PROTOCOL,
-    RESULT,
-    STEP,
-    Frame,
-    FrameStream,
-    StreamEnded,
-    WireError,
-)
+from .step_inbox import StepInbox
+from .trunk import Trunks
+from .trunk_server import TrunkCounts, serve_trunk
+from .wire import ATTACH, CLOSE, LINK, OPEN, PROTOCOL, RESULT, STEP, TRUNK, Frame, FrameStream, StreamEnded, WireError
 
 log = logging.getLogger("shardmesh.mesh.hop_server")
 
 FIRST_FRAME_TIMEOUT = 30.0  # an opened stream must say what it wants within this
 
 __all__ = ["HopServer", "HopSession", "Limits"]
-
-
-def _fail(code: str, message: str) -> WireError:
-    return WireError(code, message)
 
 
 class HopServer:
@@ -84,6 +71,7 @@ class HopServer:
         allowed: Callable[[str], bool] | None = None,
         unreachable: Callable[[str], bool] = lambda peer: False,
         open_rate: OpenRate | None = None,
+        trunks: bool = False,
     ) -> None:
         self.mesh = mesh
         self.unreachable = unreachable  # liveness.py's mark: dialling such a peer fails at once
@@ -103,6 +91,9 @@ class HopServer:
         # is moving) still relays hidden states of that size.
         hidden = hidden_size if hidden_size is not None else (served.info.hidden_size if served is not None else 0)
         self.max_payload = limits.max_payload(hidden, context_length)
+        # Trunks (trunk.py): sessions' steps to a next hop share one frame per batch.
+        self.trunks = Trunks(self.open_stream, links, self.max_payload, limits.max_tokens_per_step) if trunks else None
+        self.trunk_counts = TrunkCounts()
         self._nursery: trio.Nursery | None = None
 
     def serve(self, served: HopCompute | None) -> None:
@@ -124,6 +115,8 @@ class HopServer:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.trunks is not None:
+                await nursery.start(self.trunks.run)
             self.mesh.set_handler(PROTOCOL, self._handle_remote)
             task_status.started()
             await trio.sleep_forever()
@@ -170,8 +163,13 @@ class HopServer:
                 await self._serve_session(fs, first, upstream_peer)
             elif first.type == ATTACH:
                 await serve_attach(self.sessions.values(), self.links, fs, first, upstream_peer)
+            elif first.type == TRUNK and self.trunks is not None:
+                if self.allowed is not None and not self.allowed(upstream_peer):
+                    raise WireError("forbidden", "this is a private swarm")
+                await serve_trunk(self.sessions, self.links, fs, first, upstream_peer, self.limits.max_tokens_per_step,
+                                  self.limits.idle_timeout, self.trunk_counts)  # fmt: skip
             else:
-                raise _fail("bad_frame", f"a stream must start with open or attach, not {first.type}")
+                raise WireError("bad_frame", f"a stream must start with open or attach, not {first.type}")
         except StreamEnded:
             pass
         except WireError as exc:
@@ -196,10 +194,10 @@ class HopServer:
         node = ThisNode(self.me, self.model_id, self.total_blocks, self.context_length, served.info if served is not None else None, self.accepting)
         gateway = header.get("gateway")
         if self.allowed is not None and not (self.allowed(upstream_peer) and isinstance(gateway, str) and self.allowed(gateway)):
-            raise _fail("forbidden", "this is a private swarm")
+            raise WireError("forbidden", "this is a private swarm")
         check_gateway(header, time.time())
         if not self.open_rate.allow(gateway, trio.current_time()):
-            raise _fail("too_many_sessions", f"gateway {quote(gateway)} opens sessions faster than {self.open_rate.rate:g}/s here")
+            raise WireError("too_many_sessions", f"gateway {quote(gateway)} opens sessions faster than {self.open_rate.rate:g}/s here")
         mine = self._make_room(lambda s: s.upstream_peer == upstream_peer, self.limits.max_sessions_per_peer)
         theirs = self._make_room(lambda s: s.gateway == gateway, self.limits.max_sessions_per_gateway)
         tokens = sum(s.max_length for s in self.sessions.values() if s.gateway == gateway)
@@ -262,7 +260,7 @@ class HopServer:
             await self._open_stage(session, request.max_length)
         except StageError as exc:
             self.sessions.pop(session.id, None)
-            raise _fail(exc.code, exc.message) from exc
+            raise WireError(exc.code, exc.message) from exc
         except BaseException:
             self.sessions.pop(session.id, None)
             raise
@@ -270,8 +268,14 @@ class HopServer:
         offer: Offer | None = None
         try:
             if not session.is_last:
-                downstream = await open_next_hop(self.open_stream, self.links, self.max_payload, frame, route)
-            offer, link_fields = offer_fields(self.links, frame.header)
+                trunks = self.trunks if route[1]["peer"] != self.me else None
+                downstream, session.trunk = await open_next_hop(self.open_stream, self.links, self.max_payload, frame, route, trunks)
+            if frame.header.get("trunk") is True and self.trunks is not None:  # its steps come on a trunk
+                session.inbox, link_fields = StepInbox(), {"trunk": True}
+                assert self._nursery is not None
+                self._nursery.start_soon(session.inbox.pump, fs)
+            else:
+                offer, link_fields = offer_fields(self.links, frame.header)
             await fs.write({"t": RESULT, "session": session.session, "ok": True, **link_fields})
             # No task here is ever cancelled while it reads or writes a stream: py-libp2p
             # cannot take that (a cancelled read may drop the window update it was
@@ -296,6 +300,8 @@ class HopServer:
             self.sessions.pop(session.id, None)
             withdraw(self.links, offer)
             with trio.CancelScope(shield=True):
+                if session.inbox is not None:
+                    await session.inbox.end(fs, self._nursery, RELAY_GRACE)
                 await session.served.close(session.id)
                 if downstream is not None:
                     await close_quietly(downstream.stream)
@@ -314,14 +320,15 @@ class HopServer:
         if header["t"] == STEP:
             shape = header.get("shape")
             if isinstance(shape, list) and shape and isinstance(shape[0], int) and shape[0] > self.limits.max_tokens_per_step:
-                raise _fail("too_large", f"{shape[0]} tokens in one step (limit {self.limits.max_tokens_per_step})")
+                raise WireError("too_large", f"{shape[0]} tokens in one step (limit {self.limits.max_tokens_per_step})")
 
     async def _steps(self, session: HopSession, fs: FrameStream, downstream: FrameStream | None, offer: Offer | None) -> None:
         info = session.served.info
         max_elements = self.limits.max_tokens_per_step * max(1, info.hidden_size)
+        source = session.inbox or fs  # a trunked session's steps come on the trunk
         while True:
             try:
-                frame = await fs.read_frame(idle_timeout=self.limits.idle_timeout, check=self._check_step_header)
+                frame = await source.read_frame(idle_timeout=self.limits.idle_timeout, check=self._check_step_header)
                 session.last_active = trio.current_time()
             except StreamEnded:
                 log.debug("session %s: upstream %s closed", session.id, session.upstream_peer)

@@ -15,6 +15,8 @@ import trio
 
 from ..contract import HopCompute, Sampler
 from .open_request import session_key
+from .step_inbox import StepInbox
+from .trunk import Trunk
 from .wire import FrameStream
 
 __all__ = ["HopSession"]
@@ -40,6 +42,8 @@ class HopSession:
     upstream: FrameStream | None = None  # where its steps come from (ended with an error if reclaimed)
     last_active: float = field(default_factory=trio.current_time)  # its last frame or step's end (trio time)
     busy: bool = False  # a step of it is being computed here: never idle, however long that takes
+    inbox: StepInbox | None = None  # its upstream sends its steps on a trunk: they arrive here
+    trunk: Trunk | None = None  # its steps go on to the next hop on this trunk
 
     @property
     def id(self) -> str:

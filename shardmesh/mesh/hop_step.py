@@ -4,7 +4,8 @@ The output of a middle hop is a ``step`` frame of hidden states for the next hop
 last hop's is a ``result`` frame with the sampled token for the gateway's attach stream
 (docs/PROTOCOL.md 6.2). Where that stream has moved to a hop link, the compute thread
 sends the frame itself the moment the step is done, without a trip through the event
-loop. What is wrong with the step raises a :class:`~shardmesh.mesh.wire.WireError` or
+loop. Where the session's steps go on a trunk (trunk.py), the compute thread puts the
+output into the trunk's frame, which leaves once the whole batch is done. What is wrong with the step raises a :class:`~shardmesh.mesh.wire.WireError` or
 the stage's error; the hop server turns either into an error frame.
 """
 
@@ -44,6 +45,9 @@ async def run_step(session: HopSession, frame: Frame, downstream: FrameStream | 
             return {"t": STEP, **head, "want": want, **more, **tensor_fields(value)}, value.data
         return {"t": RESULT, **head, **value}, b""
 
+    if downstream is not None and session.trunk is not None:
+        await _step_to_trunk(session, inputs, position, sampler, drafts, frame_for)
+        return
     # Where the output goes over a hop link, the compute thread sends it itself.
     target = downstream if downstream is not None else (session.attach if want else None)
     link = target.stream if target is not None and isinstance(target.stream, HopLink) else None
@@ -63,6 +67,24 @@ async def run_step(session: HopSession, frame: Frame, downstream: FrameStream | 
         target = session.attach
     assert target is not None
     await target.write(*frame_for(done.value, done.seconds))
+
+
+async def _step_to_trunk(session: HopSession, inputs: Any, position: int, sampler: Any, drafts: list[int], frame_for: Any) -> None:
+    """Compute the step and put its output into the trunk's next frame; returns once
+    that frame is out (a slow next hop slows this session, as its stream would)."""
+    trunk = session.trunk
+    assert trunk is not None
+    batches = []
+
+    def to_trunk(value: Any, seconds: float) -> bool:
+        batches.append(trunk.add(session.end, *frame_for(value, seconds)))
+        return True
+
+    done = await session.served.step(session.id, inputs, position, sampler, to_trunk, drafts, flush=trunk.flush)
+    if not done.sent:
+        batches.append(trunk.add(session.end, *frame_for(done.value, done.seconds)))
+        trunk.flush()
+    await trunk.written(batches[0])
 
 
 def drafts_of(header: dict[str, Any], n: int, want: bool) -> list[int]:

@@ -25,6 +25,7 @@ from .hop_session import HopSession
 from .host import close_quietly, reset_quietly
 from .link_offers import Links, request_fields, upgrade_opener
 from .open_request import MAX_PEER_ID, next_open
+from .trunk import Trunk, Trunks
 from .wire import ERROR, RESULT, Frame, FrameStream, StreamEnded, WireError
 
 log = logging.getLogger("shardmesh.mesh.next_hop")
@@ -67,11 +68,14 @@ async def open_next_hop(
     max_payload: int,
     frame: Frame,
     route: list[dict],
-) -> FrameStream:
+    trunks: Trunks | None = None,
+) -> tuple[FrameStream, Trunk | None]:
     """Open the rest of the chain; a :class:`WireError` naming the failed peer if not.
 
     ``frame`` is the ``open`` this hop received and ``route`` its validated route (this
-    hop first). The next hop may move the session to a hop link (``links``).
+    hop first). The session's steps go on a trunk to the next hop (``trunks``, returned)
+    when both ends have one, else on its stream, which the next hop may move to a hop
+    link (``links``).
     """
     nxt = route[1]["peer"]
     try:
@@ -79,8 +83,11 @@ async def open_next_hop(
     except Exception as exc:
         raise WireError("peer_unreachable", f"cannot reach the next hop: {exc}", nxt) from exc
     downstream = FrameStream(stream, max_payload=max_payload)
-    # The fields we know, from the header we validated; "link" is our own wish, not the upstream's.
-    header = {**next_open(frame.header, route), **request_fields(links, downstream, nxt)}
+    trunk = await trunks.to(nxt) if trunks is not None else None
+    # The fields we know, from the header we validated; "trunk" and "link" are our own
+    # wish, not the upstream's.
+    wish = {"trunk": True} if trunk is not None else request_fields(links, downstream, nxt)
+    header = {**next_open(frame.header, route), **wish}
     try:
         await downstream.write(header, frame.payload)
     except WireError as exc:
@@ -100,12 +107,14 @@ async def open_next_hop(
     if reply.type != RESULT or reply.header.get("ok") is not True:
         await reset_quietly(stream)
         raise WireError("bad_frame", f"the next hop answered open with {reply.type}")
+    if trunk is not None:  # its steps go on the trunk, or (the next hop said no) on this stream
+        return downstream, trunk if reply.header.get("trunk") is True else None
     try:
         await upgrade_opener(links, downstream, reply.header, nxt, frame.header["session"])
     except WireError as exc:
         await reset_quietly(downstream.stream)
         raise WireError("peer_lost", f"the next hop went away during open: {exc.message}", nxt) from exc
-    return downstream
+    return downstream, None
 
 
 async def relay_back(

@@ -44,7 +44,9 @@ RESULT = "result"  # "ok" acknowledgements, and sampled tokens from the last hop
 ERROR = "error"  # {code, message, peer}: flows back towards the gateway
 CLOSE = "close"  # end the session (flows down the chain)
 LINK = "link"  # opener -> hop: the rest of this session goes over the offered link (link.py)
-FRAME_TYPES = frozenset({OPEN, ATTACH, STEP, RESULT, ERROR, CLOSE, LINK})
+TRUNK = "trunk"  # hop -> next hop: this stream carries steps of many sessions (trunk.py)
+STEPS = "steps"  # on a trunk: the steps of several sessions in one frame (trunk_frame.py)
+FRAME_TYPES = frozenset({OPEN, ATTACH, STEP, RESULT, ERROR, CLOSE, LINK, TRUNK, STEPS})
 
 
 class WireError(Exception):

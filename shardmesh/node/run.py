@@ -226,6 +226,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             links=links,
             allowed=allow and allow.allows,
             unreachable=lambda peer: registry.view.liveness.since(peer) is not None,
+            trunks=config.trunks,
         )
         await nursery.start(server.run)
         keeper = SpanKeeper(
@@ -297,14 +298,16 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             draft_tokens=config.draft_tokens,
         )
         links_taken = (lambda: links.taken) if links is not None else None
+        trunk_counts = server.trunk_counts.totals
         if api is not None:
             app = create_app(generator, api_key=config.api_key, swarm=registry.to_json, stage_counts=keeper.stage_counts,
-                             links_taken=links_taken, cors_origins=config.cors_origins)
+                             links_taken=links_taken, trunk_counts=trunk_counts, cors_origins=config.cors_origins)
             url = http_url(api[0], await nursery.start(serve, app, api[0], api[1]))
             registry.update_local(api=url)
             say(f"gateway ready at {url} (OpenAI base URL {url}/v1)")
         if (where := config.metrics_host_port) is not None:
-            metrics = create_metrics_app(stage_counts=keeper.stage_counts, links_taken=links_taken, api_key=config.api_key)
+            metrics = create_metrics_app(stage_counts=keeper.stage_counts, links_taken=links_taken, trunk_counts=trunk_counts,
+                                         api_key=config.api_key)
             say(f"metrics at {http_url(where[0], await nursery.start(serve, metrics, where[0], where[1]))}/metrics")
         if stop is not None:
             await stop.wait()
