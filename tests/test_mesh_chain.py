@@ -171,10 +171,13 @@ def stage_counts(node: Node) -> tuple[float, float]:
 
 
 def trunk_counts(node: Node) -> tuple[float, float]:
-    """``steps`` frames ``node``'s trunks have brought in so far, and the steps in them."""
+    """Steps ``node``'s trunks have brought in so far, and the frames they came in."""
+    from shardmesh.tools.bench_concurrent import stage_counts_from
+
     text = httpx.get(f"{node.url}/metrics", timeout=10).text
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("shardmesh_batched_frame")}
-    return values["shardmesh_batched_frames_total"], values["shardmesh_batched_frame_steps_total"]
+    counts = stage_counts_from(text, "batched_frame_steps", "batched_frames")
+    assert counts is not None, text
+    return counts
 
 
 def test_twelve_concurrent_chats_batch_on_every_hop_and_each_get_their_own_answer(llama_swarm: Swarm, llama_ref: Transformers) -> None:
@@ -202,7 +205,7 @@ def test_twelve_concurrent_chats_batch_on_every_hop_and_each_get_their_own_answe
     # Between hops, every step came on a trunk, several sessions' steps to a frame.
     # The first hop's steps come from the gateway, one session per stream.
     assert trunks_after[0] == trunks_before[0]
-    for node, (frames0, carried0), (frames1, carried1) in zip(llama_swarm.servers[1:], trunks_before[1:], trunks_after[1:]):
+    for node, (carried0, frames0), (carried1, frames1) in zip(llama_swarm.servers[1:], trunks_before[1:], trunks_after[1:]):
         frames, carried = frames1 - frames0, carried1 - carried0
         assert carried >= len(PROMPTS) * N, (node.address, carried)
         assert carried > frames, f"{node.address}: {carried:.0f} steps in {frames:.0f} frames: no frame ever carried two sessions"

@@ -169,7 +169,7 @@ class HopServer:
                 await serve_trunk(self.sessions, self.links, fs, first, upstream_peer, self.limits.max_tokens_per_step,
                                   self.limits.idle_timeout, self.trunk_counts)  # fmt: skip
             else:
-                raise WireError("bad_frame", f"a stream must start with open or attach, not {first.type}")
+                raise WireError("bad_frame", f"a stream must start with open or attach{' or trunk' if self.trunks else ''}, not {first.type}")
         except StreamEnded:
             pass
         except WireError as exc:

@@ -8,7 +8,9 @@ node processes on loopback:
 
 * **one node**: ``--layers all`` with its gateway;
 * **2-node chain**: two nodes holding the two halves, and a ``--layers none`` gateway;
-* **3-node chain**: three nodes holding thirds, and a ``--layers none`` gateway.
+* **3-node chain**: three nodes holding thirds, and a ``--layers none`` gateway;
+* **3-node no trunks**: the same with ``--no-trunks`` (each session's steps on its own
+  link between hops, not those of one batch in one frame).
 
 For each number of sessions N, N clients each send two greedy chats of
 ``--tokens`` tokens at once through the gateway's OpenAI API (over HTTP, not
@@ -19,7 +21,9 @@ tokens, so this is nearly all decode), and beside it:
 * each process's CPU time per token (from ``/proc``: where the machine's cores went);
 * the mean batch each stage saw (``shardmesh_stage_steps`` over
   ``shardmesh_stage_batches`` in its ``/metrics``), which is why concurrency pays:
-  a batch of N steps costs far less than N steps.
+  a batch of N steps costs far less than N steps;
+* the mean steps per frame each hop's trunk brought in (``shardmesh_batched_frame_steps``
+  over ``shardmesh_batched_frames``; a hop fed by the gateway has none).
 
 All processes share this machine's cores. With torch's default threads each process
 starts one OpenMP thread per core, so a chain of processes puts several teams on the
@@ -40,7 +44,7 @@ import trio
 from .node_processes import NodeProcess, start_chain, start_node, stop_all, wait_gateway
 
 TINY_QWEN3 = dict(arch="qwen3", layers=8, hidden=256, seed=9)  # the model of issue 23's figures
-SETUPS = ("one node", "2-node chain", "3-node chain")
+SETUPS = ("one node", "2-node chain", "3-node chain", "3-node no trunks")
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Measured:
     tokens_per_s: float
     cpu_ms_per_token: list[float]  # per process: hops in route order, the gateway last
     mean_batch: list[float]  # per hop
+    per_frame: list[float]  # per hop: steps per trunk frame received (0: none)
 
 
 def spans(total: int, parts: int) -> list[str]:
@@ -69,7 +74,8 @@ def cpu_seconds(pid: int) -> float:
 def start_setup(path: Path, dtype: str, total: int, setup: str, threads: int | None, key_dir: Path) -> tuple[list[NodeProcess], NodeProcess]:
     """The setup's processes (hops in route order, then the gateway if apart) and its gateway."""
     parts = ["all"] if setup == "one node" else spans(total, 2 if setup == "2-node chain" else 3)
-    nodes = start_chain(path, dtype, parts, key_dir, threads, api=True)  # every hop with a gateway, for its /metrics
+    extra = ("--no-trunks",) if setup.endswith("no trunks") else ()
+    nodes = start_chain(path, dtype, parts, key_dir, threads, api=True, extra=extra)  # every hop with a gateway, for its /metrics
     if setup == "one node":
         return nodes, nodes[0]
     try:
@@ -82,15 +88,24 @@ def start_setup(path: Path, dtype: str, total: int, setup: str, threads: int | N
     return nodes, gateway
 
 
-def stage_counts_from(metrics: str) -> tuple[float, float] | None:
-    """The stage's steps and batches in a node's ``/metrics`` text; None if it has none."""
-    steps = re.search(r"^shardmesh_stage_steps_total (\S+)", metrics, re.M)
-    batches = re.search(r"^shardmesh_stage_batches_total (\S+)", metrics, re.M)
+def stage_counts_from(metrics: str, items: str = "stage_steps", groups: str = "stage_batches") -> tuple[float, float] | None:
+    """Two counters in a node's ``/metrics`` text (by default the stage's steps and
+    batches; the trunks' steps and frames with ``batched_frame_steps``,
+    ``batched_frames``); None if it has none."""
+    steps = re.search(rf"^shardmesh_{items}_total (\S+)", metrics, re.M)
+    batches = re.search(rf"^shardmesh_{groups}_total (\S+)", metrics, re.M)
     return (float(steps.group(1)), float(batches.group(1))) if steps and batches else None
 
 
-async def _stage_counts(client, node: NodeProcess) -> tuple[float, float]:
-    return stage_counts_from((await client.get(f"{node.url}/metrics")).text) or (0.0, 0.0)
+async def _counts(client, node: NodeProcess) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The stage's (steps, batches) and the trunks' (steps, frames) of ``node``."""
+    text = (await client.get(f"{node.url}/metrics")).text
+    none = (0.0, 0.0)
+    return stage_counts_from(text) or none, stage_counts_from(text, "batched_frame_steps", "batched_frames") or none
+
+
+def _ratios(after: list[tuple[float, float]], before: list[tuple[float, float]]) -> list[float]:
+    return [(s - s0) / (b - b0) if b > b0 else 0.0 for (s, b), (s0, b0) in zip(after, before)]
 
 
 async def _chats(client, url: str, model: str, sessions: int, tokens: int, first: int) -> int:
@@ -126,14 +141,15 @@ async def measure_setup(nodes: list[NodeProcess], gateway: NodeProcess, model: s
         await _chats(client, gateway.url, model, max(counts), 4, 0)  # warm-up: every session size's first steps
         for n, sessions in enumerate(counts):
             cpu0 = [cpu_seconds(p.proc.pid) for p in nodes]
-            stage0 = [await _stage_counts(client, h) for h in hops]
+            counts0 = [await _counts(client, h) for h in hops]
             t0 = time.perf_counter()
             generated = await _chats(client, gateway.url, model, sessions, tokens, 1000 * (n + 1))
             elapsed = time.perf_counter() - t0
             cpu = [1000 * (cpu_seconds(p.proc.pid) - c) / max(1, generated) for p, c in zip(nodes, cpu0)]
-            stage = [await _stage_counts(client, h) for h in hops]
-            batch = [(s - s0) / max(1.0, b - b0) for (s, b), (s0, b0) in zip(stage, stage0)]
-            figures.append(Measured(sessions, generated / elapsed, cpu, batch))
+            counts1 = [await _counts(client, h) for h in hops]
+            batch = _ratios([c[0] for c in counts1], [c[0] for c in counts0])
+            per_frame = _ratios([c[1] for c in counts1], [c[1] for c in counts0])
+            figures.append(Measured(sessions, generated / elapsed, cpu, batch, per_frame))
     return figures
 
 
@@ -143,7 +159,8 @@ def report(name: str, setup: str, figures: list[Measured]) -> None:
         ratio = f"{f.tokens_per_s / one:5.2f}x" if one else "     -"
         cpu = " ".join(f"{c:5.1f}" for c in f.cpu_ms_per_token)
         batch = " ".join(f"{b:4.1f}" for b in f.mean_batch)
-        print(f"{name:22s} {setup:13s} {f.sessions:8d} {f.tokens_per_s:8.1f} {ratio:>7s}   {cpu:24s} {batch}", flush=True)
+        frame = " ".join(f"{b:4.1f}" if b else "   -" for b in f.per_frame)
+        print(f"{name:22s} {setup:16s} {f.sessions:8d} {f.tokens_per_s:8.1f} {ratio:>7s}   {cpu:24s} {batch:16s} {frame}", flush=True)
 
 
 def run_concurrent_bench(models: list[tuple[str, Path]], dtype: str, counts: list[int], tokens: int, thread_settings: list[int | None]) -> int:
@@ -152,11 +169,12 @@ def run_concurrent_bench(models: list[tuple[str, Path]], dtype: str, counts: lis
     key_dir = Path(tempfile.mkdtemp(prefix="shardmesh-bench-"))
     print(f"{tokens}-token greedy chats, two per session, {dtype}, node processes on 127.0.0.1 sharing {os.cpu_count()} cores")
     print("tok/s: all sessions' completion tokens over the wall time; CPU: ms per token of each process "
-          "(hops in route order, then the gateway); batch: mean steps per batch on each hop")
+          "(hops in route order, then the gateway); batch: mean steps per batch on each hop; "
+          "per frame: mean steps per trunk frame each hop received")
     for threads in thread_settings:
         label = "torch's default threads" if threads is None else f"{threads} torch thread{'s' if threads > 1 else ''}"
         print(f"\n{label} per process")
-        print(f"{'model':22s} {'setup':13s} {'sessions':>8s} {'tok/s':>8s} {'ratio':>7s}   {'CPU ms/token':24s} batch")
+        print(f"{'model':22s} {'setup':16s} {'sessions':>8s} {'tok/s':>8s} {'ratio':>7s}   {'CPU ms/token':24s} {'batch':16s} per frame")
         for name, path in models:
             total = json.loads((path / "config.json").read_text())["num_hidden_layers"]
             for setup in SETUPS:

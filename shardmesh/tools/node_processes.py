@@ -81,15 +81,16 @@ def wait_gateway(node: NodeProcess, timeout: float = 300) -> None:
 
 
 def start_chain(
-    path: Path, dtype: str, spans: list[str], key_dir: Path, threads: int | None, links: bool = True, api: bool = False
+    path: Path, dtype: str, spans: list[str], key_dir: Path, threads: int | None, links: bool = True, api: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> list[NodeProcess]:
     """Node processes for ``spans``; the first starts the swarm, the others join it.
-    ``api``: each has a gateway too (for its ``/metrics``)."""
-    first = start_node(path, spans[0], dtype, key_dir, threads=threads, links=links, api=api)
+    ``api``: each has a gateway too (for its ``/metrics``); ``extra``: more flags for each."""
+    first = start_node(path, spans[0], dtype, key_dir, threads=threads, links=links, api=api, extra=extra)
     nodes = [first]
     try:
         wait_serving(first)
-        nodes += [start_node(path, span, dtype, key_dir, first.address, threads, links, api=api) for span in spans[1:]]
+        nodes += [start_node(path, span, dtype, key_dir, first.address, threads, links, api=api, extra=extra) for span in spans[1:]]
         for node in nodes:
             wait_serving(node)
             if api:
