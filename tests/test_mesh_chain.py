@@ -170,14 +170,19 @@ def stage_counts(node: Node) -> tuple[float, float]:
     return counts
 
 
-def trunk_counts(node: Node) -> tuple[float, float]:
-    """Steps ``node``'s trunks have brought in so far, and the frames they came in."""
+def trunk_counts(node: Node, items: str = "batched_frame_steps", frames: str = "batched_frames") -> tuple[float, float]:
+    """Steps ``node``'s trunks have brought in so far, and the frames they came in (or,
+    with the other names, tokens its results trunks brought in and their frames)."""
     from shardmesh.tools.bench_concurrent import stage_counts_from
 
     text = httpx.get(f"{node.url}/metrics", timeout=10).text
-    counts = stage_counts_from(text, "batched_frame_steps", "batched_frames")
+    counts = stage_counts_from(text, items, frames)
     assert counts is not None, text
     return counts
+
+
+def result_counts(node: Node) -> tuple[float, float]:
+    return trunk_counts(node, "batched_result_frame_tokens", "batched_result_frames")
 
 
 def test_twelve_concurrent_chats_batch_on_every_hop_and_each_get_their_own_answer(llama_swarm: Swarm, llama_ref: Transformers) -> None:
@@ -192,23 +197,22 @@ def test_twelve_concurrent_chats_batch_on_every_hop_and_each_get_their_own_answe
         ).choices[0].text
 
     before = [stage_counts(node) for node in llama_swarm.servers]
-    trunks_before = [trunk_counts(node) for node in llama_swarm.servers]
+    trunks_before = [trunk_counts(node) for node in llama_swarm.servers] + [result_counts(llama_swarm.gateway)]
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         got = list(pool.map(complete, PROMPTS))
     after = [stage_counts(node) for node in llama_swarm.servers]
-    trunks_after = [trunk_counts(node) for node in llama_swarm.servers]
+    trunks_after = [trunk_counts(node) for node in llama_swarm.servers] + [result_counts(llama_swarm.gateway)]
     assert got == wants
     for node, (steps0, batches0), (steps1, batches1) in zip(llama_swarm.servers, before, after):
         steps, batches = steps1 - steps0, batches1 - batches0
         assert steps >= len(PROMPTS) * N, (node.address, steps)  # every session's prefill and decode steps
         assert steps > batches, f"{node.address}: {steps:.0f} steps in {batches:.0f} batches: no two sessions ever shared one"
-    # Between hops, every step came on a trunk, several sessions' steps to a frame.
-    # The first hop's steps come from the gateway, one session per stream.
-    assert trunks_after[0] == trunks_before[0]
-    for node, (carried0, frames0), (carried1, frames1) in zip(llama_swarm.servers[1:], trunks_before[1:], trunks_after[1:]):
+    # Every step came into every hop on a trunk, and every token back to the gateway on
+    # a results trunk, several sessions' to a frame.
+    for node, (carried0, frames0), (carried1, frames1) in zip(llama_swarm.nodes, trunks_before, trunks_after):
         frames, carried = frames1 - frames0, carried1 - carried0
         assert carried >= len(PROMPTS) * N, (node.address, carried)
-        assert carried > frames, f"{node.address}: {carried:.0f} steps in {frames:.0f} frames: no frame ever carried two sessions"
+        assert carried > frames, f"{node.address}: {carried:.0f} steps or tokens in {frames:.0f} frames: no frame ever carried two sessions"
 
 
 def test_a_client_that_leaves_mid_answer_leaves_the_others_exact(llama_swarm: Swarm, llama_ref: Transformers) -> None:

@@ -31,8 +31,9 @@ from shardmesh.mesh.hop_server import HopServer, Limits
 from shardmesh.mesh.host import running_host
 from shardmesh.mesh.open_request import session_key
 from shardmesh.mesh.step_inbox import MAX_QUEUED_STEPS, StepInbox
-from shardmesh.mesh.trunk_frame import MAX_TRUNK_ITEMS, check_steps_header, split_steps, steps_frame
-from shardmesh.mesh.wire import PROTOCOL, Frame, FrameStream, StreamEnded, WireError
+from shardmesh.mesh.result_trunks import ResultTrunks
+from shardmesh.mesh.trunk_frame import MAX_TRUNK_ITEMS, check_steps_header, results_frame, split_results, split_steps, steps_frame
+from shardmesh.mesh.wire import PROTOCOL, Frame, FrameStream, StreamEnded, WireError, encode_frame
 from shardmesh.tools.tiny_model import cached_tiny_model
 
 MODEL_ID = "tiny@test"
@@ -88,6 +89,79 @@ def test_a_malformed_steps_header_is_refused_before_its_payload(change: dict, co
     assert caught.value.code == code
 
 
+def test_token_ids_travel_in_a_steps_frame_of_one_dimension() -> None:
+    ids = [struct.pack("<3q", 5, 6, 7), struct.pack("<q", 9)]
+    steps = [(0, {"t": "step", "session": s, "position": 0, "want": True, "dtype": "int64", "shape": [len(p) // 8]}, p)
+             for s, p in zip("ab", ids)]  # fmt: skip
+    header, payload = steps_frame(steps)
+    assert header["shape"] == [4] and payload == b"".join(ids)
+    got = split_steps(Frame(header, payload), max_tokens=64)
+    assert [frame.header for _, frame in got] == [h for _, h, _ in steps] and [f.payload for _, f in got] == ids
+    with pytest.raises(WireError):  # token ids with a width
+        check_steps_header({**header, "shape": [4, 1]}, max_tokens=64)
+
+
+def test_a_results_frame_splits_back_into_the_results_it_was_made_of() -> None:
+    results = [{"t": "result", "session": s, "position": 3, "token": t, "logprob": None, "top": [], "spent": 0.5} for s, t in (("a", 1), ("b", 2))]
+    header, payload = results_frame([(0, r, b"") for r in results])
+    assert [f.header for f in split_results(Frame(cbor2.loads(cbor2.dumps(header)), payload))] == results
+
+
+@pytest.mark.parametrize(
+    "case", ["count too high", "count zero", "count not an int", "trailing bytes", "cut short", "huge length", "not cbor", "not a result", "no session"]
+)
+def test_a_malformed_results_frame_is_refused(case: str) -> None:
+    one = encode_frame({"t": "result", "session": "a", "token": 1})
+    header, payload = {"t": "results", "count": 1}, one
+    if case == "count too high":
+        header["count"] = 2
+    elif case == "count zero":
+        header["count"] = 0
+    elif case == "count not an int":
+        header["count"] = "1"
+    elif case == "trailing bytes":
+        payload = one + b"\0"
+    elif case == "cut short":
+        payload = one[:-1]
+    elif case == "huge length":
+        payload = struct.pack(">I", 1 << 30) + one[4:]
+    elif case == "not cbor":
+        payload = struct.pack(">I", 3) + b"\xff\xfe\xfd"
+    elif case == "not a result":
+        payload = encode_frame({"t": "step", "session": "a"})
+    else:
+        payload = encode_frame({"t": "result", "token": 1})
+    with pytest.raises(WireError) as caught:
+        split_results(Frame(header, payload))
+    assert caught.value.code == "bad_frame"
+
+
+class Reader:
+    def __init__(self) -> None:
+        self.got: list = []
+
+    def deliver(self, frame) -> None:
+        self.got.append(frame)
+
+    def lost(self, peer: str) -> None:
+        self.got.append(peer)
+
+
+def test_a_results_trunk_speaks_only_for_its_own_peer() -> None:
+    trunks = ResultTrunks(open_stream=None, links=None, max_payload=1 << 20)  # type: ignore[arg-type]
+    reader = Reader()
+    trunks.expect("s", "last-hop", reader)
+    token = Frame({"t": "result", "session": "s", "token": 1})
+    trunks.deliver("another-peer", token)  # a peer that is not the session's last hop
+    trunks.deliver("last-hop", Frame({"t": "result", "session": "unknown", "token": 1}))
+    assert reader.got == [] and trunks.counts.dropped == 2
+    trunks.deliver("last-hop", token)
+    assert reader.got == [token]
+    trunks.forget("s")
+    trunks.deliver("last-hop", token)
+    assert reader.got == [token] and trunks.counts.dropped == 3
+
+
 def test_a_payload_that_does_not_hold_the_tensor_is_refused() -> None:
     header, payload = steps_frame([(2, step("a", 0, 2), hidden_states(2, 1))])
     with pytest.raises(WireError) as caught:
@@ -135,8 +209,9 @@ class Client:
 
         return FrameStream(await self.host.open_stream(ID.from_base58(self.server.me), PROTOCOL))
 
-    async def open(self, session: str, **fields) -> tuple[FrameStream, FrameStream]:
-        """Open ``session`` at blocks 2:4 (the last hop) and attach to it; both streams."""
+    async def open(self, session: str, attach: dict | None = None, **fields) -> tuple[FrameStream, FrameStream]:
+        """Open ``session`` at blocks 2:4 (the last hop) with ``fields`` and attach to it
+        with ``attach``; both streams."""
         header = {
             "t": "open", "session": session, "model": MODEL_ID, "gateway": self.host.peer_id_str,
             "route": [{"peer": self.server.me, "start": 2, "end": 4}], "max_length": 64,
@@ -147,16 +222,21 @@ class Client:
         ok = await fs.read_frame()
         assert ok.header.get("ok") is True, ok.header
         assert ok.header.get("trunk") is fields.get("trunk"), ok.header
-        attach = await self.stream()
-        await attach.write({"t": "attach", "session": session})
-        assert (await attach.read_frame()).header.get("ok") is True
-        return fs, attach
+        return fs, await self.attach(session, **(attach or {}))
 
-    async def trunk(self) -> FrameStream:
+    async def trunk(self, **fields) -> FrameStream:
         fs = await self.stream()
-        await fs.write({"t": "trunk"})
+        await fs.write({"t": "trunk", **fields})
         assert (await fs.read_frame()).header.get("ok") is True
         return fs
+
+    async def attach(self, session: str, **fields) -> FrameStream:
+        attach = await self.stream()
+        await attach.write({"t": "attach", "session": session, **fields})
+        ok = await attach.read_frame()
+        assert ok.header.get("ok") is True, ok.header
+        assert ok.header.get("trunk") is fields.get("trunk"), ok.header
+        return attach
 
 
 async def token_of(attach: FrameStream) -> int:
@@ -284,6 +364,35 @@ def test_a_malformed_frame_ends_the_trunk_and_no_session(model_path) -> None:
     under_a_trunk(model_path, attack)
 
 
+def test_a_last_hop_sends_the_tokens_of_one_batch_in_one_results_frame(model_path) -> None:
+    async def attack(client: Client, other: Client, server: HopServer) -> None:
+        results = await client.trunk(results=True)
+        plain = [await client.open(f"plain{i}") for i in range(2)]
+        for i in range(2):  # steps on a trunk, tokens on the results trunk
+            await client.open(f"t{i}", attach={"trunk": True}, trunk=True)
+        steps = await client.trunk()
+        for position, n in ((0, 4), (4, 1)):
+            inputs = [hidden_states(n, 7 * position + i) for i in range(2)]
+            for i, (fs, _) in enumerate(plain):
+                await fs.write(step(f"plain{i}", position, n), inputs[i])
+            await steps.write(*steps_frame([(2, step(f"t{i}", position, n), inputs[i]) for i in range(2)]))
+            want = [await token_of(attach) for _, attach in plain]
+            with trio.fail_after(10):
+                frame = await results.read_frame()
+            assert frame.type == "results"
+            got = {r.header["session"]: r.header["token"] for r in split_results(frame)}
+            assert got == {"t0": want[0], "t1": want[1]}  # both in one frame: they ran in one batch
+        # Another peer cannot take these sessions' tokens: only their gateway may attach.
+        fs = await other.stream()
+        await fs.write({"t": "attach", "session": "t0", "trunk": True})
+        assert await error_of(fs) == "forbidden"
+        # A newer results trunk of the same gateway ends the older one.
+        await client.trunk(results=True)
+        await ended(results)
+
+    under_a_trunk(model_path, attack)
+
+
 def test_a_node_without_trunks_refuses_one_and_keeps_sessions_on_their_streams(model_path) -> None:
     async def main() -> None:
         async with running_host(new_key(), LOCAL) as server_host, running_host(new_key(), LOCAL) as host:
@@ -294,6 +403,75 @@ def test_a_node_without_trunks_refuses_one_and_keeps_sessions_on_their_streams(m
                 fs = await Client(host, server).stream()
                 await fs.write({"t": "trunk"})
                 assert await error_of(fs) == "bad_frame"
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+# -- a gateway's chains over trunks ----------------------------------------------------------
+
+
+def test_a_gateway_s_chains_over_trunks_give_what_plain_chains_give(model_path) -> None:
+    """Two hops (blocks 0:2, 2:4) and a gateway, each on its own host: chains whose steps
+    go into the first hop on a trunk and whose tokens come back on a results trunk give
+    the tokens of chains without trunks; when the results trunk goes away, the next step
+    fails at once, naming the last hop."""
+    from shardmesh.contract import ChainFailed
+    from shardmesh.mesh.chain_client import RemoteChain
+    from shardmesh.mesh.result_trunks import ChainTrunks
+    from shardmesh.placement.routing import Hop
+
+    async def main() -> None:
+        files = resolve(str(model_path))
+        async with running_host(new_key(), LOCAL) as a, running_host(new_key(), LOCAL) as b, running_host(new_key(), LOCAL) as gw:
+            async with trio.open_nursery() as nursery:
+                servers = []
+                for host, start in ((a, 0), (b, 2)):
+                    stage = await compute_thread().run(lambda: TorchStage(files, start, start + 2, model_name="tiny", dtype="float32"))
+                    batcher = StepBatcher(stage)
+                    await nursery.start(batcher.run)
+                    servers.append(HopServer(host, StageHopCompute(batcher), MODEL_ID, 4, 2048, hidden_size=HIDDEN, trunks=True))
+                    await nursery.start(servers[-1].run)
+                for host in (a, b):
+                    await gw.connect(host.addrs()[0])
+                await a.connect(b.addrs()[0])
+                me = HopServer(gw, None, MODEL_ID, 4, 2048, hidden_size=HIDDEN, trunks=True)
+                await nursery.start(me.run)
+                results = ResultTrunks(me.open_stream, None, me.max_payload)
+                await nursery.start(results.run)
+                route = [Hop(a.peer_id_str, 0, 2), Hop(b.peer_id_str, 2, 4)]
+
+                def chain(session: str, prompt: list[int], trunks: ChainTrunks | None) -> RemoteChain:
+                    return RemoteChain(nursery=nursery, open_stream=me.open_stream, route=route, session_id=session, model_id=MODEL_ID,
+                                       gateway=gw.peer_id_str, issuer=TicketIssuer(gw.peer_id_str, gw.key_pair),
+                                       sampling={"temperature": 0.0}, prompt_ids=prompt, trunks=trunks)  # fmt: skip
+
+                async def greedy(c: RemoteChain, prompt: list[int], n: int, out: list[int]) -> None:
+                    await c.open(64)
+                    out.append((await c.step(prompt, 0, True)).token_id)
+                    while len(out) < n:
+                        out.append((await c.step([out[-1]], len(prompt) + len(out) - 1, True)).token_id)
+
+                prompts = [[1, 17, 42], [5, 6, 7, 8], [300, 2]]
+                want: list[list[int]] = [[] for _ in prompts]
+                got: list[list[int]] = [[] for _ in prompts]
+                trunked = [chain(f"t{i}", p, ChainTrunks(me.trunks, results)) for i, p in enumerate(prompts)]
+                with trio.fail_after(60):
+                    async with trio.open_nursery() as chats:
+                        for i, p in enumerate(prompts):
+                            chats.start_soon(greedy, chain(f"plain{i}", p, None), p, 8, want[i])
+                            chats.start_soon(greedy, trunked[i], p, 8, got[i])
+                assert got == want
+                assert servers[0].trunk_counts.steps >= 3 * 8 and results.counts.results >= 3 * 8
+
+                # The results trunk goes: the next step fails at once, blaming the last hop.
+                await servers[1].to_gateways[gw.peer_id_str].fs.stream.reset()
+                with trio.fail_after(10):
+                    with pytest.raises(ChainFailed) as caught:
+                        await trunked[0].step([got[0][-1]], len(prompts[0]) + 7, True)
+                assert caught.value.peer == b.peer_id_str
+                for c in trunked:
+                    await c.close()
                 nursery.cancel_scope.cancel()
 
     trio.run(main)

@@ -259,7 +259,7 @@ class Gateway:
 def create_app(
     generator: Generator, *, api_key: str | None = None, swarm: Callable[[], dict] | None = None,
     stage_counts: Callable[[], tuple[int, int]] | None = None, links_taken: Callable[[], int] | None = None,
-    trunk_counts: Callable[[], tuple[int, int]] | None = None, cors_origins: tuple[str, ...] = (),
+    trunk_counts: Callable[[], tuple[int, int, int, int]] | None = None, cors_origins: tuple[str, ...] = (),
 ) -> Starlette:
     """The gateway app for ``generator``. With ``api_key``, /v1 and /metrics need it.
     ``swarm`` returns the swarm map for ``GET /v1/swarm``; ``stage_counts`` the steps and

@@ -34,7 +34,7 @@ class Metrics:
     def __init__(self, stage_counts: Callable[[], tuple[int, int]] | None = None,
                  links_taken: Callable[[], int] | None = None,
                  speculation: Callable[[], SpeculationStats] | None = None,
-                 trunk_counts: Callable[[], tuple[int, int]] | None = None) -> None:
+                 trunk_counts: Callable[[], tuple[int, int, int, int]] | None = None) -> None:
         self.registry = CollectorRegistry()
         if speculation is not None:
             self.registry.register(SpeculationCounters(speculation))
@@ -96,16 +96,21 @@ class LinkCounter:
 
 class TrunkCounters:
     """A collector read at scrape time: the ``steps`` frames this node's trunks brought
-    in (each carries the steps of several sessions from one hop, mesh/trunk.py) and the
-    steps in them; steps over frames is how many sessions shared a frame."""
+    in (each carries the steps of several sessions from one hop or gateway,
+    mesh/trunk.py) and the steps in them, then the ``results`` frames its results trunks
+    brought in from last hops (a gateway's) and the tokens' results in them. Items over
+    frames is how many sessions shared a frame."""
 
-    def __init__(self, counts: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, counts: Callable[[], tuple[int, int, int, int]]) -> None:
         self.counts = counts
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        frames, steps = self.counts()
+        frames, steps, result_frames, results = self.counts()
         yield CounterMetricFamily("shardmesh_batched_frames", "Frames of several sessions' steps received on trunks.", value=frames)
         yield CounterMetricFamily("shardmesh_batched_frame_steps", "Sessions' steps those frames carried.", value=steps)
+        yield CounterMetricFamily("shardmesh_batched_result_frames", "Frames of several sessions' tokens received from last hops.",
+                                  value=result_frames)  # fmt: skip
+        yield CounterMetricFamily("shardmesh_batched_result_frame_tokens", "Sessions' results those frames carried.", value=results)
 
 
 class SpeculationCounters:

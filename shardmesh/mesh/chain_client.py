@@ -10,8 +10,11 @@ travel hop to hop in between, never through the gateway.
 Two tasks read for the chain while it is open: one on the last hop's stream (results
 and errors), one on the first hop's stream (errors relayed back along the chain). Both
 feed one channel, so a step waits on a single place and sees whichever comes first.
+With ``trunks`` (:mod:`.result_trunks`) its steps go into the first hop on a trunk and
+its tokens come back on a results trunk, with those of the gateway's other sessions; the
+tokens are fed into the same channel.
 Any failure raises :class:`ChainFailed` naming the peer at fault (where an error frame
-can say so, see :func:`_failure`), which is what the gateway needs to route around it;
+can say so, see :func:`~.chain_blame.failure_of`), which is what the gateway needs to route around it;
 a request the last hop cannot sample raises :class:`BadRequest`, which blames no one.
 
 The gateway's chain opener over the swarm, which makes these chains, is
@@ -27,15 +30,16 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
-from ..contract import BadRequest, CacheBudgetExceeded, ChainFailed, NoRoute, NonFiniteInput, SampledToken
+from ..contract import BadRequest, ChainFailed, NoRoute, SampledToken
 from ..placement.routing import Hop
+from .chain_blame import failure_of
 from .deadlines import HOP_ANSWER, StepTimes, open_wait
 from .gateway_ticket import TicketIssuer
 from .host import close_quietly, reset_quietly
 from .link_offers import Links, request_fields, upgrade_opener
-from .next_hop import relayed_error
-from .reclaim import RECLAIMED, believable
 from .result_tokens import result_tokens
+from .result_trunks import ChainTrunks
+from .trunk import Trunk
 from .wire import ATTACH, CLOSE, ERROR, OPEN, RESULT, STEP, Frame, FrameStream, StreamEnded, WireError
 
 log = logging.getLogger("shardmesh.mesh.chain_client")
@@ -45,46 +49,6 @@ CONFIRM_GRACE = 2.0  # a relayed bad_request waits this long for the last hop's 
 
 RouteFinder = Callable[..., list[Hop] | None]  # (tokens needed, peers to avoid) -> a route, or None
 Probe = Callable[[str], Awaitable[bool]]  # peer -> does it answer at all (a libp2p ping)?
-
-
-def _failure(frame: Frame, sender: str, route: list[Hop], *, attach: bool = False, idle_for: float = 0.0) -> Exception:
-    """The exception for an error frame from ``sender``: the first hop (its stream
-    carries its own errors and those relayed from later hops) or, with ``attach``, the
-    last hop on its attach stream. What the frame may blame is bounded by what its
-    sender can know, so that no hop can get an honest one excluded (docs/PROTOCOL.md 6.3):
-
-    * ``bad_request`` (the request cannot be sampled) is believed only straight from
-      the last hop: :class:`BadRequest`, an HTTP 400 that blames no peer. Relayed by
-      another hop it is unconfirmed (a middle hop could forge it to go unblamed) and
-      blames nobody; the last hop sends it on its attach stream first anyway.
-    * On the attach stream the last hop speaks only for itself: whoever it names, the
-      blame is its own. The one exception is ``non_finite`` against the hop right before
-      it (it received NaN or inf): one of the two is lying or broken and the gateway
-      cannot tell which, so it blames neither.
-    * On the first hop's stream the named peer must be on the route (each honest hop
-      relaying it already refused blame of itself or earlier hops), else the first hop.
-    * ``reclaimed`` (a hop ended an idle session to make room) blames nobody if the
-      chain has in fact been idle that long (``idle_for`` s since we last sent on it);
-      otherwise it is blamed like any other error.
-    """
-    # The frame's fields type-checked and cut short, as a relaying hop reads them.
-    err = relayed_error(frame.header, sender)
-    code, message, peer = err.code, err.message, err.peer
-    last = route[-1].peer
-    if code == CacheBudgetExceeded.code:
-        return CacheBudgetExceeded(message)
-    if code == RECLAIMED and believable(idle_for):
-        return ChainFailed(None, code, f"{sender}: {message}")
-    if code == BadRequest.code:
-        if sender == last:
-            return BadRequest(message)
-        return ChainFailed(None, code, f"relayed by {sender}, not confirmed by the last hop: {message}")
-    if attach:
-        if code == NonFiniteInput.code and len(route) > 1 and peer == route[-2].peer:
-            return ChainFailed(None, code, f"the last hop says the hop before it sent: {message}")
-        return ChainFailed(last, code, message)
-    on_route = {hop.peer for hop in route}
-    return ChainFailed(peer if peer in on_route else sender, code, message)
 
 
 def _ignore(_: Any) -> None:
@@ -122,6 +86,7 @@ class RemoteChain:
         step_times: StepTimes | None = None,
         probe: Probe | None = None,
         issuer: TicketIssuer | None = None,
+        trunks: ChainTrunks | None = None,
     ) -> None:
         if (route is None) == (find_route is None):
             raise ValueError("a RemoteChain takes either a route or find_route")
@@ -146,6 +111,8 @@ class RemoteChain:
         self._unanswered = 0  # tokens sent since the last token came back
         self._last_sent = 0.0  # when we last sent a frame on the chain (trio time)
         self._sent_at = 0.0  # when the first of them was sent (trio time)
+        self.trunks = trunks
+        self._trunk: Trunk | None = None  # the steps go on it, not on the first hop's stream
         self._first: FrameStream | None = None
         self._last: FrameStream | None = None
         self._events_in, self._events = trio.open_memory_channel[Frame | Exception](64)
@@ -191,6 +158,7 @@ class RemoteChain:
         first, last = route[0].peer, route[-1].peer
         prompt, generated = self.history
         self._first = await self._connect(first)
+        trunk = await self.trunks.steps.to(first) if self.trunks is not None and first != self.gateway else None
         header = {
             "t": OPEN,
             "session": self.session_id,
@@ -200,15 +168,21 @@ class RemoteChain:
             "max_length": max_length,
             "sampling": self.sampling,
             "n_prompt": len(prompt),
-            **request_fields(self.links, self._first, first),
+            **({"trunk": True} if trunk is not None else request_fields(self.links, self._first, first)),
         }
         if self.issuer is not None:
             header = self.issuer.sign_open(header, time.time())
         await self._write(self._first, first, header, array("q", prompt + generated).tobytes())
-        await self._expect_ok(self._first, first, "open", open_wait(len(route)))
+        if await self._expect_ok(self._first, first, "open", open_wait(len(route))):
+            self._trunk = trunk
         self._last = await self._connect(last)
-        await self._write(self._last, last, {"t": ATTACH, "session": self.session_id, **request_fields(self.links, self._last, last)})
-        await self._expect_ok(self._last, last, "attach", HOP_ANSWER)
+        results = self.trunks is not None and last != self.gateway and await self.trunks.results.to(last)
+        if results:
+            self.trunks.results.expect(self.session_id, last, self)  # type: ignore[union-attr]
+        wish = {"trunk": True} if results else request_fields(self.links, self._last, last)
+        await self._write(self._last, last, {"t": ATTACH, "session": self.session_id, **wish})
+        if not await self._expect_ok(self._last, last, "attach", HOP_ANSWER) and self.trunks is not None:
+            self.trunks.results.forget(self.session_id)
         self._readers_running = 2
         self.nursery.start_soon(self._read_into_events, self._last, last)
         self.nursery.start_soon(self._read_into_events, self._first, first)
@@ -219,21 +193,37 @@ class RemoteChain:
         except Exception as exc:
             raise ChainFailed(peer, "peer_unreachable", str(exc)) from exc
 
-    async def _expect_ok(self, fs: FrameStream, peer: str, what: str, timeout: float) -> None:
+    async def _expect_ok(self, fs: FrameStream, peer: str, what: str, timeout: float) -> bool:
         """Reads the answer to ``what`` (within ``timeout`` s); then moves ``fs`` to a hop
-        link if one is offered."""
+        link if one is offered. Whether the peer took the session's trunk."""
         try:
             reply = await fs.read_frame(idle_timeout=timeout)
         except (StreamEnded, WireError) as exc:
             raise ChainFailed(peer, "peer_lost", f"no answer to {what}: {exc}") from exc
         if reply.type == ERROR:
-            raise _failure(reply, peer, self._route, attach=fs is self._last)
+            raise failure_of(reply, peer, self._route, attach=fs is self._last)
         if reply.type != RESULT or reply.header.get("ok") is not True:
             raise ChainFailed(peer, "bad_frame", f"{what} answered with {reply.type}")
+        if reply.header.get("trunk") is True:
+            return True
         try:
             await upgrade_opener(self.links, fs, reply.header, peer, self.session_id)
         except WireError as exc:
             raise ChainFailed(peer, "peer_lost", f"moving to a link after {what}: {exc.message}") from exc
+        return False
+
+    def deliver(self, frame: Frame | Exception) -> None:
+        """A token for this session from its last hop's results trunk (result_trunks.py),
+        or the failure that stands for one."""
+        if not self._closed:
+            try:
+                self._events_in.send_nowait(frame)
+            except trio.WouldBlock:
+                log.warning("session %s: its last hop sends results nobody asked for", self.session_id)
+
+    def lost(self, peer: str) -> None:
+        """The results trunk from the last hop ``peer`` ended (result_trunks.py)."""
+        self.deliver(ChainFailed(peer, "peer_lost", "the last hop's results trunk ended"))
 
     async def _write(self, fs: FrameStream, peer: str, header: dict[str, Any], payload: bytes = b"") -> None:
         self._last_sent = trio.current_time()
@@ -241,6 +231,15 @@ class RemoteChain:
             await fs.write(header, payload)
         except WireError as exc:
             raise ChainFailed(peer, "peer_lost", exc.message) from exc
+
+    async def _write_trunk(self, trunk: Trunk, header: dict[str, Any], payload: bytes) -> None:
+        """The step into the first hop on the trunk, with the steps other sessions send
+        it now; returns once its frame is out."""
+        self._last_sent = trio.current_time()
+        try:
+            await trunk.written(trunk.add_soon(self._route[0].start, header, payload))
+        except WireError as exc:
+            raise ChainFailed(trunk.peer, "peer_lost", exc.message) from exc
 
     async def _read_into_events(self, fs: FrameStream, peer: str) -> None:
         """Never cancelled (see hop_server): it ends when the stream ends, which
@@ -257,7 +256,7 @@ class RemoteChain:
                     return
                 if frame.type == ERROR:
                     idle_for = trio.current_time() - self._last_sent
-                    failure = _failure(frame, peer, self._route, attach=fs is self._last, idle_for=idle_for)
+                    failure = failure_of(frame, peer, self._route, attach=fs is self._last, idle_for=idle_for)
                     if isinstance(failure, ChainFailed) and failure.code == BadRequest.code:
                         # Unconfirmed: give the last hop's own bad_request the time to
                         # arrive first on its attach stream, so the client gets its 400.
@@ -300,7 +299,10 @@ class RemoteChain:
                   "dtype": "int64", "shape": [len(token_ids)], **({"draft": drafts} if drafts else {})}
         if self._unanswered == 0:
             self._sent_at = trio.current_time()
-        await self._write(self._first, self._route[0].peer, header, payload)
+        if self._trunk is not None:
+            await self._write_trunk(self._trunk, header, payload)
+        else:
+            await self._write(self._first, self._route[0].peer, header, payload)
         # Drafts ride along as extra positions of the same pass: time-wise the step is
         # its other tokens' (a decode step's, usually), and is bounded and measured so.
         self._unanswered += len(token_ids) - len(drafts)
@@ -355,7 +357,7 @@ class RemoteChain:
         raise ChainFailed(self._route[-1].peer, "bad_frame", "a result arrived that nobody asked for")
 
     def _tokens(self, event: Frame | Exception, position: int | None, drafts: list[int]) -> list[SampledToken]:
-        if isinstance(event, Exception):  # error frames arrive as their exception (_failure)
+        if isinstance(event, Exception):  # error frames arrive as their exception (failure_of)
             raise event
         return result_tokens(event, self._route[-1].peer, position, drafts)
 
@@ -365,6 +367,8 @@ class RemoteChain:
         if self._closed:
             return
         self._closed = True
+        if self.trunks is not None:
+            self.trunks.results.forget(self.session_id)
         if self._first is not None:
             try:
                 await self._first.write({"t": CLOSE, "session": self.session_id})

@@ -43,7 +43,7 @@ from .open_request import Limits, OpenRequest, ThisNode, check_gateway, refuse_o
 from .pipe import pipe_pair
 from .reclaim import RECLAIMED, longest_idle
 from .step_inbox import StepInbox
-from .trunk import Trunks
+from .trunk import Trunk, Trunks
 from .trunk_server import TrunkCounts, serve_trunk
 from .wire import ATTACH, CLOSE, LINK, OPEN, PROTOCOL, RESULT, STEP, TRUNK, Frame, FrameStream, StreamEnded, WireError
 
@@ -94,6 +94,7 @@ class HopServer:
         # Trunks (trunk.py): sessions' steps to a next hop share one frame per batch.
         self.trunks = Trunks(self.open_stream, links, self.max_payload, limits.max_tokens_per_step) if trunks else None
         self.trunk_counts = TrunkCounts()
+        self.to_gateways: dict[str, Trunk] = {}  # results trunks, by the gateway that opened each
         self._nursery: trio.Nursery | None = None
 
     def serve(self, served: HopCompute | None) -> None:
@@ -162,12 +163,12 @@ class HopServer:
             if first.type == OPEN:
                 await self._serve_session(fs, first, upstream_peer)
             elif first.type == ATTACH:
-                await serve_attach(self.sessions.values(), self.links, fs, first, upstream_peer)
+                await serve_attach(self.sessions.values(), self.links, fs, first, upstream_peer, self.to_gateways)
             elif first.type == TRUNK and self.trunks is not None:
                 if self.allowed is not None and not self.allowed(upstream_peer):
                     raise WireError("forbidden", "this is a private swarm")
                 await serve_trunk(self.sessions, self.links, fs, first, upstream_peer, self.limits.max_tokens_per_step,
-                                  self.limits.idle_timeout, self.trunk_counts)  # fmt: skip
+                                  self.limits.idle_timeout, self.trunk_counts, self.to_gateways)  # fmt: skip
             else:
                 raise WireError("bad_frame", f"a stream must start with open or attach{' or trunk' if self.trunks else ''}, not {first.type}")
         except StreamEnded:

@@ -44,6 +44,7 @@ class HopSession:
     busy: bool = False  # a step of it is being computed here: never idle, however long that takes
     inbox: StepInbox | None = None  # its upstream sends its steps on a trunk: they arrive here
     trunk: Trunk | None = None  # its steps go on to the next hop on this trunk
+    results_trunk: Trunk | None = None  # last hop: its tokens go to the gateway on this trunk
 
     @property
     def id(self) -> str:

@@ -4,8 +4,9 @@ The output of a middle hop is a ``step`` frame of hidden states for the next hop
 last hop's is a ``result`` frame with the sampled token for the gateway's attach stream
 (docs/PROTOCOL.md 6.2). Where that stream has moved to a hop link, the compute thread
 sends the frame itself the moment the step is done, without a trip through the event
-loop. Where the session's steps go on a trunk (trunk.py), the compute thread puts the
-output into the trunk's frame, which leaves once the whole batch is done. What is wrong with the step raises a :class:`~shardmesh.mesh.wire.WireError` or
+loop. Where the session's steps (or, on the last hop, its tokens) go on a trunk
+(trunk.py), the compute thread puts the output into the trunk's frame, which leaves
+once the whole batch is done. What is wrong with the step raises a :class:`~shardmesh.mesh.wire.WireError` or
 the stage's error; the hop server turns either into an error frame.
 """
 
@@ -18,6 +19,7 @@ import trio
 from ..contract import MAX_DRAFT_TOKENS
 from .hop_session import HopSession
 from .link import HopLink
+from .trunk import Trunk
 from .wire import RESULT, STEP, Frame, FrameStream, WireError, encode_frame, tensor_fields, tensor_from_frame
 
 ATTACH_WAIT = 30.0  # s the last hop waits for the gateway's attach stream before giving up
@@ -45,8 +47,9 @@ async def run_step(session: HopSession, frame: Frame, downstream: FrameStream | 
             return {"t": STEP, **head, "want": want, **more, **tensor_fields(value)}, value.data
         return {"t": RESULT, **head, **value}, b""
 
-    if downstream is not None and session.trunk is not None:
-        await _step_to_trunk(session, inputs, position, sampler, drafts, frame_for)
+    trunk = session.trunk if downstream is not None else (session.results_trunk if want else None)
+    if trunk is not None:
+        await _step_to_trunk(session, trunk, inputs, position, sampler, drafts, frame_for)
         return
     # Where the output goes over a hop link, the compute thread sends it itself.
     target = downstream if downstream is not None else (session.attach if want else None)
@@ -64,16 +67,22 @@ async def run_step(session: HopSession, frame: Frame, downstream: FrameStream | 
             await session.attached.wait()
         if session.attach is None:
             raise WireError("gateway_gone", "the gateway's result stream is gone")
+        if session.results_trunk is not None:  # attached with a trunk while this step ran
+            batch = session.results_trunk.add(0, *frame_for(done.value, done.seconds))
+            session.results_trunk.flush()
+            await session.results_trunk.written(batch)
+            return
         target = session.attach
     assert target is not None
     await target.write(*frame_for(done.value, done.seconds))
 
 
-async def _step_to_trunk(session: HopSession, inputs: Any, position: int, sampler: Any, drafts: list[int], frame_for: Any) -> None:
-    """Compute the step and put its output into the trunk's next frame; returns once
-    that frame is out (a slow next hop slows this session, as its stream would)."""
-    trunk = session.trunk
-    assert trunk is not None
+async def _step_to_trunk(
+    session: HopSession, trunk: Trunk, inputs: Any, position: int, sampler: Any, drafts: list[int], frame_for: Any
+) -> None:
+    """Compute the step and put its output (hidden states for the next hop, whose part
+    starts where ours ends, or the token for the gateway) into the trunk's next frame;
+    returns once that frame is out (a slow reader slows this session, as a stream would)."""
     batches = []
 
     def to_trunk(value: Any, seconds: float) -> bool:

@@ -19,6 +19,7 @@ from .chain_client import Probe, RemoteChain, RouteFinder
 from .deadlines import StepTimes
 from .gateway_ticket import TicketIssuer
 from .link_offers import Links
+from .result_trunks import ChainTrunks
 
 __all__ = ["MeshChains"]
 
@@ -43,6 +44,7 @@ class MeshChains:
         links: Links | None = None,
         probe: Probe | None = None,
         issuer: TicketIssuer | None = None,
+        trunks: ChainTrunks | None = None,
     ) -> None:
         self.nursery = nursery
         self.links = links
@@ -52,6 +54,7 @@ class MeshChains:
         self.model_id = model_id
         self.gateway = gateway
         self.issuer = issuer
+        self.trunks = trunks  # steps and tokens of its chains, many sessions a frame
         self.on_failure = on_failure
         self.on_success = on_success
         self.step_times = StepTimes()  # shared by its chains: their bounds follow what they measured
@@ -82,4 +85,5 @@ class MeshChains:
             step_times=self.step_times,
             probe=self.probe,
             issuer=self.issuer,
+            trunks=self.trunks,
         )

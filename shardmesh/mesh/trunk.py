@@ -51,24 +51,31 @@ class TrunkBatch:
     written: trio.Event = field(default_factory=trio.Event)  # out (or failed) from the writer task
 
 
-class Trunk:
-    """This hop's trunk to one next hop. Open with :meth:`Trunks.to`."""
+Build = Callable[[list[tuple[int, dict[str, Any], bytes]]], tuple[dict[str, Any], bytes]]
 
-    def __init__(self, fs: FrameStream, peer: str, max_tokens: int) -> None:
+
+class Trunk:
+    """The sending end of a trunk: this hop's steps to one next hop (open it with
+    :meth:`Trunks.to`), or a last hop's tokens to one gateway (``build`` is then
+    :func:`~.trunk_frame.results_frame`)."""
+
+    def __init__(self, fs: FrameStream, peer: str, max_tokens: int, build: Build = steps_frame) -> None:
         self.fs = fs
         self.peer = peer
         self.max_tokens = max_tokens  # per frame: the next hop's limit for one step
+        self.build = build
         self.alive = True
         self._token = trio.lowlevel.current_trio_token()
+        self._trio_thread = threading.get_ident()
         self._lock = threading.Lock()
         self._open: TrunkBatch | None = None
         self._queued = 0  # frames handed to the writer task and not yet written
         self._send, self._receive = trio.open_memory_channel[TrunkBatch](math.inf)
 
-    def add(self, start: int, header: dict[str, Any], payload: bytes) -> TrunkBatch:
+    def add(self, start: int, header: dict[str, Any], payload: bytes = b"") -> TrunkBatch:
         """From any thread: put one session's ``step`` (``start``: the next hop's first
-        block) into the frame being filled; the batch it will leave in."""
-        n = header["shape"][0]
+        block) or ``result`` into the frame being filled; the batch it will leave in."""
+        n = header["shape"][0] if "shape" in header else 1
         with self._lock:
             batch = self._open
             if batch is not None and (len(batch.steps) >= MAX_TRUNK_ITEMS or batch.tokens + n > self.max_tokens):
@@ -91,8 +98,9 @@ class Trunk:
         link = self.fs.stream if isinstance(self.fs.stream, HopLink) else None
         if not self.alive:
             batch.failed = True
-        elif self._queued == 0 and link is not None and link.send_now(encode_frame(*steps_frame(batch.steps))):
+        elif self._queued == 0 and link is not None and link.send_now(encode_frame(*self.build(batch.steps))):
             batch.sent = True
+            self._wake(batch)  # for a task already waiting (one that used add_soon)
         else:
             self._queued += 1
             try:
@@ -100,6 +108,15 @@ class Trunk:
             except trio.RunFinishedError:
                 self._queued -= 1
                 batch.failed = True
+
+    def _wake(self, batch: TrunkBatch) -> None:
+        if threading.get_ident() == self._trio_thread:
+            batch.written.set()
+        else:
+            try:
+                self._token.run_sync_soon(batch.written.set)
+            except trio.RunFinishedError:
+                pass
 
     def _enqueue(self, batch: TrunkBatch) -> None:
         """In trio: hand ``batch`` to the writer task (or fail it, the trunk having ended)."""
@@ -118,10 +135,11 @@ class Trunk:
         if batch.failed:
             raise WireError("peer_lost", f"the trunk to the next hop {self.peer} is gone", self.peer)
 
-    async def run(self) -> None:
-        """The writer and the watcher; returns once the trunk has ended."""
+    async def run(self, watch: Callable[[], Awaitable[None]] | None = None) -> None:
+        """The writer, and ``watch`` reading the trunk (by default: the other end sends
+        nothing, so any frame or its end ends the trunk); returns once it has ended."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch)
+            nursery.start_soon(self._watching, watch or self._expect_nothing)
             await self._write_queued()
 
     async def _write_queued(self) -> None:
@@ -129,7 +147,7 @@ class Trunk:
             try:
                 if not self.alive:
                     raise WireError("stream_error", "the trunk has ended")
-                await self.fs.write(*steps_frame(batch.steps))
+                await self.fs.write(*self.build(batch.steps))
             except WireError as exc:
                 log.info("trunk to %s failed: %s", self.peer, exc.message)
                 self._end()
@@ -139,10 +157,20 @@ class Trunk:
                     self._queued -= 1
                 batch.written.set()
 
-    async def _watch(self) -> None:
-        """The next hop sends nothing on a trunk: anything, or its end, ends it."""
+    def add_soon(self, start: int, header: dict[str, Any], payload: bytes = b"") -> TrunkBatch:
+        """In trio: :meth:`add`, the frame sent once the tasks that can run now have run
+        (a gateway's sessions, woken together by their tokens, step together)."""
+        batch = self.add(start, header, payload)
+        if len(batch.steps) == 1:
+            self._token.run_sync_soon(self.flush)
+        return batch
+
+    async def _expect_nothing(self) -> None:
+        await self.fs.read_frame()
+
+    async def _watching(self, watch: Callable[[], Awaitable[None]]) -> None:
         try:
-            await self.fs.read_frame()
+            await watch()
         except (StreamEnded, WireError):
             pass
         self._end()

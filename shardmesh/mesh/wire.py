@@ -46,7 +46,8 @@ CLOSE = "close"  # end the session (flows down the chain)
 LINK = "link"  # opener -> hop: the rest of this session goes over the offered link (link.py)
 TRUNK = "trunk"  # hop -> next hop: this stream carries steps of many sessions (trunk.py)
 STEPS = "steps"  # on a trunk: the steps of several sessions in one frame (trunk_frame.py)
-FRAME_TYPES = frozenset({OPEN, ATTACH, STEP, RESULT, ERROR, CLOSE, LINK, TRUNK, STEPS})
+RESULTS = "results"  # on a gateway's results trunk: several sessions' tokens in one frame
+FRAME_TYPES = frozenset({OPEN, ATTACH, STEP, RESULT, ERROR, CLOSE, LINK, TRUNK, STEPS, RESULTS})
 
 
 class WireError(Exception):

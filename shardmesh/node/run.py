@@ -40,6 +40,7 @@ from ..mesh.identity import IdentityInUse, default_key_file, holding_identity
 from ..mesh.liveness import PING_TIMEOUT, ping_connected
 from ..mesh.link_offers import LinkListener, Links
 from ..mesh.records import NodeRecord, model_identity
+from ..mesh.result_trunks import ChainTrunks, ResultTrunks
 from ..mesh.registry import Registry
 from ..mesh.rtt import answers_ping, publish_rtts
 from ..mesh.swarm_key import SwarmKey, SwarmKeyError, read_swarm_key
@@ -127,6 +128,23 @@ async def start_links(config: NodeConfig, mesh: MeshHost, nursery: trio.Nursery)
                          "pick another port, 0 for a free one, or --no-links") from exc
     nursery.start_soon(listener.run)
     return Links(listener)
+
+
+async def start_chain_trunks(server: HopServer, links: Links | None, nursery: trio.Nursery) -> ChainTrunks | None:
+    """The gateway's trunks (mesh/result_trunks.py): its steps go on the node's own,
+    its tokens come on results trunks; None with ``--no-trunks``."""
+    if server.trunks is None:
+        return None
+    results = ResultTrunks(server.open_stream, links, server.max_payload)
+    await nursery.start(results.run)
+    return ChainTrunks(server.trunks, results)
+
+
+def counted_trunks(server: HopServer, chain_trunks: ChainTrunks | None) -> tuple[int, int, int, int]:
+    """For ``/metrics``: steps frames and steps this node's trunks brought in, results
+    frames and results its results trunks brought in."""
+    results = chain_trunks.results.counts.totals() if chain_trunks is not None else (0, 0)
+    return (*server.trunk_counts.totals(), *results)
 
 
 def read_allowed(config: NodeConfig) -> frozenset[str] | None:
@@ -229,6 +247,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             trunks=config.trunks,
         )
         await nursery.start(server.run)
+        chain_trunks = await start_chain_trunks(server, links, nursery)
         keeper = SpanKeeper(
             registry=registry,
             server=server,
@@ -285,6 +304,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             on_success=lambda route: [backoff.succeeded(h.peer) for h in route],
             links=links,
             probe=partial(answers_ping, mesh),
+            trunks=chain_trunks,
         )
         generator = Generator(
             model.name,
@@ -298,7 +318,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             draft_tokens=config.draft_tokens,
         )
         links_taken = (lambda: links.taken) if links is not None else None
-        trunk_counts = server.trunk_counts.totals
+        trunk_counts = partial(counted_trunks, server, chain_trunks)
         if api is not None:
             app = create_app(generator, api_key=config.api_key, swarm=registry.to_json, stage_counts=keeper.stage_counts,
                              links_taken=links_taken, trunk_counts=trunk_counts, cors_origins=config.cors_origins)
