@@ -51,14 +51,21 @@ def test_concurrent_bench_runs_every_setup_and_reads_the_stages_batches(tmp_path
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    rows = re.findall(r"^\S+ +(one node|2-node chain|3-node chain) +(\d+) +([\d.]+) +([\d.]+)x +(.*)$", run.stdout, re.M)
-    assert [(setup, int(n)) for setup, n, *_ in rows] == [(s, n) for s in ("one node", "2-node chain", "3-node chain") for n in (1, 3)], run.stdout
+    setups = ("one node", "2-node chain", "3-node chain", "3-node no trunks")
+    rows = re.findall(rf"^\S+ +({'|'.join(setups)}) +(\d+) +([\d.]+) +([\d.]+)x +(.*)$", run.stdout, re.M)
+    assert [(setup, int(n)) for setup, n, *_ in rows] == [(s, n) for s in setups for n in (1, 3)], run.stdout
     for setup, sessions, rate, ratio, rest in rows:
-        figures = [float(x) for x in rest.split()]
-        hops = {"one node": 1, "2-node chain": 2, "3-node chain": 3}[setup]
+        figures = rest.split()
+        hops = {"one node": 1, "2-node chain": 2, "3-node chain": 3, "3-node no trunks": 3}[setup]
         processes = hops + (hops > 1)  # the gateway apart from the hops
-        assert float(rate) > 0 and len(figures) == processes + hops, run.stdout  # CPU per process, then batch per hop
-        assert all(batch >= 1 for batch in figures[processes:]), run.stdout  # each hop's stage really ran steps
+        # CPU per process, batch per hop, then steps per trunk frame into each hop and tokens per frame back
+        assert float(rate) > 0 and len(figures) == processes + hops + hops + 1, run.stdout
+        assert all(float(batch) >= 1 for batch in figures[processes : processes + hops]), run.stdout  # each hop's stage ran steps
+        per_frame = figures[processes + hops :]
+        if setup in ("one node", "3-node no trunks"):  # a gateway sends to itself without trunks
+            assert per_frame == ["-"] * len(per_frame), run.stdout
+        else:  # every hop's steps and every token came on trunks
+            assert all(x != "-" and float(x) >= 1 for x in per_frame), run.stdout
     assert "1 torch thread per process" in run.stdout and "default threads" not in run.stdout
 
 

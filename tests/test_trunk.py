@@ -411,12 +411,10 @@ def test_a_node_without_trunks_refuses_one_and_keeps_sessions_on_their_streams(m
 # -- a gateway's chains over trunks ----------------------------------------------------------
 
 
-def test_a_gateway_s_chains_over_trunks_give_what_plain_chains_give(model_path) -> None:
-    """Two hops (blocks 0:2, 2:4) and a gateway, each on its own host: chains whose steps
-    go into the first hop on a trunk and whose tokens come back on a results trunk give
-    the tokens of chains without trunks; when the results trunk goes away, the next step
-    fails at once, naming the last hop."""
-    from shardmesh.contract import ChainFailed
+def two_hops_and_a_gateway(model_path: Path, servers_take_trunks: bool, body) -> None:
+    """Two hops (blocks 0:2, 2:4) and a gateway with trunks, each on its own host; runs
+    ``body(chain, servers, results, peers)`` where ``chain(session, prompt, trunked)``
+    makes a chain over the two hops."""
     from shardmesh.mesh.chain_client import RemoteChain
     from shardmesh.mesh.result_trunks import ChainTrunks
     from shardmesh.placement.routing import Hop
@@ -430,7 +428,7 @@ def test_a_gateway_s_chains_over_trunks_give_what_plain_chains_give(model_path) 
                     stage = await compute_thread().run(lambda: TorchStage(files, start, start + 2, model_name="tiny", dtype="float32"))
                     batcher = StepBatcher(stage)
                     await nursery.start(batcher.run)
-                    servers.append(HopServer(host, StageHopCompute(batcher), MODEL_ID, 4, 2048, hidden_size=HIDDEN, trunks=True))
+                    servers.append(HopServer(host, StageHopCompute(batcher), MODEL_ID, 4, 2048, hidden_size=HIDDEN, trunks=servers_take_trunks))
                     await nursery.start(servers[-1].run)
                 for host in (a, b):
                     await gw.connect(host.addrs()[0])
@@ -441,37 +439,68 @@ def test_a_gateway_s_chains_over_trunks_give_what_plain_chains_give(model_path) 
                 await nursery.start(results.run)
                 route = [Hop(a.peer_id_str, 0, 2), Hop(b.peer_id_str, 2, 4)]
 
-                def chain(session: str, prompt: list[int], trunks: ChainTrunks | None) -> RemoteChain:
+                def chain(session: str, prompt: list[int], trunked: bool) -> RemoteChain:
                     return RemoteChain(nursery=nursery, open_stream=me.open_stream, route=route, session_id=session, model_id=MODEL_ID,
                                        gateway=gw.peer_id_str, issuer=TicketIssuer(gw.peer_id_str, gw.key_pair),
-                                       sampling={"temperature": 0.0}, prompt_ids=prompt, trunks=trunks)  # fmt: skip
+                                       sampling={"temperature": 0.0}, prompt_ids=prompt,
+                                       trunks=ChainTrunks(me.trunks, results) if trunked else None)  # fmt: skip
 
-                async def greedy(c: RemoteChain, prompt: list[int], n: int, out: list[int]) -> None:
-                    await c.open(64)
-                    out.append((await c.step(prompt, 0, True)).token_id)
-                    while len(out) < n:
-                        out.append((await c.step([out[-1]], len(prompt) + len(out) - 1, True)).token_id)
-
-                prompts = [[1, 17, 42], [5, 6, 7, 8], [300, 2]]
-                want: list[list[int]] = [[] for _ in prompts]
-                got: list[list[int]] = [[] for _ in prompts]
-                trunked = [chain(f"t{i}", p, ChainTrunks(me.trunks, results)) for i, p in enumerate(prompts)]
-                with trio.fail_after(60):
-                    async with trio.open_nursery() as chats:
-                        for i, p in enumerate(prompts):
-                            chats.start_soon(greedy, chain(f"plain{i}", p, None), p, 8, want[i])
-                            chats.start_soon(greedy, trunked[i], p, 8, got[i])
-                assert got == want
-                assert servers[0].trunk_counts.steps >= 3 * 8 and results.counts.results >= 3 * 8
-
-                # The results trunk goes: the next step fails at once, blaming the last hop.
-                await servers[1].to_gateways[gw.peer_id_str].fs.stream.reset()
-                with trio.fail_after(10):
-                    with pytest.raises(ChainFailed) as caught:
-                        await trunked[0].step([got[0][-1]], len(prompts[0]) + 7, True)
-                assert caught.value.peer == b.peer_id_str
-                for c in trunked:
-                    await c.close()
+                await body(chain, servers, results, (a.peer_id_str, b.peer_id_str, gw.peer_id_str))
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+PROMPTS = [[1, 17, 42], [5, 6, 7, 8], [300, 2]]
+
+
+async def greedy_chats(chain, trunked: bool, n: int = 8) -> tuple[list, list[list[int]]]:
+    """The chains (left open) and greedy tokens of :data:`PROMPTS`, all at once."""
+    chains = [chain(f"{trunked}{i}", p, trunked) for i, p in enumerate(PROMPTS)]
+    outs: list[list[int]] = [[] for _ in PROMPTS]
+
+    async def greedy(c, prompt: list[int], out: list[int]) -> None:
+        await c.open(64)
+        out.append((await c.step(prompt, 0, True)).token_id)
+        while len(out) < n:
+            out.append((await c.step([out[-1]], len(prompt) + len(out) - 1, True)).token_id)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as chats:
+            for c, p, out in zip(chains, PROMPTS, outs):
+                chats.start_soon(greedy, c, p, out)
+    return chains, outs
+
+
+def test_a_gateway_s_chains_over_trunks_give_what_plain_chains_give(model_path) -> None:
+    """Chains whose steps go into the first hop on a trunk and whose tokens come back on
+    a results trunk give the tokens of chains without trunks; when the results trunk goes
+    away, the next step fails at once, naming the last hop."""
+    from shardmesh.contract import ChainFailed
+
+    async def body(chain, servers, results, peers) -> None:
+        plain, want = await greedy_chats(chain, False)
+        trunked, got = await greedy_chats(chain, True)
+        assert got == want
+        assert servers[0].trunk_counts.steps >= 3 * 8 and results.counts.results >= 3 * 8
+        await servers[1].to_gateways[peers[2]].fs.stream.reset()
+        with trio.fail_after(10):
+            with pytest.raises(ChainFailed) as caught:
+                await trunked[0].step([got[0][-1]], len(PROMPTS[0]) + 7, True)
+        assert caught.value.peer == peers[1]
+        for c in plain + trunked:
+            await c.close()
+
+    two_hops_and_a_gateway(model_path, True, body)
+
+
+def test_a_gateway_with_trunks_chains_through_hops_without_them(model_path) -> None:
+    async def body(chain, servers, results, peers) -> None:
+        plain, want = await greedy_chats(chain, False)
+        trunked, got = await greedy_chats(chain, True)
+        assert got == want
+        assert results.counts.results == 0 and all(s.trunk_counts.steps == 0 for s in servers)
+        for c in plain + trunked:
+            await c.close()
+
+    two_hops_and_a_gateway(model_path, False, body)

@@ -98,6 +98,7 @@ class Trunk:
         link = self.fs.stream if isinstance(self.fs.stream, HopLink) else None
         if not self.alive:
             batch.failed = True
+            self._wake(batch)
         elif self._queued == 0 and link is not None and link.send_now(encode_frame(*self.build(batch.steps))):
             batch.sent = True
             self._wake(batch)  # for a task already waiting (one that used add_soon)
@@ -110,6 +111,7 @@ class Trunk:
                 batch.failed = True
 
     def _wake(self, batch: TrunkBatch) -> None:
+        """Set ``batch.written``, which only trio's thread may do."""
         if threading.get_ident() == self._trio_thread:
             batch.written.set()
         else:
@@ -133,7 +135,7 @@ class Trunk:
         if not batch.sent and not batch.failed:
             await batch.written.wait()
         if batch.failed:
-            raise WireError("peer_lost", f"the trunk to the next hop {self.peer} is gone", self.peer)
+            raise WireError("peer_lost", f"the trunk to {self.peer} is gone", self.peer)
 
     async def run(self, watch: Callable[[], Awaitable[None]] | None = None) -> None:
         """The writer, and ``watch`` reading the trunk (by default: the other end sends
@@ -152,6 +154,7 @@ class Trunk:
                 log.info("trunk to %s failed: %s", self.peer, exc.message)
                 self._end()
                 batch.failed = True
+                await reset_quietly(self.fs.stream)  # which ends the watcher too
             finally:
                 with self._lock:
                     self._queued -= 1

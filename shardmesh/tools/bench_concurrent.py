@@ -9,8 +9,8 @@ node processes on loopback:
 * **one node**: ``--layers all`` with its gateway;
 * **2-node chain**: two nodes holding the two halves, and a ``--layers none`` gateway;
 * **3-node chain**: three nodes holding thirds, and a ``--layers none`` gateway;
-* **3-node no trunks**: the same with ``--no-trunks`` (each session's steps on its own
-  link between hops, not those of one batch in one frame).
+* **3-node no trunks**: the same with ``--no-trunks`` (each session's steps and tokens
+  on its own links, not many sessions' in one frame).
 
 For each number of sessions N, N clients each send two greedy chats of
 ``--tokens`` tokens at once through the gateway's OpenAI API (over HTTP, not
@@ -22,8 +22,9 @@ tokens, so this is nearly all decode), and beside it:
 * the mean batch each stage saw (``shardmesh_stage_steps`` over
   ``shardmesh_stage_batches`` in its ``/metrics``), which is why concurrency pays:
   a batch of N steps costs far less than N steps;
-* the mean steps per frame each hop's trunk brought in (``shardmesh_batched_frame_steps``
-  over ``shardmesh_batched_frames``; a hop fed by the gateway has none).
+* the mean steps per frame each hop's trunks brought in (``shardmesh_batched_frame_steps``
+  over ``shardmesh_batched_frames``), and last, the gateway's tokens per frame from the
+  last hop (``shardmesh_batched_result_frame_tokens`` over ``..._result_frames``).
 
 All processes share this machine's cores. With torch's default threads each process
 starts one OpenMP thread per core, so a chain of processes puts several teams on the
@@ -53,7 +54,7 @@ class Measured:
     tokens_per_s: float
     cpu_ms_per_token: list[float]  # per process: hops in route order, the gateway last
     mean_batch: list[float]  # per hop
-    per_frame: list[float]  # per hop: steps per trunk frame received (0: none)
+    per_frame: list[float]  # per hop: steps per trunk frame received; then the gateway's tokens per results frame (0: none)
 
 
 def spans(total: int, parts: int) -> list[str]:
@@ -97,11 +98,16 @@ def stage_counts_from(metrics: str, items: str = "stage_steps", groups: str = "s
     return (float(steps.group(1)), float(batches.group(1))) if steps and batches else None
 
 
-async def _counts(client, node: NodeProcess) -> tuple[tuple[float, float], tuple[float, float]]:
-    """The stage's (steps, batches) and the trunks' (steps, frames) of ``node``."""
+Pairs = list[tuple[float, float]]
+
+
+async def _counts(client, node: NodeProcess) -> Pairs:
+    """The stage's (steps, batches), the trunks' (steps, frames) and the results
+    trunks' (results, frames) of ``node``."""
     text = (await client.get(f"{node.url}/metrics")).text
-    none = (0.0, 0.0)
-    return stage_counts_from(text) or none, stage_counts_from(text, "batched_frame_steps", "batched_frames") or none
+    names = [("stage_steps", "stage_batches"), ("batched_frame_steps", "batched_frames"),
+             ("batched_result_frame_tokens", "batched_result_frames")]  # fmt: skip
+    return [stage_counts_from(text, *pair) or (0.0, 0.0) for pair in names]
 
 
 def _ratios(after: list[tuple[float, float]], before: list[tuple[float, float]]) -> list[float]:
@@ -142,13 +148,15 @@ async def measure_setup(nodes: list[NodeProcess], gateway: NodeProcess, model: s
         for n, sessions in enumerate(counts):
             cpu0 = [cpu_seconds(p.proc.pid) for p in nodes]
             counts0 = [await _counts(client, h) for h in hops]
+            results0 = (await _counts(client, gateway))[2]
             t0 = time.perf_counter()
             generated = await _chats(client, gateway.url, model, sessions, tokens, 1000 * (n + 1))
             elapsed = time.perf_counter() - t0
             cpu = [1000 * (cpu_seconds(p.proc.pid) - c) / max(1, generated) for p, c in zip(nodes, cpu0)]
             counts1 = [await _counts(client, h) for h in hops]
+            results1 = (await _counts(client, gateway))[2]
             batch = _ratios([c[0] for c in counts1], [c[0] for c in counts0])
-            per_frame = _ratios([c[1] for c in counts1], [c[1] for c in counts0])
+            per_frame = _ratios([c[1] for c in counts1] + [results1], [c[1] for c in counts0] + [results0])
             figures.append(Measured(sessions, generated / elapsed, cpu, batch, per_frame))
     return figures
 
@@ -170,7 +178,7 @@ def run_concurrent_bench(models: list[tuple[str, Path]], dtype: str, counts: lis
     print(f"{tokens}-token greedy chats, two per session, {dtype}, node processes on 127.0.0.1 sharing {os.cpu_count()} cores")
     print("tok/s: all sessions' completion tokens over the wall time; CPU: ms per token of each process "
           "(hops in route order, then the gateway); batch: mean steps per batch on each hop; "
-          "per frame: mean steps per trunk frame each hop received")
+          "per frame: mean steps per trunk frame each hop received, then tokens per frame the gateway received")
     for threads in thread_settings:
         label = "torch's default threads" if threads is None else f"{threads} torch thread{'s' if threads > 1 else ''}"
         print(f"\n{label} per process")
