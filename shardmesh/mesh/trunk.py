@@ -48,6 +48,7 @@ class TrunkBatch:
     tokens: int = 0
     sent: bool = False  # out, directly from the thread that flushed it
     failed: bool = False
+    waiting: bool = False  # a task waits for it (:meth:`Trunk.written`): wake it when it is out
     written: trio.Event = field(default_factory=trio.Event)  # out (or failed) from the writer task
 
 
@@ -98,10 +99,12 @@ class Trunk:
         link = self.fs.stream if isinstance(self.fs.stream, HopLink) else None
         if not self.alive:
             batch.failed = True
-            self._wake(batch)
+            if batch.waiting:
+                self._wake(batch)
         elif self._queued == 0 and link is not None and link.send_now(encode_frame(*self.build(batch.steps))):
             batch.sent = True
-            self._wake(batch)  # for a task already waiting (one that used add_soon)
+            if batch.waiting:  # one that used add_soon
+                self._wake(batch)
         else:
             self._queued += 1
             try:
@@ -132,7 +135,9 @@ class Trunk:
 
     async def written(self, batch: TrunkBatch) -> None:
         """Once ``batch`` is out; :class:`WireError` if the trunk failed first."""
-        if not batch.sent and not batch.failed:
+        with self._lock:
+            batch.waiting = not (batch.sent or batch.failed)
+        if batch.waiting:
             await batch.written.wait()
         if batch.failed:
             raise WireError("peer_lost", f"the trunk to {self.peer} is gone", self.peer)
