@@ -505,3 +505,34 @@ def test_min_p_and_logit_bias_travel_as_plain_values_and_are_checked() -> None:
     ):
         with pytest.raises(ValueError):
             SamplingParams.from_dict(bad)
+
+
+def test_plain_greedy_sessions_drawn_together_equal_one_by_one() -> None:
+    """The last stage draws a batch's greedy sessions without penalties or bias at once:
+    the same tokens, logprobs and alternatives (and the same history kept) as each
+    session's own draw, ties to the lowest id; sessions with other parameters, and rows
+    with NaN or -inf, are left to their own draw, which refuses or masks them as before."""
+    from shardmesh.backends.sampler_state import SamplerState, draw_greedy_together
+    from shardmesh.backends.torch.tensors import raw_from_tensor
+
+    rows = [_logits(vocab=300, seed=s).to(torch.bfloat16) for s in range(6)]
+    rows[1][[7, 250]] = 40.0  # a tie: the lowest id wins
+    rows[4][3] = float("nan")
+    rows[5][:] = float("-inf")
+    rows[5][9] = 0.0  # masked tokens: left to the session's own draw
+    plain = SamplingParams(temperature=0.0)
+    params = [plain, plain, SamplingParams(temperature=0.0, logprobs=True, top_logprobs=5),
+              SamplingParams(temperature=0.0, repetition_penalty=1.5), plain, plain]  # fmt: skip
+    outputs = [raw_from_tensor(r.reshape(1, -1)) for r in rows]
+
+    def states() -> list[SamplerState]:
+        return [SamplerState(p, [7, 1], [2]) for p in params]
+
+    together, alone = states(), states()
+    drawn = draw_greedy_together(together, outputs)
+    assert sorted(drawn) == [0, 1, 2]  # the penalty session, the NaN and the masked rows: on their own
+    assert drawn[1]["token"] == 7 and drawn[2]["logprob"] is not None and len(drawn[2]["top"]) == 5
+    for i in sorted(drawn):
+        assert drawn[i] == alone[i](outputs[i]) and together[i].generated == alone[i].generated
+    assert draw_greedy_together(states()[:1], outputs[:1]) == {}  # one session: nothing to share
+    assert draw_greedy_together([None, *states()[:1]], outputs[:2]) == {}  # a middle stage's hidden states have no sampler

@@ -9,6 +9,10 @@ costs one thread hop.
 A request may carry ``then``, called on the compute thread with the result and the
 compute seconds it took: the hop server uses it to send a decode step's output to the
 next hop at once, without waiting for the event loop to wake up (mesh/link.py).
+
+On the last stage each request's ``after`` samples its session's token. Given
+``draw_together`` (:func:`~.sampler_state.draw_greedy_together`), the batch's plain greedy
+sessions are drawn in one call instead, the rest one by one.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from .compute_thread import compute_thread
 from .memory_release import MemoryRelease
 
 log = logging.getLogger("shardmesh.backends.batcher")
+
+# (each request's ``after``, the batch's outputs) -> some requests' results, by index
+DrawTogether = Callable[[list[Any], list[RawTensor]], dict[int, Any]]
 
 
 @dataclass
@@ -43,9 +50,10 @@ class _Pending:
 class StepBatcher:
     """Owns one stage; :meth:`run` must be running in a nursery for steps to complete."""
 
-    def __init__(self, stage: Stage, max_batch: int = 32) -> None:
+    def __init__(self, stage: Stage, max_batch: int = 32, draw_together: DrawTogether | None = None) -> None:
         self.stage = stage
         self.max_batch = max_batch
+        self.draw_together = draw_together
         self._queue: list[_Pending] = []
         self._wakeup = trio.Event()
         self._compute = compute_thread()  # one thread runs every stage call, in order
@@ -102,6 +110,15 @@ class StepBatcher:
                 for pending in batch:
                     pending.done.set()
 
+    def _drawn_together(self, batch: list[_Pending], outputs: list[RawTensor]) -> dict[int, Any]:
+        if self.draw_together is None or len(batch) < 2:
+            return {}
+        try:
+            return self.draw_together([p.after for p in batch], outputs)
+        except Exception:  # each request's own ``after`` then draws it, or says what is wrong
+            log.exception("drawing a batch's tokens together failed")
+            return {}
+
     def _step_batch(self, batch: list[_Pending]) -> None:
         """Compute thread: the batched step, then each request's ``after``."""
         began = time.perf_counter()
@@ -117,9 +134,13 @@ class StepBatcher:
                 for pending in batch:
                     self._step_batch([pending])
             return
-        for pending, output in zip(batch, outputs):
+        together = self._drawn_together(batch, outputs)
+        for i, (pending, output) in enumerate(zip(batch, outputs)):
             try:
-                pending.result = pending.after(output) if pending.after else output
+                if i in together:
+                    pending.result = together[i]
+                else:
+                    pending.result = pending.after(output) if pending.after else output
             except Exception as exc:
                 pending.error = exc
                 continue

@@ -10,9 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import torch
+
 from ..contract import BadRequest, RawTensor, SampledToken, SamplingParams
-from .torch.sampling import SamplingRefused, sample
+from .torch.sampling import SamplingRefused, greedy_rows, sample
 from .torch.tensors import tensor_from_raw
+
+__all__ = ["SamplerState", "draw_greedy_together"]
 
 
 @dataclass
@@ -53,6 +57,13 @@ class SamplerState:
                 break
         return drawn
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy, with nothing that depends on the session's history (no penalties) or
+        changes its logits (no bias): its tokens can be drawn with other sessions' at once."""
+        p = self.params
+        return p.greedy and not p.logit_bias and (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.0, 0.0, 0.0)
+
     def _draw(self, logits: Any) -> SampledToken:
         try:
             token = sample(logits, self.params, self.prompt_ids, self.generated)
@@ -72,6 +83,25 @@ class SamplerState:
         wire = _on_wire(first)
         wire["more"] = [[t["token"], t["logprob"], t["top"]] for t in map(_on_wire, more)]
         return wire
+
+
+def draw_greedy_together(afters: Sequence[Any], outputs: Sequence[RawTensor]) -> dict[int, dict[str, Any]]:
+    """Compute thread: for a batch's requests whose ``after`` is a plain greedy
+    :class:`SamplerState` (:attr:`~SamplerState.plain_greedy`), their tokens as each would
+    send them (``after(output)``), drawn over their stacked logits at once
+    (:func:`~.torch.sampling.greedy_rows`) and identical to drawing them one by one; by
+    the request's index. Rows that are not all finite, and every other request, are left
+    to their own ``after``."""
+    chosen = [i for i, a in enumerate(afters) if isinstance(a, SamplerState) and a.plain_greedy]
+    rows = [tensor_from_raw(outputs[i]).reshape(-1) for i in chosen]
+    if len(chosen) < 2 or len({r.numel() for r in rows}) != 1 or rows[0].numel() == 0:
+        return {}
+    drawn: dict[int, dict[str, Any]] = {}
+    for i, token in zip(chosen, greedy_rows(torch.stack(rows), [afters[i].params for i in chosen])):
+        if token is not None:
+            afters[i].generated.append(token.token_id)
+            drawn[i] = _on_wire(token)
+    return drawn
 
 
 def _on_wire(token: SampledToken) -> dict[str, Any]:

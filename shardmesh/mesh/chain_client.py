@@ -14,8 +14,9 @@ With ``trunks`` (:mod:`.result_trunks`) its steps go into the first hop on a tru
 its tokens come back on a results trunk, with those of the gateway's other sessions; the
 tokens are fed into the same channel.
 Any failure raises :class:`ChainFailed` naming the peer at fault (where an error frame
-can say so, see :func:`~.chain_blame.failure_of`), which is what the gateway needs to route around it;
-a request the last hop cannot sample raises :class:`BadRequest`, which blames no one.
+can say so, see :func:`~.chain_blame.failure_of`), which is what the gateway needs to
+route around it; a request the last hop cannot sample raises :class:`BadRequest`, which
+blames no one.
 
 The gateway's chain opener over the swarm, which makes these chains, is
 :class:`~shardmesh.mesh.mesh_chains.MeshChains`.
@@ -176,13 +177,15 @@ class RemoteChain:
         if await self._expect_ok(self._first, first, "open", open_wait(len(route))):
             self._trunk = trunk
         self._last = await self._connect(last)
-        results = self.trunks is not None and last != self.gateway and await self.trunks.results.to(last)
-        if results:
-            self.trunks.results.expect(self.session_id, last, self)  # type: ignore[union-attr]
-        wish = {"trunk": True} if results else request_fields(self.links, self._last, last)
+        results = self.trunks.results if self.trunks is not None and last != self.gateway else None
+        if results is not None and await results.to(last):
+            results.expect(self.session_id, last, self)  # before the attach: a token may follow its ok at once
+            wish = {"trunk": True}
+        else:
+            wish = request_fields(self.links, self._last, last)
         await self._write(self._last, last, {"t": ATTACH, "session": self.session_id, **wish})
-        if not await self._expect_ok(self._last, last, "attach", HOP_ANSWER) and self.trunks is not None:
-            self.trunks.results.forget(self.session_id)
+        if not await self._expect_ok(self._last, last, "attach", HOP_ANSWER) and results is not None:
+            results.forget(self.session_id)
         self._readers_running = 2
         self.nursery.start_soon(self._read_into_events, self._last, last)
         self.nursery.start_soon(self._read_into_events, self._first, first)

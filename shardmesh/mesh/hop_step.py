@@ -6,8 +6,9 @@ last hop's is a ``result`` frame with the sampled token for the gateway's attach
 sends the frame itself the moment the step is done, without a trip through the event
 loop. Where the session's steps (or, on the last hop, its tokens) go on a trunk
 (trunk.py), the compute thread puts the output into the trunk's frame, which leaves
-once the whole batch is done. What is wrong with the step raises a :class:`~shardmesh.mesh.wire.WireError` or
-the stage's error; the hop server turns either into an error frame.
+once the whole batch is done. What is wrong with the step raises a
+:class:`~shardmesh.mesh.wire.WireError` or the stage's error; the hop server turns
+either into an error frame.
 """
 
 from __future__ import annotations

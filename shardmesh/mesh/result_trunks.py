@@ -23,10 +23,10 @@ from typing import Any, Awaitable, Callable, Protocol
 import trio
 
 from .host import reset_quietly
-from .link_offers import Links, request_fields, upgrade_opener
-from .trunk import OPEN_WAIT, RETRY_AFTER, Trunks
+from .link_offers import Links
+from .trunk import RETRY_AFTER, Trunks, open_trunk
 from .trunk_frame import split_results
-from .wire import RESULT, RESULTS, TRUNK, Frame, FrameStream, StreamEnded, WireError
+from .wire import RESULTS, Frame, FrameStream, StreamEnded, WireError
 
 log = logging.getLogger("shardmesh.mesh.result_trunks")
 
@@ -85,7 +85,7 @@ class ResultTrunks:
             if peer in self._open:
                 return True
             try:
-                fs = await self._start(peer)
+                fs = await open_trunk(self._open_stream, self._links, self._max_payload, peer, results=True)
             except Exception as exc:  # an old node, or gone: tokens come on attach streams
                 log.info("no results trunk from %s: %s", peer, exc)
                 self._refused[peer] = time.monotonic() + RETRY_AFTER
@@ -93,19 +93,6 @@ class ResultTrunks:
             self._open[peer] = fs
             self._nursery.start_soon(self._read, peer, fs)
             return True
-
-    async def _start(self, peer: str) -> FrameStream:
-        fs = FrameStream(await self._open_stream(peer), max_payload=self._max_payload)
-        try:
-            await fs.write({"t": TRUNK, "results": True, **request_fields(self._links, fs, peer)})
-            reply = await fs.read_frame(idle_timeout=OPEN_WAIT)
-            if reply.type != RESULT or reply.header.get("ok") is not True:
-                raise WireError("bad_frame", f"a results trunk was answered with {reply.type}")
-            await upgrade_opener(self._links, fs, reply.header, peer, TRUNK)
-        except BaseException:
-            await reset_quietly(fs.stream)
-            raise
-        return fs
 
     def expect(self, session: str, last: str, reader: ResultReader) -> None:
         """Tokens for ``session`` from ``last`` go to ``reader`` from now on."""

@@ -37,7 +37,25 @@ log = logging.getLogger("shardmesh.mesh.trunk")
 OPEN_WAIT = 10.0  # s for the next hop to answer a trunk
 RETRY_AFTER = 60.0  # s before trying again to open a trunk to a peer that refused one
 
-__all__ = ["Trunk", "TrunkBatch", "Trunks"]
+__all__ = ["Trunk", "TrunkBatch", "Trunks", "open_trunk"]
+
+
+async def open_trunk(
+    open_stream: Callable[[str], Awaitable[Any]], links: Links | None, max_payload: int, peer: str, **fields: Any
+) -> FrameStream:
+    """A stream to ``peer`` that it took as a trunk (``trunk`` with ``fields``), moved to
+    a hop link where both ends can; raises if ``peer`` refuses or does not answer."""
+    fs = FrameStream(await open_stream(peer), max_payload=max_payload)
+    try:
+        await fs.write({"t": TRUNK, **fields, **request_fields(links, fs, peer)})
+        reply = await fs.read_frame(idle_timeout=OPEN_WAIT)
+        if reply.type != RESULT or reply.header.get("ok") is not True:
+            raise WireError("bad_frame", f"a trunk was answered with {reply.type}")
+        await upgrade_opener(links, fs, reply.header, peer, TRUNK)
+    except BaseException:
+        await reset_quietly(fs.stream)
+        raise
+    return fs
 
 
 @dataclass
@@ -231,17 +249,8 @@ class Trunks:
             return trunk
 
     async def _open(self, peer: str) -> Trunk:
-        fs = FrameStream(await self._open_stream(peer), max_payload=self._max_payload)
-        try:
-            await fs.write({"t": TRUNK, **request_fields(self._links, fs, peer)})
-            reply = await fs.read_frame(idle_timeout=OPEN_WAIT)
-            if reply.type != RESULT or reply.header.get("ok") is not True:
-                raise WireError("bad_frame", f"a trunk was answered with {reply.type}")
-            await upgrade_opener(self._links, fs, reply.header, peer, TRUNK)
-        except BaseException:
-            await reset_quietly(fs.stream)
-            raise
-        return Trunk(fs, peer, self._max_tokens)
+        stream = await open_trunk(self._open_stream, self._links, self._max_payload, peer)
+        return Trunk(stream, peer, self._max_tokens)
 
     async def _keep(self, trunk: Trunk) -> None:
         try:

@@ -38,6 +38,7 @@ async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, spa
     """Loads blocks ``[start, end)`` on the compute thread and measures their speed."""
     from ..backends.hop_compute import StageHopCompute
     from ..backends.local_chain import LocalChains
+    from ..backends.sampler_state import draw_greedy_together
     from ..backends.torch.throughput import cached_block_throughput, default_cache_dir, throughput_cache_key
 
     start, end = span
@@ -64,7 +65,7 @@ async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, spa
         f"serving {model.name} blocks [{start}, {end}) with {backend} on {stage.info.device} in {stage.info.dtype} "
         f"({throughput:.0f} tokens/s per block)"
     )
-    batcher = StepBatcher(stage)
+    batcher = StepBatcher(stage, draw_together=draw_greedy_together)
     return LocalBlocks(stage, batcher, StageHopCompute(batcher), LocalChains([batcher]), throughput)
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "SamplingRefused",
     "apply_penalties",
     "sample",
+    "greedy_rows",
     "sample_batch",
     "step_seed",
 ]
@@ -360,6 +361,30 @@ def _draw(x: torch.Tensor, params: SamplingParams, step: int) -> int:
     if pos >= cdf.numel():
         pos = int(torch.nonzero(probs > 0).max())
     return int(ids[pos]) if ids is not None else pos
+
+
+def greedy_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> list[SampledToken | None]:
+    """The token of each row of ``logits [batch, vocab]`` for greedy ``params`` without
+    penalties or bias, with the logprobs each asks for: what :func:`sample` gives row by
+    row (ties to the lowest id), from one argmax and one log-softmax over the batch.
+    None for a row that is not all finite, which :func:`sample` must see to refuse it
+    or to mask its -inf logits."""
+    rows = logits.detach().to(device="cpu", dtype=torch.float32)
+    finite = torch.isfinite(rows.sum(dim=1)).tolist()
+    best = torch.argmax(rows, dim=1).tolist()
+    lp = torch.log_softmax(rows, dim=-1) if any(p.logprobs or p.top_logprobs for p in params) else None
+    out: list[SampledToken | None] = []
+    for i, p in enumerate(params):
+        if not finite[i]:
+            out.append(None)
+            continue
+        logprob, top = None, ()
+        if lp is not None:
+            logprob = float(lp[i, best[i]]) if p.logprobs else None
+            n = min(p.top_logprobs, lp.shape[1])
+            top = tuple((int(j), float(lp[i, j])) for j in _best_ids(lp[i], n).tolist()) if n > 0 else ()
+        out.append(SampledToken(token_id=best[i], logprob=logprob, top_logprobs=top))
+    return out
 
 
 def sample_batch(
