@@ -14,7 +14,8 @@ import torch
 
 from shardmesh.backends.torch import sampling
 from shardmesh.contract import SampledToken, SamplingParams
-from shardmesh.backends.torch.sampling import apply_penalties, sample, sample_batch, step_seed
+from shardmesh.backends.torch.sampling import apply_penalties, sample, step_seed
+from shardmesh.backends.torch.sampling_rows import sample_batch
 
 
 def _logits(vocab: int = 64, seed: int = 0) -> torch.Tensor:

@@ -13,7 +13,8 @@ from typing import Any, Sequence
 import torch
 
 from ..contract import BadRequest, RawTensor, SampledToken, SamplingParams
-from .torch.sampling import SamplingRefused, greedy_rows, sample
+from .torch.sampling import SamplingRefused, sample
+from .torch.sampling_rows import greedy_rows
 from .torch.tensors import tensor_from_raw
 
 __all__ = ["SamplerState", "draw_greedy_together"]
@@ -89,7 +90,7 @@ def draw_greedy_together(afters: Sequence[Any], outputs: Sequence[RawTensor]) ->
     """Compute thread: for a batch's requests whose ``after`` is a plain greedy
     :class:`SamplerState` (:attr:`~SamplerState.plain_greedy`), their tokens as each would
     send them (``after(output)``), drawn over their stacked logits at once
-    (:func:`~.torch.sampling.greedy_rows`) and identical to drawing them one by one; by
+    (:func:`~.torch.sampling_rows.greedy_rows`) and identical to drawing them one by one; by
     the request's index. Rows that are not all finite, and every other request, are left
     to their own ``after``."""
     chosen = [i for i, a in enumerate(afters) if isinstance(a, SamplerState) and a.plain_greedy]

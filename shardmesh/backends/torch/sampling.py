@@ -55,9 +55,8 @@ from ...contract.sampling import SampledToken, SamplingParams
 __all__ = [
     "SamplingRefused",
     "apply_penalties",
+    "best_ids",
     "sample",
-    "greedy_rows",
-    "sample_batch",
     "step_seed",
 ]
 
@@ -157,12 +156,12 @@ def _log_softmax_info(raw: torch.Tensor, token_id: int, params: SamplingParams) 
     top: tuple[tuple[int, float], ...] = ()
     n = min(params.top_logprobs, lp.numel())
     if n > 0:
-        ids = _best_ids(lp, n)
+        ids = best_ids(lp, n)
         top = tuple((int(i), float(lp[i])) for i in ids.tolist())
     return logprob, top
 
 
-def _best_ids(x: torch.Tensor, k: int) -> torch.Tensor:
+def best_ids(x: torch.Tensor, k: int) -> torch.Tensor:
     """Ids of the ``k`` largest values, best first, ties broken by the lowest id.
 
     ``torch.topk`` is O(vocab) but picks arbitrarily among ties, which would make
@@ -326,7 +325,7 @@ def _draw(x: torch.Tensor, params: SamplingParams, step: int) -> int:
     # that summing 150k small numbers loses no mass.
     ids: torch.Tensor | None
     if 0 < params.top_k < vocab:
-        ids = _best_ids(x, params.top_k)
+        ids = best_ids(x, params.top_k)
         # Top-k renormalises over its survivors; top-p then measures mass within them.
         probs = torch.softmax(x[ids], dim=-1).to(torch.float64)
         if params.top_p < 1.0:
@@ -334,11 +333,11 @@ def _draw(x: torch.Tensor, params: SamplingParams, step: int) -> int:
             ids, probs = ids[:keep], probs[:keep]
     elif params.top_p < 1.0:
         full = torch.softmax(x, dim=-1)
-        # _best_ids(x, n) is exactly the first n ids of a stable best-first sort, so a
+        # best_ids(x, n) is exactly the first n ids of a stable best-first sort, so a
         # prefix gives the same nucleus as the full sort whenever the nucleus ends
         # inside it. Try growing prefixes; sort everything only as a last resort.
         for n in (*_NUCLEUS_PREFIXES, vocab):
-            ids = _best_ids(x, min(n, vocab))
+            ids = best_ids(x, min(n, vocab))
             probs = full[ids].to(torch.float64)
             keep = _nucleus_len(probs, params.top_p)
             if keep < ids.numel() or ids.numel() == vocab:
@@ -361,52 +360,3 @@ def _draw(x: torch.Tensor, params: SamplingParams, step: int) -> int:
     if pos >= cdf.numel():
         pos = int(torch.nonzero(probs > 0).max())
     return int(ids[pos]) if ids is not None else pos
-
-
-def greedy_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> list[SampledToken | None]:
-    """The token of each row of ``logits [batch, vocab]`` for greedy ``params`` without
-    penalties or bias, with the logprobs each asks for: what :func:`sample` gives row by
-    row (ties to the lowest id), from one argmax and one log-softmax over the batch.
-    None for a row that is not all finite, which :func:`sample` must see to refuse it
-    or to mask its -inf logits."""
-    rows = logits.detach().to(device="cpu", dtype=torch.float32)
-    finite = torch.isfinite(rows.sum(dim=1)).tolist()
-    best = torch.argmax(rows, dim=1).tolist()
-    lp = torch.log_softmax(rows, dim=-1) if any(p.logprobs or p.top_logprobs for p in params) else None
-    out: list[SampledToken | None] = []
-    for i, p in enumerate(params):
-        if not finite[i]:
-            out.append(None)
-            continue
-        logprob, top = None, ()
-        if lp is not None:
-            logprob = float(lp[i, best[i]]) if p.logprobs else None
-            n = min(p.top_logprobs, lp.shape[1])
-            top = tuple((int(j), float(lp[i, j])) for j in _best_ids(lp[i], n).tolist()) if n > 0 else ()
-        out.append(SampledToken(token_id=best[i], logprob=logprob, top_logprobs=top))
-    return out
-
-
-def sample_batch(
-    logits: torch.Tensor,
-    params: Sequence[SamplingParams],
-    prompt_ids: Sequence[Sequence[int]],
-    generated_ids: Sequence[Sequence[int]],
-) -> list[SampledToken]:
-    """:func:`sample` for each row of ``logits [batch, vocab]``.
-
-    Each row uses its own params and history, and the result is identical to calling
-    :func:`sample` row by row: a session's tokens never depend on what it was batched
-    with, which a replay on another machine (with different batch-mates) relies on.
-    """
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(f"logits must have shape [batch, vocab], got {getattr(logits, 'shape', type(logits).__name__)}")
-    b = logits.shape[0]
-    if not len(params) == len(prompt_ids) == len(generated_ids) == b:
-        raise ValueError(
-            f"batch of {b} logit rows needs as many params/prompt_ids/generated_ids, "
-            f"got {len(params)}/{len(prompt_ids)}/{len(generated_ids)}"
-        )
-    # One conversion for the whole batch instead of one per row.
-    rows = logits.detach().to(device="cpu", dtype=torch.float32)
-    return [sample(rows[i], params[i], prompt_ids[i], generated_ids[i]) for i in range(b)]
