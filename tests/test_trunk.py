@@ -364,6 +364,24 @@ def test_a_malformed_frame_ends_the_trunk_and_no_session(model_path) -> None:
     under_a_trunk(model_path, attack)
 
 
+def test_a_peer_has_one_steps_trunk_at_a_time(model_path) -> None:
+    async def attack(client: Client, other: Client, server: HopServer) -> None:
+        (_, attach) = await client.open("s", trunk=True)
+        first = await client.trunk()
+        theirs = await other.trunk()
+        second = await client.trunk()  # ends the first, not the other peer's
+        await ended(first)
+        assert set(server.trunks_in) == {client.host.peer_id_str, other.host.peer_id_str}
+        await second.write(*steps_frame([(2, step("s", 0, 2), hidden_states(2, 1))]))
+        await token_of(attach)
+        await theirs.write(*steps_frame([(2, step("s", 2, 1), hidden_states(1, 2))]))  # not theirs to feed
+        with trio.fail_after(10):
+            while server.trunk_counts.dropped < 1:
+                await trio.sleep(0.05)
+
+    under_a_trunk(model_path, attack)
+
+
 def test_a_last_hop_sends_the_tokens_of_one_batch_in_one_results_frame(model_path) -> None:
     async def attack(client: Client, other: Client, server: HopServer) -> None:
         results = await client.trunk(results=True)

@@ -95,6 +95,7 @@ class HopServer:
         self.trunks = Trunks(self.open_stream, links, self.max_payload, limits.max_tokens_per_step) if trunks else None
         self.trunk_counts = TrunkCounts()
         self.to_gateways: dict[str, Trunk] = {}  # results trunks, by the gateway that opened each
+        self.trunks_in: dict[str, FrameStream] = {}  # steps trunks, by the peer that opened each
         self._nursery: trio.Nursery | None = None
 
     def serve(self, served: HopCompute | None) -> None:
@@ -168,7 +169,7 @@ class HopServer:
                 if self.allowed is not None and not self.allowed(upstream_peer):
                     raise WireError("forbidden", "this is a private swarm")
                 await serve_trunk(self.sessions, self.links, fs, first, upstream_peer, self.limits.max_tokens_per_step,
-                                  self.limits.idle_timeout, self.trunk_counts, self.to_gateways)  # fmt: skip
+                                  self.limits.idle_timeout, self.trunk_counts, self.to_gateways, self.trunks_in)  # fmt: skip
             else:
                 raise WireError("bad_frame", f"a stream must start with open or attach{' or trunk' if self.trunks else ''}, not {first.type}")
         except StreamEnded:

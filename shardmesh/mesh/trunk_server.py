@@ -10,6 +10,10 @@ own task runs it as if it had come on its stream, so a step that is wrong for it
 session ends that session alone. A frame that is wrong as a whole ends the trunk
 (docs/PROTOCOL.md 6.7).
 
+A peer has one steps trunk at a time here (its :class:`~.trunk.Trunks` keeps one per
+next hop, and opens another only when that one has ended): a newer one ends the older,
+so trunks cost a stranger's peer id one stream at most.
+
 A trunk opened with ``results: true`` runs the other way: the gateway that opened it
 reads, and the sessions it attaches here with ``trunk: true`` send their tokens on it,
 those sampled in one batch as one ``results`` frame. A gateway has one at a time here;
@@ -47,14 +51,20 @@ class TrunkCounts:
 async def serve_trunk(
     sessions: Mapping[str, HopSession], links: Links | None, fs: FrameStream, frame: Frame, upstream_peer: str,
     max_tokens: int, idle_timeout: float, counts: TrunkCounts, to_gateways: MutableMapping[str, Trunk],
+    steps_from: MutableMapping[str, FrameStream],
 ) -> None:
-    """Serve ``frame`` (a ``trunk`` from ``upstream_peer``) until the trunk ends; a
-    results trunk is kept in ``to_gateways`` meanwhile, by its gateway's peer id."""
+    """Serve ``frame`` (a ``trunk`` from ``upstream_peer``) until the trunk ends; it is
+    kept meanwhile, by that peer's id, in ``to_gateways`` (a results trunk) or
+    ``steps_from``."""
     offer, link_fields = offer_fields(links, frame.header)
     await fs.write({"t": RESULT, "ok": True, **link_fields})
     if frame.header.get("results") is True:
         await _serve_results(links, fs, offer, upstream_peer, max_tokens, to_gateways)
         return
+    older = steps_from.get(upstream_peer)
+    steps_from[upstream_peer] = fs
+    if older is not None:
+        await reset_quietly(older.stream)
     try:
         while True:
             got = await fs.read_frame(idle_timeout=idle_timeout, check=lambda h: _check(h, max_tokens))
@@ -75,6 +85,8 @@ async def serve_trunk(
                 session.inbox.deliver(step)
     finally:
         withdraw(links, offer)
+        if steps_from.get(upstream_peer) is fs:
+            del steps_from[upstream_peer]
 
 
 def _check(header: dict, max_tokens: int) -> None:
