@@ -165,6 +165,9 @@ def _add_bench(sub) -> None:
                    help="the torch stage alone on its device (--device): decode steps at batch 1, 8 and 32, steps with "
                         "draft tokens, prefills")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="with --stage: where it runs")
+    p.add_argument("--prefill", action="store_true",
+                   help="time to first token of a 2,048-token prompt through 1- and 3-node chains next to transformers' "
+                        "forward in bfloat16 and float32, and over the turns of a growing chat")
     p.add_argument("--memory", action="store_true",
                    help="resident memory of a --layers none gateway and of a serving node (beyond weights and KV cache)")
     p.add_argument("--audit", action="store_true",

@@ -69,6 +69,23 @@ def test_concurrent_bench_runs_every_setup_and_reads_the_stages_batches(tmp_path
     assert "1 torch thread per process" in run.stdout and "default threads" not in run.stdout
 
 
+def test_prefill_bench_prints_the_floor_the_chains_and_a_chat_s_turns(tmp_path) -> None:
+    from shardmesh.tools.tiny_model import cached_tiny_model
+
+    model = cached_tiny_model("llama", layers=4, hidden=64, context_length=4096)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-m", "shardmesh", "bench", "--prefill", "--model", str(model), "--dtype", "float32"],
+                         capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
+    for dtype in ("bfloat16", "float32"):
+        assert re.search(rf"transformers forward, {dtype} +[\d.]+ s", out), out
+    for hops in (1, 3):
+        assert re.search(rf"{hops}-node chain, time to first token +[\d.]+ s +[\d.]+x transformers' faster dtype", out), out
+    turns = re.findall(r"(\d+): ([\d.]+) s", out.split("time to first token per turn", 1)[1])
+    assert [int(t) for t, _ in turns] == list(range(1, 11)) and all(float(s) > 0 for _, s in turns), out
+
+
 def test_session_counts_are_checked() -> None:
     from shardmesh.cli import _session_counts
     from shardmesh.tools.bench_concurrent import spans

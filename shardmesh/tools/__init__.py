@@ -15,6 +15,7 @@ __all__ = [
     "bench_memory",
     "bench_mesh",
     "bench_no_mesh",
+    "bench_prefill",
     "bench_stage",
     "bench_wan",
     "bench_wire",

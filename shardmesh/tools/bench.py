@@ -122,6 +122,10 @@ def run_bench(args) -> int:
         from .bench_memory import run_memory_bench
 
         return run_memory_bench(path, args.dtype)
+    if args.prefill:  # transformers in this process, then node processes
+        from .bench_prefill import run_prefill_bench
+
+        return run_prefill_bench(path, args.dtype)
     if args.stage:  # the stage alone
         from .bench_stage import run_stage_bench
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+
+import trio
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +31,11 @@ def bench_model_path(model: str | None) -> Path:
     return cached_tiny_model(**BENCH_MODEL)
 
 
-def prompt_ids(vocab: int, n: int) -> list[int]:
-    """The same pseudo-random prompt in every run and process."""
+def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
+    """The same pseudo-random prompt in every run and process (one per ``seed``)."""
     import torch
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     return torch.randint(10, vocab, (n,), generator=g).tolist()
 
 
@@ -78,3 +80,32 @@ async def http_decode_rate(url: str, model: str, prompt: str, tokens: int, **fie
                         first = last
     assert count == tokens, f"received {count} of {tokens} tokens"
     return (count - 1) / (last - first)
+
+
+async def gateway_model(url: str, wait: float = 120.0) -> str:
+    """The gateway's model id, once it has a complete chain (within ``wait`` s)."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        deadline = time.monotonic() + wait
+        while (await client.get(url + "/health")).status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no complete chain within {wait:.0f} s")
+            await trio.sleep(1)
+        return (await client.get(url + "/v1/models")).json()["data"][0]["id"]
+
+
+async def http_ttft(url: str, model: str, prompt: list[int]) -> float:
+    """Seconds from sending a completion request (token ids) to its first streamed token."""
+    import httpx
+
+    body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True}
+    async with httpx.AsyncClient(timeout=600) as client:
+        t0 = time.perf_counter()
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"a {len(prompt)}-token prompt: {resp.status_code} {(await resp.aread()).decode()[:300]}")
+            async for line in resp.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]" and json.loads(line[6:])["choices"]:
+                    return time.perf_counter() - t0
+    raise RuntimeError("no token came back")

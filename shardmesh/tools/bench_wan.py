@@ -32,7 +32,6 @@ for this many hops (:func:`~shardmesh.api.resumable.prefill_chunk`).
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import subprocess
@@ -43,7 +42,7 @@ from pathlib import Path
 
 import trio
 
-from .bench_common import http_decode_rate, prompt_ids
+from .bench_common import gateway_model, http_decode_rate, http_ttft, prompt_ids
 from .node_processes import NodeProcess, start_node, stop_all, wait_gateway, wait_serving
 
 TTFT_PROMPTS = (32, 2048)
@@ -112,35 +111,6 @@ class WanChain:
             line.wait(timeout=10)
 
 
-async def _ttft(url: str, model: str, prompt: list[int]) -> float:
-    """Seconds from sending a completion request to its first streamed token."""
-    import httpx
-
-    body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True}
-    async with httpx.AsyncClient(timeout=600) as client:
-        t0 = time.perf_counter()
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                raise RuntimeError(f"a {len(prompt)}-token prompt: {resp.status_code} {(await resp.aread()).decode()[:300]}")
-            async for line in resp.aiter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]" and json.loads(line[6:])["choices"]:
-                    return time.perf_counter() - t0
-    raise RuntimeError("no token came back")
-
-
-async def _ready(url: str) -> str:
-    """The gateway's model id, once it has a complete chain."""
-    import httpx
-
-    async with httpx.AsyncClient(timeout=30) as client:
-        deadline = time.monotonic() + 120
-        while (await client.get(url + "/health")).status_code != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError("no complete chain within 120 s")
-            await trio.sleep(1)
-        return (await client.get(url + "/v1/models")).json()["data"][0]["id"]
-
-
 async def _trips(url: str) -> tuple[float, float, float, float]:
     """The gateway's decode trips, their tokens, drafts proposed and kept (/metrics)."""
     import httpx
@@ -182,10 +152,10 @@ async def _aggregate(url: str, model: str, sessions: int, tokens: int, **fields)
 
 
 async def _measure(url: str, tokens: int, repeats: int, vocab: int) -> dict[str, dict[str, float]]:
-    model = await _ready(url)
+    model = await gateway_model(url)
     figures = {"plain": await _rate(url, model, tokens, repeats, speculative=False),
                "lookup": await _rate(url, model, tokens, repeats)}
-    figures["ttft"] = {str(n): await _ttft(url, model, prompt_ids(vocab, n)) for n in TTFT_PROMPTS}
+    figures["ttft"] = {str(n): await http_ttft(url, model, prompt_ids(vocab, n)) for n in TTFT_PROMPTS}
     figures["sessions"] = {f"{n}{'' if spec else '-plain'}": await _aggregate(url, model, n, tokens, speculative=spec)
                            for spec in (False, True) for n in (1, CONCURRENT)}
     return figures
@@ -237,7 +207,7 @@ async def _prefill_times(chain: WanChain, prompt: list[int], chunks: tuple[int, 
 
 
 async def _measure_draft(url: str, tokens: int, repeats: int) -> dict[str, float]:
-    return await _rate(url, await _ready(url), tokens, repeats)
+    return await _rate(url, await gateway_model(url), tokens, repeats)
 
 
 def _line(name: str, r: dict[str, float]) -> str:

@@ -1,0 +1,112 @@
+"""``shardmesh bench --prefill``: time to first token for a long prompt, and over a chat.
+
+From one run, on the bench model (or ``--model``):
+
+* **the floor**: transformers' own forward over a 2,048-token prompt in bfloat16 and in
+  float32, in this process (best of two after a warm-up). Whichever is faster is what
+  a prefill can reach on this machine: bfloat16 matmuls are native on some CPUs (AVX-512
+  BF16, AMX) and emulated, several times slower, on others;
+* **through chains**: the same prompt's time to first token through a 1-node chain
+  (``--layers all`` with its gateway, torch's own threads, as transformers has) and a
+  3-node chain with a ``--layers none`` gateway (one torch thread per process, as
+  processes sharing a machine should): node processes on loopback, a streamed
+  completion over HTTP (best of two);
+* **a chat's turns** through the 3-node chain: a history of 1,376 tokens that grows by
+  64 new tokens a turn, ten turns, each turn's time to first token. Every turn pays its
+  whole history again: no prefix is kept between turns (docs/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from .bench_common import gateway_model, http_ttft, prompt_ids
+from .bench_concurrent import spans
+from .node_processes import NodeProcess, start_chain, start_node, stop_all, wait_gateway
+
+PREFILL_TOKENS = 2048
+CHAT_START = 1376  # the first turn's history; the tenth reaches 2,016 tokens
+CHAT_TURN = 64  # new tokens a turn
+CHAT_TURNS = 10
+
+__all__ = ["run_prefill_bench"]
+
+
+def transformers_prefill(path: Path, dtype: str, prompt: list[int]) -> float:
+    """Best of two of transformers' forward over ``prompt`` in ``dtype``, after a warm-up."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
+    ids = torch.tensor([prompt])
+    best = float("inf")
+    with torch.no_grad():
+        model(ids[:, :128])
+        for _ in range(2):
+            t0 = time.perf_counter()
+            model(ids)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def start_setup(path: Path, dtype: str, total: int, hops: int, key_dir: Path) -> tuple[list[NodeProcess], NodeProcess]:
+    """``hops`` serving node processes (one alone with torch's threads, several with one
+    thread each) and the gateway to use."""
+    nodes = start_chain(path, dtype, ["all"] if hops == 1 else spans(total, hops), key_dir, None if hops == 1 else 1, api=hops == 1)
+    if hops == 1:
+        return nodes, nodes[0]
+    try:
+        gateway = start_node(path, "none", dtype, key_dir, nodes[0].address, 1, api=True, name="gateway")
+        nodes.append(gateway)
+        wait_gateway(gateway)
+    except BaseException:
+        stop_all(nodes)
+        raise
+    return nodes, gateway
+
+
+async def chain_ttft(url: str, prompt: list[int], history: list[int] | None) -> tuple[float, list[float]]:
+    """The prompt's best time to first token of two, and each turn's of a chat over
+    ``history`` (its first turn ``CHAT_START`` tokens long, each next turn ``CHAT_TURN``
+    tokens longer)."""
+    model = await gateway_model(url)
+    await http_ttft(url, model, prompt[:64])  # warm-up: routes, links, the first allocation
+    best = min([await http_ttft(url, model, prompt) for _ in range(2)])
+    chat = []
+    for turn in range(1, CHAT_TURNS + 1) if history else ():
+        chat.append(await http_ttft(url, model, history[: CHAT_START + CHAT_TURN * turn]))
+    return best, chat
+
+
+def run_prefill_bench(path: Path, dtype: str) -> int:
+    from tokenizers import Tokenizer
+
+    config = json.loads((path / "config.json").read_text())
+    # Prompt ids the gateway takes: within the tokenizer's vocabulary.
+    vocab = min(config["vocab_size"], Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size())
+    prompt = prompt_ids(vocab, PREFILL_TOKENS)
+    history = prompt_ids(vocab, CHAT_START + CHAT_TURN * CHAT_TURNS, seed=1)  # shares no prefix with the prompt
+    print(f"{PREFILL_TOKENS}-token prefill, {path.name}, nodes in {dtype} on 127.0.0.1 (one torch thread each in the 3-node chain)", flush=True)
+    floor = {dt: transformers_prefill(path, dt, prompt) for dt in ("bfloat16", "float32")}
+    for dt, seconds in floor.items():
+        print(f"transformers forward, {dt:9s} {seconds:6.2f} s", flush=True)
+    fastest = min(floor.values())
+    key_dir = Path(tempfile.mkdtemp(prefix="shardmesh-bench-"))
+    chat: list[float] = []
+    for hops in (1, 3):
+        nodes, gateway = start_setup(path, dtype, config["num_hidden_layers"], hops, key_dir)
+        try:
+            seconds, turns = trio.run(chain_ttft, gateway.url, prompt, history if hops == 3 else None)
+        finally:
+            stop_all(nodes)
+        chat = turns or chat
+        print(f"{hops}-node chain, time to first token {seconds:6.2f} s   {seconds / fastest:.2f}x transformers' faster dtype", flush=True)
+    print(f"\na chat through the 3-node chain: {CHAT_START} tokens, then {CHAT_TURN} more a turn; time to first token per turn")
+    print("  " + "  ".join(f"{i}: {s:.2f} s" for i, s in enumerate(chat, 1)))
+    print(f"turn 2 {chat[1]:.2f} s, turn {CHAT_TURNS} {chat[-1]:.2f} s (no prefix cache: each turn prefills its whole history)")
+    return 0
