@@ -69,9 +69,7 @@ async def run_step(session: HopSession, frame: Frame, downstream: FrameStream | 
         if session.attach is None:
             raise WireError("gateway_gone", "the gateway's result stream is gone")
         if session.results_trunk is not None:  # attached with a trunk while this step ran
-            batch = session.results_trunk.add(0, *frame_for(done.value, done.seconds))
-            session.results_trunk.flush()
-            await session.results_trunk.written(batch)
+            await session.results_trunk.send(0, *frame_for(done.value, done.seconds))
             return
         target = session.attach
     assert target is not None
@@ -91,10 +89,10 @@ async def _step_to_trunk(
         return True
 
     done = await session.served.step(session.id, inputs, position, sampler, to_trunk, drafts, flush=trunk.flush)
-    if not done.sent:
-        batches.append(trunk.add(session.end, *frame_for(done.value, done.seconds)))
-        trunk.flush()
-    await trunk.written(batches[0])
+    if done.sent:
+        await trunk.written(batches[0])
+    else:
+        await trunk.send(session.end, *frame_for(done.value, done.seconds))
 
 
 def drafts_of(header: dict[str, Any], n: int, want: bool) -> list[int]:

@@ -183,6 +183,13 @@ class Trunk:
                     self._queued -= 1
                 batch.written.set()
 
+    async def send(self, start: int, header: dict[str, Any], payload: bytes = b"") -> None:
+        """In trio: :meth:`add`, :meth:`flush` and :meth:`written`, for an output that no
+        batch on the compute thread took."""
+        batch = self.add(start, header, payload)
+        self.flush()
+        await self.written(batch)
+
     def add_soon(self, start: int, header: dict[str, Any], payload: bytes = b"") -> TrunkBatch:
         """In trio: :meth:`add`, the frame sent once the tasks that can run now have run
         (a gateway's sessions, woken together by their tokens, step together)."""

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import trio
 
-from .node_processes import NodeProcess, start_chain, start_node, stop_all, wait_gateway
+from .node_processes import NodeProcess, add_gateway, start_chain, stop_all
 
 TINY_QWEN3 = dict(arch="qwen3", layers=8, hidden=256, seed=9)  # the model of issue 23's figures
 SETUPS = ("one node", "2-node chain", "3-node chain", "3-node no trunks")
@@ -79,14 +79,7 @@ def start_setup(path: Path, dtype: str, total: int, setup: str, threads: int | N
     nodes = start_chain(path, dtype, parts, key_dir, threads, api=True, extra=extra)  # every hop with a gateway, for its /metrics
     if setup == "one node":
         return nodes, nodes[0]
-    try:
-        gateway = start_node(path, "none", dtype, key_dir, nodes[0].address, threads, api=True, name="gateway")
-        nodes.append(gateway)
-        wait_gateway(gateway)
-    except BaseException:
-        stop_all(nodes)
-        raise
-    return nodes, gateway
+    return nodes, add_gateway(nodes, path, dtype, key_dir, threads)
 
 
 def stage_counts_from(metrics: str, items: str = "stage_steps", groups: str = "stage_batches") -> tuple[float, float] | None:

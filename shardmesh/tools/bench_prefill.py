@@ -27,7 +27,7 @@ import trio
 
 from .bench_common import gateway_model, http_ttft, prompt_ids
 from .bench_concurrent import spans
-from .node_processes import NodeProcess, start_chain, start_node, stop_all, wait_gateway
+from .node_processes import NodeProcess, add_gateway, start_chain, stop_all
 
 PREFILL_TOKENS = 2048
 CHAT_START = 1376  # the first turn's history; the tenth reaches 2,016 tokens
@@ -60,14 +60,7 @@ def start_setup(path: Path, dtype: str, total: int, hops: int, key_dir: Path) ->
     nodes = start_chain(path, dtype, ["all"] if hops == 1 else spans(total, hops), key_dir, None if hops == 1 else 1, api=hops == 1)
     if hops == 1:
         return nodes, nodes[0]
-    try:
-        gateway = start_node(path, "none", dtype, key_dir, nodes[0].address, 1, api=True, name="gateway")
-        nodes.append(gateway)
-        wait_gateway(gateway)
-    except BaseException:
-        stop_all(nodes)
-        raise
-    return nodes, gateway
+    return nodes, add_gateway(nodes, path, dtype, key_dir, 1)
 
 
 async def chain_ttft(url: str, prompt: list[int], history: list[int] | None) -> tuple[float, list[float]]:

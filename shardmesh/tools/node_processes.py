@@ -102,6 +102,19 @@ def start_chain(
         raise
 
 
+def add_gateway(nodes: list[NodeProcess], path: Path, dtype: str, key_dir: Path, threads: int | None) -> NodeProcess:
+    """A ``--layers none`` gateway joined to ``nodes[0]``, appended to ``nodes`` once it
+    serves; on failure every node of ``nodes`` is stopped."""
+    try:
+        gateway = start_node(path, "none", dtype, key_dir, nodes[0].address, threads, api=True, name="gateway")
+        nodes.append(gateway)
+        wait_gateway(gateway)
+    except BaseException:
+        stop_all(nodes)
+        raise
+    return gateway
+
+
 def stop_all(nodes: list[NodeProcess]) -> None:
     for node in nodes:
         node.proc.terminate()
