@@ -263,6 +263,11 @@ def test_forged_gossip_is_ignored() -> None:
                     lambda: g.registry.stats.invalid_dropped >= dropped + len(forgeries) + 1, 5, "replay dropped"
                 )
                 assert g.registry.get(a.host.peer_id_str).state == "online"
+                # Leave G while the attacker's pubsub still runs: a gossip message read
+                # after its service stopped would be handed to a closed nursery
+                # (py-libp2p's pubsub schedules each message on its service manager).
+                await attacker.host.disconnect(g.host.peer_id)
+                await trio.sleep(0.1)
 
     trio.run(_with_deadline, main)
 
