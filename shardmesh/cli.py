@@ -54,6 +54,9 @@ def _add_run(sub) -> None:
                    help="keep every session on its libp2p stream (slower per hop; for networks that allow one port only)")
     p.add_argument("--no-trunks", action="store_true",
                    help="send each session's steps on its own stream or link, not those of concurrent sessions to the same next hop in one frame")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="compute every history from its start: keep no finished session's keys and values for the "
+                        "next turn of a chat, and ask no hop for them")
     p.add_argument("--max-blocks", type=int, default=NodeConfig.max_blocks, metavar="N", help="with --layers auto: serve at most N blocks")
     p.add_argument("--memory-fraction", type=float, default=NodeConfig.memory_fraction, metavar="F",
                    help="with --layers auto: share of the free memory (VRAM on a GPU) to fill with weights + KV cache (default %(default)g)")
@@ -210,6 +213,7 @@ def run(args) -> int:
         mdns=not args.no_mdns,
         links=not args.no_links,
         trunks=not args.no_trunks,
+        prefix_cache=not args.no_prefix_cache,
         relay_service=args.relay_service == "on",
         link_port=args.link_port,
         max_blocks=args.max_blocks,

@@ -82,8 +82,12 @@ def test_prefill_bench_prints_the_floor_the_chains_and_a_chat_s_turns(tmp_path) 
         assert re.search(rf"transformers forward, {dtype} +[\d.]+ s", out), out
     for hops in (1, 3):
         assert re.search(rf"{hops}-node chain, time to first token +[\d.]+ s +[\d.]+x transformers' faster dtype", out), out
-    turns = re.findall(r"(\d+): ([\d.]+) s", out.split("time to first token per turn", 1)[1])
-    assert [int(t) for t, _ in turns] == list(range(1, 11)) and all(float(s) > 0 for _, s in turns), out
+    for cache in ("on ", "off"):
+        line = re.search(rf"^prefix cache {cache} (.*)$", out, re.M)
+        assert line is not None, out
+        turns = re.findall(r"(\d+): ([\d.]+) s", line.group(1))
+        assert [int(t) for t, _ in turns] == list(range(1, 11)) and all(float(s) > 0 for _, s in turns), out
+    assert re.search(r"turn 10 [\d.]+ s with, [\d.]+ s without \([\d.]+x\)", out), out
 
 
 def test_session_counts_are_checked() -> None:

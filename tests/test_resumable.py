@@ -62,7 +62,7 @@ class BreakingChains:
                     outer.no_route_for -= 1
                     raise NoRoute("nobody serves block 2 right now")
                 outer.opened.append((session_id, list(generated)))
-                await real.open(max_length)
+                return await real.open(max_length)
 
             async def step(self, token_ids, position, want_token):
                 outer.steps += 1
@@ -70,8 +70,8 @@ class BreakingChains:
                     raise ChainFailed("peer-b", "peer_lost", "the second hop's stream ended")
                 return await real.step(token_ids, position, want_token)
 
-            async def close(self):
-                await real.close()
+            async def close(self, fed=()):
+                await real.close(fed)
 
         return Breaking()
 

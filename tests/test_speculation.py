@@ -369,8 +369,8 @@ class _TruthChains:
                 self.session_id, self.route = session_id, route or outer.find_route(0, avoid)
                 self.history: list[int] = []
 
-            async def open(self, max_length: int) -> None:
-                return None
+            async def open(self, max_length: int) -> int:
+                return 0
 
             async def step(self, token_ids, position, want_token):
                 self.history[position:] = token_ids
@@ -391,7 +391,7 @@ class _TruthChains:
                 drawn.append(outer.truth(self.history) if lie is None else lie)
                 return [outer.answer(t) for t in drawn]
 
-            async def close(self) -> None:
+            async def close(self, fed=()) -> None:
                 return None
 
         return Chain()

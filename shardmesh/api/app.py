@@ -260,15 +260,19 @@ def create_app(
     generator: Generator, *, api_key: str | None = None, swarm: Callable[[], dict] | None = None,
     stage_counts: Callable[[], tuple[int, int]] | None = None, links_taken: Callable[[], int] | None = None,
     trunk_counts: Callable[[], tuple[int, int, int, int]] | None = None, cors_origins: tuple[str, ...] = (),
+    prefix_counts: Callable[[], tuple[int, int]] | None = None,
 ) -> Starlette:
     """The gateway app for ``generator``. With ``api_key``, /v1 and /metrics need it.
     ``swarm`` returns the swarm map for ``GET /v1/swarm``; ``stage_counts`` the steps and
     batches of the node's blocks for ``/metrics`` (:class:`~.metrics.StageCounters`);
-    ``links_taken`` how many session hops moved to hop links; ``trunk_counts`` the frames
+    ``links_taken`` how many session hops moved to hop links; ``prefix_counts`` the tokens
+    its blocks took from their prefix cache and the bytes it holds; ``trunk_counts`` the frames
     and steps this node's trunks brought in (:class:`~.metrics.TrunkCounters`). ``cors_origins``: web
     pages of these origins may call the API from a browser (``--cors-origin``; none by
     default, so a page elsewhere cannot use a gateway on the user's machine)."""
-    gateway = Gateway(generator, Metrics(stage_counts, links_taken, speculation=lambda: generator.speculation, trunk_counts=trunk_counts), swarm)
+    metrics = Metrics(stage_counts, links_taken, speculation=lambda: generator.speculation, trunk_counts=trunk_counts,
+                      prefix_counts=prefix_counts, cached_tokens=lambda: generator.cached_tokens)
+    gateway = Gateway(generator, metrics, swarm)
     routes: list[BaseRoute] = [
         Route("/health", guarded(gateway.health), methods=["GET"]),
         Route("/v1/models", guarded(gateway.list_models), methods=["GET"]),

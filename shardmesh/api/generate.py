@@ -114,6 +114,7 @@ class Generator:
         self.drafts = drafts  # speculative decoding's proposals (None: off, --no-speculation)
         self.draft_tokens = draft_tokens  # the most proposed per step (--draft-tokens)
         self.speculation = SpeculationStats()
+        self.cached_tokens = 0  # history tokens its chains held already (prefix caches), all told
 
     def ready(self) -> bool:
         return self.chains.available()
@@ -197,5 +198,6 @@ class Generator:
             yield Finished("stop" if hit else "length", tail + ("" if hit else stops.flush()), len(prompt), max_tokens)
         finally:
             await chain.close()
+            self.cached_tokens += chain.cached_tokens
             if drafts is not None:
                 await drafts.close()

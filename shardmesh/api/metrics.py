@@ -34,7 +34,9 @@ class Metrics:
     def __init__(self, stage_counts: Callable[[], tuple[int, int]] | None = None,
                  links_taken: Callable[[], int] | None = None,
                  speculation: Callable[[], SpeculationStats] | None = None,
-                 trunk_counts: Callable[[], tuple[int, int, int, int]] | None = None) -> None:
+                 trunk_counts: Callable[[], tuple[int, int, int, int]] | None = None,
+                 prefix_counts: Callable[[], tuple[int, int]] | None = None,
+                 cached_tokens: Callable[[], int] | None = None) -> None:
         self.registry = CollectorRegistry()
         if speculation is not None:
             self.registry.register(SpeculationCounters(speculation))
@@ -44,6 +46,8 @@ class Metrics:
             self.registry.register(LinkCounter(links_taken))
         if trunk_counts is not None:
             self.registry.register(TrunkCounters(trunk_counts))
+        if prefix_counts is not None or cached_tokens is not None:
+            self.registry.register(PrefixCounters(prefix_counts, cached_tokens))
         self.requests = Counter(
             "shardmesh_http_requests",
             "HTTP requests answered, by route template, method and status code.",
@@ -111,6 +115,26 @@ class TrunkCounters:
         yield CounterMetricFamily("shardmesh_batched_result_frames", "Frames of several sessions' tokens received from last hops.",
                                   value=result_frames)  # fmt: skip
         yield CounterMetricFamily("shardmesh_batched_result_frame_tokens", "Sessions' results those frames carried.", value=results)
+
+
+class PrefixCounters:
+    """A collector read at scrape time: the history tokens this node's blocks took from
+    their prefix cache instead of computing them, the bytes that cache holds, and (a
+    gateway) the history tokens its chains held already when they opened."""
+
+    def __init__(self, counts: Callable[[], tuple[int, int]] | None, cached: Callable[[], int] | None) -> None:
+        self.counts, self.cached = counts, cached
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        if self.counts is not None:
+            reused, nbytes = self.counts()
+            yield CounterMetricFamily("shardmesh_prefix_tokens_reused", "History tokens this node's blocks took from their prefix cache.",
+                                      value=reused)
+            yield GaugeMetricFamily("shardmesh_prefix_cache_bytes", "Bytes of KV cache that finished sessions' prefixes hold here.",
+                                    value=nbytes)
+        if self.cached is not None:
+            yield CounterMetricFamily("shardmesh_prompt_tokens_cached", "History tokens the gateway's chains held already (not prefilled).",
+                                      value=self.cached())
 
 
 class SpeculationCounters:

@@ -26,9 +26,10 @@ __all__ = ["create_metrics_app"]
 def create_metrics_app(
     *, stage_counts: Callable[[], tuple[int, int]] | None = None, links_taken: Callable[[], int] | None = None,
     trunk_counts: Callable[[], tuple[int, int, int, int]] | None = None, api_key: str | None = None,
+    prefix_counts: Callable[[], tuple[int, int]] | None = None,
 ) -> Starlette:
     """An app with ``GET /metrics`` only: the node's stage, link and trunk counters."""
-    metrics = Metrics(stage_counts, links_taken, trunk_counts=trunk_counts)
+    metrics = Metrics(stage_counts, links_taken, trunk_counts=trunk_counts, prefix_counts=prefix_counts)
 
     async def render(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -58,6 +58,7 @@ class ResumableChain:
         self.generated: list[int] = []
         self.failovers = 0  # chains replaced after a failure mid-generation
         self.paused_seconds = 0.0  # total time spent replacing them
+        self.cached_tokens = 0  # history tokens its chains held already (prefix caches), not computed again
         self._base_id = uuid.uuid4().hex
         self._chains_opened = 0
         self._chain: Chain | None = None
@@ -111,11 +112,12 @@ class ResumableChain:
             self.failed_peers.add(exc.peer)
 
     async def close(self) -> None:
-        """Close the current chain, if any; never raises."""
+        """Close the current chain, if any; never raises. It is told every token it was
+        fed, so that its hops may keep their prefix for the next turn of the chat."""
         chain, self._chain = self._chain, None
         if chain is not None:
             with trio.CancelScope(shield=True):
-                await chain.close()
+                await chain.close(self.prompt_ids + self.generated)
 
     async def _open_and_replay(self, *, first: bool) -> SampledToken:
         """A fresh chain that has seen the whole history; retried until ``wait`` runs out.
@@ -135,8 +137,9 @@ class ResumableChain:
             avoid = frozenset(self.failed_peers)
             self._chain = self.opener.chain(session_id, self.sampling, self.prompt_ids, list(self.generated), avoid)
             try:
-                await self._chain.open(self.max_length)
-                return await self._replay(self._chain)
+                cached = await self._chain.open(self.max_length)
+                self.cached_tokens += cached
+                return await self._replay(self._chain, cached)
             except CacheBudgetExceeded as exc:
                 if first:
                     raise ModelUnavailable(f"busy: {exc}; retry later") from exc
@@ -174,15 +177,18 @@ class ResumableChain:
                                    f"moving in (waited {waited:.0f} s)")
         return deadline
 
-    async def _replay(self, chain: Chain) -> SampledToken:
+    async def _replay(self, chain: Chain, cached: int = 0) -> SampledToken:
         """Prompt and generated tokens in chunks (:func:`prefill_chunk`), sent one after
         the other without waiting: only the last asks for a token. So the hops of a
         route work as a pipeline, each on its own chunk, and the first token leaves the
-        last hop as soon as the last chunk is through."""
+        last hop as soon as the last chunk is through. The first ``cached`` tokens every
+        hop holds already (a prefix cache): the prefill starts after them."""
         history = self.prompt_ids + self.generated
-        size = prefill_chunk(len(history), chain.parallel_stages)
+        if not 0 <= cached < len(history):
+            cached = 0  # a chain must compute at least the last token, whose logits we need
+        size = prefill_chunk(len(history) - cached, chain.parallel_stages)
         token = None
-        for start in range(0, len(history), size):
+        for start in range(cached, len(history), size):
             chunk = history[start : start + size]
             token = await chain.step(chunk, start, start + len(chunk) == len(history))
         assert token is not None

@@ -21,6 +21,7 @@ __all__ = [
     "local_chain",
     "memory_release",
     "mlx",
+    "prefix_cache",
     "sampler_state",
     "torch",
     "weights",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import trio
 
@@ -61,15 +61,28 @@ class StepBatcher:
         self.batches = 0
         self.batched_requests = 0
 
-    async def open(self, session_id: str, max_length: int, start: int | None = None, end: int | None = None) -> None:
-        await self._compute.run(self.stage.open, session_id, max_length, start, end)
+    async def open(
+        self, session_id: str, max_length: int, start: int | None = None, end: int | None = None,
+        history: Sequence[int] = (), scope: str | None = None,
+    ) -> int:
+        """Open a session; with a ``scope``, reuse the longest cached prefix of ``history``
+        (:meth:`Stage.reuse_prefix`). Returns the tokens the session holds."""
+        return await self._compute.run(self._open_and_reuse, session_id, max_length, start, end, history, scope)
 
-    async def close(self, session_id: str) -> None:
-        await self._compute.run(self._close_and_release, session_id)
+    def _open_and_reuse(self, session_id: str, max_length: int, start: int | None, end: int | None,
+                        history: Sequence[int], scope: str | None) -> int:  # fmt: skip
+        self.stage.open(session_id, max_length, start, end)
+        return self.stage.reuse_prefix(session_id, history, scope) if scope is not None and history else 0
 
-    def _close_and_release(self, session_id: str) -> None:
+    async def close(self, session_id: str, fed: Sequence[int] = (), scope: str | None = None) -> None:
+        """Close a session; with a ``scope``, cache its prefix of ``fed`` first (:meth:`Stage.keep_prefix`)."""
+        await self._compute.run(self._close_and_release, session_id, fed, scope)
+
+    def _close_and_release(self, session_id: str, fed: Sequence[int] = (), scope: str | None = None) -> None:
         """Close on the compute thread, then give freed memory back (memory_release.py):
         when due, and always once the stage holds no session at all."""
+        if scope is not None and fed:
+            self.stage.keep_prefix(session_id, fed, scope)
         self.stage.close(session_id)
         self.memory.after_free(force=not getattr(self.stage, "sessions", True))
 

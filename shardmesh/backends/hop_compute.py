@@ -44,8 +44,10 @@ class StageHopCompute:
             raise BadInput(f"logit_bias token ids must lie in [0, {vocab})")
         return SamplerState(params, list(prompt_ids), list(generated))
 
-    async def open(self, session_id: str, max_length: int, start: int, end: int) -> None:
-        await self.batcher.open(session_id, max_length, start, end)
+    async def open(
+        self, session_id: str, max_length: int, start: int, end: int, history: Sequence[int] = (), scope: str | None = None,
+    ) -> int:
+        return await self.batcher.open(session_id, max_length, start, end, history, scope)
 
     async def step(
         self, session_id: str, inputs: RawTensor, position: int, sampler: SamplerState | None,
@@ -62,5 +64,5 @@ class StageHopCompute:
         request = StepRequest(session_id, inputs, position, draft=len(drafts) if sampler is not None else 0)
         return await self.batcher.step_timed(request, after=after, then=then, flush=flush)
 
-    async def close(self, session_id: str) -> None:
-        await self.batcher.close(session_id)
+    async def close(self, session_id: str, fed: Sequence[int] = (), scope: str | None = None) -> None:
+        await self.batcher.close(session_id, fed, scope)

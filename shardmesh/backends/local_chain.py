@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from array import array
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..contract import RawTensor, SampledToken, SamplingParams, StepRequest
 from .batcher import StepBatcher
 from .sampler_state import SamplerState
+
+LOCAL_SCOPE = "local"  # every session of this process's gateway may share prefixes
 
 
 class LocalChain:
@@ -20,15 +22,21 @@ class LocalChain:
 
     parallel_stages = 1  # one compute thread runs every stage of the process in turn
 
-    def __init__(self, batchers: list[StepBatcher], session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int]):
+    def __init__(
+        self, batchers: list[StepBatcher], session_id: str, sampling: SamplingParams, prompt_ids: list[int],
+        generated: list[int], prefixes: bool = True,
+    ) -> None:
         self.batchers = batchers
         self.session_id = session_id
         # Tokens drawn before this chain (a replay) count in the sampler's history.
         self.sampler = SamplerState(sampling, list(prompt_ids), list(generated))
+        self.history = [*prompt_ids, *generated]
+        self.scope = LOCAL_SCOPE if prefixes else None
 
-    async def open(self, max_length: int) -> None:
-        for batcher in self.batchers:
-            await batcher.open(self.session_id, max_length)
+    async def open(self, max_length: int) -> int:
+        """Open on every stage; the history tokens all of them hold (cached prefixes)."""
+        held = [await b.open(self.session_id, max_length, history=self.history, scope=self.scope) for b in self.batchers]
+        return min(held)
 
     async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None:
         """Feed ``token_ids`` starting at ``position``; sample the next token if asked."""
@@ -49,18 +57,20 @@ class LocalChain:
             x = await batcher.step(request, after=after if i == last else None)
         return x if after is not None else None
 
-    async def close(self) -> None:
-        """Close on every stage; safe after a partial or cancelled open. The compute
-        thread runs jobs in order, so this close lands after any open still queued."""
+    async def close(self, fed: Sequence[int] = ()) -> None:
+        """Close on every stage, each keeping its prefix of ``fed``; safe after a partial
+        or cancelled open. The compute thread runs jobs in order, so this close lands
+        after any open still queued."""
         for batcher in self.batchers:
-            await batcher.close(self.session_id)
+            await batcher.close(self.session_id, fed, self.scope)
 
 
 class LocalChains:
     """Makes :class:`LocalChain` sessions over a fixed list of local batchers."""
 
-    def __init__(self, batchers: list[StepBatcher]) -> None:
+    def __init__(self, batchers: list[StepBatcher], prefixes: bool = True) -> None:
         self.batchers = batchers
+        self.prefixes = prefixes  # sessions start with cached prefixes, and leave theirs
 
     def available(self) -> bool:
         return bool(self.batchers)
@@ -69,4 +79,4 @@ class LocalChains:
         self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int],
         avoid: frozenset[str] = frozenset(),
     ) -> LocalChain:
-        return LocalChain(self.batchers, session_id, sampling, prompt_ids, generated)
+        return LocalChain(self.batchers, session_id, sampling, prompt_ids, generated, self.prefixes)

@@ -7,7 +7,7 @@ tokens, and reads back what the last hop sampled.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from .sampling import SampledToken, SamplingParams
 
@@ -22,7 +22,10 @@ class Chain(Protocol):
     @property
     def parallel_stages(self) -> int: ...
 
-    async def open(self, max_length: int) -> None: ...
+    async def open(self, max_length: int) -> int:
+        """Open the session; how many of the history's first tokens every part holds
+        already (a cached prefix: the prefill starts there; 0 for none)."""
+        ...
 
     async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None: ...
 
@@ -33,7 +36,10 @@ class Chain(Protocol):
         proposal's position on: the proposals it accepted, then one of its own."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self, fed: Sequence[int] = ()) -> None:
+        """End the session. ``fed``: every token the chain was fed, in order; its parts
+        may keep their keys and values of them for later sessions that start the same."""
+        ...
 
 
 class ChainOpener(Protocol):

@@ -40,7 +40,13 @@ class HopCompute(Protocol):
         """Checks what the gateway sent; raises :class:`~shardmesh.contract.errors.BadInput`."""
         ...
 
-    async def open(self, session_id: str, max_length: int, start: int, end: int) -> None: ...
+    async def open(
+        self, session_id: str, max_length: int, start: int, end: int, history: Sequence[int] = (), scope: str | None = None,
+    ) -> int:
+        """Open a session; with a ``scope`` (the gateway whose sessions may share
+        prefixes), start it with the longest cached prefix of ``history``. Returns the
+        tokens it holds already."""
+        ...
 
     async def step(
         self,
@@ -60,4 +66,7 @@ class HopCompute(Protocol):
         sampler checks (:meth:`Sampler.verify`)."""
         ...
 
-    async def close(self, session_id: str) -> None: ...
+    async def close(self, session_id: str, fed: Sequence[int] = (), scope: str | None = None) -> None:
+        """Close a session; with a ``scope``, keep its prefix of ``fed`` (every token it
+        was fed) for that scope's later sessions first."""
+        ...

@@ -101,6 +101,16 @@ class Stage(Protocol):
 
     def close(self, session_id: str) -> None: ...
 
+    def reuse_prefix(self, session_id: str, history: Sequence[int], scope: str) -> int:
+        """Right after :meth:`open`: fill the session's cache with the longest cached
+        prefix of ``history`` among ``scope``'s; the tokens it holds now (0: none)."""
+        ...
+
+    def keep_prefix(self, session_id: str, fed: Sequence[int], scope: str) -> int:
+        """Right before :meth:`close`: cache the session's keys and values of ``fed``
+        (every token it was fed) for ``scope``'s later sessions; the tokens cached."""
+        ...
+
     def expire_idle(self, idle_seconds: float) -> list[str]: ...
 
 

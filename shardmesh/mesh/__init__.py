@@ -50,6 +50,7 @@ __all__ = [
     "own_addresses",
     "peer_table",
     "pipe",
+    "prefix_wire",
     "read_exactly",
     "reclaim",
     "record_checks",

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import trio
 
@@ -91,7 +91,7 @@ class AuditedChains:
     ) -> AuditedChain:
         asked = _asked(sampling) if self.policy.enabled else sampling
         inner = self.inner.chain(session_id, asked, prompt_ids, generated, avoid)
-        return AuditedChain(self, inner, sampling, asked)
+        return AuditedChain(self, inner, sampling, asked, prompt_ids + generated)
 
     def spot_check(self, chain: AuditedChain, history: list[int], main: Answer) -> None:
         """Audit ``main`` beside the answer, unless :data:`MAX_SPOT_CHECKS` already run."""
@@ -180,9 +180,11 @@ class AuditedChains:
             return None
         chain = self.inner.chain(session_id, _asked(sampling), history, [], route=route)
         try:
-            await chain.open(len(history) + 1)
+            # Its hops may hold a prefix of the history from earlier sessions: computed
+            # by those same peers, so the audit stays independent of the audited chain.
+            cached = await chain.open(len(history) + 1)
             token = None
-            for start in range(0, len(history), REPLAY_CHUNK):
+            for start in range(cached, len(history), REPLAY_CHUNK):
                 chunk = history[start : start + REPLAY_CHUNK]
                 token = await chain.step(chunk, start, start + len(chunk) == len(history))
         except (ChainFailed, StageError) as exc:  # StageError: a full cache, say
@@ -197,8 +199,11 @@ class AuditedChains:
 class AuditedChain:
     """One session of the request (a :class:`RemoteChain`), audited as it goes."""
 
-    def __init__(self, auditor: AuditedChains, inner: RemoteChain, sampling: SamplingParams, asked: SamplingParams) -> None:
+    def __init__(
+        self, auditor: AuditedChains, inner: RemoteChain, sampling: SamplingParams, asked: SamplingParams, history: list[int],
+    ) -> None:
         self.auditor = auditor
+        self.history = history  # what the chain is opened with
         self.inner = inner
         self.sampling = sampling  # what the client asked for
         self.asked = asked  # what the last hop is asked for
@@ -211,8 +216,10 @@ class AuditedChain:
     def parallel_stages(self) -> int:
         return self.inner.parallel_stages
 
-    async def open(self, max_length: int) -> None:
-        await self.inner.open(max_length)
+    async def open(self, max_length: int) -> int:
+        cached = await self.inner.open(max_length) or 0
+        self.fed = self.history[:cached]  # the first step comes after what the hops hold
+        return cached
 
     async def step(self, token_ids: list[int], position: int, want_token: bool) -> SampledToken | None:
         if self.caught is not None:
@@ -256,5 +263,5 @@ class AuditedChain:
         self.answers += 1
         return _as_client_asked(token, self.sampling)
 
-    async def close(self) -> None:
-        await self.inner.close()
+    async def close(self, fed: Sequence[int] = ()) -> None:
+        await self.inner.close(fed)

@@ -3,10 +3,15 @@
 A chain's error frames come from two hops: the first (on its stream, its own errors and
 those relayed back along the chain) and the last (on its attach stream). Each may name
 the peer at fault, and each could lie to get an honest peer excluded; so what a frame
-may blame is bounded by what its sender can know (docs/PROTOCOL.md 6.3).
+may blame is bounded by what its sender can know (docs/PROTOCOL.md 6.3). When no
+frame comes at all, the gateway asks every hop whether it answers (:func:`first_silent`).
 """
 
 from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+import trio
 
 from ..contract import BadRequest, CacheBudgetExceeded, ChainFailed, NonFiniteInput
 from ..placement.routing import Hop
@@ -14,7 +19,7 @@ from .next_hop import relayed_error
 from .reclaim import RECLAIMED, believable
 from .wire import Frame
 
-__all__ = ["failure_of"]
+__all__ = ["failure_of", "first_silent"]
 
 
 def failure_of(frame: Frame, sender: str, route: list[Hop], *, attach: bool = False, idle_for: float = 0.0) -> Exception:
@@ -55,3 +60,18 @@ def failure_of(frame: Frame, sender: str, route: list[Hop], *, attach: bool = Fa
         return ChainFailed(last, code, message)
     on_route = {hop.peer for hop in route}
     return ChainFailed(peer if peer in on_route else sender, code, message)
+
+
+async def first_silent(route: list[str], probe: Callable[[str], Awaitable[bool]]) -> str | None:
+    """The first peer of ``route`` that does not answer ``probe`` (a frozen or vanished
+    process answers nothing); None if all do. The peers are probed together, so this
+    takes one probe's time."""
+    answered: dict[str, bool] = {}
+
+    async def ask(peer: str) -> None:
+        answered[peer] = await probe(peer)
+
+    async with trio.open_nursery() as nursery:
+        for peer in set(route):
+            nursery.start_soon(ask, peer)
+    return next((peer for peer in route if not answered[peer]), None)

@@ -32,12 +32,15 @@ from typing import Any, Awaitable, Callable, Sequence
 import trio
 
 from ..contract import BadRequest, ChainFailed, NoRoute, SampledToken
+from ..contract.prefixes import prefix_names
+from ..placement.prefix_routes import PrefixRoutes
 from ..placement.routing import Hop
-from .chain_blame import failure_of
+from .chain_blame import failure_of, first_silent
 from .deadlines import HOP_ANSWER, StepTimes, open_wait
 from .gateway_ticket import TicketIssuer
 from .host import close_quietly, reset_quietly
 from .link_offers import Links, request_fields, upgrade_opener
+from .prefix_wire import close_payload, reported_cached
 from .result_tokens import result_tokens
 from .result_trunks import ChainTrunks
 from .trunk import Trunk
@@ -48,7 +51,7 @@ log = logging.getLogger("shardmesh.mesh.chain_client")
 READER_GRACE = 10.0  # seconds the hops get to close their sides after a close
 CONFIRM_GRACE = 2.0  # a relayed bad_request waits this long for the last hop's own word
 
-RouteFinder = Callable[..., list[Hop] | None]  # (tokens needed, peers to avoid) -> a route, or None
+RouteFinder = Callable[..., list[Hop] | None]  # (tokens needed, peers to avoid, prefer=) -> a route, or None
 Probe = Callable[[str], Awaitable[bool]]  # peer -> does it answer at all (a libp2p ping)?
 
 
@@ -88,6 +91,7 @@ class RemoteChain:
         probe: Probe | None = None,
         issuer: TicketIssuer | None = None,
         trunks: ChainTrunks | None = None,
+        prefixes: PrefixRoutes | None = None,
     ) -> None:
         if (route is None) == (find_route is None):
             raise ValueError("a RemoteChain takes either a route or find_route")
@@ -113,6 +117,7 @@ class RemoteChain:
         self._last_sent = 0.0  # when we last sent a frame on the chain (trio time)
         self._sent_at = 0.0  # when the first of them was sent (trio time)
         self.trunks = trunks
+        self.prefixes = prefixes  # None: the hops compute every history from its start (no cache)
         self._trunk: Trunk | None = None  # the steps go on it, not on the first hop's stream
         self._first: FrameStream | None = None
         self._last: FrameStream | None = None
@@ -135,27 +140,32 @@ class RemoteChain:
         if exc.peer is not None:
             self.on_failure(exc.peer)
 
-    async def open(self, max_length: int) -> None:
-        """Open over the route (picked now, unless fixed). A failure that names a peer is
-        reported, the chain closed and the failure raised: the caller decides whether to
-        try again. :class:`NoRoute` when no route serves ``max_length`` tokens."""
+    async def open(self, max_length: int) -> int:
+        """Open over the route (picked now, unless fixed; one that holds the history's
+        prefix is preferred, :mod:`~shardmesh.placement.prefix_routes`). Returns how
+        many of the history's tokens every hop holds already (docs/PROTOCOL.md 6.8).
+        A failure that names a peer is reported, the chain closed and the failure
+        raised: the caller decides whether to try again. :class:`NoRoute` when no route
+        serves ``max_length`` tokens."""
         if self.find_route is not None:
-            route = self.find_route(max_length, self.avoid)
+            held = self.prefixes.held(prefix_names(sum(self.history, []))) if self.prefixes is not None else None
+            route = self.find_route(max_length, self.avoid, **({"prefer": held} if held is not None else {}))
             if route is None:
                 raise NoRoute(f"no complete chain of online peers serves {self.model_id}")
             self.route = route
         route = self._route
         log.debug("session %s via %s", self.session_id, " -> ".join(f"{h.peer[-6:]}[{h.start},{h.end})" for h in route))
         try:
-            await self._open_route(route, max_length)
+            cached = await self._open_route(route, max_length)
         except ChainFailed as exc:
             log.info("opening a chain failed (%s); routing around %s", exc, exc.peer)
             await self.close()
             self._report(exc)
             raise
         self.on_success(route)
+        return cached
 
-    async def _open_route(self, route: list[Hop], max_length: int) -> None:
+    async def _open_route(self, route: list[Hop], max_length: int) -> int:
         first, last = route[0].peer, route[-1].peer
         prompt, generated = self.history
         self._first = await self._connect(first)
@@ -170,11 +180,13 @@ class RemoteChain:
             "sampling": self.sampling,
             "n_prompt": len(prompt),
             **({"trunk": True} if trunk is not None else request_fields(self.links, self._first, first)),
+            **({"cache": True} if self.prefixes is not None else {}),
         }
         if self.issuer is not None:
             header = self.issuer.sign_open(header, time.time())
         await self._write(self._first, first, header, array("q", prompt + generated).tobytes())
-        if await self._expect_ok(self._first, first, "open", open_wait(len(route))):
+        ok = await self._expect_ok(self._first, first, "open", open_wait(len(route)))
+        if ok.get("trunk") is True:
             self._trunk = trunk
         self._last = await self._connect(last)
         results = self.trunks.results if self.trunks is not None and last != self.gateway else None
@@ -184,11 +196,13 @@ class RemoteChain:
         else:
             wish = request_fields(self.links, self._last, last)
         await self._write(self._last, last, {"t": ATTACH, "session": self.session_id, **wish})
-        if not await self._expect_ok(self._last, last, "attach", HOP_ANSWER) and results is not None:
+        if (await self._expect_ok(self._last, last, "attach", HOP_ANSWER)).get("trunk") is not True and results is not None:
             results.forget(self.session_id)
         self._readers_running = 2
         self.nursery.start_soon(self._read_into_events, self._last, last)
         self.nursery.start_soon(self._read_into_events, self._first, first)
+        # The last token's logits are always computed, so at most all but it is held.
+        return reported_cached(ok, len(prompt) + len(generated) - 1) if self.prefixes is not None else 0
 
     async def _connect(self, peer: str) -> FrameStream:
         try:
@@ -196,9 +210,9 @@ class RemoteChain:
         except Exception as exc:
             raise ChainFailed(peer, "peer_unreachable", str(exc)) from exc
 
-    async def _expect_ok(self, fs: FrameStream, peer: str, what: str, timeout: float) -> bool:
-        """Reads the answer to ``what`` (within ``timeout`` s); then moves ``fs`` to a hop
-        link if one is offered. Whether the peer took the session's trunk."""
+    async def _expect_ok(self, fs: FrameStream, peer: str, what: str, timeout: float) -> dict[str, Any]:
+        """Reads the answer to ``what`` (within ``timeout`` s), and returns its header;
+        then moves ``fs`` to a hop link if one is offered (not if it took a trunk)."""
         try:
             reply = await fs.read_frame(idle_timeout=timeout)
         except (StreamEnded, WireError) as exc:
@@ -208,12 +222,12 @@ class RemoteChain:
         if reply.type != RESULT or reply.header.get("ok") is not True:
             raise ChainFailed(peer, "bad_frame", f"{what} answered with {reply.type}")
         if reply.header.get("trunk") is True:
-            return True
+            return reply.header
         try:
             await upgrade_opener(self.links, fs, reply.header, peer, self.session_id)
         except WireError as exc:
             raise ChainFailed(peer, "peer_lost", f"moving to a link after {what}: {exc.message}") from exc
-        return False
+        return reply.header
 
     def deliver(self, frame: Frame | Exception) -> None:
         """A token for this session from its last hop's results trunk (result_trunks.py),
@@ -334,21 +348,7 @@ class RemoteChain:
         return None
 
     async def _silent_hop(self) -> str | None:
-        """The first hop of the route that does not answer ``probe`` (a frozen or vanished
-        process answers nothing); None if all do. Hops are probed together, so this
-        takes one probe's time."""
-        route = [hop.peer for hop in self._route]
-        if self.probe is None:
-            return None
-        answered: dict[str, bool] = {}
-
-        async def ask(peer: str) -> None:
-            answered[peer] = await self.probe(peer)
-
-        async with trio.open_nursery() as nursery:
-            for peer in set(route):
-                nursery.start_soon(ask, peer)
-        return next((peer for peer in route if not answered[peer]), None)
+        return await first_silent([hop.peer for hop in self._route], self.probe) if self.probe is not None else None
 
     def _raise_pending(self) -> None:
         """A failure reported while we were not waiting (e.g. during a prefill chunk)."""
@@ -364,17 +364,23 @@ class RemoteChain:
             raise event
         return result_tokens(event, self._route[-1].peer, position, drafts)
 
-    async def close(self) -> None:
+    async def close(self, fed: Sequence[int] = ()) -> None:
         """Tell the chain to end and close our streams; never raises. The hops close
-        their sides in turn, which ends our readers; one that lingers is reset."""
+        their sides in turn, which ends our readers; one that lingers is reset.
+        ``fed``: every token the chain was fed; with a cache its hops keep their keys
+        and values of them, and we remember that they do."""
         if self._closed:
             return
         self._closed = True
         if self.trunks is not None:
             self.trunks.results.forget(self.session_id)
         if self._first is not None:
+            held = len(self.history[0]) + len(self.history[1])
+            if self.prefixes is not None and self.route is not None:
+                self.prefixes.remember(prefix_names(fed or sum(self.history, [])), self.route)
             try:
-                await self._first.write({"t": CLOSE, "session": self.session_id})
+                await self._first.write({"t": CLOSE, "session": self.session_id},
+                                        close_payload(held, fed) if self.prefixes is not None else b"")  # fmt: skip
             except WireError:
                 pass
         streams = [fs.stream for fs in (self._first, self._last) if fs is not None]

@@ -37,10 +37,11 @@ from .hop_session import HopSession
 from .hop_step import run_step
 from .host import HostError, MeshHost, close_quietly, reset_quietly
 from .link_offers import Links, Offer, accept_link, offer_fields, withdraw
-from .next_hop import open_next_hop, relay_back
+from .next_hop import open_next_hop, pass_close, relay_back
 from .open_rate import OpenRate
 from .open_request import Limits, OpenRequest, ThisNode, check_gateway, refuse_oversized_open, validate_open
 from .pipe import pipe_pair
+from .prefix_wire import cache_scope
 from .reclaim import RECLAIMED, longest_idle
 from .step_inbox import StepInbox
 from .trunk import Trunk, Trunks
@@ -72,8 +73,10 @@ class HopServer:
         unreachable: Callable[[str], bool] = lambda peer: False,
         open_rate: OpenRate | None = None,
         trunks: bool = False,
+        prefix_cache: bool = True,
     ) -> None:
         self.mesh = mesh
+        self.prefix_cache = prefix_cache  # sessions whose gateway asks may reuse and keep prefixes
         self.unreachable = unreachable  # liveness.py's mark: dialling such a peer fails at once
         self.links = links  # hop links (link.py); None: libp2p streams only
         self.served = served
@@ -160,7 +163,7 @@ class HopServer:
     async def _handle(self, stream, upstream_peer: str) -> None:
         fs = FrameStream(stream, max_payload=self.max_payload)
         try:
-            first = await fs.read_frame(idle_timeout=FIRST_FRAME_TIMEOUT, check=self._check_open_header)
+            first = await fs.read_frame(idle_timeout=FIRST_FRAME_TIMEOUT, check=lambda header: refuse_oversized_open(header, self.context_length))
             if first.type == OPEN:
                 await self._serve_session(fs, first, upstream_peer)
             elif first.type == ATTACH:
@@ -184,9 +187,6 @@ class HopServer:
             raise
         await close_quietly(fs.stream)  # the hop link, if the session moved to one
 
-    def _check_open_header(self, header: dict[str, Any]) -> None:
-        refuse_oversized_open(header, self.context_length)
-
     # -- a session: open ------------------------------------------------------------
 
     def _admit(self, header: dict[str, Any], payload: bytes, upstream_peer: str) -> tuple[HopSession, OpenRequest]:
@@ -206,6 +206,8 @@ class HopServer:
         request = validate_open(header, payload, node, self.limits, mine, self.sessions, theirs, tokens)
         session = HopSession(request.session, upstream_peer, request.gateway, request.start, request.end,
                              is_last=request.is_last, max_length=request.max_length, served=served)  # fmt: skip
+        if request.cache and self.prefix_cache:  # it may start with a cached prefix, and leave one
+            session.prefix_scope, session.fed = cache_scope(request.gateway, upstream_peer), request.history
         self.sessions[session.id] = session
         return session, request
 
@@ -232,14 +234,16 @@ class HopServer:
 
             self._nursery.start_soon(end)
 
-    async def _open_stage(self, session: HopSession, max_length: int) -> None:
-        """Open the session's KV cache; when it is full, once more after reclaiming."""
+    async def _open_stage(self, session: HopSession, max_length: int) -> int:
+        """Open the session's KV cache, with a cached prefix if it may have one (the
+        tokens it holds are returned); when it is full, once more after reclaiming."""
+        args = (session.id, max_length, session.start, session.end, session.fed, session.prefix_scope)
         try:
-            await session.served.open(session.id, max_length, session.start, session.end)
+            return await session.served.open(*args)
         except CacheBudgetExceeded:
             if not await self._reclaim_cache(session):
                 raise
-            await session.served.open(session.id, max_length, session.start, session.end)
+            return await session.served.open(*args)
 
     async def _reclaim_cache(self, session: HopSession) -> bool:
         """Reclaim the session idle longest on ``session``'s blocks, its cache freed now
@@ -259,7 +263,7 @@ class HopServer:
         try:
             if session.is_last:
                 session.sampler = session.served.new_sampler(request.sampling, request.prompt_ids, request.generated_ids)
-            await self._open_stage(session, request.max_length)
+            cached = await self._open_stage(session, request.max_length)
         except StageError as exc:
             self.sessions.pop(session.id, None)
             raise WireError(exc.code, exc.message) from exc
@@ -271,13 +275,16 @@ class HopServer:
         try:
             if not session.is_last:
                 trunks = self.trunks if route[1]["peer"] != self.me else None
-                downstream, session.trunk = await open_next_hop(self.open_stream, self.links, self.max_payload, frame, route, trunks)
+                downstream, session.trunk, later = await open_next_hop(self.open_stream, self.links, self.max_payload, frame, route, trunks)
+                cached = min(cached, later)  # the prefill starts where every hop can follow
             if frame.header.get("trunk") is True and self.trunks is not None:  # its steps come on a trunk
                 session.inbox, link_fields = StepInbox(), {"trunk": True}
                 assert self._nursery is not None
                 self._nursery.start_soon(session.inbox.pump, fs)
             else:
                 offer, link_fields = offer_fields(self.links, frame.header)
+            if request.cache:
+                link_fields["cached"] = cached
             await fs.write({"t": RESULT, "session": session.session, "ok": True, **link_fields})
             # No task here is ever cancelled while it reads or writes a stream: py-libp2p
             # cannot take that (a cancelled read may drop the window update it was
@@ -304,7 +311,7 @@ class HopServer:
             with trio.CancelScope(shield=True):
                 if session.inbox is not None:
                     await session.inbox.end(fs, self._nursery, RELAY_GRACE)
-                await session.served.close(session.id)
+                await session.served.close(session.id, session.fed, session.prefix_scope)
                 if downstream is not None:
                     await close_quietly(downstream.stream)
                 if session.attach is not None:
@@ -340,12 +347,7 @@ class HopServer:
                 await self._report(session, fs, exc.code, exc.message)
                 return
             if frame.type == CLOSE:
-                session.closing = True
-                if downstream is not None:
-                    try:
-                        await downstream.write({"t": CLOSE, "session": session.session})
-                    except WireError:
-                        pass
+                await pass_close(session, frame, downstream)
                 return
             if frame.type == LINK:
                 try:

@@ -45,6 +45,8 @@ class HopSession:
     inbox: StepInbox | None = None  # its upstream sends its steps on a trunk: they arrive here
     trunk: Trunk | None = None  # its steps go on to the next hop on this trunk
     results_trunk: Trunk | None = None  # last hop: its tokens go to the gateway on this trunk
+    prefix_scope: str | None = None  # it may reuse and keep cached prefixes of this scope (prefix_wire.py)
+    fed: list[int] = field(default_factory=list)  # the tokens it was fed, as far as we know: its open's history, then its close's
 
     @property
     def id(self) -> str:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import trio
 
 from ..contract import SamplingParams
+from ..placement.prefix_routes import PrefixRoutes
 from ..placement.routing import Hop
 from .chain_client import Probe, RemoteChain, RouteFinder
 from .deadlines import StepTimes
@@ -45,6 +46,7 @@ class MeshChains:
         probe: Probe | None = None,
         issuer: TicketIssuer | None = None,
         trunks: ChainTrunks | None = None,
+        prefixes: PrefixRoutes | None = None,
     ) -> None:
         self.nursery = nursery
         self.links = links
@@ -55,6 +57,7 @@ class MeshChains:
         self.gateway = gateway
         self.issuer = issuer
         self.trunks = trunks  # steps and tokens of its chains, many sessions a frame
+        self.prefixes = prefixes  # None: no prefix cache; else which routes hold which prefixes
         self.on_failure = on_failure
         self.on_success = on_success
         self.step_times = StepTimes()  # shared by its chains: their bounds follow what they measured
@@ -86,4 +89,5 @@ class MeshChains:
             probe=self.probe,
             issuer=self.issuer,
             trunks=self.trunks,
+            prefixes=self.prefixes,
         )

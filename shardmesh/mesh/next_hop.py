@@ -25,15 +25,16 @@ from .hop_session import HopSession
 from .host import close_quietly, reset_quietly
 from .link_offers import Links, request_fields, upgrade_opener
 from .open_request import MAX_PEER_ID, next_open
+from .prefix_wire import fed_at_close, reported_cached
 from .trunk import Trunk, Trunks
-from .wire import ERROR, RESULT, Frame, FrameStream, StreamEnded, WireError
+from .wire import CLOSE, ERROR, RESULT, Frame, FrameStream, StreamEnded, WireError
 
 log = logging.getLogger("shardmesh.mesh.next_hop")
 
 MAX_CODE = 32  # error codes are short words (docs/PROTOCOL.md 6.3)
 MAX_MESSAGE = 1000  # characters of a relayed message; a human reads it, nothing parses it
 
-__all__ = ["blamed_within", "open_next_hop", "relay_back", "relayed_error"]
+__all__ = ["blamed_within", "open_next_hop", "pass_close", "relay_back", "relayed_error"]
 
 
 def relayed_error(header: dict[str, Any], nxt: str) -> WireError:
@@ -69,13 +70,14 @@ async def open_next_hop(
     frame: Frame,
     route: list[dict],
     trunks: Trunks | None = None,
-) -> tuple[FrameStream, Trunk | None]:
+) -> tuple[FrameStream, Trunk | None, int]:
     """Open the rest of the chain; a :class:`WireError` naming the failed peer if not.
 
     ``frame`` is the ``open`` this hop received and ``route`` its validated route (this
     hop first). The session's steps go on a trunk to the next hop (``trunks``, returned)
     when both ends have one, else on its stream, which the next hop may move to a hop
-    link (``links``).
+    link (``links``). Last, the history tokens the rest of the chain says it holds
+    (``cached``, docs/PROTOCOL.md 6.8).
     """
     nxt = route[1]["peer"]
     try:
@@ -107,14 +109,28 @@ async def open_next_hop(
     if reply.type != RESULT or reply.header.get("ok") is not True:
         await reset_quietly(stream)
         raise WireError("bad_frame", f"the next hop answered open with {reply.type}")
+    cached = reported_cached(reply.header, len(frame.payload) // 8)
     if trunk is not None:  # its steps go on the trunk, or (the next hop said no) on this stream
-        return downstream, trunk if reply.header.get("trunk") is True else None
+        return downstream, trunk if reply.header.get("trunk") is True else None, cached
     try:
         await upgrade_opener(links, downstream, reply.header, nxt, frame.header["session"])
     except WireError as exc:
         await reset_quietly(downstream.stream)
         raise WireError("peer_lost", f"the next hop went away during open: {exc.message}", nxt) from exc
-    return downstream, None
+    return downstream, None, cached
+
+
+async def pass_close(session: HopSession, frame: Frame, downstream: FrameStream | None) -> None:
+    """The upstream's ``close``: the session ends here, knowing what it was fed (its
+    ids travel on, docs/PROTOCOL.md 6.8), and at the next hop too."""
+    session.closing = True
+    if session.prefix_scope is not None:
+        session.fed = fed_at_close(session.fed, frame.payload, session.max_length)
+    if downstream is not None:
+        try:
+            await downstream.write({"t": CLOSE, "session": session.session}, frame.payload)
+        except WireError:
+            pass
 
 
 async def relay_back(

@@ -36,7 +36,7 @@ MAX_SESSION_ID = 64
 MAX_PEER_ID = 128  # a base58 peer id is about 52 characters
 # What a hop forwards of the open it received (docs/PROTOCOL.md 6.2), besides the route
 # (shortened by one hop), nbytes (recomputed) and link (its own wish, not the sender's).
-FORWARDED_FIELDS = ("t", "session", "model", "gateway", "ticket", "max_length", "sampling", "n_prompt")
+FORWARDED_FIELDS = ("t", "session", "model", "gateway", "ticket", "max_length", "sampling", "n_prompt", "cache")
 
 __all__ = [
     "FORWARDED_FIELDS",
@@ -101,8 +101,9 @@ class OpenRequest:
 
     ``route`` is the remaining route as it arrived (this hop first), each hop reduced
     to its ``peer``, ``start`` and ``end``, so the next hop gets exactly the hops it was
-    sent and nothing else. ``prompt_ids``, ``generated_ids`` and
-    ``sampling`` are filled on the last hop only: nobody else samples.
+    sent and nothing else. ``sampling`` is filled on the last hop only: nobody else
+    samples. ``cache``: the gateway lets this hop start the session with a cached
+    prefix of the history (docs/PROTOCOL.md 6.8).
     """
 
     session: str
@@ -114,6 +115,11 @@ class OpenRequest:
     prompt_ids: list[int]
     generated_ids: list[int]
     sampling: dict[str, Any]
+    cache: bool = False
+
+    @property
+    def history(self) -> list[int]:
+        return self.prompt_ids + self.generated_ids
 
     @property
     def is_last(self) -> bool:
@@ -205,13 +211,23 @@ def validate_open(
         )
     if session_key(sid, here["start"]) in open_keys:
         raise WireError("bad_input", f"session {sid!r} is already open here")
+    cache = header.get("cache", False)
+    if not isinstance(cache, bool):
+        raise WireError("bad_input", "cache must be true or false")
     prompt: list[int] = []
     generated: list[int] = []
     sampling: dict[str, Any] = {}
     if len(route) == 1:
         prompt, generated = _history(header, payload)
         sampling = _sampling(header)
-    return OpenRequest(sid, gateway, route, here["start"], here["end"], max_length, prompt, generated, sampling)
+    elif cache:
+        # A middle hop reads the history only to name prefixes. One it cannot read is
+        # the last hop's to refuse (the gateway blames that peer); here it means no cache.
+        try:
+            prompt, generated = _history(header, payload)
+        except WireError:
+            cache = False
+    return OpenRequest(sid, gateway, route, here["start"], here["end"], max_length, prompt, generated, sampling, cache)
 
 
 def next_open(header: Mapping[str, Any], route: list[dict[str, Any]]) -> dict[str, Any]:
@@ -253,7 +269,8 @@ def _checked_route(route: Any, node: ThisNode) -> list[dict[str, Any]]:
 
 
 def _history(header: Mapping[str, Any], payload: bytes) -> tuple[list[int], list[int]]:
-    """Prompt and generated ids for the last hop's sampler (payload: int64 ids)."""
+    """Prompt and generated ids (payload: int64 ids): the last hop's sampler needs them,
+    and every hop names cached prefixes by them."""
     n_prompt = header.get("n_prompt", 0)
     if len(payload) % 8 or not isinstance(n_prompt, int) or not 0 <= n_prompt <= len(payload) // 8:
         raise WireError("bad_input", "history payload must be int64 ids with n_prompt <= their count")

@@ -66,7 +66,7 @@ async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, spa
         f"({throughput:.0f} tokens/s per block)"
     )
     batcher = StepBatcher(stage, draw_together=draw_greedy_together)
-    return LocalBlocks(stage, batcher, StageHopCompute(batcher), LocalChains([batcher]), throughput)
+    return LocalBlocks(stage, batcher, StageHopCompute(batcher), LocalChains([batcher], config.prefix_cache), throughput)
 
 
 async def expire_idle_sessions(batcher: StepBatcher, idle_seconds: float) -> None:

@@ -9,13 +9,14 @@ the swarm's servers, avoiding peers that failed recently.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..contract import Chain, ChainOpener, SamplingParams
 from ..mesh.chain_client import RouteFinder
 from ..mesh.registry import Registry
 from ..placement.claims import MeasuredSpeeds, capped_claims
-from ..placement.routing import FailureBackoff, Hop, find_route
+from ..placement.prefix_routes import HeldPrefix, still_served, worth_taking
+from ..placement.routing import FailureBackoff, Hop, find_route, route_cost
 from .span_keeper import SpanKeeper
 
 
@@ -31,9 +32,13 @@ def route_finder(
     ``avoid`` (peers that failed this request already) are skipped too, except one
     without which no route exists (the one server of a range, back after a stall): the
     request may still use that one once its back-off is over.
+
+    ``prefer``: a route that holds a prefix of the request's history (the gateway
+    remembered it, :mod:`shardmesh.placement.prefix_routes`), taken instead while it is
+    still served and worth its cost.
     """
 
-    def find(tokens_needed: int, avoid: frozenset[str] = frozenset()) -> list[Hop] | None:
+    def find(tokens_needed: int, avoid: frozenset[str] = frozenset(), prefer: HeldPrefix | None = None) -> list[Hop] | None:
         servers = registry.servers()
         if speeds is not None:
             servers = capped_claims(servers, speeds.figures())
@@ -46,6 +51,12 @@ def route_finder(
         found = route(avoid)
         if found is None and avoid:
             found = route({peer for peer in avoid if route(frozenset({peer})) is not None}) or route(frozenset())
+        if found is not None and prefer is not None and still_served(prefer.route, servers, exclude | avoid):
+            def cost(r: Sequence[Hop]) -> float:
+                return route_cost(r, servers, origin=me, tokens_needed=tokens_needed)
+
+            if worth_taking(cost(prefer.route), cost(found), prefer.share):
+                return list(prefer.route)
         return found
 
     return find

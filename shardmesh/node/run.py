@@ -47,6 +47,7 @@ from ..mesh.swarm_key import SwarmKey, SwarmKeyError, read_swarm_key
 from ..mesh.shared_port import share_port
 from ..mesh.swarm_map import PROTOCOL as SWARM_MAP_PROTOCOL, swarm_map_handler
 from ..placement.claims import MeasuredSpeeds
+from ..placement.prefix_routes import PrefixRoutes
 from ..placement.routing import FailureBackoff
 from ..placement.spans import ONLINE, repair
 from .blocks import auto_capacity, load_blocks, run_blocks
@@ -245,6 +246,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             allowed=allow and allow.allows,
             unreachable=lambda peer: registry.view.liveness.since(peer) is not None,
             trunks=config.trunks,
+            prefix_cache=config.prefix_cache,
         )
         await nursery.start(server.run)
         chain_trunks = await start_chain_trunks(server, links, nursery)
@@ -305,6 +307,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             links=links,
             probe=partial(answers_ping, mesh),
             trunks=chain_trunks,
+            prefixes=PrefixRoutes() if config.prefix_cache else None,
         )
         generator = Generator(
             model.name,
@@ -321,13 +324,14 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
         trunk_counts = partial(counted_trunks, server, chain_trunks)
         if api is not None:
             app = create_app(generator, api_key=config.api_key, swarm=registry.to_json, stage_counts=keeper.stage_counts,
-                             links_taken=links_taken, trunk_counts=trunk_counts, cors_origins=config.cors_origins)
+                             links_taken=links_taken, trunk_counts=trunk_counts, cors_origins=config.cors_origins,
+                             prefix_counts=keeper.prefix_counts)
             url = http_url(api[0], await nursery.start(serve, app, api[0], api[1]))
             registry.update_local(api=url)
             say(f"gateway ready at {url} (OpenAI base URL {url}/v1)")
         if (where := config.metrics_host_port) is not None:
             metrics = create_metrics_app(stage_counts=keeper.stage_counts, links_taken=links_taken, trunk_counts=trunk_counts,
-                                         api_key=config.api_key)
+                                         api_key=config.api_key, prefix_counts=keeper.prefix_counts)
             say(f"metrics at {http_url(where[0], await nursery.start(serve, metrics, where[0], where[1]))}/metrics")
         if stop is not None:
             await stop.wait()

@@ -27,6 +27,7 @@ from typing import Awaitable, Callable
 import trio
 
 from ..backends.footprint import release_unused_memory
+from ..backends.kv_sessions import KVSessions
 from ..contract import HopCompute
 from ..mesh.records import server_view
 from ..mesh.registry import Registry
@@ -97,6 +98,12 @@ class SpanKeeper:
         """Steps and batches the held blocks have run (0, 0 when none are held)."""
         blocks = self.held.blocks if self.held is not None else None
         return (blocks.batcher.batched_requests, blocks.batcher.batches) if blocks is not None else (0, 0)
+
+    def prefix_counts(self) -> tuple[int, int]:
+        """Tokens the held blocks took from their prefix cache, and the bytes it holds."""
+        blocks = self.held.blocks if self.held is not None else None
+        stage = blocks.stage if blocks is not None else None
+        return (stage.prefix_tokens_reused, stage.prefixes.nbytes) if isinstance(stage, KVSessions) else (0, 0)
 
     def start(self, nursery: trio.Nursery) -> None:
         """Loaded stages will run in ``nursery`` (the node's)."""

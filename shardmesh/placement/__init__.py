@@ -2,7 +2,8 @@
 
 Which blocks a joining node serves (``select``), when a serving node moves
 (``rebalance``), how many blocks fit its memory (``capacity``), which chain of peers a
-request takes (``routing``) and how much of a server's claimed speed it believes
+request takes (``routing``), which chain holds a history's prefix (``prefix_routes``)
+and how much of a server's claimed speed it believes
 (``claims``), and what the swarm's coverage and bottleneck are
 (``spans``). Lists of :class:`ServerView` in, numbers out: no clock, no I/O, and no
 import of anything else in shardmesh, so every rule can be tested alone and the
@@ -14,6 +15,7 @@ Light and pure, so this package re-exports its public functions and types.
 
 from .capacity import blocks_that_fit, window_bytes
 from .claims import MeasuredSpeeds, capped_claims
+from .prefix_routes import HeldPrefix, PrefixRoutes, still_served, worth_taking
 from .rebalance import MARGIN, BlockSums, check_interval, move_target, plan_move
 from .routing import CACHE_PENALTY_MS, FailureBackoff, Hop, find_route, route_cost
 from .select import best_start, choose_span, planned, planned_blocks, window_size
@@ -25,11 +27,13 @@ __all__ = [
     "CACHE_PENALTY_MS",
     "DRAINING",
     "FailureBackoff",
+    "HeldPrefix",
     "Hop",
     "JOINING",
     "MARGIN",
     "MeasuredSpeeds",
     "ONLINE",
+    "PrefixRoutes",
     "Repair",
     "STATES",
     "ServerView",
@@ -53,7 +57,9 @@ __all__ = [
     "repair",
     "route_cost",
     "simulate",
+    "still_served",
     "valid_span",
     "window_bytes",
     "window_size",
+    "worth_taking",
 ]

@@ -12,8 +12,12 @@ From one run, on the bench model (or ``--model``):
   processes sharing a machine should): node processes on loopback, a streamed
   completion over HTTP (best of two);
 * **a chat's turns** through the 3-node chain: a history of 1,376 tokens that grows by
-  64 new tokens a turn, ten turns, each turn's time to first token. Every turn pays its
-  whole history again: no prefix is kept between turns (docs/PERFORMANCE.md).
+  64 new tokens a turn, ten turns, each turn's time to first token, with the prefix
+  cache (each turn computes only what the last one did not) and without it (each turn
+  prefills its whole history: ``--no-prefix-cache``).
+
+Each prefill of the first two parts is a prompt of its own: with the prefix cache on,
+a prompt sent twice would be all but free the second time.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ PREFILL_TOKENS = 2048
 CHAT_START = 1376  # the first turn's history; the tenth reaches 2,016 tokens
 CHAT_TURN = 64  # new tokens a turn
 CHAT_TURNS = 10
+READING = 0.5  # seconds between a turn's answer and the next question: a person reads it
 
 __all__ = ["run_prefill_bench"]
 
@@ -54,24 +59,26 @@ def transformers_prefill(path: Path, dtype: str, prompt: list[int]) -> float:
     return best
 
 
-def start_setup(path: Path, dtype: str, total: int, hops: int, key_dir: Path) -> tuple[list[NodeProcess], NodeProcess]:
+def start_setup(path: Path, dtype: str, total: int, hops: int, key_dir: Path, extra: tuple[str, ...] = ()) -> tuple[list[NodeProcess], NodeProcess]:
     """``hops`` serving node processes (one alone with torch's threads, several with one
     thread each) and the gateway to use."""
-    nodes = start_chain(path, dtype, ["all"] if hops == 1 else spans(total, hops), key_dir, None if hops == 1 else 1, api=hops == 1)
+    nodes = start_chain(path, dtype, ["all"] if hops == 1 else spans(total, hops), key_dir, None if hops == 1 else 1,
+                        api=hops == 1, extra=extra)  # fmt: skip
     if hops == 1:
         return nodes, nodes[0]
     return nodes, add_gateway(nodes, path, dtype, key_dir, 1)
 
 
-async def chain_ttft(url: str, prompt: list[int], history: list[int] | None) -> tuple[float, list[float]]:
-    """The prompt's best time to first token of two, and each turn's of a chat over
-    ``history`` (its first turn ``CHAT_START`` tokens long, each next turn ``CHAT_TURN``
-    tokens longer)."""
+async def chain_ttft(url: str, prompts: list[list[int]], history: list[int] | None) -> tuple[float, list[float]]:
+    """The best time to first token of ``prompts`` (none: 0), and each turn's of a chat
+    over ``history`` (its first turn ``CHAT_START`` tokens long, each next turn
+    ``CHAT_TURN`` tokens longer)."""
     model = await gateway_model(url)
-    await http_ttft(url, model, prompt[:64])  # warm-up: routes, links, the first allocation
-    best = min([await http_ttft(url, model, prompt) for _ in range(2)])
+    await http_ttft(url, model, [3] * 64)  # warm-up: routes, links, the first allocation
+    best = min([await http_ttft(url, model, prompt) for prompt in prompts], default=0.0)
     chat = []
     for turn in range(1, CHAT_TURNS + 1) if history else ():
+        await trio.sleep(READING)
         chat.append(await http_ttft(url, model, history[: CHAT_START + CHAT_TURN * turn]))
     return best, chat
 
@@ -82,24 +89,31 @@ def run_prefill_bench(path: Path, dtype: str) -> int:
     config = json.loads((path / "config.json").read_text())
     # Prompt ids the gateway takes: within the tokenizer's vocabulary.
     vocab = min(config["vocab_size"], Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size())
-    prompt = prompt_ids(vocab, PREFILL_TOKENS)
-    history = prompt_ids(vocab, CHAT_START + CHAT_TURN * CHAT_TURNS, seed=1)  # shares no prefix with the prompt
+    prompts = [prompt_ids(vocab, PREFILL_TOKENS, seed=10 + i) for i in range(2)]
+    history = prompt_ids(vocab, CHAT_START + CHAT_TURN * CHAT_TURNS, seed=1)  # shares no prefix with the prompts
     print(f"{PREFILL_TOKENS}-token prefill, {path.name}, nodes in {dtype} on 127.0.0.1 (one torch thread each in the 3-node chain)", flush=True)
-    floor = {dt: transformers_prefill(path, dt, prompt) for dt in ("bfloat16", "float32")}
+    floor = {dt: transformers_prefill(path, dt, prompts[0]) for dt in ("bfloat16", "float32")}
     for dt, seconds in floor.items():
         print(f"transformers forward, {dt:9s} {seconds:6.2f} s", flush=True)
     fastest = min(floor.values())
     key_dir = Path(tempfile.mkdtemp(prefix="shardmesh-bench-"))
-    chat: list[float] = []
-    for hops in (1, 3):
-        nodes, gateway = start_setup(path, dtype, config["num_hidden_layers"], hops, key_dir)
+    chats: dict[bool, list[float]] = {}
+    # (hops, prefix cache): the prompts through both chains, the chat with the cache and without
+    for hops, cache in ((1, True), (3, True), (3, False)):
+        extra = () if cache else ("--no-prefix-cache",)
+        nodes, gateway = start_setup(path, dtype, config["num_hidden_layers"], hops, key_dir, extra)
         try:
-            seconds, turns = trio.run(chain_ttft, gateway.url, prompt, history if hops == 3 else None)
+            seconds, turns = trio.run(chain_ttft, gateway.url, prompts if cache else [], history if hops == 3 else None)
         finally:
             stop_all(nodes)
-        chat = turns or chat
-        print(f"{hops}-node chain, time to first token {seconds:6.2f} s   {seconds / fastest:.2f}x transformers' faster dtype", flush=True)
+        if turns:
+            chats[cache] = turns
+        if cache:
+            print(f"{hops}-node chain, time to first token {seconds:6.2f} s   {seconds / fastest:.2f}x transformers' faster dtype", flush=True)
     print(f"\na chat through the 3-node chain: {CHAT_START} tokens, then {CHAT_TURN} more a turn; time to first token per turn")
-    print("  " + "  ".join(f"{i}: {s:.2f} s" for i, s in enumerate(chat, 1)))
-    print(f"turn 2 {chat[1]:.2f} s, turn {CHAT_TURNS} {chat[-1]:.2f} s (no prefix cache: each turn prefills its whole history)")
+    for cache, chat in sorted(chats.items(), reverse=True):
+        print(f"prefix cache {'on ' if cache else 'off'}  " + "  ".join(f"{i}: {s:.2f} s" for i, s in enumerate(chat, 1)))
+    on, off = chats[True], chats[False]
+    print(f"turn 2 {on[1]:.2f} s with the prefix cache, {off[1]:.2f} s without ({on[1] / off[1]:.2f}x); "
+          f"turn {CHAT_TURNS} {on[-1]:.2f} s with, {off[-1]:.2f} s without ({on[-1] / off[-1]:.2f}x)")
     return 0

@@ -89,6 +89,7 @@ class TorchStage(KVSessions):
     """Blocks ``[start, end)`` of a Hugging Face causal LM on one device."""
 
     backend = "torch"
+    caches_prefixes = True
 
     def __init__(
         self,
@@ -189,6 +190,16 @@ class TorchStage(KVSessions):
                 bytes_per_token=bytes_per_token,
                 last_used=time.monotonic(),
             )
+
+    def _copy_prefix(self, session: SessionCache, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return [k[:, :, :n].clone() for k in session.keys], [v[:, :, :n].clone() for v in session.values]
+
+    def _load_prefix(self, session: SessionCache, kv: tuple[list[torch.Tensor], list[torch.Tensor]], n: int, capacity: int | None) -> None:
+        if capacity is not None:
+            session.grow(capacity)
+        keys, values = kv
+        for mine, cached in zip(session.keys + session.values, keys + values):
+            mine[:, :, :n] = cached[:, :, :n]
 
     # -- compute --------------------------------------------------------------------
 
