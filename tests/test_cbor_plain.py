@@ -324,7 +324,7 @@ def test_the_wrong_model_message_quotes_the_field_short() -> None:
 def test_a_hop_forwards_only_the_open_fields_it_knows() -> None:
     route = [{"peer": ME, "start": 0, "end": 2, "via": "x" * 1000}, {"peer": NEXT, "start": 2, "end": 4, "extra": [1]}]
     header = {"t": "open", "session": "s", "model": MODEL, "gateway": NEXT, "route": route, "max_length": 64,
-              "sampling": {"temperature": 0.0}, "n_prompt": 0, "nbytes": 0, "link": True, "x-junk": "y" * 1000,
+              "sampling": {"temperature": 0.0}, "n_prompt": 0, "nbytes": 0, "link": True, "x-junk": "y" * 1000, "cache": True,
               "ticket": b"the gateway's signature, passed on as it came"}  # fmt: skip
     request = validate_open(header, b"", _this_node(), Limits(), 0, ())
     assert request.route == [{"peer": ME, "start": 0, "end": 2}, {"peer": NEXT, "start": 2, "end": 4}]

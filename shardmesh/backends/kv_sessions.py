@@ -163,7 +163,7 @@ class KVSessions:
             return n
 
     def keep_prefix(self, session_id: str, fed: Sequence[int], scope: str) -> int:
-        """Before a clean close: cache the keys and values of the session's whole blocks.
+        """Before a close: cache the keys and values of the session's whole blocks.
         ``fed`` is every token the session was fed, in order (the gateway says so); only
         what the cache holds of them counts. Returns the tokens cached (0: none, or held
         already)."""
