@@ -17,6 +17,7 @@ from ..backends.compute_thread import compute_thread
 from ..contract import ChainOpener, HopCompute, Stage
 from .backend import build_stage, choose_backend
 from .config import NodeConfig, UsageError
+from .heap import settle
 from .model import LoadedModel
 
 log = logging.getLogger("shardmesh.node.blocks")
@@ -66,6 +67,7 @@ async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, spa
         f"({throughput:.0f} tokens/s per block)"
     )
     batcher = StepBatcher(stage, draw_together=draw_greedy_together)
+    settle()  # its modules and tensors live as long as it does (heap.py)
     return LocalBlocks(stage, batcher, StageHopCompute(batcher), LocalChains([batcher], config.prefix_cache), throughput)
 
 

@@ -51,6 +51,7 @@ from ..placement.prefix_routes import PrefixRoutes
 from ..placement.routing import FailureBackoff
 from ..placement.spans import ONLINE, repair
 from .blocks import auto_capacity, load_blocks, run_blocks
+from .heap import settle
 from .chains import NodeChains, route_finder
 from .config import NodeConfig, UsageError
 from .drafting import draft_source
@@ -210,6 +211,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
     swarm_key = read_key(config)
     # Abandonable: Ctrl-C during a long download must stop the node, not wait for it.
     model = await trio.to_thread.run_sync(load_model_meta, config, abandon_on_cancel=True)
+    settle()  # what the imports and the model's metadata made lives as long as the node (heap.py)
     fixed_span = config.span(model.total_blocks)
     capacity = auto_capacity(config, model) if config.auto_layers else 0
     model_id = model_identity(model.name, *identity_bytes(model.files))
