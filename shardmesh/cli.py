@@ -28,6 +28,10 @@ def _add_run(sub) -> None:
                    help="let web pages of ORIGIN (e.g. http://localhost:3000; '*' for any) call the API from a browser "
                         "(repeatable; default: none)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--prefill-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the dtype prefill steps compute in (torch); auto: float32 for a bfloat16 or float16 model on a CPU "
+                        "that multiplies bfloat16 only by emulation (no AVX-512 BF16, AMX or ARM BF16) unless --dtype is given, "
+                        "else the model's dtype")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"],
                    help="auto: MLX on Apple silicon (when installed), torch elsewhere")
@@ -202,6 +206,7 @@ def run(args) -> int:
         api=args.api,
         api_key=args.api_key or env_api_key(),
         dtype=args.dtype,
+        prefill_dtype=args.prefill_dtype,
         device=args.device,
         backend=args.backend,
         kv_cache_gb=args.kv_cache_gb,

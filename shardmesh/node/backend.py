@@ -33,7 +33,7 @@ def choose_backend(requested: str) -> str:
 
 def build_stage(
     backend: str, files, start: int, end: int | None, *, model_name: str, dtype: str, device: str, cache_budget_bytes: int,
-    threads: int | None = None,
+    threads: int | None = None, prefill_dtype: str = "auto",
 ):
     """The stage for blocks ``[start, end)`` (``end`` None: to the last); call it on the compute thread, which then
     computes with ``threads`` CPU threads (torch; None: torch's default)."""
@@ -48,4 +48,5 @@ def build_stage(
     if threads is not None:
         # OpenMP's team size is per calling thread: this is the compute thread.
         torch.set_num_threads(threads)
-    return TorchStage(files, start, end, model_name=model_name, dtype=dtype, device=device, cache_budget_bytes=cache_budget_bytes)
+    return TorchStage(files, start, end, model_name=model_name, dtype=dtype, device=device, cache_budget_bytes=cache_budget_bytes,
+                      prefill_dtype=prefill_dtype)

@@ -57,14 +57,16 @@ async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, spa
             device=config.device,
             cache_budget_bytes=int(config.kv_cache_gb * (1 << 30)),
             threads=config.threads,
+            prefill_dtype=config.prefill_dtype,
         )
     )
     threads = "" if config.threads is None else f"|threads={config.threads}"  # the speed measured depends on them
     key = throughput_cache_key(f"{model_id}|{backend}{threads}", stage.info.device, stage.info.dtype)
     throughput = await compute.run(cached_block_throughput, stage, default_cache_dir(), key)
+    prefill = str(getattr(stage, "prefill_dtype", "")).removeprefix("torch.")
     say(
         f"serving {model.name} blocks [{start}, {end}) with {backend} on {stage.info.device} in {stage.info.dtype} "
-        f"({throughput:.0f} tokens/s per block)"
+        f"({throughput:.0f} tokens/s per block)" + (f"; prefills in {prefill}" if prefill and prefill != stage.info.dtype else "")
     )
     batcher = StepBatcher(stage, draw_together=draw_greedy_together)
     settle()  # its modules and tensors live as long as it does (heap.py)

@@ -35,6 +35,7 @@ class NodeConfig:
     mdns: bool = True  # find peers on the LAN by multicast DNS
     links: bool = True  # move sessions' frames to hop links (mesh/link.py) when both ends can
     trunks: bool = True  # send the steps of sessions to the same next hop in one frame per batch (mesh/trunk.py)
+    prefill_dtype: str = "auto"  # the dtype long steps compute in (backends/torch/prefill_dtype.py)
     prefix_cache: bool = True  # keep finished sessions' prefixes for later ones, and route to them (backends/prefix_cache.py)
     relay_service: bool = True  # relay for nodes behind NATs while this node is public (mesh/relay_service.py)
     link_port: int | None = None  # hop links on a TCP port of their own (0: any free one); None: on the libp2p port

@@ -16,6 +16,10 @@ From one run, on the bench model (or ``--model``):
   cache (each turn computes only what the last one did not) and without it (each turn
   prefills its whole history: ``--no-prefix-cache``).
 
+In bfloat16 (the default) the nodes serve a copy of the checkpoint stored in bfloat16
+(made once, beside it) at ``--dtype auto``, as a user would run a bfloat16 model: each
+node then chooses its prefill's dtype itself (float32 where bfloat16 is emulated).
+
 Each prefill of the first two parts is a prompt of its own: with the prefix cache on,
 a prompt sent twice would be all but free the second time.
 """
@@ -23,6 +27,7 @@ a prompt sent twice would be all but free the second time.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +47,16 @@ READING = 0.5  # seconds between a turn's answer and the next question: a person
 __all__ = ["run_prefill_bench"]
 
 
+def prefill_dtype_here(dtype: str) -> str:
+    """The dtype a node on this machine prefills a ``dtype`` checkpoint in at ``--dtype auto``."""
+    import torch
+
+    from ..backends.torch.prefill_dtype import pick_prefill_dtype
+
+    chosen = pick_prefill_dtype("auto", getattr(torch, dtype), torch.device("cpu"), dtype_forced=False)
+    return str(chosen).removeprefix("torch.")
+
+
 def transformers_prefill(path: Path, dtype: str, prompt: list[int]) -> float:
     """Best of two of transformers' forward over ``prompt`` in ``dtype``, after a warm-up."""
     import torch
@@ -57,6 +72,34 @@ def transformers_prefill(path: Path, dtype: str, prompt: list[int]) -> float:
             model(ids)
             best = min(best, time.perf_counter() - t0)
     return best
+
+
+def stored_in(path: Path, dtype: str) -> Path:
+    """The checkpoint at ``path`` with its weights stored in ``dtype``, as a real
+    bfloat16 checkpoint is (built once, beside it): nodes then start at ``--dtype auto``,
+    and each chooses its prefill's dtype itself (backends/torch/prefill_dtype.py)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = path.with_name(f"{path.name}-{dtype}")
+    if (out / "config.json").is_file():
+        return out
+    tmp = Path(tempfile.mkdtemp(dir=path.parent))
+    for f in path.iterdir():
+        if f.suffix == ".safetensors":
+            tensors = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in load_file(f).items()}
+            save_file(tensors, tmp / f.name, metadata={"format": "pt"})
+        elif f.name == "config.json":
+            config = json.loads(f.read_text())
+            config["dtype"] = config["torch_dtype"] = dtype
+            (tmp / f.name).write_text(json.dumps(config, indent=2))
+        elif f.is_file():
+            shutil.copy(f, tmp / f.name)
+    try:
+        tmp.rename(out)
+    except OSError:  # another run built it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def start_setup(path: Path, dtype: str, total: int, hops: int, key_dir: Path, extra: tuple[str, ...] = ()) -> tuple[list[NodeProcess], NodeProcess]:
@@ -91,7 +134,9 @@ def run_prefill_bench(path: Path, dtype: str) -> int:
     vocab = min(config["vocab_size"], Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size())
     prompts = [prompt_ids(vocab, PREFILL_TOKENS, seed=10 + i) for i in range(2)]
     history = prompt_ids(vocab, CHAT_START + CHAT_TURN * CHAT_TURNS, seed=1)  # shares no prefix with the prompts
-    print(f"{PREFILL_TOKENS}-token prefill, {path.name}, nodes in {dtype} on 127.0.0.1 (one torch thread each in the 3-node chain)", flush=True)
+    served, node_dtype = (stored_in(path, dtype), "auto") if dtype in ("bfloat16", "float16") else (path, dtype)
+    print(f"{PREFILL_TOKENS}-token prefill, {path.name}, nodes at --dtype {node_dtype} on its weights in {dtype} "
+          f"(prefills in {prefill_dtype_here(dtype)} here) on 127.0.0.1, one torch thread each in the 3-node chain", flush=True)
     floor = {dt: transformers_prefill(path, dt, prompts[0]) for dt in ("bfloat16", "float32")}
     for dt, seconds in floor.items():
         print(f"transformers forward, {dt:9s} {seconds:6.2f} s", flush=True)
@@ -101,7 +146,7 @@ def run_prefill_bench(path: Path, dtype: str) -> int:
     # (hops, prefix cache): the prompts through both chains, the chat with the cache and without
     for hops, cache in ((1, True), (3, True), (3, False)):
         extra = () if cache else ("--no-prefix-cache",)
-        nodes, gateway = start_setup(path, dtype, config["num_hidden_layers"], hops, key_dir, extra)
+        nodes, gateway = start_setup(served, node_dtype, config["num_hidden_layers"], hops, key_dir, extra)
         try:
             seconds, turns = trio.run(chain_ttft, gateway.url, prompts if cache else [], history if hops == 3 else None)
         finally:

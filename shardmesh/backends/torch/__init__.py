@@ -6,4 +6,4 @@ Importing this package does not import torch; its modules do. The names below ar
 public modules (``from shardmesh.backends.torch import stage`` loads one).
 """
 
-__all__ = ["dense_blocks", "dense_config", "hf_blocks", "kv_attention", "sampling", "sampling_rows", "stage", "tensors", "throughput", "weights"]
+__all__ = ["dense_blocks", "dense_config", "hf_blocks", "kv_attention", "prefill_dtype", "sampling", "sampling_rows", "stage", "tensors", "throughput", "weights"]

@@ -72,7 +72,10 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
         k_cache[:, :, past : past + n] = key[row : row + 1]
         v_cache[:, :, past : past + n] = value[row : row + 1]
         mask = causal_mask(past, n, window, query.device)
-        outputs.append(sdpa(module, query[row : row + 1], k_cache[:, :, : past + n], v_cache[:, :, : past + n], mask, scaling))
+        keys, values = k_cache[:, :, : past + n], v_cache[:, :, : past + n]
+        if keys.dtype != query.dtype:  # a prefill computing in float32 over a 16-bit cache (prefill_dtype.py)
+            keys, values = keys.to(query.dtype), values.to(query.dtype)
+        outputs.append(sdpa(module, query[row : row + 1], keys, values, mask, scaling))
     return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0], None
 
 

@@ -30,6 +30,7 @@ from .dense_config import dense_config, is_dense, read_raw
 from ...contract import BadInput, check_step, NonFiniteInput, RawTensor, StageInfo, StepRequest, UnknownSession
 from ..kv_sessions import DEFAULT_CACHE_BUDGET, KVSessions
 from ..weights import ModelFiles, ensure_span_files, span_tensor_names
+from .prefill_dtype import PREFILL_PHASE_TOKENS, Upcast, pick_prefill_dtype
 from .tensors import raw_from_tensor, tensor_from_raw, torch_dtype
 from .weights import load_span_state
 
@@ -101,6 +102,7 @@ class TorchStage(KVSessions):
         dtype: str = "auto",
         device: str = "auto",
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
+        prefill_dtype: str = "auto",
     ) -> None:
         raw = read_raw(files.root)
         dense = is_dense(raw)
@@ -116,6 +118,9 @@ class TorchStage(KVSessions):
             raise ValueError(f"span [{start}, {end}) is not inside the model's {total} blocks")
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, config, self.device)
+        # Long steps may compute in another dtype (prefill_dtype.py): float32 where bf16 is emulated.
+        self.prefill_dtype = pick_prefill_dtype(prefill_dtype, self.dtype, self.device, dtype_forced=dtype != "auto")
+        self._upcast = Upcast(self.prefill_dtype)
         if self.device.type == "cuda":
             # cuDNN's attention plans each new key length once, tens of ms each: a decode
             # meets a new length every step (docs/PERFORMANCE.md, "On a GPU"). Flash and
@@ -261,10 +266,11 @@ class TorchStage(KVSessions):
     ) -> list[RawTensor]:
         m = self.module
         n = inputs.shape[1]
+        compute = self.prefill_dtype if n >= PREFILL_PHASE_TOKENS else self.dtype
         if start == 0:
-            hidden = m.embed_tokens(inputs.to(self.device))
+            hidden = m.embed_tokens(inputs.to(self.device)).to(compute)
         else:
-            hidden = inputs.to(device=self.device, dtype=self.dtype)
+            hidden = inputs.to(device=self.device, dtype=compute)
         position_ids = torch.tensor(positions, device=self.device)[:, None] + torch.arange(n, device=self.device)
         position_embeddings = self._rotary(hidden, position_ids)
         step = kv_attention.StepCaches(
@@ -273,14 +279,13 @@ class TorchStage(KVSessions):
             positions=positions,
             first_layer=start,
         )
+        extra = {"attention_mask": None, "position_ids": position_ids, "position_embeddings": position_embeddings, "shardmesh_step": step}
         for layer in m.layers[start - self.start : end - self.start]:
-            hidden = layer(
-                hidden,
-                attention_mask=None,
-                position_ids=position_ids,
-                position_embeddings=position_embeddings,
-                shardmesh_step=step,
-            )
+            if compute == self.dtype:
+                hidden = layer(hidden, **extra)
+            else:  # the layer as it is, run on its weights upcast (prefill_dtype.py)
+                hidden = torch.func.functional_call(layer, self._upcast.params(layer), (hidden,), extra)
+        hidden = hidden.to(self.dtype)
         if end < self.info.total_blocks:
             return [raw_from_tensor(row) for row in hidden]
         last = m.norm(hidden[:, -(draft + 1) :, :])
