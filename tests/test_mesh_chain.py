@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import threading
 import time
@@ -321,3 +322,14 @@ def test_moe_chat_through_three_nodes_equals_transformers(request, moe_path: Pat
         assert r.choices[0].message.content == want.text
         chunks = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=N, temperature=0, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+        # A second turn starts with the first's prefix on every hop (the prefix cache, in
+        # whole 64-token blocks: a longer chat): the MoE routers see the very same keys
+        # and values, and answer the same.
+        chat = [{"role": "user", "content": " ".join([MESSAGES[0]["content"]] * 6)}]
+        for turn in range(2):
+            answer = client.chat.completions.create(model=model, messages=chat, max_tokens=N, temperature=0).choices[0].message.content
+            assert answer == ref.greedy(ref.chat_ids(chat), N).text, f"turn {turn + 1}"
+            chat += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
+        metrics = httpx.get(f"{swarm.gateway.url}/metrics", timeout=10).text
+        cached = re.search(r"^shardmesh_prompt_tokens_cached_total (\S+)$", metrics, re.M)
+        assert cached is not None and float(cached.group(1)) > 0, metrics

@@ -99,6 +99,17 @@ def turns(gateway: Node, ref: Transformers, questions: list[str], system: str = 
     return held
 
 
+def test_one_node_with_the_whole_model_reuses_a_chat_in_process(llama: Path, ref: Transformers, tmp_path) -> None:
+    """One hop: the gateway's own blocks, no network (backends/local_chain.py)."""
+    node = start_node(llama, "--layers", "all", key_dir=tmp_path)
+    try:
+        held = turns(node, ref, QUESTIONS[:2])
+        assert held[0] == 0 and held[1] >= 64, held
+        assert metric(node, "shardmesh_prefix_tokens_reused") >= held[1]
+    finally:
+        stop_node(node)
+
+
 def test_every_later_turn_reuses_the_chat_so_far_on_every_hop(swarm, ref: Transformers) -> None:
     servers, gateway = swarm
     reused_before = [metric(s, "shardmesh_prefix_tokens_reused") for s in servers]
