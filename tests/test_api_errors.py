@@ -74,7 +74,8 @@ def test_invalid_chat_request_is_400(node: Node, client: openai.OpenAI, model_id
         {"logprobs": 6},
         {"logprobs": True},
         {"echo": True},
-        {"n": 3},
+        {"n": 9},
+        {"n": 0},
     ],
     ids=lambda c: json.dumps(c)[:40],
 )
@@ -100,10 +101,10 @@ def test_unknown_route_is_404(node: Node, client: openai.OpenAI, model_id: str) 
     assert_still_serving(client, model_id)
 
 
-def test_n_greater_than_one_is_400(client: openai.OpenAI, model_id: str) -> None:
+def test_n_above_eight_is_400(client: openai.OpenAI, model_id: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=2, n=2)
-    assert info.value.param == "n"
+        client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=2, n=9)
+    assert info.value.param == "n" and "1 to 8" in info.value.message
     assert_still_serving(client, model_id)
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "app",
     "auth",
     "chat_template",
+    "choices",
     "errors",
     "formats",
     "generate",

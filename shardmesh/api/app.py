@@ -56,7 +56,7 @@ from starlette.routing import BaseRoute, Route
 
 from .auth import RequireApiKey
 from .errors import ApiError, bad_request, error_body, internal_error, unavailable
-from .formats import ChatFormat, CompletionFormat
+from .formats import ChatFormat, CompletionFormat, Format
 from .generate import Finished, GenerationRequest, Generator, PromptTooLong, TokenEvent
 from ..contract import BadRequest, ModelUnavailable
 from .metrics import CountRequests, Metrics
@@ -65,6 +65,7 @@ from .schemas import ChatCompletionRequest, CompletionRequest, check_request, ge
 from .request_body import read_json
 from .response_json import now
 from .server import serve
+from .choices import Choices, choice_requests
 from .streaming import GenerationResponse, closing
 
 # ``serve`` is re-exported: node/run.py and tools/bench.py import both from here.
@@ -208,13 +209,9 @@ class Gateway:
         self.check_ready()
         prompt_ids = await self.tokenize(chat_prompt_ids, req.messages)
         gen_req = generation_request(req, prompt_ids, self.generator.context_length, sampling)
-        fmt = ChatFormat(
-            model=self.generator.model_name,
-            tokenizer=self.generator.tokenizer,
-            logprobs=bool(req.logprobs),
-            include_usage=req.include_usage,
-        )
-        return GenerationResponse(partial(self.events, gen_req, started), fmt, stream=req.streaming)
+        fmts = [ChatFormat(model=self.generator.model_name, tokenizer=self.generator.tokenizer, logprobs=bool(req.logprobs),
+                           include_usage=req.include_usage) for _ in range(req.n or 1)]  # fmt: skip
+        return self.response(gen_req, fmts, started, req.streaming)
 
     async def completions(self, request: Request) -> Reply:
         started = time.perf_counter()
@@ -224,13 +221,16 @@ class Gateway:
         self.check_ready()
         prompt_ids = await self.tokenize(completion_prompt_ids, req.prompt, len(self.generator.tokenizer))
         gen_req = generation_request(req, prompt_ids, self.generator.context_length, sampling)
-        fmt = CompletionFormat(
-            model=self.generator.model_name,
-            tokenizer=self.generator.tokenizer,
-            logprobs=req.logprobs is not None,
-            include_usage=req.include_usage,
-        )
-        return GenerationResponse(partial(self.events, gen_req, started), fmt, stream=req.streaming)
+        fmts = [CompletionFormat(model=self.generator.model_name, tokenizer=self.generator.tokenizer,
+                                 logprobs=req.logprobs is not None, include_usage=req.include_usage) for _ in range(req.n or 1)]  # fmt: skip
+        return self.response(gen_req, fmts, started, req.streaming)
+
+    def response(self, request: GenerationRequest, fmts: list[Format], started: float, stream: bool) -> GenerationResponse:
+        """The response of a request's choices, one per format (choices.py): with several,
+        the prompt is prefilled once first, and each choice reuses it."""
+        requests = choice_requests(request, len(fmts))
+        before = partial(self.generator.prefill, request.prompt_ids) if len(fmts) > 1 else None
+        return GenerationResponse([partial(self.events, r, started) for r in requests], Choices(fmts), stream=stream, before=before)
 
     async def events(self, request: GenerationRequest, started: float) -> AsyncIterator[TokenEvent | Finished]:
         """``generator.stream()`` with its errors mapped to ApiError and metrics recorded."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable
 
 from ..contract import CacheBudgetExceeded, ChainOpener, DraftSource, ModelUnavailable, SampledToken, SamplingParams
+from ..contract.prefixes import PREFIX_BLOCK
 from ..placement.spans import Repair
 from .resumable import ResumableChain
 from .speculation import MAX_K, DraftLength, SpeculationStats
@@ -130,6 +131,23 @@ class Generator:
     def _event(self, token: SampledToken, text: str) -> TokenEvent:
         top = tuple(TopLogprob(i, self._token_text(i), lp) for i, lp in token.top_logprobs)
         return TokenEvent(token.token_id, text, token.logprob, top)
+
+    async def prefill(self, prompt: list[int]) -> None:
+        """Compute ``prompt`` through a chain, then close it: its hops keep the prompt's
+        prefix (the prefix cache) for the sessions that follow, so that the choices of
+        one request (``n``) share one prefill. Never raises: a choice that then finds no
+        chain says why itself."""
+        if len(prompt) < 2 * PREFIX_BLOCK or len(prompt) >= self.context_length:
+            return  # too short to hold a block worth a round trip
+        chain = ResumableChain(self.chains, SamplingParams(temperature=0.0), prompt, len(prompt) + 1, wait=self.route_wait,
+                               repair=self.repair)  # fmt: skip
+        try:
+            await chain.start()
+        except Exception as exc:
+            log.info("the shared prefill of a request's choices failed (%s); each computes its own", exc)
+        finally:
+            await chain.close()
+            self.cached_tokens += chain.cached_tokens
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | Finished]:
         if not self.accepting:

@@ -55,6 +55,7 @@ __all__ = [
 
 #: OpenAI's limit on stop sequences per request.
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 8  # n: the choices one request may ask for (choices.py)
 #: OpenAI's limit on ``logprobs`` for the legacy completions endpoint.
 MAX_COMPLETION_LOGPROBS = 5
 
@@ -247,8 +248,8 @@ def _param_path(loc: Sequence[int | str]) -> str:
 
 def _reject_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
     """A 400 for parameters we understand but do not implement (see module docstring)."""
-    if req.n is not None and req.n != 1:
-        raise bad_request("only n=1 is supported", param="n")
+    if req.n is not None and not 1 <= req.n <= MAX_CHOICES:
+        raise bad_request(f"n must be 1 to {MAX_CHOICES}", param="n")
     if isinstance(req, ChatCompletionRequest):
         if req.tools or req.functions:
             raise bad_request("tools and function calling are not supported", param="tools")

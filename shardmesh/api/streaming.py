@@ -19,13 +19,13 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
 from starlette.types import Receive, Scope, Send
 
 from .errors import ApiError, internal_error
-from .formats import Format
+from .choices import Choices
 from .generate import Finished, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -106,131 +106,142 @@ async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
 
 
 class GenerationResponse:
-    """An ASGI response that runs one generation and sends it, whole or streamed.
+    """An ASGI response that runs a request's generations (one per choice, ``n``) and
+    sends them, whole or streamed.
 
-    ``events`` starts the generation: it returns the async iterator of its events,
-    ending with :class:`~shardmesh.api.generate.Finished`, and raising ApiError for
-    what the client should hear about. That iterator is created, consumed and closed
-    in this one task (never handed between tasks), inside a nursery that also watches
-    for the client disconnecting. The first event is awaited *before* the status line
-    goes out, so errors the generator raises up front (model unavailable, prompt too
-    long) still get their own status code when streaming.
+    ``events`` holds, per choice, what starts its generation: it returns the async
+    iterator of its events, ending with :class:`~shardmesh.api.generate.Finished`, and
+    raising ApiError for what the client should hear about. Each iterator is created,
+    consumed and closed in one task of its own (:meth:`_produce`), inside a nursery that
+    also watches for the client disconnecting; their events meet in one channel, tagged
+    with their choice. The first event is awaited *before* the status line goes out, so
+    errors the generator raises up front (model unavailable, prompt too long) still get
+    their own status code when streaming. A failure of any choice ends the response.
     """
 
-    def __init__(self, events: Callable[[], AsyncIterator[TokenEvent | Finished]], fmt: Format, *, stream: bool) -> None:
+    def __init__(self, events: list[Callable[[], AsyncIterator[TokenEvent | Finished]]], fmt: Choices, *, stream: bool,
+                 before: Callable[[], Awaitable[None]] | None = None) -> None:  # fmt: skip
         self.events = events
         self.fmt = fmt
         self.stream = stream
+        self.before = before  # awaited before the choices start (their shared prefill)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cancel_on_disconnect, receive, nursery.cancel_scope)
-            if self.stream:
-                await self.send_stream(send)
-            else:
-                await self.send_whole(send)
+            async with trio.open_nursery() as producers:
+                outbox, inbox = trio.open_memory_channel[Any](0)
+                producers.start_soon(self._produce_all, outbox)
+                if self.stream:
+                    await self.send_stream(send, inbox)
+                else:
+                    await self.send_whole(send, inbox)
+                producers.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
 
-    async def send_whole(self, send: Send) -> None:
-        try:
-            async with closing(self.events()) as events:
-                async for event in events:
-                    if isinstance(event, Finished):
-                        self.fmt.on_finish(event)
-                        body = self.fmt.whole(event)
-                        break
-                    self.fmt.on_token(event)
-                else:
-                    raise RuntimeError("the generator ended without a Finished event")
-        except ApiError as exc:
-            await send_json(send, exc.status, exc.body())
-            return
-        except Exception:
-            log.exception("generation failed")
-            await send_json(send, 500, internal_error().body())
-            return
-        await send_json(send, 200, body)
-
-    async def send_stream(self, send: Send) -> None:
-        """Stream the events; while none comes for :data:`HEARTBEAT_SECONDS`, send an SSE
-        comment so that the client and any proxy keep the connection open.
-
-        The generation runs in a task of its own (:meth:`_produce`: it creates, consumes
-        and closes its iterator there) and hands its events over a channel, so that
-        this task can wait for them with a timeout. An error that comes before
-        :data:`HEARTBEAT_SECONDS` gets its own status code; later, the stream has begun.
-        """
-        async with trio.open_nursery() as nursery:
-            outbox, inbox = trio.open_memory_channel[Any](0)
-            nursery.start_soon(self._produce, outbox)
-            first = await _next(inbox)
-            if isinstance(first, ApiError):
-                await send_json(send, first.status, first.body())
+    async def send_whole(self, send: Send, inbox: trio.MemoryReceiveChannel[Any]) -> None:
+        done: dict[int, Finished] = {}
+        while len(done) < len(self.events):
+            index, event = await inbox.receive()
+            if isinstance(event, ApiError):
+                await send_json(send, event.status, event.body())
                 return
-            if isinstance(first, BaseException):
-                log.error("generation failed before its first event", exc_info=first)
+            if isinstance(event, BaseException):
+                log.error("generation failed", exc_info=event)
                 await send_json(send, 500, internal_error().body())
                 return
+            if isinstance(event, Finished):
+                self.fmt.on_finish(index, event)
+                done[index] = event
+            else:
+                self.fmt.on_token(index, event)
+        await send_json(send, 200, self.fmt.whole([done[i] for i in range(len(done))]))
 
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream; charset=utf-8"),
-                        (b"cache-control", b"no-cache"),
-                        (b"x-accel-buffering", b"no"),  # tell nginx-like proxies not to buffer
-                    ],
-                }
-            )
+    async def send_stream(self, send: Send, inbox: trio.MemoryReceiveChannel[Any]) -> None:
+        """Stream the events; while none comes for :data:`HEARTBEAT_SECONDS`, send an SSE
+        comment so that the client and any proxy keep the connection open. An error that
+        comes before the first event gets its own status code; later, the stream has begun.
+        """
+        first = await _next(inbox)
+        if first is not None and isinstance(first[1], ApiError):
+            await send_json(send, first[1].status, first[1].body())
+            return
+        if first is not None and isinstance(first[1], BaseException):
+            log.error("generation failed before its first event", exc_info=first[1])
+            await send_json(send, 500, internal_error().body())
+            return
 
-            async def emit(chunk: dict[str, Any] | str) -> None:
-                await send({"type": "http.response.body", "body": sse(chunk), "more_body": True})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-accel-buffering", b"no"),  # tell nginx-like proxies not to buffer
+                ],
+            }
+        )
 
-            event: Any = first
-            for chunk in self.fmt.prelude():
-                await emit(chunk)
-            while True:
-                if event is None:
-                    await send({"type": "http.response.body", "body": WAITING_COMMENT, "more_body": True})
-                elif isinstance(event, ApiError):
-                    log.warning("generation failed mid-stream: %s", event.message)
-                    await emit(event.body())
-                    break
-                elif isinstance(event, BaseException):
-                    log.error("generation failed mid-stream", exc_info=event)
-                    await emit(internal_error().body())
-                    break
-                elif isinstance(event, Finished):
-                    await emit(self.fmt.on_finish(event))
+        async def emit(chunk: dict[str, Any] | str) -> None:
+            await send({"type": "http.response.body", "body": sse(chunk), "more_body": True})
+
+        item: Any = first
+        done: dict[int, Finished] = {}
+        for chunk in self.fmt.prelude():
+            await emit(chunk)
+        while True:
+            index, event = item if item is not None else (None, None)
+            if item is None:
+                await send({"type": "http.response.body", "body": WAITING_COMMENT, "more_body": True})
+            elif isinstance(event, ApiError):
+                log.warning("generation failed mid-stream: %s", event.message)
+                await emit(event.body())
+                break
+            elif isinstance(event, BaseException):
+                log.error("generation failed mid-stream", exc_info=event)
+                await emit(internal_error().body())
+                break
+            elif isinstance(event, Finished):
+                await emit(self.fmt.on_finish(index, event))
+                done[index] = event
+                if len(done) == len(self.events):
                     if self.fmt.include_usage:
-                        await emit(self.fmt.usage_chunk(event))
+                        await emit(self.fmt.usage_chunk([done[i] for i in range(len(done))]))
                     break
-                elif (chunk := self.fmt.on_token(event)) is not None:
-                    await emit(chunk)
-                event = await _next(inbox)
-            # The terminator and the end of the body in one message: the chunked body's
-            # last chunk goes out with it, and hypercorn then closes or parks the socket.
-            await finish(send, sse("[DONE]"))
-            nursery.cancel_scope.cancel()
+            elif (chunk := self.fmt.on_token(index, event)) is not None:
+                await emit(chunk)
+            item = await _next(inbox)
+        # The terminator and the end of the body in one message: the chunked body's
+        # last chunk goes out with it, and hypercorn then closes or parks the socket.
+        await finish(send, sse("[DONE]"))
 
-    async def _produce(self, outbox: trio.MemorySendChannel[Any]) -> None:
-        """The generation's events into ``outbox``; a failure goes there as its exception."""
+    async def _produce_all(self, outbox: trio.MemorySendChannel[Any]) -> None:
+        """Every choice's events into ``outbox`` as ``(index, event)``, after ``before``."""
+        async with outbox:
+            if self.before is not None:
+                await self.before()
+            async with trio.open_nursery() as nursery:
+                for index in range(len(self.events)):
+                    nursery.start_soon(self._produce, index, outbox.clone())
+
+    async def _produce(self, index: int, outbox: trio.MemorySendChannel[Any]) -> None:
+        """One choice's events into ``outbox``; a failure goes there as its exception."""
         async with outbox:
             try:
-                async with closing(self.events()) as events:
+                async with closing(self.events[index]()) as events:
                     async for event in events:
-                        await outbox.send(event)
+                        await outbox.send((index, event))
                         if isinstance(event, Finished):
                             return
                 raise RuntimeError("the generator ended without a Finished event")
             except Exception as exc:
-                await outbox.send(exc)
+                await outbox.send((index, exc))
 
 
 async def _next(inbox: trio.MemoryReceiveChannel[Any]) -> Any:
-    """The next event or exception from :meth:`GenerationResponse._produce`; None when
-    :data:`HEARTBEAT_SECONDS` passed without one."""
+    """The next ``(index, event or exception)`` from :meth:`GenerationResponse._produce`;
+    None when :data:`HEARTBEAT_SECONDS` passed without one."""
     with trio.move_on_after(HEARTBEAT_SECONDS):
         return await inbox.receive()
     return None
