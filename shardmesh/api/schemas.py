@@ -16,7 +16,7 @@ Decisions worth knowing (where OpenAI's own behaviour is not the obvious choice)
 * Sampling ranges (temperature in [0, 2], top_p in (0, 1], penalties in [-2, 2], ...)
   are checked by :meth:`SamplingParams.validate`, the one place that defines them; its
   ``ValueError`` becomes a 400 naming the parameter.
-* ``n`` must be 1 and ``stop`` holds at most 4 non-empty strings. Features that would
+* ``n`` is 1 to 8 (choices.py) and ``stop`` holds at most 4 non-empty strings. Features that would
   change the output and that we do not implement (``tools``, ``response_format`` other
   than text, ``echo``, ``suffix``, ``best_of`` > 1) are a 400 rather than silently
   ignored: a client that relies on them must learn it at once. ``logit_bias`` (token ids
