@@ -37,6 +37,20 @@ __all__ = ["RelayLimits", "RelayService"]
 
 CHUNK = 64 * 1024  # bytes moved per read
 WRITE_TIMEOUT = 30.0  # s one write to a stalled end may take before the circuit ends
+END_GRACE = 5.0  # s the ends get to close their sides of an ended circuit before its reads are cut
+
+
+class _Countdown:
+    """``done`` is set after ``tick`` was called ``n`` times."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+        self.done = trio.Event()
+
+    def tick(self) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            self.done.set()
 
 
 @dataclass(frozen=True)
@@ -189,16 +203,30 @@ class RelayService:
 
     async def _splice(self, a, b) -> None:
         """Copy both ways until either end stops, the byte budget is spent or the
-        circuit's time is up; then reset both streams."""
+        circuit's time is up; then end it by closing both streams, and reset them.
+
+        A read is never cancelled while the ends may still answer: py-libp2p's read
+        writes window updates, and one cut halfway leaves half a frame on a connection
+        that carries more than this circuit (the target's own connection to us, its
+        reservation with it). Closing our sides makes each end close its own, which
+        ends our reads; only an end that stays silent for :data:`END_GRACE` has its
+        read cut."""
         budget = [self.limits.circuit_bytes]
-        with trio.move_on_after(self.limits.circuit_seconds):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump, a, b, budget, nursery.cancel_scope)
-                nursery.start_soon(self._pump, b, a, budget, nursery.cancel_scope)
+        ended, both = trio.Event(), _Countdown(2)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump, a, b, budget, ended, both)
+            nursery.start_soon(self._pump, b, a, budget, ended, both)
+            with trio.move_on_after(self.limits.circuit_seconds):
+                await ended.wait()
+            await close_quietly(a)
+            await close_quietly(b)
+            with trio.move_on_after(END_GRACE):
+                await both.done.wait()
+            nursery.cancel_scope.cancel()
         await reset_quietly(a)
         await reset_quietly(b)
 
-    async def _pump(self, src, dst, budget: list[int], circuit: trio.CancelScope) -> None:
+    async def _pump(self, src, dst, budget: list[int], ended: trio.Event, both: _Countdown) -> None:
         try:
             while True:
                 data = await src.read(CHUNK)
@@ -217,4 +245,5 @@ class RelayService:
         except Exception as exc:  # noqa: BLE001 - StreamEOF, StreamReset: that end is gone
             log.debug("circuit ended: %r", exc)
         finally:
-            circuit.cancel()  # the other direction's read ends with it
+            ended.set()  # the splice closes both streams, which ends the other direction
+            both.tick()
