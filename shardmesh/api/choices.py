@@ -19,11 +19,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from ..contract.sampling import SEED_MAX
 from .formats import Format
 from .generate import Finished, GenerationRequest, TokenEvent
 
-SEED_SPAN = 1 << 64  # seeds are 64-bit (signed or not): a choice's seed wraps within them
-SEED_MAX = (1 << 64) - 1
+SEED_SPAN = SEED_MAX + 1  # seeds are taken modulo 2**64: a choice's seed wraps within them
 
 __all__ = ["Choices", "choice_requests"]
 
@@ -53,9 +53,6 @@ class Choices:
         for f in formats[1:]:  # one response: one id, one creation time
             f.id, f.created = first.id, first.created
         self.include_usage = first.include_usage
-
-    def __len__(self) -> int:
-        return len(self.formats)
 
     def prelude(self) -> list[dict[str, Any]]:
         return [_indexed(chunk, i) for i, f in enumerate(self.formats) for chunk in f.prelude()]

@@ -79,11 +79,6 @@ class PrefixCache:
         self._drop(next(iter(self._entries.values())))
         return True
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self._by_name.clear()
-        self.nbytes = 0
-
     def _drop(self, entry: CachedPrefix) -> None:
         del self._entries[entry.names[-1]]
         self.nbytes -= entry.nbytes

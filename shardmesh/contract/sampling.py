@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 __all__ = [
     "LOGIT_BIAS_MAX", "MAX_LOGIT_BIASES", "MAX_TOP_LOGPROBS", "REPETITION_PENALTY_MAX", "REPETITION_PENALTY_MIN",
-    "SampledToken", "SamplingParams",
+    "SEED_MAX", "SEED_MIN", "SampledToken", "SamplingParams",
 ]
 
 #: The most alternatives a client may ask for per token (OpenAI's limit too).
@@ -23,8 +23,8 @@ LOGIT_BIAS_MAX = 100.0
 
 # Seeds are reduced modulo 2**64. Bound what we accept so untrusted input cannot hand
 # us a million-digit integer; this range covers both signed and unsigned 64-bit seeds.
-_SEED_MIN = -(2**63)
-_SEED_MAX = 2**64 - 1
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
 
 # The repetition penalty multiplies or divides float32 logits. Within float32's normal
 # range it is held exactly, and a float32 logit times or over it always fits a float64
@@ -108,8 +108,8 @@ class SamplingParams:
             )
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
-        if self.seed is not None and not _SEED_MIN <= self.seed <= _SEED_MAX:
-            raise ValueError(f"seed must fit in 64 bits ([{_SEED_MIN}, {_SEED_MAX}]), got {self.seed}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must fit in 64 bits ([{SEED_MIN}, {SEED_MAX}]), got {self.seed}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         _check_logit_bias(self.logit_bias)

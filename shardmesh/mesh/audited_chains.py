@@ -217,7 +217,7 @@ class AuditedChain:
         return self.inner.parallel_stages
 
     async def open(self, max_length: int) -> int:
-        cached = await self.inner.open(max_length) or 0
+        cached = await self.inner.open(max_length)
         self.fed = self.history[:cached]  # the first step comes after what the hops hold
         return cached
 

@@ -111,6 +111,7 @@ class RemoteChain:
         self.issuer = issuer  # signs each open's ticket; hops refuse an open without one
         self.sampling = sampling
         self.history = (list(prompt_ids), list(generated))  # generated: a replay after failover
+        self.opened_with = [*prompt_ids, *generated]  # the open's whole history, as the hops get it
         self.step_times = step_times if step_times is not None else StepTimes()
         self.probe = probe
         self._unanswered = 0  # tokens sent since the last token came back
@@ -148,7 +149,7 @@ class RemoteChain:
         raised: the caller decides whether to try again. :class:`NoRoute` when no route
         serves ``max_length`` tokens."""
         if self.find_route is not None:
-            held = self.prefixes.held(prefix_names(sum(self.history, []))) if self.prefixes is not None else None
+            held = self.prefixes.held(prefix_names(self.opened_with)) if self.prefixes is not None else None
             route = self.find_route(max_length, self.avoid, **({"prefer": held} if held is not None else {}))
             if route is None:
                 raise NoRoute(f"no complete chain of online peers serves {self.model_id}")
@@ -167,7 +168,6 @@ class RemoteChain:
 
     async def _open_route(self, route: list[Hop], max_length: int) -> int:
         first, last = route[0].peer, route[-1].peer
-        prompt, generated = self.history
         self._first = await self._connect(first)
         trunk = await self.trunks.steps.to(first) if self.trunks is not None and first != self.gateway else None
         header = {
@@ -178,13 +178,13 @@ class RemoteChain:
             "route": [{"peer": h.peer, "start": h.start, "end": h.end} for h in route],
             "max_length": max_length,
             "sampling": self.sampling,
-            "n_prompt": len(prompt),
+            "n_prompt": len(self.history[0]),
             **({"trunk": True} if trunk is not None else request_fields(self.links, self._first, first)),
             **({"cache": True} if self.prefixes is not None else {}),
         }
         if self.issuer is not None:
             header = self.issuer.sign_open(header, time.time())
-        await self._write(self._first, first, header, array("q", prompt + generated).tobytes())
+        await self._write(self._first, first, header, array("q", self.opened_with).tobytes())
         ok = await self._expect_ok(self._first, first, "open", open_wait(len(route)))
         if ok.get("trunk") is True:
             self._trunk = trunk
@@ -202,7 +202,7 @@ class RemoteChain:
         self.nursery.start_soon(self._read_into_events, self._last, last)
         self.nursery.start_soon(self._read_into_events, self._first, first)
         # The last token's logits are always computed, so at most all but it is held.
-        return reported_cached(ok, len(prompt) + len(generated) - 1) if self.prefixes is not None else 0
+        return reported_cached(ok, len(self.opened_with) - 1) if self.prefixes is not None else 0
 
     async def _connect(self, peer: str) -> FrameStream:
         try:
@@ -375,12 +375,11 @@ class RemoteChain:
         if self.trunks is not None:
             self.trunks.results.forget(self.session_id)
         if self._first is not None:
-            held = len(self.history[0]) + len(self.history[1])
             if self.prefixes is not None and self.route is not None:
-                self.prefixes.remember(prefix_names(fed or sum(self.history, [])), self.route)
+                self.prefixes.remember(prefix_names(fed or self.opened_with), self.route)
             try:
                 await self._first.write({"t": CLOSE, "session": self.session_id},
-                                        close_payload(held, fed) if self.prefixes is not None else b"")  # fmt: skip
+                                        close_payload(len(self.opened_with), fed) if self.prefixes is not None else b"")  # fmt: skip
             except WireError:
                 pass
         streams = [fs.stream for fs in (self._first, self._last) if fs is not None]

@@ -51,10 +51,10 @@ from ..placement.prefix_routes import PrefixRoutes
 from ..placement.routing import FailureBackoff
 from ..placement.spans import ONLINE, repair
 from .blocks import auto_capacity, load_blocks, run_blocks
-from .heap import settle
 from .chains import NodeChains, route_finder
 from .config import NodeConfig, UsageError
 from .drafting import draft_source
+from .heap import settle
 from .model import LoadedModel, load_model_meta
 from .reachability import own_addresses, use_relays, watch_own_reachability
 from .span_keeper import SpanKeeper

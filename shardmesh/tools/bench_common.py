@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-
-import trio
 from dataclasses import dataclass
 from pathlib import Path
+
+import trio
 
 from ..api.generate import Finished, GenerationRequest, Generator
 from ..contract import SamplingParams
