@@ -175,6 +175,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--prefill", action="store_true",
                    help="time to first token of a 2,048-token prompt through 1- and 3-node chains next to transformers' "
                         "forward in bfloat16 and float32, and over the turns of a growing chat")
+    p.add_argument("--grammar", action="store_true",
+                   help="what constrained decoding (response_format json_schema) costs per token: each grammar engine "
+                        "installed here on a 131,072-token vocabulary")
     p.add_argument("--memory", action="store_true",
                    help="resident memory of a --layers none gateway and of a serving node (beyond weights and KV cache)")
     p.add_argument("--audit", action="store_true",

@@ -54,6 +54,8 @@ def test_bad_json_is_400(node: Node, client: openai.OpenAI, model_id: str, conte
         {"messages": []},
         {"model": None},
         {"messages": [{"role": "user", "content": "\ud800"}]},
+        {"response_format": {"type": "xml"}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
     ],
     ids=lambda c: json.dumps(c)[:40],
 )

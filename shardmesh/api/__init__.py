@@ -29,6 +29,7 @@ __all__ = [
     "server",
     "speculation",
     "streaming",
+    "structured_output",
     "text",
     "token_bytes",
     "tokenizer",

@@ -16,9 +16,10 @@ Decisions worth knowing (where OpenAI's own behaviour is not the obvious choice)
 * Sampling ranges (temperature in [0, 2], top_p in (0, 1], penalties in [-2, 2], ...)
   are checked by :meth:`SamplingParams.validate`, the one place that defines them; its
   ``ValueError`` becomes a 400 naming the parameter.
-* ``n`` is 1 to 8 (choices.py) and ``stop`` holds at most 4 non-empty strings. Features that would
-  change the output and that we do not implement (``tools``, ``response_format`` other
-  than text, ``echo``, ``suffix``, ``best_of`` > 1) are a 400 rather than silently
+* ``n`` is 1 to 8 (choices.py) and ``stop`` holds at most 4 non-empty strings.
+  ``response_format`` (JSON, JSON schemas) becomes a grammar (structured_output.py).
+  Features that would change the output and that we do not implement (``tools``,
+  ``echo``, ``suffix``, ``best_of`` > 1) are a 400 rather than silently
   ignored: a client that relies on them must learn it at once. ``logit_bias`` (token ids
   below the tokenizer's size, checked where the prompt is) and ``min_p`` are honoured.
 * A message's content may be a string or a list of ``{"type": "text", "text": ...}``
@@ -43,6 +44,7 @@ from ..contract import SamplingParams
 from ..contract.sampling import MAX_LOGIT_BIASES
 from .errors import bad_request
 from .generate import GenerationRequest
+from .structured_output import response_format_grammar
 
 __all__ = [
     "ChatCompletionRequest",
@@ -253,8 +255,6 @@ def _reject_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
     if isinstance(req, ChatCompletionRequest):
         if req.tools or req.functions:
             raise bad_request("tools and function calling are not supported", param="tools")
-        if req.response_format is not None and req.response_format.get("type", "text") != "text":
-            raise bad_request("only response_format {'type': 'text'} is supported", param="response_format")
         if not req.messages:
             raise bad_request("messages must hold at least one message", param="messages")
         if req.top_logprobs is not None and not req.logprobs:
@@ -291,6 +291,9 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest) -> SamplingP
     if req.seed is not None:
         kwargs["seed"] = req.seed
     if isinstance(req, ChatCompletionRequest):
+        grammar = response_format_grammar(req.response_format)
+        if grammar is not None:
+            kwargs["grammar"] = grammar
         if req.logprobs:
             kwargs["logprobs"] = True
             kwargs["top_logprobs"] = req.top_logprobs or 0

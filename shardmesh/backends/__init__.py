@@ -16,6 +16,7 @@ __all__ = [
     "compute_thread",
     "draft_model",
     "footprint",
+    "grammar",
     "hop_compute",
     "kv_sessions",
     "local_chain",

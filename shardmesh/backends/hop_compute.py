@@ -14,14 +14,17 @@ from typing import Any, Callable, Sequence
 
 from ..contract import BadInput, RawTensor, SamplingParams, StageInfo, StepOutput, StepRequest
 from .batcher import StepBatcher
+from .grammar import Vocabulary
 from .sampler_state import SamplerState
 
 
 class StageHopCompute:
-    """Wraps a :class:`StepBatcher` for :mod:`shardmesh.mesh.hop_server`."""
+    """Wraps a :class:`StepBatcher` for :mod:`shardmesh.mesh.hop_server`; ``vocabulary``
+    (the model's, for grammars) matters when the batcher's stage is the last one."""
 
-    def __init__(self, batcher: StepBatcher) -> None:
+    def __init__(self, batcher: StepBatcher, vocabulary: Vocabulary | None = None) -> None:
         self.batcher = batcher
+        self.vocabulary = vocabulary
 
     @property
     def info(self) -> StageInfo:
@@ -42,7 +45,7 @@ class StageHopCompute:
             raise BadInput(f"history token ids must lie in [0, {vocab})")
         if any(t >= vocab for t, _ in params.logit_bias):
             raise BadInput(f"logit_bias token ids must lie in [0, {vocab})")
-        return SamplerState(params, list(prompt_ids), list(generated))
+        return SamplerState(params, list(prompt_ids), list(generated), self.vocabulary)
 
     async def open(
         self, session_id: str, max_length: int, start: int, end: int, history: Sequence[int] = (), scope: str | None = None,

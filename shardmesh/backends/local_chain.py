@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 from ..contract import RawTensor, SampledToken, SamplingParams, StepRequest
 from .batcher import StepBatcher
+from .grammar import Vocabulary
 from .sampler_state import SamplerState
 
 LOCAL_SCOPE = "local"  # every session of this process's gateway may share prefixes
@@ -24,12 +25,12 @@ class LocalChain:
 
     def __init__(
         self, batchers: list[StepBatcher], session_id: str, sampling: SamplingParams, prompt_ids: list[int],
-        generated: list[int], prefixes: bool = True,
+        generated: list[int], prefixes: bool = True, vocabulary: Vocabulary | None = None,
     ) -> None:
         self.batchers = batchers
         self.session_id = session_id
         # Tokens drawn before this chain (a replay) count in the sampler's history.
-        self.sampler = SamplerState(sampling, list(prompt_ids), list(generated))
+        self.sampler = SamplerState(sampling, list(prompt_ids), list(generated), vocabulary)
         self.history = [*prompt_ids, *generated]
         self.scope = LOCAL_SCOPE if prefixes else None
 
@@ -68,9 +69,10 @@ class LocalChain:
 class LocalChains:
     """Makes :class:`LocalChain` sessions over a fixed list of local batchers."""
 
-    def __init__(self, batchers: list[StepBatcher], prefixes: bool = True) -> None:
+    def __init__(self, batchers: list[StepBatcher], prefixes: bool = True, vocabulary: Vocabulary | None = None) -> None:
         self.batchers = batchers
         self.prefixes = prefixes  # sessions start with cached prefixes, and leave theirs
+        self.vocabulary = vocabulary  # the model's, for requests with a grammar
 
     def available(self) -> bool:
         return bool(self.batchers)
@@ -79,4 +81,4 @@ class LocalChains:
         self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int],
         avoid: frozenset[str] = frozenset(),
     ) -> LocalChain:
-        return LocalChain(self.batchers, session_id, sampling, prompt_ids, generated, self.prefixes)
+        return LocalChain(self.batchers, session_id, sampling, prompt_ids, generated, self.prefixes, self.vocabulary)

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from ..contract import BadRequest, RawTensor, SampledToken, SamplingParams
+from .grammar import GrammarRefused, GrammarState, Vocabulary
 from .torch.sampling import SamplingRefused, sample
 from .torch.sampling_rows import greedy_rows
 from .torch.tensors import tensor_from_raw
@@ -23,11 +24,17 @@ __all__ = ["SamplerState", "draw_greedy_together"]
 @dataclass
 class SamplerState:
     """The parameters and the token history that penalties and the per-step seed
-    depend on; ``generated`` holds what was drawn before (a replay) and grows per token."""
+    depend on; ``generated`` holds what was drawn before (a replay) and grows per token.
+
+    With a grammar in the parameters, ``vocabulary`` is the model's; the matcher is
+    built on the first draw (on the compute thread, where compiling belongs) and fed
+    what was drawn before, so a replay continues the grammar where it was."""
 
     params: SamplingParams
     prompt_ids: list[int]
     generated: list[int] = field(default_factory=list)
+    vocabulary: Vocabulary | None = None
+    grammar: GrammarState | None = field(default=None, init=False)
 
     def token(self, logits: RawTensor) -> SampledToken:
         """Compute thread: the next token. A refusal caused by the request's parameters
@@ -63,15 +70,27 @@ class SamplerState:
         """Greedy, with nothing that depends on the session's history (no penalties) or
         changes its logits (no bias): its tokens can be drawn with other sessions' at once."""
         p = self.params
-        return p.greedy and not p.logit_bias and (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.0, 0.0, 0.0)
+        return (p.greedy and not p.logit_bias and p.grammar is None
+                and (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.0, 0.0, 0.0))
 
     def _draw(self, logits: Any) -> SampledToken:
         try:
-            token = sample(logits, self.params, self.prompt_ids, self.generated)
-        except SamplingRefused as exc:
+            allowed = self._allowed(logits.shape[-1]) if self.params.grammar is not None else None
+            token = sample(logits, self.params, self.prompt_ids, self.generated, allowed)
+            if self.grammar is not None:
+                self.grammar.advance(token.token_id)
+        except (SamplingRefused, GrammarRefused) as exc:
             raise BadRequest(f"cannot sample with these parameters: {exc}") from exc
         self.generated.append(token.token_id)
         return token
+
+    def _allowed(self, width: int) -> torch.Tensor:
+        if self.grammar is None:
+            if self.vocabulary is None:  # this node's shortcoming, not the request's: another chain may serve it
+                raise RuntimeError("this node cannot apply grammars: its model's tokenizer has no tokenizer.json form")
+            assert self.params.grammar is not None
+            self.grammar = GrammarState(self.vocabulary, self.params.grammar, self.generated)
+        return self.grammar.allowed(width)
 
     def __call__(self, logits: RawTensor) -> dict[str, Any]:
         """The next token as the last hop sends it on the wire."""

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 __all__ = [
-    "LOGIT_BIAS_MAX", "MAX_LOGIT_BIASES", "MAX_TOP_LOGPROBS", "REPETITION_PENALTY_MAX", "REPETITION_PENALTY_MIN",
+    "LOGIT_BIAS_MAX", "MAX_GRAMMAR_CHARS", "MAX_LOGIT_BIASES", "MAX_TOP_LOGPROBS", "REPETITION_PENALTY_MAX", "REPETITION_PENALTY_MIN",
     "SEED_MAX", "SEED_MIN", "SampledToken", "SamplingParams",
 ]
 
@@ -20,6 +20,8 @@ MAX_TOP_LOGPROBS = 20
 #: ``logit_bias``: at most this many tokens, each biased by at most this much (OpenAI's ranges).
 MAX_LOGIT_BIASES = 300
 LOGIT_BIAS_MAX = 100.0
+#: ``grammar``: the longest grammar a request may carry (a JSON schema of many tools fits).
+MAX_GRAMMAR_CHARS = 65536
 
 # Seeds are reduced modulo 2**64. Bound what we accept so untrusted input cannot hand
 # us a million-digit integer; this range covers both signed and unsigned 64-bit seeds.
@@ -54,6 +56,11 @@ class SamplingParams:
     by id. ``min_p`` (vLLM, llama.cpp) keeps, after the temperature, only the tokens at
     least ``min_p`` times as likely as the best one; 0 turns it off.
 
+    ``grammar`` (structured output, forced tool calls) is a grammar in llguidance's
+    Lark dialect, JSON schemas embedded as ``%json {...}``: only tokens that keep the
+    answer inside it are drawn, and once it is complete only an end-of-answer token
+    (:mod:`shardmesh.backends.grammar`; docs/PROTOCOL.md 6.3).
+
     Instances are not validated on construction (so that :meth:`validate` can report
     a readable error); :func:`sample` and :meth:`from_dict` always validate. Every
     instance that passes :meth:`validate` can be sampled from any finite logits: the
@@ -71,6 +78,7 @@ class SamplingParams:
     top_logprobs: int = 0
     min_p: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: str | None = None
 
     def validate(self) -> None:
         """Raise :class:`ValueError` naming the first out-of-range or mistyped field.
@@ -113,6 +121,8 @@ class SamplingParams:
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         _check_logit_bias(self.logit_bias)
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not 0 < len(self.grammar) <= MAX_GRAMMAR_CHARS):
+            raise ValueError(f"grammar must be a non-empty string of at most {MAX_GRAMMAR_CHARS} characters")
 
     @property
     def greedy(self) -> bool:
@@ -122,11 +132,11 @@ class SamplingParams:
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (ints, floats, bools, None, lists): safe for JSON and
         CBOR. ``logit_bias`` becomes a list of ``[id, bias]`` pairs. ``min_p`` and
-        ``logit_bias`` appear only when set, so that hops from before they existed
-        still take the requests that do not use them."""
+        ``logit_bias`` and ``grammar`` appear only when set, so that hops from before
+        they existed still take the requests that do not use them."""
         d = asdict(self)
         d["logit_bias"] = [[i, b] for i, b in self.logit_bias]
-        for name, off in (("min_p", 0.0), ("logit_bias", [])):
+        for name, off in (("min_p", 0.0), ("logit_bias", []), ("grammar", None)):
             if d[name] == off:
                 del d[name]
         return d
@@ -165,6 +175,9 @@ class SamplingParams:
                     raise ValueError(f"logprobs must be a boolean, got {type(value).__name__}")
             elif name == "logit_bias":
                 value = _logit_bias_pairs(value)
+            elif name == "grammar":
+                if not isinstance(value, str):
+                    raise ValueError(f"grammar must be a string, got {type(value).__name__}")
             kwargs[name] = value
         params = cls(**kwargs)
         params.validate()

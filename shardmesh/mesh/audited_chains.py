@@ -117,7 +117,7 @@ class AuditedChains:
         """Check ``main`` (the answer after ``history``); raises :class:`ChainFailed`
         against a peer of the main chain caught lying."""
         greedy = sampling.greedy and sampling.presence_penalty == sampling.frequency_penalty == 0 \
-            and sampling.repetition_penalty == 1 and not sampling.logit_bias
+            and sampling.repetition_penalty == 1 and not sampling.logit_bias and sampling.grammar is None
         top = max(sampling.top_logprobs, AUDIT_TOP)
         answers = [main]
         agreeing: list[tuple[int, int]] = []
@@ -178,7 +178,9 @@ class AuditedChains:
         route = self.inner.find_route(len(history) + 1, avoid)
         if route is None or frozenset(h.peer for h in route) - {self.me} in seen:
             return None
-        chain = self.inner.chain(session_id, _asked(sampling), history, [], route=route)
+        # No grammar: the raw logprobs compared are the same with or without one, and
+        # with the whole history as its prompt the grammar would start over here.
+        chain = self.inner.chain(session_id, replace(_asked(sampling), grammar=None), history, [], route=route)
         try:
             # Its hops may hold a prefix of the history from earlier sessions: computed
             # by those same peers, so the audit stays independent of the audited chain.

@@ -69,8 +69,28 @@ async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, spa
         f"({throughput:.0f} tokens/s per block)" + (f"; prefills in {prefill}" if prefill and prefill != stage.info.dtype else "")
     )
     batcher = StepBatcher(stage, draw_together=draw_greedy_together)
+    vocabulary = grammar_vocabulary(model) if end == model.total_blocks else None  # only the last stage samples
     settle()  # its modules and tensors live as long as it does (heap.py)
-    return LocalBlocks(stage, batcher, StageHopCompute(batcher), LocalChains([batcher], config.prefix_cache), throughput)
+    return LocalBlocks(stage, batcher, StageHopCompute(batcher, vocabulary), LocalChains([batcher], config.prefix_cache, vocabulary),
+                       throughput)
+
+
+def grammar_vocabulary(model: LoadedModel):  # -> backends.grammar.Vocabulary | None
+    """The model's tokens for grammars (structured output), from its tokenizer's
+    serialised form; None for a tokenizer that has none (a slow transformers one)."""
+    from copy import copy
+
+    from ..api.generate import eos_token_ids
+    from ..backends.grammar import Vocabulary
+
+    backend = getattr(model.tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    backend = copy(backend)
+    backend.no_padding()
+    backend.no_truncation()
+    size = max(model.config.vocab_size or 0, len(model.tokenizer))
+    return Vocabulary(backend.to_str(), size, tuple(sorted(eos_token_ids(model.tokenizer, model.generation_config))))
 
 
 async def expire_idle_sessions(batcher: StepBatcher, idle_seconds: float) -> None:

@@ -11,6 +11,7 @@ __all__ = [
     "bench_churn",
     "bench_common",
     "bench_concurrent",
+    "bench_grammar",
     "bench_internet",
     "bench_memory",
     "bench_mesh",

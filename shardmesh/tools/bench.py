@@ -117,6 +117,10 @@ def run_bench(args) -> int:
         from .bench_concurrent import default_models, run_concurrent_bench
 
         return run_concurrent_bench(default_models(args.model), args.dtype, args.concurrent, args.tokens, args.threads)
+    if args.grammar:  # no model: the grammar engines over a trained vocabulary
+        from .bench_grammar import run_grammar_bench
+
+        return run_grammar_bench()
     path = bench_model_path(args.model)
     if args.memory:  # node processes only: nothing below (transformers, a stage) is needed
         from .bench_memory import run_memory_bench

@@ -15,6 +15,7 @@ The pipeline, in order (each stage is skipped when its parameter is neutral)::
 
     raw logits (float32, CPU)
       -> logit bias     add each listed token's bias
+      -> grammar        tokens a grammar refuses get -inf (backends/grammar.py)
       -> penalties      repetition (prompt + generated), then frequency/presence (generated)
       -> greedy?        temperature == 0: argmax, ties to the lowest id; done
       -> temperature    divide by T (a T too small to divide by in float32: its limit)
@@ -239,8 +240,10 @@ def sample(
     params: SamplingParams,
     prompt_ids: Sequence[int],
     generated_ids: Sequence[int],
+    allowed: torch.Tensor | None = None,
 ) -> SampledToken:
-    """Pick the next token from the last position's logits ``[vocab]``.
+    """Pick the next token from the last position's logits ``[vocab]``, among the
+    ``allowed`` ones when a bool mask ``[vocab]`` is given (a grammar's next tokens).
 
     Deterministic given ``params.seed``: the draw for step ``len(generated_ids)`` uses a
     generator seeded only from ``(seed, step)``, so replaying the same history with the
@@ -256,7 +259,12 @@ def sample(
     except ValueError as exc:
         raise SamplingRefused(str(exc)) from exc
     raw = _as_logits(logits)
-    x = _penalize(_biased(raw, params), params, prompt_ids, generated_ids)
+    x = _biased(raw, params)
+    if allowed is not None:
+        if allowed.shape != x.shape or not bool(allowed.any()):
+            raise SamplingRefused("the grammar allows no token here")
+        x = x.masked_fill(~allowed, float("-inf"))
+    x = _penalize(x, params, prompt_ids, generated_ids)
 
     if params.greedy:
         # torch.argmax returns the first maximal index: ties go to the lowest id.
