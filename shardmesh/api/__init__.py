@@ -33,4 +33,6 @@ __all__ = [
     "text",
     "token_bytes",
     "tokenizer",
+    "tool_calls",
+    "tool_formats",
 ]

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -67,6 +68,7 @@ from .response_json import now
 from .server import serve
 from .choices import Choices, choice_requests
 from .streaming import GenerationResponse, closing
+from .tool_calls import tool_plan_for
 
 # ``serve`` is re-exported: node/run.py and tools/bench.py import both from here.
 __all__ = ["create_app", "serve"]
@@ -206,11 +208,18 @@ class Gateway:
         req = parse_request(ChatCompletionRequest, await read_json(request))
         self.check_model(req.model)
         sampling = check_request(req, len(self.generator.tokenizer))
+        tools = tool_plan_for(self.generator.tokenizer, req.tools, req.tool_choice, req.parallel_tool_calls)
+        if tools is not None and tools.grammar is not None:
+            if sampling.grammar is not None:
+                raise bad_request("tool_choice 'required' or a named function cannot be combined with a response_format",
+                                  param="tool_choice")
+            sampling = replace(sampling, grammar=tools.grammar)
         self.check_ready()
-        prompt_ids = await self.tokenize(chat_prompt_ids, req.messages)
+        prompt_ids = await self.tokenize(chat_prompt_ids, req.messages, tools.tools if tools is not None else None)
         gen_req = generation_request(req, prompt_ids, self.generator.context_length, sampling)
         fmts = [ChatFormat(model=self.generator.model_name, tokenizer=self.generator.tokenizer, logprobs=bool(req.logprobs),
-                           include_usage=req.include_usage) for _ in range(req.n or 1)]  # fmt: skip
+                           include_usage=req.include_usage, tools=tools.format if tools is not None else None)
+                for _ in range(req.n or 1)]  # fmt: skip
         return self.response(gen_req, fmts, started, req.streaming)
 
     async def completions(self, request: Request) -> Reply:

@@ -57,12 +57,11 @@ class Choices:
     def prelude(self) -> list[dict[str, Any]]:
         return [_indexed(chunk, i) for i, f in enumerate(self.formats) for chunk in f.prelude()]
 
-    def on_token(self, index: int, event: TokenEvent) -> dict[str, Any] | None:
-        chunk = self.formats[index].on_token(event)
-        return None if chunk is None else _indexed(chunk, index)
+    def on_token(self, index: int, event: TokenEvent) -> list[dict[str, Any]]:
+        return [_indexed(chunk, index) for chunk in self.formats[index].on_token(event)]
 
-    def on_finish(self, index: int, done: Finished) -> dict[str, Any]:
-        return _indexed(self.formats[index].on_finish(done), index)
+    def on_finish(self, index: int, done: Finished) -> list[dict[str, Any]]:
+        return [_indexed(chunk, index) for chunk in self.formats[index].on_finish(done)]
 
     def usage_chunk(self, done: list[Finished]) -> dict[str, Any]:
         return self.formats[0].usage_chunk(_together(done))

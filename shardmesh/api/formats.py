@@ -7,8 +7,8 @@ whole body (not streaming). :class:`~shardmesh.api.streaming.GenerationResponse`
 it the same way for both endpoints::
 
     prelude()           chunks to send before the first token
-    on_token(event)     record a token; its chunk, or None when there is nothing to show
-    on_finish(done)     record the end; the last chunk, with its finish_reason
+    on_token(event)     record a token; its chunks (none when there is nothing to show)
+    on_finish(done)     record the end; the last chunks, the last with its finish_reason
     usage_chunk(done)   the trailing usage-only chunk (streams with ``include_usage``)
     whole(done)         the non-streaming body, once every event went through
                         on_token / on_finish
@@ -31,6 +31,8 @@ from .response_json import (
     usage_chunk,
 )
 from .token_bytes import token_bytes
+from .tool_calls import CallSplitter, call_json
+from .tool_formats import ParsedCall, ToolFormat
 
 
 class _Format:
@@ -59,15 +61,20 @@ class _Format:
 
 
 class ChatFormat(_Format):
-    """How ``/v1/chat/completions`` writes a generation: whole or as chunks."""
+    """How ``/v1/chat/completions`` writes a generation: whole or as chunks. With a
+    ``tools`` format, the answer's tool calls are read out of its text (tool_calls.py)
+    and written as ``tool_calls``: streamed, each call as two deltas, its id and name
+    first, then its arguments, as OpenAI streams them."""
 
     object = "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, tools: ToolFormat | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.content: list[str] = []
         self.entries: list[dict[str, Any]] = []
+        self.splitter = CallSplitter(tools) if tools is not None else None
+        self.calls: list[dict[str, Any]] = []  # OpenAI's call objects, in the answer's order
 
     def _chunk(self, delta: dict[str, Any], *, finish_reason: str | None = None, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         return chat_chunk(
@@ -84,16 +91,39 @@ class ChatFormat(_Format):
         """The first chunk names the speaker, as OpenAI's does."""
         return [self._chunk({"role": "assistant", "content": ""})]
 
-    def on_token(self, event: TokenEvent) -> dict[str, Any] | None:
-        """Record one token; return its chunk, or None when there is nothing to send."""
-        self.content.append(event.text)
+    def on_token(self, event: TokenEvent) -> list[dict[str, Any]]:
+        """Record one token; return its chunks (none when there is nothing to send)."""
+        text, calls = self._split(event.text)
         entry = None
         if self.logprobs and event.logprob is not None:
             entry = self._logprob_entry(finite_event(event))
             self.entries.append(entry)
-        if not event.text and entry is None:
-            return None
-        return self._chunk({"content": event.text}, logprobs=None if entry is None else [entry])
+        chunks = [self._chunk({"content": text}, logprobs=None if entry is None else [entry])] if text or entry else []
+        return chunks + self._call_chunks(calls)
+
+    def _split(self, text: str, last: bool = False) -> tuple[str, list[ParsedCall]]:
+        """``text`` as content and calls (all content without tools); recorded."""
+        calls: list[ParsedCall] = []
+        if self.splitter is not None:
+            text, calls = self.splitter.feed(text)
+            if last:
+                rest, more = self.splitter.finish()
+                text, calls = text + rest, calls + more
+        self.content.append(text)
+        return text, calls
+
+    def _call_chunks(self, calls: list[ParsedCall]) -> list[dict[str, Any]]:
+        chunks = []
+        for call in calls:
+            index, made = len(self.calls), call_json(call)
+            self.calls.append(made)
+            head = {"index": index, "id": made["id"], "type": "function", "function": {"name": call.name, "arguments": ""}}
+            chunks.append(self._chunk({"tool_calls": [head]}))
+            chunks.append(self._chunk({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}))
+        return chunks
+
+    def _reason(self, done: Finished) -> str:
+        return "tool_calls" if self.calls and done.reason == "stop" else done.reason
 
     def _logprob_entry(self, event: TokenEvent) -> dict[str, Any]:
         """The chosen token's logprob entry, with raw bytes (see :func:`token_bytes`)."""
@@ -102,18 +132,25 @@ class ChatFormat(_Format):
         token = self.tokenizer.decode([event.token_id])
         return chat_logprob_entry(token, token_bytes(self.tokenizer, event.token_id), event.logprob, top)
 
-    def on_finish(self, done: Finished) -> dict[str, Any]:
-        self.content.append(done.text)
-        return self._chunk({"content": done.text} if done.text else {}, finish_reason=done.reason)
+    def on_finish(self, done: Finished) -> list[dict[str, Any]]:
+        text, calls = self._split(done.text, last=True)
+        if not calls and not self.calls:
+            return [self._chunk({"content": text} if text else {}, finish_reason=done.reason)]
+        chunks = [self._chunk({"content": text})] if text else []
+        return chunks + self._call_chunks(calls) + [self._chunk({}, finish_reason=self._reason(done))]
 
     def whole(self, done: Finished) -> dict[str, Any]:
         """The non-streaming body, after every event went through on_token/on_finish."""
+        content: str | None = "".join(self.content)
+        if self.calls:
+            content = content.strip() or None
         return chat_completion(
             id=self.id,
             created=self.created,
             model=self.model,
-            content="".join(self.content),
-            finish_reason=done.reason,
+            content=content,
+            tool_calls=self.calls or None,
+            finish_reason=self._reason(done),
             prompt_tokens=done.prompt_tokens,
             completion_tokens=done.completion_tokens,
             logprobs=self.entries if self.logprobs else None,
@@ -146,7 +183,7 @@ class CompletionFormat(_Format):
     def prelude(self) -> list[dict[str, Any]]:
         return []
 
-    def on_token(self, event: TokenEvent) -> dict[str, Any] | None:
+    def on_token(self, event: TokenEvent) -> list[dict[str, Any]]:
         entry = None
         if self.logprobs and event.logprob is not None:
             entry = (self.tokenizer.decode([event.token_id]), finite_event(event), self.offset)
@@ -154,12 +191,12 @@ class CompletionFormat(_Format):
         self.text.append(event.text)
         self.offset += len(event.text)
         if not event.text and entry is None:
-            return None
-        return self._chunk(event.text, logprobs=None if entry is None else completion_logprobs([entry]))
+            return []
+        return [self._chunk(event.text, logprobs=None if entry is None else completion_logprobs([entry]))]
 
-    def on_finish(self, done: Finished) -> dict[str, Any]:
+    def on_finish(self, done: Finished) -> list[dict[str, Any]]:
         self.text.append(done.text)
-        return self._chunk(done.text, finish_reason=done.reason)
+        return [self._chunk(done.text, finish_reason=done.reason)]
 
     def whole(self, done: Finished) -> dict[str, Any]:
         return text_completion(

@@ -14,6 +14,7 @@ boundaries cannot be forged.
 from __future__ import annotations
 
 import inspect
+import json
 from functools import partial
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["can_sanitize_control_tokens", "chat_prompt_ids", "completion_prompt_ids"]
 
 
-def chat_prompt_ids(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[ChatMessage], tools: list[dict] | None = None) -> list[int]:
     """Render ``messages`` with the chat template and encode them, ready to generate.
 
     ``add_generation_prompt=True`` appends the assistant header so the model answers.
@@ -34,12 +35,13 @@ def chat_prompt_ids(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int
     them), and control tokens typed by the user are encoded as text. Template errors
     (e.g. "roles must alternate", raised by some templates) become a 400. The
     ``developer`` role (OpenAI's new name for ``system``) is passed as ``system``,
-    which every template knows.
+    which every template knows. ``tools`` go to the template as given (tool_calls.py
+    checked them); an assistant message's calls reach it with their arguments as an
+    object, which is what templates write with ``tojson``.
     """
-    conversation = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.content or ""} for m in messages
-    ]
-    render = partial(tokenizer.apply_chat_template, conversation, add_generation_prompt=True, return_dict=False)
+    conversation = [_message(m) for m in messages]
+    extra = {"tools": tools} if tools else {}
+    render = partial(tokenizer.apply_chat_template, conversation, add_generation_prompt=True, return_dict=False, **extra)
     try:
         if can_sanitize_control_tokens(tokenizer):
             try:
@@ -55,6 +57,29 @@ def chat_prompt_ids(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int
             raise bad_request(f"the chat template rejected the messages: {exc}", param="messages") from None
         raise
     return [int(t) for t in ids]
+
+
+def _message(m: ChatMessage) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.content or ""}
+    if m.tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id is not None:
+        message["tool_call_id"] = m.tool_call_id
+    if m.name is not None and m.role == "tool":  # the function that answered, where templates show it
+        message["name"] = m.name
+    return message
+
+
+def _arguments(text: str) -> Any:
+    """A call's JSON arguments as an object, or the text itself when it is not one."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 def can_sanitize_control_tokens(tokenizer: Any) -> bool:

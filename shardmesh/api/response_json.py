@@ -59,13 +59,17 @@ def chat_completion(
     id: str,
     created: int,
     model: str,
-    content: str,
+    content: str | None,
     finish_reason: str,
     prompt_tokens: int,
     completion_tokens: int,
     logprobs: list[dict[str, Any]] | None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A whole ``chat.completion`` object (the non-streaming answer)."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {
         "id": id,
         "object": "chat.completion",
@@ -74,7 +78,7 @@ def chat_completion(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": content},
+                "message": message,
                 "logprobs": None if logprobs is None else {"content": logprobs},
                 "finish_reason": finish_reason,
             }

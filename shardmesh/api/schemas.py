@@ -18,8 +18,9 @@ Decisions worth knowing (where OpenAI's own behaviour is not the obvious choice)
   ``ValueError`` becomes a 400 naming the parameter.
 * ``n`` is 1 to 8 (choices.py) and ``stop`` holds at most 4 non-empty strings.
   ``response_format`` (JSON, JSON schemas) becomes a grammar (structured_output.py).
-  Features that would change the output and that we do not implement (``tools``,
-  ``echo``, ``suffix``, ``best_of`` > 1) are a 400 rather than silently
+  ``tools`` and ``tool_choice`` are tool_calls.py's. Features that would change the
+  output and that we do not implement (the legacy ``functions``, ``echo``, ``suffix``,
+  ``best_of`` > 1) are a 400 rather than silently
   ignored: a client that relies on them must learn it at once. ``logit_bias`` (token ids
   below the tokenizer's size, checked where the prompt is) and ``min_p`` are honoured.
 * A message's content may be a string or a list of ``{"type": "text", "text": ...}``
@@ -76,12 +77,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-class ChatMessage(_Strict):
-    """One message of a conversation. ``content`` is normalised to a plain string."""
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI writes it
 
-    role: Literal["system", "user", "assistant", "developer"]
+
+class ToolCallMessage(_Strict):
+    """One call in an assistant message's ``tool_calls``."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
+    """One message of a conversation. ``content`` is normalised to a plain string.
+    An assistant message may hold the ``tool_calls`` it made; a ``tool`` message
+    answers one of them (``tool_call_id``)."""
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | None = None
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None
+    tool_call_id: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -166,7 +184,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
+    tools: list[Any] | None = None  # checked against the model's template (tool_calls.py)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -207,7 +227,6 @@ RequestT = TypeVar("RequestT", ChatCompletionRequest, CompletionRequest)
 #: ignored. Any other field the request models do not know is a 400 that names it.
 NO_EFFECT_FIELDS = frozenset({
     "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
-    "parallel_tool_calls",  # only means something with tools, which are refused
 })
 
 
@@ -253,8 +272,8 @@ def _reject_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
     if req.n is not None and not 1 <= req.n <= MAX_CHOICES:
         raise bad_request(f"n must be 1 to {MAX_CHOICES}", param="n")
     if isinstance(req, ChatCompletionRequest):
-        if req.tools or req.functions:
-            raise bad_request("tools and function calling are not supported", param="tools")
+        if req.functions:
+            raise bad_request("the legacy 'functions' are not supported: send them as 'tools'", param="functions")
         if not req.messages:
             raise bad_request("messages must hold at least one message", param="messages")
         if req.top_logprobs is not None and not req.logprobs:

@@ -203,14 +203,16 @@ class GenerationResponse:
                 await emit(internal_error().body())
                 break
             elif isinstance(event, Finished):
-                await emit(self.fmt.on_finish(index, event))
+                for chunk in self.fmt.on_finish(index, event):
+                    await emit(chunk)
                 done[index] = event
                 if len(done) == len(self.events):
                     if self.fmt.include_usage:
                         await emit(self.fmt.usage_chunk([done[i] for i in range(len(done))]))
                     break
-            elif (chunk := self.fmt.on_token(index, event)) is not None:
-                await emit(chunk)
+            else:
+                for chunk in self.fmt.on_token(index, event):
+                    await emit(chunk)
             item = await _next(inbox)
         # The terminator and the end of the body in one message: the chunked body's
         # last chunk goes out with it, and hypercorn then closes or parks the socket.

@@ -27,7 +27,7 @@ from typing import Any
 from ..contract.sampling import MAX_GRAMMAR_CHARS
 from .errors import bad_request
 
-__all__ = ["grammar_error", "json_grammar", "response_format_grammar"]
+__all__ = ["check_grammar", "grammar_error", "json_grammar", "json_lexeme", "response_format_grammar"]
 
 # How the JSON is laid out (llguidance's JSON options, read from the schema's "x-guidance").
 _LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -44,7 +44,12 @@ def grammar_error(grammar: str) -> str | None:
 
 def json_grammar(schema: dict[str, Any]) -> str:
     """A grammar for JSON that ``schema`` accepts, laid out as described above."""
-    return "start: %json " + json.dumps({**schema, "x-guidance": _LAYOUT}, ensure_ascii=False)
+    return "start: " + json_lexeme(schema)
+
+
+def json_lexeme(schema: dict[str, Any]) -> str:
+    """JSON that ``schema`` accepts, laid out as above, as a piece of a larger grammar."""
+    return "%json " + json.dumps({**schema, "x-guidance": _LAYOUT}, ensure_ascii=False)
 
 
 def response_format_grammar(response_format: Any) -> str | None:
