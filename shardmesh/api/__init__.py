@@ -22,6 +22,7 @@ __all__ = [
     "metrics",
     "metrics_app",
     "prompts",
+    "reasoning",
     "request_body",
     "response_json",
     "resumable",

@@ -68,6 +68,7 @@ from .response_json import now
 from .server import serve
 from .choices import Choices, choice_requests
 from .streaming import GenerationResponse, closing
+from .reasoning import template_kwargs, thinking_state
 from .tool_calls import tool_plan_for
 
 # ``serve`` is re-exported: node/run.py and tools/bench.py import both from here.
@@ -214,12 +215,15 @@ class Gateway:
                 raise bad_request("tool_choice 'required' or a named function cannot be combined with a response_format",
                                   param="tool_choice")
             sampling = replace(sampling, grammar=tools.grammar)
+        variables = template_kwargs(req.chat_template_kwargs)
         self.check_ready()
-        prompt_ids = await self.tokenize(chat_prompt_ids, req.messages, tools.tools if tools is not None else None)
+        offered = tools.tools if tools is not None else None
+        prompt_ids = await self.tokenize(chat_prompt_ids, req.messages, offered, variables)
         gen_req = generation_request(req, prompt_ids, self.generator.context_length, sampling)
+        thinking = thinking_state(self.generator.tokenizer, offered, prompt_ids)
         fmts = [ChatFormat(model=self.generator.model_name, tokenizer=self.generator.tokenizer, logprobs=bool(req.logprobs),
-                           include_usage=req.include_usage, tools=tools.format if tools is not None else None)
-                for _ in range(req.n or 1)]  # fmt: skip
+                           include_usage=req.include_usage, tools=tools.format if tools is not None else None,
+                           thinking=thinking) for _ in range(req.n or 1)]  # fmt: skip
         return self.response(gen_req, fmts, started, req.streaming)
 
     async def completions(self, request: Request) -> Reply:

@@ -31,6 +31,7 @@ from .response_json import (
     usage_chunk,
 )
 from .token_bytes import token_bytes
+from .reasoning import ReasoningSplitter
 from .tool_calls import CallSplitter, call_json
 from .tool_formats import ParsedCall, ToolFormat
 
@@ -64,15 +65,19 @@ class ChatFormat(_Format):
     """How ``/v1/chat/completions`` writes a generation: whole or as chunks. With a
     ``tools`` format, the answer's tool calls are read out of its text (tool_calls.py)
     and written as ``tool_calls``: streamed, each call as two deltas, its id and name
-    first, then its arguments, as OpenAI streams them."""
+    first, then its arguments, as OpenAI streams them. With ``thinking`` (True: the
+    prompt opened a thinking block; False: the model may open one), the thinking is
+    written as ``reasoning_content`` (reasoning.py)."""
 
     object = "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
-    def __init__(self, *, tools: ToolFormat | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, tools: ToolFormat | None = None, thinking: bool | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.content: list[str] = []
+        self.reasoning: list[str] = []
         self.entries: list[dict[str, Any]] = []
+        self.thoughts = ReasoningSplitter(thinking) if thinking is not None else None
         self.splitter = CallSplitter(tools) if tools is not None else None
         self.calls: list[dict[str, Any]] = []  # OpenAI's call objects, in the answer's order
 
@@ -93,24 +98,33 @@ class ChatFormat(_Format):
 
     def on_token(self, event: TokenEvent) -> list[dict[str, Any]]:
         """Record one token; return its chunks (none when there is nothing to send)."""
-        text, calls = self._split(event.text)
+        thought, text, calls = self._split(event.text)
         entry = None
         if self.logprobs and event.logprob is not None:
             entry = self._logprob_entry(finite_event(event))
             self.entries.append(entry)
-        chunks = [self._chunk({"content": text}, logprobs=None if entry is None else [entry])] if text or entry else []
+        delta = {"reasoning_content": thought} if thought else {}
+        if text or entry or not delta:
+            delta["content"] = text
+        chunks = [self._chunk(delta, logprobs=None if entry is None else [entry])] if thought or text or entry else []
         return chunks + self._call_chunks(calls)
 
-    def _split(self, text: str, last: bool = False) -> tuple[str, list[ParsedCall]]:
-        """``text`` as content and calls (all content without tools); recorded."""
-        calls: list[ParsedCall] = []
+    def _split(self, text: str, last: bool = False) -> tuple[str, str, list[ParsedCall]]:
+        """``text`` as thinking, content and calls (all content without either); recorded."""
+        thought, calls = "", []
+        if self.thoughts is not None:
+            thought, text = self.thoughts.feed(text)
+            if last:
+                more_thought, rest = self.thoughts.finish()
+                thought, text = thought + more_thought, text + rest
         if self.splitter is not None:
             text, calls = self.splitter.feed(text)
             if last:
                 rest, more = self.splitter.finish()
                 text, calls = text + rest, calls + more
+        self.reasoning.append(thought)
         self.content.append(text)
-        return text, calls
+        return thought, text, calls
 
     def _call_chunks(self, calls: list[ParsedCall]) -> list[dict[str, Any]]:
         chunks = []
@@ -133,23 +147,28 @@ class ChatFormat(_Format):
         return chat_logprob_entry(token, token_bytes(self.tokenizer, event.token_id), event.logprob, top)
 
     def on_finish(self, done: Finished) -> list[dict[str, Any]]:
-        text, calls = self._split(done.text, last=True)
+        thought, text, calls = self._split(done.text, last=True)
+        chunks = [self._chunk({"reasoning_content": thought})] if thought else []
         if not calls and not self.calls:
-            return [self._chunk({"content": text} if text else {}, finish_reason=done.reason)]
-        chunks = [self._chunk({"content": text})] if text else []
+            return chunks + [self._chunk({"content": text} if text else {}, finish_reason=done.reason)]
+        chunks += [self._chunk({"content": text})] if text else []
         return chunks + self._call_chunks(calls) + [self._chunk({}, finish_reason=self._reason(done))]
 
     def whole(self, done: Finished) -> dict[str, Any]:
         """The non-streaming body, after every event went through on_token/on_finish."""
         content: str | None = "".join(self.content)
+        reasoning = "".join(self.reasoning) or None
         if self.calls:
             content = content.strip() or None
+        elif reasoning is not None and not content:
+            content = None
         return chat_completion(
             id=self.id,
             created=self.created,
             model=self.model,
             content=content,
             tool_calls=self.calls or None,
+            reasoning=reasoning,
             finish_reason=self._reason(done),
             prompt_tokens=done.prompt_tokens,
             completion_tokens=done.completion_tokens,

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["can_sanitize_control_tokens", "chat_prompt_ids", "completion_prompt_ids"]
 
 
-def chat_prompt_ids(tokenizer: Any, messages: Sequence[ChatMessage], tools: list[dict] | None = None) -> list[int]:
+def chat_prompt_ids(
+    tokenizer: Any, messages: Sequence[ChatMessage], tools: list[dict] | None = None, variables: dict[str, Any] | None = None,
+) -> list[int]:
     """Render ``messages`` with the chat template and encode them, ready to generate.
 
     ``add_generation_prompt=True`` appends the assistant header so the model answers.
@@ -37,10 +39,11 @@ def chat_prompt_ids(tokenizer: Any, messages: Sequence[ChatMessage], tools: list
     ``developer`` role (OpenAI's new name for ``system``) is passed as ``system``,
     which every template knows. ``tools`` go to the template as given (tool_calls.py
     checked them); an assistant message's calls reach it with their arguments as an
-    object, which is what templates write with ``tojson``.
+    object, which is what templates write with ``tojson``. ``variables`` are the
+    request's ``chat_template_kwargs`` (reasoning.py checked their names).
     """
     conversation = [_message(m) for m in messages]
-    extra = {"tools": tools} if tools else {}
+    extra = {**(variables or {}), **({"tools": tools} if tools else {})}
     render = partial(tokenizer.apply_chat_template, conversation, add_generation_prompt=True, return_dict=False, **extra)
     try:
         if can_sanitize_control_tokens(tokenizer):

@@ -65,9 +65,12 @@ def chat_completion(
     completion_tokens: int,
     logprobs: list[dict[str, Any]] | None,
     tool_calls: list[dict[str, Any]] | None = None,
+    reasoning: str | None = None,
 ) -> dict[str, Any]:
     """A whole ``chat.completion`` object (the non-streaming answer)."""
     message: dict[str, Any] = {"role": "assistant", "content": content}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
     if tool_calls:
         message["tool_calls"] = tool_calls
     return {

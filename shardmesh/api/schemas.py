@@ -187,6 +187,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Any] | None = None  # checked against the model's template (tool_calls.py)
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extension (vLLM): variables for the template (reasoning.py)
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 

@@ -34,7 +34,10 @@ PRETOKENIZE_REGEX = (
 # ChatML, as Qwen uses it, with Qwen 2.5's (Hermes) tool calls: with ``tools`` the system
 # message lists them and says how to call one (<tool_call> JSON </tool_call>); assistant
 # messages write their ``tool_calls`` that way and ``tool`` messages come back as
-# <tool_response>. Without tools the chat is plain ChatML. Message content may be a
+# <tool_response>. Without tools the chat is plain ChatML. ``enable_thinking`` (a
+# chat_template_kwargs variable) as Qwen3's templates read it: false writes an empty
+# thinking block into the prompt; true opens one, as Qwen3's thinking-only models do,
+# so the answer starts with thinking; left out, neither. Message content may be a
 # string, None, or a list of OpenAI style parts ({"type": "text", "text": ...}); only
 # text parts are kept.
 _CONTENT = (
@@ -73,7 +76,10 @@ CHAT_TEMPLATE = (
     "{{- '<|im_end|>\\n' -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- elif enable_thinking is defined and enable_thinking -%}{{- '<think>\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
 )
 
 
