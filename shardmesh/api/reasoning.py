@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 from .errors import bad_request
+from .text import partial_suffix
 
 __all__ = ["MAX_TEMPLATE_KWARGS", "ReasoningSplitter", "starts_thinking", "template_kwargs", "thinking_state", "thinks"]
 
@@ -67,13 +68,6 @@ def thinking_state(tokenizer: Any, tools: list[dict] | None, prompt_ids: list[in
     return starts_thinking(tokenizer.decode(prompt_ids[-8:]))
 
 
-def _held(text: str, tag: str) -> int:
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
-
-
 class ReasoningSplitter:
     """A streamed answer split into thinking and answer as its text arrives; a tag cut
     between two pieces is held until it is whole."""
@@ -99,7 +93,7 @@ class ReasoningSplitter:
         if self.thinking:
             end = self.pending.find(CLOSE)
             if end < 0:
-                keep = _held(self.pending, CLOSE)
+                keep = partial_suffix(self.pending, CLOSE)
                 thought, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
                 return thought, ""
             thought, self.pending, self.thinking, self.trim = self.pending[:end], self.pending[end + len(CLOSE) :], False, True

@@ -63,14 +63,17 @@ class StopMatcher:
 
     def _possible_stop_start(self) -> int:
         """Length of the longest suffix of ``pending`` that begins some stop sequence."""
-        best = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.pending)), best, -1):
-                if self.pending.endswith(stop[:n]):
-                    best = n
-                    break
-        return best
+        return max((partial_suffix(self.pending, stop) for stop in self.stops), default=0)
 
     def flush(self) -> str:
         released, self.pending = self.pending, ""
         return released
+
+
+def partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest suffix of ``text`` that begins ``marker`` without being all
+    of it: what a stream must hold back until it knows whether ``marker`` follows."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0

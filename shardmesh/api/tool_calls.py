@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import bad_request
+from .text import partial_suffix
 from .structured_output import check_grammar
 from .tool_formats import Function, ParsedCall, ToolFormat, format_for, takes_tools
 
@@ -122,14 +123,6 @@ def call_json(call: ParsedCall) -> dict[str, Any]:
     return {"id": f"call_{secrets.token_hex(12)}", "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
-def _held(text: str, opens: str) -> int:
-    """How many characters at the end of ``text`` could be the start of ``opens``."""
-    for n in range(min(len(opens) - 1, len(text)), 0, -1):
-        if opens.startswith(text[-n:]):
-            return n
-    return 0
-
-
 class CallSplitter:
     """A streamed answer split into content and calls as its text arrives.
 
@@ -159,7 +152,7 @@ class CallSplitter:
                     continue
                 at = self.pending.find(self.fmt.opens)
                 if at < 0:
-                    keep = _held(self.pending, self.fmt.opens)
+                    keep = partial_suffix(self.pending, self.fmt.opens)
                     if self.fmt.closes is None and not self.said and not self.pending.strip():
                         keep = len(self.pending)  # an answer not started yet may still be a bare JSON call
                     out.append(self._content(self.pending[: len(self.pending) - keep]))
