@@ -99,6 +99,14 @@ def turns(gateway: Node, ref: Transformers, questions: list[str], system: str = 
     return held
 
 
+def test_serving_nodes_publish_the_prefill_step_they_measured(swarm) -> None:
+    from shardmesh.backends.torch.throughput import PREFILL_STEPS
+
+    _, gateway = swarm
+    servers = [p for p in httpx.get(f"{gateway.url}/v1/swarm", timeout=10).json()["peers"] if not p["gateway"]]
+    assert len(servers) == 4 and all(p["limits"]["prefill_step"] in PREFILL_STEPS for p in servers), servers
+
+
 def test_one_node_with_the_whole_model_reuses_a_chat_in_process(llama: Path, ref: Transformers, tmp_path) -> None:
     """One hop: the gateway's own blocks, no network (backends/local_chain.py)."""
     node = start_node(llama, "--layers", "all", key_dir=tmp_path)

@@ -56,6 +56,7 @@ class BreakingChains:
 
         class Breaking:
             parallel_stages = 1
+            prefill_step = None
 
             async def open(self, max_length):
                 if outer.no_route_for > 0:

@@ -294,6 +294,11 @@ def test_prefill_chunks_fill_the_pipe_within_bounds() -> None:
     assert prefill_chunk(100, 3) == MIN_PREFILL_CHUNK
     assert prefill_chunk(100_000, 3) == PREFILL_CHUNK
     assert prefill_chunk(2048, 8) == 128
+    # What the chain's parts measured caps the step, and one process takes all of it.
+    assert prefill_chunk(2048, 1, 2048) == 2048
+    assert prefill_chunk(2048, 3, 256) == 256
+    assert prefill_chunk(100_000, 3, 1024) == 1024
+    assert prefill_chunk(2048, 8, 2048) == 128
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral"])
@@ -364,6 +369,7 @@ class _TruthChains:
 
         class Chain:
             parallel_stages = 1
+            prefill_step = None
 
             def __init__(self) -> None:
                 self.session_id, self.route = session_id, route or outer.find_route(0, avoid)

@@ -132,3 +132,38 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "shardmesh"
+
+
+def test_the_prefill_step_is_one_of_the_candidates_and_is_cached(tmp_path, monkeypatch):
+    stage = make_stage(1, 3)
+    assert throughput.measure_prefill_step(stage, sizes=(64, 128, 256), rounds=1) in (64, 128, 256)
+    calls = []
+    monkeypatch.setattr(throughput, "measure_prefill_step", lambda stage, sizes: calls.append(sizes) or sizes[-1])
+    assert throughput.cached_prefill_step(stage, tmp_path, KEY, largest=1024) == 1024
+    assert throughput.cached_prefill_step(stage, tmp_path, KEY, largest=1024) == 1024 and calls == [(256, 512, 1024)]
+    # A node with a smaller step limit measures only what it may publish; a file that
+    # says more than the limit is cut to it.
+    assert throughput.cached_prefill_step(stage, tmp_path, KEY, largest=300) == 256
+    entries = json.loads((tmp_path / "throughput.json").read_text())
+    (tmp_path / "throughput.json").write_text(json.dumps({k: v * 1e6 for k, v in entries.items()}))
+    assert throughput.cached_prefill_step(stage, tmp_path, KEY, largest=1024) == 1024
+
+
+def test_a_chain_cuts_prefills_at_the_least_step_its_hops_published():
+    import trio
+
+    from shardmesh.mesh.chain_client import RemoteChain
+    from shardmesh.placement.routing import Hop
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            route = [Hop("a", 0, 2), Hop("b", 2, 3), Hop("c", 3, 4)]
+            published = {"a": 2048, "b": 512}.get
+            chain = RemoteChain(nursery=nursery, open_stream=None, session_id="s", model_id="m", gateway="g", sampling={},
+                                prompt_ids=[1], generated=[], route=route, prefill_steps=published)  # fmt: skip
+            assert chain.prefill_step == 512  # c published none
+            unknown = RemoteChain(nursery=nursery, open_stream=None, session_id="s", model_id="m", gateway="g", sampling={},
+                                  prompt_ids=[1], generated=[], route=route)  # fmt: skip
+            assert unknown.prefill_step is None
+
+    trio.run(main)

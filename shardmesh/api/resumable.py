@@ -26,7 +26,7 @@ from ..placement.spans import Repair
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 512  # the most tokens per prefill step: one step's work and activations stay bounded
+PREFILL_CHUNK = 512  # the most tokens per prefill step where the chain measured nothing (an MLX stage, an old node)
 MIN_PREFILL_CHUNK = 128  # the fewest: smaller steps cost more per token than they gain in overlap
 CHUNK_GRAIN = 64
 RETRY_PAUSE = 0.5  # seconds between attempts while no working chain exists
@@ -186,7 +186,7 @@ class ResumableChain:
         history = self.prompt_ids + self.generated
         if not 0 <= cached < len(history):
             cached = 0  # a chain must compute at least the last token, whose logits we need
-        size = prefill_chunk(len(history) - cached, chain.parallel_stages)
+        size = prefill_chunk(len(history) - cached, chain.parallel_stages, chain.prefill_step)
         token = None
         for start in range(cached, len(history), size):
             chunk = history[start : start + size]
@@ -195,15 +195,18 @@ class ResumableChain:
         return token
 
 
-def prefill_chunk(length: int, stages: int) -> int:
+def prefill_chunk(length: int, stages: int, largest: int | None = None) -> int:
     """Tokens per prefill step for a history of ``length`` through ``stages`` parts that
     compute at once: enough chunks (two per stage) that every stage has work while the
-    pipe fills and drains, within [:data:`MIN_PREFILL_CHUNK`, :data:`PREFILL_CHUNK`].
+    pipe fills and drains, within [:data:`MIN_PREFILL_CHUNK`, ``largest``]. ``largest``
+    is the step the chain's parts measured they compute best (``Chain.prefill_step``);
+    :data:`PREFILL_CHUNK` where none did.
 
     With ``n`` equal chunks through ``s`` stages a prefill takes ``(n + s - 1) / n``
     of one stage's whole work, against ``s`` times it sent chunk after chunk; one
     process (``s == 1``) gains nothing from small chunks and takes the largest."""
+    largest = PREFILL_CHUNK if largest is None else max(1, largest)
     if stages <= 1:
-        return PREFILL_CHUNK
+        return largest
     wanted = -(-length // (2 * stages))
-    return max(MIN_PREFILL_CHUNK, min(PREFILL_CHUNK, -(-wanted // CHUNK_GRAIN) * CHUNK_GRAIN))
+    return min(largest, max(MIN_PREFILL_CHUNK, -(-wanted // CHUNK_GRAIN) * CHUNK_GRAIN))

@@ -25,9 +25,10 @@ class LocalChain:
 
     def __init__(
         self, batchers: list[StepBatcher], session_id: str, sampling: SamplingParams, prompt_ids: list[int],
-        generated: list[int], prefixes: bool = True, vocabulary: Vocabulary | None = None,
+        generated: list[int], prefixes: bool = True, vocabulary: Vocabulary | None = None, prefill_step: int | None = None,
     ) -> None:
         self.batchers = batchers
+        self.prefill_step = prefill_step
         self.session_id = session_id
         # Tokens drawn before this chain (a replay) count in the sampler's history.
         self.sampler = SamplerState(sampling, list(prompt_ids), list(generated), vocabulary)
@@ -69,8 +70,11 @@ class LocalChain:
 class LocalChains:
     """Makes :class:`LocalChain` sessions over a fixed list of local batchers."""
 
-    def __init__(self, batchers: list[StepBatcher], prefixes: bool = True, vocabulary: Vocabulary | None = None) -> None:
+    def __init__(
+        self, batchers: list[StepBatcher], prefixes: bool = True, vocabulary: Vocabulary | None = None, prefill_step: int | None = None,
+    ) -> None:
         self.batchers = batchers
+        self.prefill_step = prefill_step  # what the stage measured it prefills best (throughput.py)
         self.prefixes = prefixes  # sessions start with cached prefixes, and leave theirs
         self.vocabulary = vocabulary  # the model's, for requests with a grammar
 
@@ -81,4 +85,4 @@ class LocalChains:
         self, session_id: str, sampling: SamplingParams, prompt_ids: list[int], generated: list[int],
         avoid: frozenset[str] = frozenset(),
     ) -> LocalChain:
-        return LocalChain(self.batchers, session_id, sampling, prompt_ids, generated, self.prefixes, self.vocabulary)
+        return LocalChain(self.batchers, session_id, sampling, prompt_ids, generated, self.prefixes, self.vocabulary, self.prefill_step)

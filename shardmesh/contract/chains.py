@@ -17,10 +17,15 @@ class Chain(Protocol):
 
     ``parallel_stages``: how many parts of the chain compute at the same time once
     open, each on its own chunk of a prefill (the hops of a route of peers; 1 for
-    blocks in one process, which one compute thread runs in turn)."""
+    blocks in one process, which one compute thread runs in turn). ``prefill_step``:
+    the most tokens a prefill step should carry, the least of what its parts measured
+    they compute best (None: none measured; the gateway's default)."""
 
     @property
     def parallel_stages(self) -> int: ...
+
+    @property
+    def prefill_step(self) -> int | None: ...
 
     async def open(self, max_length: int) -> int:
         """Open the session; how many of the history's first tokens every part holds

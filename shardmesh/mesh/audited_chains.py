@@ -218,6 +218,10 @@ class AuditedChain:
     def parallel_stages(self) -> int:
         return self.inner.parallel_stages
 
+    @property
+    def prefill_step(self) -> int | None:
+        return self.inner.prefill_step
+
     async def open(self, max_length: int) -> int:
         cached = await self.inner.open(max_length)
         self.fed = self.history[:cached]  # the first step comes after what the hops hold

@@ -12,14 +12,11 @@ and errors), one on the first hop's stream (errors relayed back along the chain)
 feed one channel, so a step waits on a single place and sees whichever comes first.
 With ``trunks`` (:mod:`.result_trunks`) its steps go into the first hop on a trunk and
 its tokens come back on a results trunk, with those of the gateway's other sessions; the
-tokens are fed into the same channel.
-Any failure raises :class:`ChainFailed` naming the peer at fault (where an error frame
-can say so, see :func:`~.chain_blame.failure_of`), which is what the gateway needs to
-route around it; a request the last hop cannot sample raises :class:`BadRequest`, which
-blames no one.
-
-The gateway's chain opener over the swarm, which makes these chains, is
-:class:`~shardmesh.mesh.mesh_chains.MeshChains`.
+tokens are fed into the same channel. Any failure raises :class:`ChainFailed` naming
+the peer at fault (where an error frame can say so, see :func:`~.chain_blame.failure_of`),
+which is what the gateway needs to route around it; a request the last hop cannot sample
+raises :class:`BadRequest`, which blames no one. :class:`~.mesh_chains.MeshChains` makes
+these chains.
 """
 
 from __future__ import annotations
@@ -92,6 +89,7 @@ class RemoteChain:
         issuer: TicketIssuer | None = None,
         trunks: ChainTrunks | None = None,
         prefixes: PrefixRoutes | None = None,
+        prefill_steps: Callable[[str], int | None] = lambda peer: None,
     ) -> None:
         if (route is None) == (find_route is None):
             raise ValueError("a RemoteChain takes either a route or find_route")
@@ -119,6 +117,7 @@ class RemoteChain:
         self._sent_at = 0.0  # when the first of them was sent (trio time)
         self.trunks = trunks
         self.prefixes = prefixes  # None: the hops compute every history from its start (no cache)
+        self.prefill_steps = prefill_steps  # peer -> the prefill step it published (limits.prefill_step)
         self._trunk: Trunk | None = None  # the steps go on it, not on the first hop's stream
         self._first: FrameStream | None = None
         self._last: FrameStream | None = None
@@ -131,6 +130,10 @@ class RemoteChain:
     def parallel_stages(self) -> int:
         """The route's hops: each computes its own chunk of a prefill at the same time."""
         return len(self.route) if self.route else 1
+
+    @property
+    def prefill_step(self) -> int | None:
+        return min((step for hop in self.route or () if (step := self.prefill_steps(hop.peer))), default=None)
 
     @property
     def _route(self) -> list[Hop]:

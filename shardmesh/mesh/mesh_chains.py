@@ -47,8 +47,10 @@ class MeshChains:
         issuer: TicketIssuer | None = None,
         trunks: ChainTrunks | None = None,
         prefixes: PrefixRoutes | None = None,
+        prefill_steps: Callable[[str], int | None] = lambda peer: None,
     ) -> None:
         self.nursery = nursery
+        self.prefill_steps = prefill_steps  # peer -> the prefill step its record publishes
         self.links = links
         self.probe = probe  # who is silent when a token is lost (RemoteChain._silent_hop)
         self.open_stream = open_stream
@@ -90,4 +92,5 @@ class MeshChains:
             issuer=self.issuer,
             trunks=self.trunks,
             prefixes=self.prefixes,
+            prefill_steps=self.prefill_steps,
         )

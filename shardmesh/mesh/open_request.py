@@ -36,11 +36,15 @@ MAX_SESSION_ID = 64
 MAX_PEER_ID = 128  # a base58 peer id is about 52 characters
 # What a hop forwards of the open it received (docs/PROTOCOL.md 6.2), besides the route
 # (shortened by one hop), nbytes (recomputed) and link (its own wish, not the sender's).
+#: The key, in a record's ``limits``, of the prefill step size the node computes best:
+#: measured (backends/torch/throughput.py), a hint gateways cut prefills by, not enforced.
+PREFILL_STEP = "prefill_step"
 FORWARDED_FIELDS = ("t", "session", "model", "gateway", "ticket", "max_length", "sampling", "n_prompt", "cache")
 
 __all__ = [
     "FORWARDED_FIELDS",
     "MAX_PEER_ID",
+    "PREFILL_STEP",
     "MAX_ROUTE_HOPS",
     "MAX_SESSION_ID",
     "Limits",

@@ -151,6 +151,7 @@ def record_json(record: NodeRecord, now: float | None = None) -> dict:
         "expires_in": round(record_ttl(record, now), 1),
         "suspects": list(record.suspects),
         "reach": record.reach,
+        "limits": dict(record.limits),
     }
 
 

@@ -33,6 +33,7 @@ class LocalBlocks:
     hop: HopCompute
     local_chains: ChainOpener
     throughput: float
+    prefill_step: int | None = None  # the prefill step size it computes best (measured; None: not measured)
 
 
 async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, span: tuple[int, int], say: Callable[[str], None]) -> LocalBlocks:
@@ -40,7 +41,8 @@ async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, spa
     from ..backends.hop_compute import StageHopCompute
     from ..backends.local_chain import LocalChains
     from ..backends.sampler_state import draw_greedy_together
-    from ..backends.torch.throughput import cached_block_throughput, default_cache_dir, throughput_cache_key
+    from ..backends.torch.throughput import cached_block_throughput, cached_prefill_step, default_cache_dir, throughput_cache_key
+    from ..mesh.open_request import Limits
 
     start, end = span
     backend = choose_backend(config.backend)
@@ -63,6 +65,7 @@ async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, spa
     threads = "" if config.threads is None else f"|threads={config.threads}"  # the speed measured depends on them
     key = throughput_cache_key(f"{model_id}|{backend}{threads}", stage.info.device, stage.info.dtype)
     throughput = await compute.run(cached_block_throughput, stage, default_cache_dir(), key)
+    prefill_step = await compute.run(cached_prefill_step, stage, default_cache_dir(), key, Limits().max_tokens_per_step)
     prefill = str(getattr(stage, "prefill_dtype", "")).removeprefix("torch.")
     say(
         f"serving {model.name} blocks [{start}, {end}) with {backend} on {stage.info.device} in {stage.info.dtype} "
@@ -71,8 +74,8 @@ async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, spa
     batcher = StepBatcher(stage, draw_together=draw_greedy_together)
     vocabulary = grammar_vocabulary(model) if end == model.total_blocks else None  # only the last stage samples
     settle()  # its modules and tensors live as long as it does (heap.py)
-    return LocalBlocks(stage, batcher, StageHopCompute(batcher, vocabulary), LocalChains([batcher], config.prefix_cache, vocabulary),
-                       throughput)
+    chains = LocalChains([batcher], config.prefix_cache, vocabulary, prefill_step)
+    return LocalBlocks(stage, batcher, StageHopCompute(batcher, vocabulary), chains, throughput, prefill_step)
 
 
 def grammar_vocabulary(model: LoadedModel):  # -> backends.grammar.Vocabulary | None

@@ -34,6 +34,7 @@ from ..mesh.mesh_chains import MeshChains
 from ..mesh.discovery import Discovery
 from ..mesh.gateway_ticket import TicketIssuer
 from ..mesh.hop_server import HopServer, Limits
+from ..mesh.open_request import PREFILL_STEP
 from ..mesh.host import MeshHost, running_host
 from ..mesh.hints import confirm, follow_hints
 from ..mesh.identity import IdentityInUse, default_key_file, holding_identity
@@ -310,6 +311,7 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             probe=partial(answers_ping, mesh),
             trunks=chain_trunks,
             prefixes=PrefixRoutes() if config.prefix_cache else None,
+            prefill_steps=lambda peer: (record.limits.get(PREFILL_STEP) if (record := registry.get(peer)) else None),
         )
         generator = Generator(
             model.name,

@@ -32,6 +32,7 @@ from ..contract import HopCompute
 from ..mesh.records import server_view
 from ..mesh.registry import Registry
 from ..mesh.hop_server import HopServer
+from ..mesh.open_request import PREFILL_STEP
 from ..placement.rebalance import check_interval, plan_move
 from ..placement.select import choose_span
 from ..placement.spans import DRAINING, JOINING, ONLINE, ServerView, repair
@@ -176,9 +177,11 @@ class SpanKeeper:
         old, self.held = self.held, held
         self.server.serve(blocks.hop)
         info = blocks.stage.info
+        limits = {k: v for k, v in (self.registry.local.limits if self.registry.local else {}).items() if k != PREFILL_STEP}
         self.registry.update_local(
             start=span[0], end=span[1], state=DRAINING if self.draining else ONLINE, throughput=blocks.throughput,
             cache_tokens_free=blocks.stage.cache_tokens_free, backend=info.backend, device=info.device, dtype=info.dtype,
+            limits={**limits, **({PREFILL_STEP: blocks.prefill_step} if blocks.prefill_step else {})},
         )
         if old is not None:
             self._free(old)

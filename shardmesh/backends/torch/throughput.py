@@ -4,6 +4,13 @@ A node publishes ``throughput``: decode tokens per second through ONE transforme
 on its device and dtype. Blocks of one model cost about the same, so ``k`` blocks cost
 ``k / throughput`` seconds per token: one number compares nodes of any span length.
 
+It also publishes ``prefill_step`` (in its record's ``limits``): how many tokens one
+prefill step should carry here. Larger steps make better use of the matrix units, up to
+a point that depends on the device, the dtype and the model's width, so it is measured:
+the same prompt prefilled in steps of each candidate size, the smallest within
+:data:`STEP_TOLERANCE` of the fastest taken. Gateways cut prefills at the least of the
+hops' figures (``api/resumable.py``).
+
 The benchmark runs the stage's own first layers (nothing new is loaded) with private KV
 caches. The result is cached on disk per model, device and dtype, so a node does not
 re-measure (and re-jitter) on every start.
@@ -18,6 +25,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -28,6 +36,8 @@ PREFILL = 16  # tokens of context before the timed steps: a decode step attends 
 # Several layers: one layer run over and over keeps its weights in the CPU/GPU cache, where
 # real decoding streams them from memory. At most eight, so big blocks still take seconds.
 MAX_LAYERS = 8
+PREFILL_STEPS = (256, 512, 1024, 2048)  # candidate prefill step sizes, timed over PREFILL_STEPS[-1] tokens
+STEP_TOLERANCE = 0.05  # a smaller step within 5 % of the fastest wins: it pipelines better
 
 
 def _sync(device: torch.device) -> None:
@@ -71,6 +81,35 @@ def measure_block_throughput(stage: TorchStage, *, steps: int = 8, warmup: int =
         run(token, PREFILL + i)
     _sync(device)
     return steps * len(layers) / max(time.perf_counter() - began, 1e-9)
+
+
+@torch.inference_mode()
+def measure_prefill_step(stage: TorchStage, *, sizes: tuple[int, ...] = PREFILL_STEPS, rounds: int = 2) -> int:
+    """The prefill step size this stage computes best, measured now (see the module
+    docstring): ``sizes[-1]`` tokens through the stage's first ``MAX_LAYERS`` layers in
+    steps of each size, each size's best of ``rounds`` runs (after one untimed run)."""
+    layers, device, dtype = stage.module.layers[:MAX_LAYERS], stage.device, stage.dtype
+    total = sizes[-1]
+    shape = (1, stage.num_kv_heads, total, stage.head_dim)
+    keys, values = ([torch.zeros(shape, dtype=dtype, device=device) for _ in layers] for _ in "kv")
+    prompt = torch.randn(1, total, stage.info.hidden_size, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+
+    def prefill(size: int) -> float:
+        began = time.perf_counter()
+        for position in range(0, total, size):
+            hidden = prompt[:, position : position + size]
+            position_ids = torch.arange(position, position + hidden.shape[1], device=device)[None]
+            rotary = stage.module.rotary_emb(hidden, position_ids)
+            step = kv_attention.StepCaches([keys], [values], [position], first_layer=stage.start)
+            for layer in layers:
+                layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=rotary, shardmesh_step=step)
+        _sync(device)
+        return time.perf_counter() - began
+
+    prefill(sizes[0])  # untimed: allocation, kernel choice
+    seconds = {size: min(prefill(size) for _ in range(rounds)) for size in sizes}
+    fastest = min(seconds.values())
+    return min(size for size, s in seconds.items() if s <= fastest * (1 + STEP_TOLERANCE))
 
 
 def measure_stage_throughput(stage, *, steps: int = 8) -> float:
@@ -128,11 +167,28 @@ def cached_block_throughput(stage: TorchStage, cache_dir: Path, key: str) -> flo
     Only a positive finite number counts as stored: a corrupt file or bad entry is measured
     again and rewritten. Delete the file to re-measure after changing hardware.
     """
+    measure = measure_block_throughput if isinstance(stage, TorchStage) else measure_stage_throughput
+    return float(_cached(cache_dir, key, lambda: measure(stage)))
+
+
+def cached_prefill_step(stage: Any, cache_dir: Path, key: str, largest: int) -> int | None:
+    """:func:`measure_prefill_step`, stored beside the throughput (``key|prefill_step``),
+    at most ``largest`` (the node's ``max_tokens_per_step``); None for a stage that is
+    not torch's (MLX: not measured, gateways use their default)."""
+    if not isinstance(stage, TorchStage):
+        return None
+    sizes = tuple(size for size in PREFILL_STEPS if size <= largest) or (largest,)
+    measured = _cached(cache_dir, f"{key}|prefill_step|{largest}", lambda: measure_prefill_step(stage, sizes=sizes))
+    return max(1, min(largest, int(measured)))  # whatever the file says
+
+
+def _cached(cache_dir: Path, key: str, measure: Callable[[], float]) -> float:
+    """The positive finite number stored for ``key``, else ``measure()``, stored."""
     path = Path(cache_dir) / "throughput.json"
     value = _read_cache(path).get(key)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
-        return float(value)
-    value = measure_block_throughput(stage) if isinstance(stage, TorchStage) else measure_stage_throughput(stage)
+        return value
+    value = measure()
     with contextlib.suppress(OSError):  # a read-only cache costs a re-measure, never a failed start
         path.parent.mkdir(parents=True, exist_ok=True)
         # Re-read just before writing, so another node's fresh entry is kept; write a
