@@ -149,6 +149,15 @@ def test_the_prefill_step_is_one_of_the_candidates_and_is_cached(tmp_path, monke
     assert throughput.cached_prefill_step(stage, tmp_path, KEY, largest=1024) == 1024
 
 
+def test_the_prefill_step_is_measured_in_the_dtype_the_stage_prefills_in(monkeypatch):
+    stage = TorchStage(resolve_local(str(cached_tiny_model("llama"))), 0, 2, dtype="bfloat16", prefill_dtype="float32")
+    seen = []
+    real = stage.run_layer
+    monkeypatch.setattr(stage, "run_layer", lambda layer, hidden, extra: seen.append(hidden.dtype) or real(layer, hidden, extra))
+    assert throughput.measure_prefill_step(stage, sizes=(64, 128), rounds=1) in (64, 128)
+    assert set(seen) == {torch.float32}
+
+
 def test_a_chain_cuts_prefills_at_the_least_step_its_hops_published():
     import trio
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -260,6 +260,13 @@ class TorchStage(KVSessions):
         rows = [rotary(hidden[i : i + 1], position_ids[i : i + 1]) for i in range(hidden.shape[0])]
         return torch.cat([cos for cos, _ in rows]), torch.cat([sin for _, sin in rows])
 
+    def run_layer(self, layer: torch.nn.Module, hidden: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
+        """One of this stage's layers on ``hidden``, in ``hidden``'s dtype: the weights
+        as they are, or upcast for a prefill phase in another dtype (prefill_dtype.py)."""
+        if hidden.dtype == self.dtype:
+            return layer(hidden, **extra)
+        return torch.func.functional_call(layer, self._upcast.params(layer), (hidden,), extra)
+
     @torch.inference_mode()
     def _forward(
         self, inputs: torch.Tensor, caches: list[SessionCache], positions: list[int], start: int, end: int, draft: int = 0
@@ -281,10 +288,7 @@ class TorchStage(KVSessions):
         )
         extra = {"attention_mask": None, "position_ids": position_ids, "position_embeddings": position_embeddings, "shardmesh_step": step}
         for layer in m.layers[start - self.start : end - self.start]:
-            if compute == self.dtype:
-                hidden = layer(hidden, **extra)
-            else:  # the layer as it is, run on its weights upcast (prefill_dtype.py)
-                hidden = torch.func.functional_call(layer, self._upcast.params(layer), (hidden,), extra)
+            hidden = self.run_layer(layer, hidden, extra)
         hidden = hidden.to(self.dtype)
         if end < self.info.total_blocks:
             return [raw_from_tensor(row) for row in hidden]

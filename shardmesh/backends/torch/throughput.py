@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from . import kv_attention
+from .prefill_dtype import PREFILL_PHASE_TOKENS
 from .stage import TorchStage
 
 PREFILL = 16  # tokens of context before the timed steps: a decode step attends over a cache
@@ -87,12 +88,14 @@ def measure_block_throughput(stage: TorchStage, *, steps: int = 8, warmup: int =
 def measure_prefill_step(stage: TorchStage, *, sizes: tuple[int, ...] = PREFILL_STEPS, rounds: int = 2) -> int:
     """The prefill step size this stage computes best, measured now (see the module
     docstring): ``sizes[-1]`` tokens through the stage's first ``MAX_LAYERS`` layers in
-    steps of each size, each size's best of ``rounds`` runs (after one untimed run)."""
+    steps of each size, in the dtype the stage prefills in, each size's best of
+    ``rounds`` runs (after one untimed run)."""
     layers, device, dtype = stage.module.layers[:MAX_LAYERS], stage.device, stage.dtype
     total = sizes[-1]
     shape = (1, stage.num_kv_heads, total, stage.head_dim)
     keys, values = ([torch.zeros(shape, dtype=dtype, device=device) for _ in layers] for _ in "kv")
-    prompt = torch.randn(1, total, stage.info.hidden_size, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    compute = stage.prefill_dtype if min(sizes) >= PREFILL_PHASE_TOKENS else dtype
+    prompt = torch.randn(1, total, stage.info.hidden_size, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=compute)
 
     def prefill(size: int) -> float:
         began = time.perf_counter()
@@ -101,8 +104,9 @@ def measure_prefill_step(stage: TorchStage, *, sizes: tuple[int, ...] = PREFILL_
             position_ids = torch.arange(position, position + hidden.shape[1], device=device)[None]
             rotary = stage.module.rotary_emb(hidden, position_ids)
             step = kv_attention.StepCaches([keys], [values], [position], first_layer=stage.start)
+            extra = {"attention_mask": None, "position_ids": position_ids, "position_embeddings": rotary, "shardmesh_step": step}
             for layer in layers:
-                layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=rotary, shardmesh_step=step)
+                stage.run_layer(layer, hidden, extra)
         _sync(device)
         return time.perf_counter() - began
 
