@@ -43,7 +43,7 @@ import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -247,17 +247,17 @@ class Gateway:
 
     async def events(self, request: GenerationRequest, started: float) -> AsyncIterator[TokenEvent | Finished]:
         """``generator.stream()`` with its errors mapped to ApiError and metrics recorded."""
-        first = True
+        first: float | None = None
         try:
             async with closing(self.generator.stream(request)) as events:
                 async for event in events:
                     if isinstance(event, TokenEvent):
-                        if first:
-                            self.metrics.time_to_first_token.observe(time.perf_counter() - started)
-                            first = False
+                        if first is None:
+                            first = time.perf_counter()
+                            self.metrics.time_to_first_token.observe(first - started)
                         self.metrics.generated_tokens.inc()
                     else:
-                        self.metrics.prompt_tokens.inc(event.prompt_tokens)
+                        self.metrics.finished(event, started, first)
                     yield event
         except ModelUnavailable as exc:
             raise unavailable(str(exc) or "the model is unavailable") from None
@@ -273,18 +273,20 @@ def create_app(
     generator: Generator, *, api_key: str | None = None, swarm: Callable[[], dict] | None = None,
     stage_counts: Callable[[], tuple[int, int]] | None = None, links_taken: Callable[[], int] | None = None,
     trunk_counts: Callable[[], tuple[int, int, int, int]] | None = None, cors_origins: tuple[str, ...] = (),
-    prefix_counts: Callable[[], tuple[int, int]] | None = None,
+    prefix_counts: Callable[[], tuple[int, int]] | None = None, collectors: Sequence[Any] = (),
 ) -> Starlette:
     """The gateway app for ``generator``. With ``api_key``, /v1 and /metrics need it.
     ``swarm`` returns the swarm map for ``GET /v1/swarm``; ``stage_counts`` the steps and
     batches of the node's blocks for ``/metrics`` (:class:`~.metrics.StageCounters`);
     ``links_taken`` how many session hops moved to hop links; ``prefix_counts`` the tokens
-    its blocks took from their prefix cache and the bytes it holds; ``trunk_counts`` the frames
+    its blocks took from their prefix cache and the bytes it holds; ``collectors`` the node's
+    own figures (node/node_metrics.py); ``trunk_counts`` the frames
     and steps this node's trunks brought in (:class:`~.metrics.TrunkCounters`). ``cors_origins``: web
     pages of these origins may call the API from a browser (``--cors-origin``; none by
     default, so a page elsewhere cannot use a gateway on the user's machine)."""
     metrics = Metrics(stage_counts, links_taken, speculation=lambda: generator.speculation, trunk_counts=trunk_counts,
-                      prefix_counts=prefix_counts, cached_tokens=lambda: generator.cached_tokens)
+                      prefix_counts=prefix_counts, cached_tokens=lambda: generator.cached_tokens, collectors=collectors,
+                      generations=lambda: (generator.active, generator.waiting, generator.failovers, generator.failover_pause))
     gateway = Gateway(generator, metrics, swarm)
     routes: list[BaseRoute] = [
         Route("/health", guarded(gateway.health), methods=["GET"]),

@@ -116,6 +116,9 @@ class Generator:
         self.draft_tokens = draft_tokens  # the most proposed per step (--draft-tokens)
         self.speculation = SpeculationStats()
         self.cached_tokens = 0  # history tokens its chains held already (prefix caches), all told
+        self.waiting = 0  # generations running that have no first token yet
+        self.failovers = 0  # chains replaced mid-generation, all told
+        self.failover_pause = 0.0  # seconds generations paused for those replacements
 
     def ready(self) -> bool:
         return self.chains.available()
@@ -181,7 +184,11 @@ class Generator:
         length = DraftLength(most=self.draft_tokens)
         history = list(prompt)  # the prompt and every token drawn: what drafts continue
         try:
-            run = [await chain.start()]
+            self.waiting += 1
+            try:
+                run = [await chain.start()]
+            finally:
+                self.waiting -= 1
             detok = IncrementalDetokenizer(self.tokenizer)
             stops = StopMatcher(req.stop)
             produced = 0
@@ -217,5 +224,7 @@ class Generator:
         finally:
             await chain.close()
             self.cached_tokens += chain.cached_tokens
+            self.failovers += chain.failovers
+            self.failover_pause += chain.paused_seconds
             if drafts is not None:
                 await drafts.close()

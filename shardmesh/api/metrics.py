@@ -10,7 +10,8 @@ sessions share it.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import time
+from typing import Any, Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -36,8 +37,14 @@ class Metrics:
                  speculation: Callable[[], SpeculationStats] | None = None,
                  trunk_counts: Callable[[], tuple[int, int, int, int]] | None = None,
                  prefix_counts: Callable[[], tuple[int, int]] | None = None,
-                 cached_tokens: Callable[[], int] | None = None) -> None:
+                 cached_tokens: Callable[[], int] | None = None,
+                 generations: Callable[[], tuple[int, int, int, float]] | None = None,
+                 collectors: Sequence[Any] = ()) -> None:
         self.registry = CollectorRegistry()
+        for collector in collectors:  # the node's own figures (node/node_metrics.py)
+            self.registry.register(collector)
+        if generations is not None:
+            self.registry.register(GenerationGauges(generations))
         if speculation is not None:
             self.registry.register(SpeculationCounters(speculation))
         if stage_counts is not None:
@@ -66,10 +73,48 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
             registry=self.registry,
         )
+        self.time_per_output_token = Histogram(
+            "shardmesh_time_per_output_token_seconds",
+            "A generation's time from its first token to its last, over the tokens after the first.",
+            buckets=(0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "shardmesh_request_seconds",
+            "From receiving a generation request to its last token.",
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+            registry=self.registry,
+        )
+
+    def finished(self, done: Any, started: float, first: float | None) -> None:
+        """A generation ended (``done``: its :class:`~.generate.Finished`): its prompt, its
+        whole time, and its time per token after the first."""
+        now = time.perf_counter()
+        self.prompt_tokens.inc(done.prompt_tokens)
+        self.request_seconds.observe(now - started)
+        if first is not None and done.completion_tokens > 1:
+            self.time_per_output_token.observe((now - first) / (done.completion_tokens - 1))
 
     def render(self) -> bytes:
         """Everything in the Prometheus text exposition format."""
         return generate_latest(self.registry)
+
+
+class GenerationGauges:
+    """The gateway's generations now and their failovers since start, from
+    ``(running, waiting for their first token, failovers, seconds paused by them)``."""
+
+    def __init__(self, counts: Callable[[], tuple[int, int, int, float]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        running, waiting, failovers, paused = self.counts()
+        yield GaugeMetricFamily("shardmesh_requests_running", "Generations this gateway runs now.", value=running)
+        yield GaugeMetricFamily("shardmesh_requests_waiting", "Of those, the ones still waiting for their first token.", value=waiting)
+        yield CounterMetricFamily("shardmesh_failovers", "Chains replaced mid-generation (a hop failed; the answer went on).",
+                                  value=failovers)
+        yield CounterMetricFamily("shardmesh_failover_pause_seconds", "Seconds generations paused while their chain was replaced.",
+                                  value=paused)
 
 
 class StageCounters:

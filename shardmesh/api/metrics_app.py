@@ -8,7 +8,7 @@ it wants the key, as the gateway does.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -26,10 +26,11 @@ __all__ = ["create_metrics_app"]
 def create_metrics_app(
     *, stage_counts: Callable[[], tuple[int, int]] | None = None, links_taken: Callable[[], int] | None = None,
     trunk_counts: Callable[[], tuple[int, int, int, int]] | None = None, api_key: str | None = None,
-    prefix_counts: Callable[[], tuple[int, int]] | None = None,
+    prefix_counts: Callable[[], tuple[int, int]] | None = None, collectors: Sequence[Any] = (),
 ) -> Starlette:
-    """An app with ``GET /metrics`` only: the node's stage, link and trunk counters."""
-    metrics = Metrics(stage_counts, links_taken, trunk_counts=trunk_counts, prefix_counts=prefix_counts)
+    """An app with ``GET /metrics`` only: the node's stage, link and trunk counters, and
+    its own figures (``collectors``: node/node_metrics.py)."""
+    metrics = Metrics(stage_counts, links_taken, trunk_counts=trunk_counts, prefix_counts=prefix_counts, collectors=collectors)
 
     async def render(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

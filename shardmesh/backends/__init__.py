@@ -12,6 +12,7 @@ batcher`` does).
 """
 
 __all__ = [
+    "batch_stats",
     "batcher",
     "compute_thread",
     "draft_model",

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import trio
 
 from ..contract import RawTensor, Stage, StepOutput, StepRequest
+from .batch_stats import BatchStats
 from .compute_thread import compute_thread
 from .memory_release import MemoryRelease
 
@@ -50,8 +51,11 @@ class _Pending:
 class StepBatcher:
     """Owns one stage; :meth:`run` must be running in a nursery for steps to complete."""
 
-    def __init__(self, stage: Stage, max_batch: int = 32, draw_together: DrawTogether | None = None) -> None:
+    def __init__(
+        self, stage: Stage, max_batch: int = 32, draw_together: DrawTogether | None = None, stats: BatchStats | None = None,
+    ) -> None:
         self.stage = stage
+        self.stats = stats if stats is not None else BatchStats()  # what its batches cost (batch_stats.py)
         self.max_batch = max_batch
         self.draw_together = draw_together
         self._queue: list[_Pending] = []
@@ -117,7 +121,9 @@ class StepBatcher:
             self._wakeup = trio.Event()
             while self._queue:
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                began = time.perf_counter()
                 await self._compute.run(self._step_batch, batch)
+                self.stats.record(len(batch), sum(p.request.inputs.shape[0] for p in batch), time.perf_counter() - began)
                 self.batches += 1
                 self.batched_requests += len(batch)
                 for pending in batch:

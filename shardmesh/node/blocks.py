@@ -12,6 +12,7 @@ from typing import Callable
 
 import trio
 
+from ..backends.batch_stats import BatchStats
 from ..backends.batcher import StepBatcher
 from ..backends.compute_thread import compute_thread
 from ..contract import ChainOpener, HopCompute, Stage
@@ -36,8 +37,12 @@ class LocalBlocks:
     prefill_step: int | None = None  # the prefill step size it computes best (measured; None: not measured)
 
 
-async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, span: tuple[int, int], say: Callable[[str], None]) -> LocalBlocks:
-    """Loads blocks ``[start, end)`` on the compute thread and measures their speed."""
+async def load_blocks(
+    config: NodeConfig, model: LoadedModel, model_id: str, span: tuple[int, int], say: Callable[[str], None],
+    stats: BatchStats | None = None,
+) -> LocalBlocks:
+    """Loads blocks ``[start, end)`` on the compute thread and measures their speed;
+    its batches are recorded in ``stats`` (the node's, over every span it serves)."""
     from ..backends.hop_compute import StageHopCompute
     from ..backends.local_chain import LocalChains
     from ..backends.sampler_state import draw_greedy_together
@@ -71,7 +76,7 @@ async def load_blocks(config: NodeConfig, model: LoadedModel, model_id: str, spa
         f"serving {model.name} blocks [{start}, {end}) with {backend} on {stage.info.device} in {stage.info.dtype} "
         f"({throughput:.0f} tokens/s per block)" + (f"; prefills in {prefill}" if prefill and prefill != stage.info.dtype else "")
     )
-    batcher = StepBatcher(stage, draw_together=draw_greedy_together)
+    batcher = StepBatcher(stage, draw_together=draw_greedy_together, stats=stats)
     vocabulary = grammar_vocabulary(model) if end == model.total_blocks else None  # only the last stage samples
     settle()  # its modules and tensors live as long as it does (heap.py)
     chains = LocalChains([batcher], config.prefix_cache, vocabulary, prefill_step)

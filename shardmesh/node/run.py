@@ -25,6 +25,7 @@ from .. import __version__
 from ..api.app import create_app, serve
 from ..api.generate import Generator, eos_token_ids
 from ..api.metrics_app import create_metrics_app
+from ..backends.batch_stats import BatchStats
 from ..backends.weights import identity_bytes
 from ..mesh.addresses import port_of
 from ..mesh.allow_list import AllowList, AllowListError, ConnectionGate, read_allow_list
@@ -57,6 +58,7 @@ from .config import NodeConfig, UsageError
 from .drafting import draft_source
 from .heap import settle
 from .model import LoadedModel, load_model_meta
+from .node_metrics import NodeCollector, counted_trunks
 from .reachability import own_addresses, use_relays, watch_own_reachability
 from .span_keeper import SpanKeeper
 
@@ -141,13 +143,6 @@ async def start_chain_trunks(server: HopServer, links: Links | None, nursery: tr
     results = ResultTrunks(server.open_stream, links, server.max_payload)
     await nursery.start(results.run)
     return ChainTrunks(server.trunks, results)
-
-
-def counted_trunks(server: HopServer, chain_trunks: ChainTrunks | None) -> tuple[int, int, int, int]:
-    """For ``/metrics``: steps frames and steps this node's trunks brought in, results
-    frames and results its results trunks brought in."""
-    results = chain_trunks.results.counts.totals() if chain_trunks is not None else (0, 0)
-    return (*server.trunk_counts.totals(), *results)
 
 
 def read_allowed(config: NodeConfig) -> frozenset[str] | None:
@@ -253,12 +248,13 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
         )
         await nursery.start(server.run)
         chain_trunks = await start_chain_trunks(server, links, nursery)
+        batch_stats = BatchStats()  # every span's batches, over the node's life
         keeper = SpanKeeper(
             registry=registry,
             server=server,
             total_blocks=model.total_blocks,
             capacity=capacity,
-            load=lambda span: load_blocks(config, model, model_id, span, say),
+            load=lambda span: load_blocks(config, model, model_id, span, say, batch_stats),
             run_blocks=lambda blocks, task_status=trio.TASK_STATUS_IGNORED: run_blocks(
                 blocks, config.session_idle_timeout, task_status=task_status
             ),
@@ -326,16 +322,17 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
         )
         links_taken = (lambda: links.taken) if links is not None else None
         trunk_counts = partial(counted_trunks, server, chain_trunks)
+        own_figures = NodeCollector(keeper, registry, batch_stats, model.total_blocks)
         if api is not None:
             app = create_app(generator, api_key=config.api_key, swarm=registry.to_json, stage_counts=keeper.stage_counts,
                              links_taken=links_taken, trunk_counts=trunk_counts, cors_origins=config.cors_origins,
-                             prefix_counts=keeper.prefix_counts)
+                             prefix_counts=keeper.prefix_counts, collectors=[own_figures])
             url = http_url(api[0], await nursery.start(serve, app, api[0], api[1]))
             registry.update_local(api=url)
             say(f"gateway ready at {url} (OpenAI base URL {url}/v1)")
         if (where := config.metrics_host_port) is not None:
             metrics = create_metrics_app(stage_counts=keeper.stage_counts, links_taken=links_taken, trunk_counts=trunk_counts,
-                                         api_key=config.api_key, prefix_counts=keeper.prefix_counts)
+                                         api_key=config.api_key, prefix_counts=keeper.prefix_counts, collectors=[own_figures])
             say(f"metrics at {http_url(where[0], await nursery.start(serve, metrics, where[0], where[1]))}/metrics")
         if stop is not None:
             await stop.wait()
