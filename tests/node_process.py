@@ -90,6 +90,16 @@ def stop_node(node: Node) -> None:
         node.proc.wait(timeout=15)
 
 
+def stop_showing_failures(nodes: list[Node], failed: bool) -> None:
+    """Stop ``nodes``; when a test that used them ``failed``, print what each printed
+    (pass ``request.session.testsfailed`` as it stands before the nodes are stopped)."""
+    for node in nodes:
+        stop_node(node)
+    if failed:
+        for node in nodes:
+            print(f"---- node output ({' '.join(node.proc.args[-8:])}) ----\n{node.output()}")
+
+
 def wait_for_route(gateway: Node, timeout: float = 30.0) -> None:
     """Until ``gateway``'s ``/health`` says a complete chain of peers serves the model."""
     import httpx

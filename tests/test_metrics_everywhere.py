@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from node_process import Node, start_node, stop_node, wait_for_route
+from node_process import Node, start_node, stop_showing_failures, wait_for_route
 
 from shardmesh.tools.tiny_model import cached_tiny_model
 
@@ -57,12 +57,7 @@ def swarm(request, tmp_path_factory) -> Iterator[tuple[Node, Node, str]]:
                                                max_tokens=6, temperature=1.0, seed=seed)  # fmt: skip
         yield gateway, server, found.group(1)
     finally:
-        failed = request.session.testsfailed
-        for node in nodes:
-            stop_node(node)
-        if failed:
-            for node in nodes:
-                print(f"---- node output ----\n{node.output()[-3000:]}")
+        stop_showing_failures(nodes, bool(request.session.testsfailed))
 
 
 def test_a_serving_node_without_an_api_serves_its_own_figures(swarm) -> None:

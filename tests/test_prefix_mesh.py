@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from node_process import Node, start_node, stop_node
+from node_process import Node, start_node, stop_node, stop_showing_failures
 from reference import Transformers
 
 pytestmark = pytest.mark.slow
@@ -69,12 +69,7 @@ def swarm(request, llama: Path, tmp_path_factory) -> Iterator[tuple[list[Node], 
             time.sleep(0.2)
         yield nodes[:4], gateway
     finally:
-        failed = request.session.testsfailed
-        for node in nodes:
-            stop_node(node)
-        if failed:
-            for node in nodes:
-                print(f"---- node output ({' '.join(node.proc.args)}) ----\n{node.output()}")
+        stop_showing_failures(nodes, bool(request.session.testsfailed))
 
 
 def chat(gateway: Node, messages: list[dict]) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import jsonschema
 import openai
 import pytest
-from node_process import Node, start_doubled_swarm, stop_node
+from node_process import Node, start_doubled_swarm, stop_showing_failures
 from structured_schema import SCHEMA
 
 from shardmesh.tools.tiny_model import cached_tiny_model
@@ -38,12 +38,7 @@ def swarm(request, tmp_path_factory) -> Iterator[list[Node]]:
     try:
         yield nodes
     finally:
-        failed = request.session.testsfailed
-        for node in nodes:
-            stop_node(node)
-        if failed:
-            for node in nodes:
-                print(f"---- node output ({' '.join(node.proc.args[-6:])}) ----\n{node.output()[-3000:]}")
+        stop_showing_failures(nodes, bool(request.session.testsfailed))
 
 
 @pytest.fixture(scope="module")
