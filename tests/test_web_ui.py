@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from node_process import start_node, stop_node
+from node_process import start_doubled_swarm, start_node, stop_node
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shardmesh.tools.tiny_model import cached_tiny_model
@@ -79,9 +79,64 @@ def test_chat_page_streams_the_greedy_reply(tmp_path):
         driver.save_screenshot(str(tmp_path / "chat.png"))
         [user] = driver.find_elements(By.CSS_SELECTOR, ".msg.user")
         [reply] = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")
-        assert user.text == MESSAGE
-        assert reply.get_attribute("textContent") == greedy_reply(path)
+        assert user.get_attribute("data-raw") == MESSAGE
+        assert reply.get_attribute("data-raw") == greedy_reply(path)  # the text as streamed; shown as markdown
         assert not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+        # The page's markdown escapes whatever a model writes before it formats it.
+        html = driver.execute_script("return markdown(arguments[0]);", "<img src=x onerror=alert(1)> **b** `c`\n```py\n<i>\n```")
+        assert "<img" not in html and "&lt;img" in html and "<strong>b</strong>" in html and "<code>c</code>" in html
+        assert "<pre><code>&lt;i&gt;\n</code></pre>" in html
     finally:
         driver.quit()
         stop_node(node)
+
+
+def spans_on_map(driver) -> list[tuple[str, int, int, str]]:
+    return sorted((row.get_attribute("data-peer"), int(row.get_attribute("data-start")), int(row.get_attribute("data-end")),
+                   row.get_attribute("data-state")) for row in driver.find_elements(By.CSS_SELECTOR, "#peers .peer"))  # fmt: skip
+
+
+def test_the_map_shows_the_swarm_its_answers_and_a_kill(tmp_path):
+    """A 3-hop swarm (M [0, 2) with the API, two servers of [2, 3), Y [3, 4)): the map
+    draws every span; a running answer's route shows its three hops; the chat's Stop
+    ends it; a killed server is marked unreachable on the map."""
+    path = cached_tiny_model("llama", layers=4, hidden=64)
+    nodes = start_doubled_swarm(path, tmp_path)
+    m, doubled = nodes[0], nodes[1:3]
+    driver = browser(tempfile.mkdtemp(dir=tmp_path))
+    try:
+        driver.get(m.url + "/")
+        wait = WebDriverWait(driver, 30)
+        want = sorted((n.peer_id, *span, "online") for n, span in zip(nodes, [(0, 2), (2, 3), (2, 3), (3, 4)]))
+        wait.until(lambda d: spans_on_map(d) == want)
+        assert [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#coverage .cell")] == ["1", "1", "2", "1"]
+
+        for field, value in (("temp", "0"), ("max", "2000")):
+            box = driver.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        driver.find_element(By.ID, "input").send_keys(MESSAGE)
+        driver.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#answers .answer"))
+        route = driver.find_element(By.CSS_SELECTOR, "#answers .answer").get_attribute("data-route").split(",")
+        assert [hop.split(":")[1] for hop in route] == ["0-2", "2-3", "3-4"]
+        assert route[0].split(":")[0] == m.peer_id and route[1].split(":")[0] in {n.peer_id for n in doubled}
+        driver.save_screenshot(str(tmp_path / "swarm.png"))
+
+        driver.find_element(By.ID, "stop").click()
+        wait.until(lambda d: d.find_element(By.ID, "send").is_enabled() and not d.find_element(By.ID, "stop").is_enabled())
+        reply = driver.find_element(By.CSS_SELECTOR, ".msg.assistant")
+        assert "(stopped)" in reply.text
+        stopped = reply.get_attribute("data-raw")
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#answers .answer"))  # the gateway let it go
+        assert reply.get_attribute("data-raw") == stopped
+
+        victim = next(n for n in doubled if n.peer_id == route[1].split(":")[0])
+        victim.proc.kill()
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: any(p == victim.peer_id and state == "unreachable" for p, _, _, state in spans_on_map(d))
+                   or victim.peer_id not in {p for p, *_ in spans_on_map(d)})
+    finally:
+        driver.quit()
+        for node in nodes:
+            stop_node(node)

@@ -147,10 +147,10 @@ class Gateway:
     # ---- small endpoints
 
     async def swarm(self, request: Request) -> Response:
-        """The live swarm map: every peer's signed record as this node sees it."""
-        if self.swarm_view is None:
-            return JSONResponse({"model": self.generator.model_name, "peers": [], "mesh": False})
-        return JSONResponse(self.swarm_view())
+        """The live swarm map: every peer's signed record as this node sees it, and the
+        routes of the answers this gateway is giving now."""
+        body = {"model": self.generator.model_name, "peers": [], "mesh": False} if self.swarm_view is None else self.swarm_view()
+        return JSONResponse({**body, "answers": self.generator.answers()})
 
     async def health(self, request: Request) -> Response:
         ready = self.generator.ready()

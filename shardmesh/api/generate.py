@@ -16,7 +16,7 @@ import logging
 import secrets
 from contextlib import aclosing
 from dataclasses import dataclass, replace
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 from ..contract import CacheBudgetExceeded, ChainOpener, DraftSource, ModelUnavailable, SampledToken, SamplingParams
 from ..contract.prefixes import PREFIX_BLOCK
@@ -117,6 +117,7 @@ class Generator:
         self.speculation = SpeculationStats()
         self.cached_tokens = 0  # history tokens its chains held already (prefix caches), all told
         self.waiting = 0  # generations running that have no first token yet
+        self.running: set[ResumableChain] = set()  # the chains of the generations running now
         self.failovers = 0  # chains replaced mid-generation, all told
         self.failover_pause = 0.0  # seconds generations paused for those replacements
 
@@ -152,6 +153,12 @@ class Generator:
             await chain.close()
             self.cached_tokens += chain.cached_tokens
 
+    def answers(self) -> list[dict[str, Any]]:
+        """The generations running now, for the swarm map: the route each runs on (None
+        for this node's own blocks), its tokens so far and its failovers."""
+        return [{"route": [{"peer": p, "start": a, "end": b} for p, a, b in chain.route] if chain.route else None,
+                 "tokens": len(chain.generated), "failovers": chain.failovers} for chain in self.running]  # fmt: skip
+
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | Finished]:
         if not self.accepting:
             raise ModelUnavailable("this node is shutting down; send the request to another gateway")
@@ -180,6 +187,7 @@ class Generator:
             sampling = replace(sampling, seed=secrets.randbits(63))
 
         chain = ResumableChain(self.chains, sampling, prompt, len(prompt) + max_tokens, wait=self.route_wait, repair=self.repair)
+        self.running.add(chain)
         drafts = self.drafts.drafts() if (self.drafts is not None and req.speculative) else None
         length = DraftLength(most=self.draft_tokens)
         history = list(prompt)  # the prompt and every token drawn: what drafts continue
@@ -222,6 +230,7 @@ class Generator:
             tail, hit = stops.feed(detok.flush())
             yield Finished("stop" if hit else "length", tail + ("" if hit else stops.flush()), len(prompt), max_tokens)
         finally:
+            self.running.discard(chain)
             await chain.close()
             self.cached_tokens += chain.cached_tokens
             self.failovers += chain.failovers

@@ -64,6 +64,13 @@ class ResumableChain:
         self._chain: Chain | None = None
         self.failed_peers: set[str] = set()  # blamed during this request: never routed through again
 
+    @property
+    def route(self) -> list[tuple[str, int, int]] | None:
+        """The peers of the chain it runs on now, as ``(peer, start, end)``; None before
+        it has one, and for blocks in this process (which have no route)."""
+        hops = getattr(self._chain, "route", None)
+        return [(hop.peer, hop.start, hop.end) for hop in hops] if hops else None
+
     async def start(self) -> SampledToken:
         """Open a chain and prefill the prompt; the first generated token."""
         return await self._open_and_replay(first=True)

@@ -40,6 +40,7 @@ import trio
 
 from ..contract import ChainFailed, SampledToken, SamplingParams, StageError
 from ..placement.claims import MeasuredSpeeds
+from ..placement.routing import Hop
 from .answer_check import AUDIT_TOP, Answer, agree, suspects
 from .audit_policy import AuditPolicy
 from .chain_client import RemoteChain
@@ -221,6 +222,10 @@ class AuditedChain:
     @property
     def prefill_step(self) -> int | None:
         return self.inner.prefill_step
+
+    @property
+    def route(self) -> list[Hop] | None:
+        return self.inner.route
 
     async def open(self, max_length: int) -> int:
         cached = await self.inner.open(max_length)
