@@ -59,6 +59,7 @@ from .auth import RequireApiKey
 from .errors import ApiError, bad_request, error_body, internal_error, unavailable
 from .formats import ChatFormat, CompletionFormat, Format
 from .generate import Finished, GenerationRequest, Generator, PromptTooLong, TokenEvent
+from .speculation import SpeculationStats
 from ..contract import BadRequest, ModelUnavailable
 from .metrics import CountRequests, Metrics
 from .prompts import chat_prompt_ids, completion_prompt_ids
@@ -126,10 +127,15 @@ async def http_exception(request: Request, exc: Exception) -> Response:
 
 
 class Gateway:
-    """The endpoints, sharing one generator and one set of metrics."""
+    """The endpoints, over one generator per model (the first is the default model of
+    ``/health`` and ``/v1/swarm``) and one set of metrics. A request names its model;
+    an unknown one is a 404 that lists those served."""
 
-    def __init__(self, generator: Generator, metrics: Metrics, swarm: Callable[[], dict] | None = None) -> None:
-        self.generator = generator
+    def __init__(self, generators: Sequence[Generator], metrics: Metrics, swarm: Callable[[], dict] | None = None) -> None:
+        if not generators or len({g.model_name for g in generators}) != len(generators):
+            raise ValueError("a gateway serves one or more models, each once")
+        self.models = {g.model_name: g for g in generators}
+        self.generator = generators[0]
         self.metrics = metrics
         self.swarm_view = swarm
         self.created = now()
@@ -150,29 +156,30 @@ class Gateway:
         """The live swarm map: every peer's signed record as this node sees it, and the
         routes of the answers this gateway is giving now."""
         body = {"model": self.generator.model_name, "peers": [], "mesh": False} if self.swarm_view is None else self.swarm_view()
-        return JSONResponse({**body, "answers": self.generator.answers()})
+        return JSONResponse({**body, "answers": [a for g in self.models.values() for a in g.answers()]})
 
     async def health(self, request: Request) -> Response:
         ready = self.generator.ready()
         body = {"status": "ok" if ready else "unavailable", "model": self.generator.model_name}
+        if len(self.models) > 1:
+            body["models"] = {name: g.ready() for name, g in self.models.items()}
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    def model_card(self) -> dict[str, Any]:
+    def model_card(self, generator: Generator) -> dict[str, Any]:
         """OpenAI's model object, plus ``max_model_len`` (the context window, as vLLM names it)."""
         return {
-            "id": self.generator.model_name,
+            "id": generator.model_name,
             "object": "model",
             "created": self.created,
             "owned_by": "shardmesh",
-            "max_model_len": self.generator.context_length,
+            "max_model_len": generator.context_length,
         }
 
     async def list_models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [self.model_card()]})
+        return JSONResponse({"object": "list", "data": [self.model_card(g) for g in self.models.values()]})
 
     async def get_model(self, request: Request) -> Response:
-        self.check_model(request.path_params["model_id"])
-        return JSONResponse(self.model_card())
+        return JSONResponse(self.model_card(self.model(request.path_params["model_id"])))
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -184,72 +191,75 @@ class Gateway:
 
     # ---- checks
 
-    def check_model(self, name: str) -> None:
-        if name != self.generator.model_name:
-            raise ApiError(
-                404,
-                f"The model '{name}' does not exist. Available models: '{self.generator.model_name}'.",
-                param="model",
-                code="model_not_found",
-            )
+    def model(self, name: str) -> Generator:
+        """The generator of model ``name``; a 404 naming those served."""
+        if name not in self.models:
+            available = ", ".join(f"'{m}'" for m in self.models)
+            raise ApiError(404, f"The model '{name[:200]}' does not exist. Available models: {available}.", param="model",
+                           code="model_not_found")  # fmt: skip
+        return self.models[name]
 
-    def check_ready(self) -> None:
+    @staticmethod
+    def check_ready(generator: Generator) -> None:
         """A 503 at once when no chain exists and none is coming; while nodes fill a gap
         in the swarm, the request is let in and waits (``ResumableChain``)."""
-        if not self.generator.worth_waiting():
+        if not generator.worth_waiting():
             raise unavailable("the model is not ready: it is loading, or no complete chain of nodes serves it yet")
 
-    async def tokenize(self, fn: Callable[..., list[int]], *args: Any) -> list[int]:
-        return await trio.to_thread.run_sync(partial(fn, self.generator.tokenizer, *args), limiter=self.tokenize_limiter)
+    async def tokenize(self, generator: Generator, fn: Callable[..., list[int]], *args: Any) -> list[int]:
+        return await trio.to_thread.run_sync(partial(fn, generator.tokenizer, *args), limiter=self.tokenize_limiter)
 
     # ---- generation endpoints
 
     async def chat_completions(self, request: Request) -> Reply:
         started = time.perf_counter()
         req = parse_request(ChatCompletionRequest, await read_json(request))
-        self.check_model(req.model)
-        sampling = check_request(req, len(self.generator.tokenizer))
-        tools = tool_plan_for(self.generator.tokenizer, req.tools, req.tool_choice, req.parallel_tool_calls)
+        gen = self.model(req.model)
+        sampling = check_request(req, len(gen.tokenizer))
+        tools = tool_plan_for(gen.tokenizer, req.tools, req.tool_choice, req.parallel_tool_calls)
         if tools is not None and tools.grammar is not None:
             if sampling.grammar is not None:
                 raise bad_request("tool_choice 'required' or a named function cannot be combined with a response_format",
                                   param="tool_choice")
             sampling = replace(sampling, grammar=tools.grammar)
         variables = template_kwargs(req.chat_template_kwargs)
-        self.check_ready()
+        self.check_ready(gen)
         offered = tools.tools if tools is not None else None
-        prompt_ids = await self.tokenize(chat_prompt_ids, req.messages, offered, variables)
-        gen_req = generation_request(req, prompt_ids, self.generator.context_length, sampling)
-        thinking = thinking_state(self.generator.tokenizer, offered, prompt_ids)
-        fmts = [ChatFormat(model=self.generator.model_name, tokenizer=self.generator.tokenizer, logprobs=bool(req.logprobs),
+        prompt_ids = await self.tokenize(gen, chat_prompt_ids, req.messages, offered, variables)
+        gen_req = generation_request(req, prompt_ids, gen.context_length, sampling)
+        thinking = thinking_state(gen.tokenizer, offered, prompt_ids)
+        fmts = [ChatFormat(model=gen.model_name, tokenizer=gen.tokenizer, logprobs=bool(req.logprobs),
                            include_usage=req.include_usage, tools=tools.format if tools is not None else None,
                            thinking=thinking) for _ in range(req.n or 1)]  # fmt: skip
-        return self.response(gen_req, fmts, started, req.streaming)
+        return self.response(gen, gen_req, fmts, started, req.streaming)
 
     async def completions(self, request: Request) -> Reply:
         started = time.perf_counter()
         req = parse_request(CompletionRequest, await read_json(request))
-        self.check_model(req.model)
-        sampling = check_request(req, len(self.generator.tokenizer))
-        self.check_ready()
-        prompt_ids = await self.tokenize(completion_prompt_ids, req.prompt, len(self.generator.tokenizer))
-        gen_req = generation_request(req, prompt_ids, self.generator.context_length, sampling)
-        fmts = [CompletionFormat(model=self.generator.model_name, tokenizer=self.generator.tokenizer,
+        gen = self.model(req.model)
+        sampling = check_request(req, len(gen.tokenizer))
+        self.check_ready(gen)
+        prompt_ids = await self.tokenize(gen, completion_prompt_ids, req.prompt, len(gen.tokenizer))
+        gen_req = generation_request(req, prompt_ids, gen.context_length, sampling)
+        fmts = [CompletionFormat(model=gen.model_name, tokenizer=gen.tokenizer,
                                  logprobs=req.logprobs is not None, include_usage=req.include_usage) for _ in range(req.n or 1)]  # fmt: skip
-        return self.response(gen_req, fmts, started, req.streaming)
+        return self.response(gen, gen_req, fmts, started, req.streaming)
 
-    def response(self, request: GenerationRequest, fmts: list[Format], started: float, stream: bool) -> GenerationResponse:
+    def response(
+        self, gen: Generator, request: GenerationRequest, fmts: list[Format], started: float, stream: bool,
+    ) -> GenerationResponse:
         """The response of a request's choices, one per format (choices.py): with several,
         the prompt is prefilled once first, and each choice reuses it."""
         requests = choice_requests(request, len(fmts))
-        before = partial(self.generator.prefill, request.prompt_ids) if len(fmts) > 1 else None
-        return GenerationResponse([partial(self.events, r, started) for r in requests], Choices(fmts), stream=stream, before=before)
+        before = partial(gen.prefill, request.prompt_ids) if len(fmts) > 1 else None
+        return GenerationResponse([partial(self.events, gen, r, started) for r in requests], Choices(fmts), stream=stream,
+                                  before=before)
 
-    async def events(self, request: GenerationRequest, started: float) -> AsyncIterator[TokenEvent | Finished]:
+    async def events(self, gen: Generator, request: GenerationRequest, started: float) -> AsyncIterator[TokenEvent | Finished]:
         """``generator.stream()`` with its errors mapped to ApiError and metrics recorded."""
         first: float | None = None
         try:
-            async with closing(self.generator.stream(request)) as events:
+            async with closing(gen.stream(request)) as events:
                 async for event in events:
                     if isinstance(event, TokenEvent):
                         if first is None:
@@ -269,13 +279,20 @@ class Gateway:
             raise bad_request(exc.message or "the sampling parameters cannot be sampled", code="bad_sampling_parameters") from None
 
 
+def _generations(gens: Sequence[Generator]) -> tuple[int, int, int, float]:
+    """Generations running and waiting, failovers and their pause, over every model."""
+    return (sum(g.active for g in gens), sum(g.waiting for g in gens), sum(g.failovers for g in gens),
+            sum(g.failover_pause for g in gens))
+
+
 def create_app(
-    generator: Generator, *, api_key: str | None = None, swarm: Callable[[], dict] | None = None,
+    generator: Generator | Sequence[Generator], *, api_key: str | None = None, swarm: Callable[[], dict] | None = None,
     stage_counts: Callable[[], tuple[int, int]] | None = None, links_taken: Callable[[], int] | None = None,
     trunk_counts: Callable[[], tuple[int, int, int, int]] | None = None, cors_origins: tuple[str, ...] = (),
     prefix_counts: Callable[[], tuple[int, int]] | None = None, collectors: Sequence[Any] = (),
 ) -> Starlette:
-    """The gateway app for ``generator``. With ``api_key``, /v1 and /metrics need it.
+    """The gateway app for ``generator`` (or several, one per model: requests name
+    theirs; the metrics count them all). With ``api_key``, /v1 and /metrics need it.
     ``swarm`` returns the swarm map for ``GET /v1/swarm``; ``stage_counts`` the steps and
     batches of the node's blocks for ``/metrics`` (:class:`~.metrics.StageCounters`);
     ``links_taken`` how many session hops moved to hop links; ``prefix_counts`` the tokens
@@ -284,10 +301,11 @@ def create_app(
     and steps this node's trunks brought in (:class:`~.metrics.TrunkCounters`). ``cors_origins``: web
     pages of these origins may call the API from a browser (``--cors-origin``; none by
     default, so a page elsewhere cannot use a gateway on the user's machine)."""
-    metrics = Metrics(stage_counts, links_taken, speculation=lambda: generator.speculation, trunk_counts=trunk_counts,
-                      prefix_counts=prefix_counts, cached_tokens=lambda: generator.cached_tokens, collectors=collectors,
-                      generations=lambda: (generator.active, generator.waiting, generator.failovers, generator.failover_pause))
-    gateway = Gateway(generator, metrics, swarm)
+    gens = list(generator) if isinstance(generator, Sequence) else [generator]
+    metrics = Metrics(stage_counts, links_taken, speculation=lambda: SpeculationStats.sum(g.speculation for g in gens),
+                      trunk_counts=trunk_counts, prefix_counts=prefix_counts, cached_tokens=lambda: sum(g.cached_tokens for g in gens),
+                      collectors=collectors, generations=lambda: _generations(gens))
+    gateway = Gateway(gens, metrics, swarm)
     routes: list[BaseRoute] = [
         Route("/health", guarded(gateway.health), methods=["GET"]),
         Route("/v1/models", guarded(gateway.list_models), methods=["GET"]),

@@ -18,7 +18,7 @@ were accepted, and :class:`SpeculationStats` counts what it bought, for ``/metri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from ..contract import MAX_DRAFT_TOKENS
 
@@ -114,6 +114,15 @@ class SpeculationStats:
     tokens: int = 0
     proposed: int = 0
     accepted: int = 0
+
+    @staticmethod
+    def sum(stats: Iterable[SpeculationStats]) -> SpeculationStats:
+        """Several gateways' (one per model) figures as one."""
+        out = SpeculationStats()
+        for s in stats:
+            out.trips, out.tokens, out.proposed, out.accepted = (out.trips + s.trips, out.tokens + s.tokens,
+                                                                 out.proposed + s.proposed, out.accepted + s.accepted)
+        return out
 
     def record(self, proposed: int, returned: int) -> None:
         self.trips += 1
