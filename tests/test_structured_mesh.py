@@ -108,3 +108,20 @@ def test_an_answer_continues_its_grammar_across_a_failover(swarm: list[Node], cl
     assert "".join(pieces) == expected
     jsonschema.validate(json.loads(expected), SCHEMA)
     assert len(ROUTE.findall(m.output(since))) >= 2 and "resumed on a new chain" in m.output(since)
+
+
+def test_a_grammar_of_the_largest_size_crosses_three_hops(client: openai.OpenAI) -> None:
+    """The grammar travels in every hop's ``open`` header, beside the route and the
+    ticket: at its largest it still fits the header's 64 KiB."""
+    from shardmesh.api.structured_output import json_grammar
+    from shardmesh.contract.sampling import MAX_GRAMMAR_BYTES
+
+    names = [f"peer-{i:05d}-" + "x" * 40 for i in range(1000)]
+    while len(json_grammar({"enum": names}).encode()) > MAX_GRAMMAR_BYTES:
+        names.pop()
+    assert len(json_grammar({"enum": names}).encode()) > MAX_GRAMMAR_BYTES - 100
+    big = {"type": "json_schema", "json_schema": {"name": "big", "schema": {"enum": names}}}
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=60, temperature=1.0, seed=1,
+                                           response_format=big)  # fmt: skip
+    assert json.loads(reply.choices[0].message.content) in names

@@ -23,7 +23,7 @@ from shardmesh.backends.sampler_state import SamplerState
 from shardmesh.backends.torch.stage import TorchStage
 from shardmesh.backends.weights import resolve_local
 from shardmesh.contract import BadRequest, SamplingParams
-from shardmesh.contract.sampling import MAX_GRAMMAR_CHARS
+from shardmesh.contract.sampling import MAX_GRAMMAR_BYTES
 from shardmesh.node.blocks import grammar_vocabulary
 from shardmesh.node.config import NodeConfig
 from shardmesh.node.model import load_model_meta
@@ -100,7 +100,9 @@ def test_a_node_without_a_vocabulary_fails_as_itself_not_as_the_request() -> Non
 
 def test_grammars_are_bounded_on_the_wire() -> None:
     with pytest.raises(ValueError, match="grammar"):
-        SamplingParams.from_dict({"grammar": "x" * (MAX_GRAMMAR_CHARS + 1)})
+        SamplingParams.from_dict({"grammar": "x" * (MAX_GRAMMAR_BYTES + 1)})
+    with pytest.raises(ValueError, match="bytes"):
+        SamplingParams.from_dict({"grammar": "é" * (MAX_GRAMMAR_BYTES // 2 + 1)})  # counted in UTF-8, not characters
     with pytest.raises(ValueError, match="grammar must be a string"):
         SamplingParams.from_dict({"grammar": ["start: x"]})
     params = SamplingParams(grammar=json_grammar(SCHEMA))
@@ -129,7 +131,7 @@ def test_grammars_built_to_explode_a_regex_engine_compile_and_mask(vocabulary: V
     ({"type": "json_schema"}, "needs a 'json_schema'"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": []}}, "must be a JSON schema object"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}, "Invalid schema"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["a" * MAX_GRAMMAR_CHARS]}}}, "too large"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["a" * MAX_GRAMMAR_BYTES]}}}, "too large"),
 ])  # fmt: skip
 def test_bad_response_formats_are_a_400_that_says_why(response_format, message) -> None:
     with pytest.raises(ApiError, match=message) as info:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..contract.sampling import MAX_GRAMMAR_CHARS
+from ..contract.sampling import MAX_GRAMMAR_BYTES
 from .errors import bad_request
 
 __all__ = ["check_grammar", "grammar_error", "json_grammar", "json_lexeme", "response_format_grammar"]
@@ -81,8 +81,8 @@ def response_format_grammar(response_format: Any) -> str | None:
 
 def check_grammar(grammar: str, param: str) -> None:
     """A 400 naming ``param`` when ``grammar`` is too long or would not compile."""
-    if len(grammar) > MAX_GRAMMAR_CHARS:
-        raise bad_request(f"the schema is too large: at most {MAX_GRAMMAR_CHARS} characters once written as a grammar",
+    if len(grammar.encode("utf-8", "surrogatepass")) > MAX_GRAMMAR_BYTES:
+        raise bad_request(f"the schema is too large: at most {MAX_GRAMMAR_BYTES} bytes once written as a grammar",
                           param=param)
     error = grammar_error(grammar)
     if error is not None:

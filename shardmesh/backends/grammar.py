@@ -66,7 +66,7 @@ class GrammarState:
     does not fit it. llguidance's default limits bound the work: the grammar's size
     and the fuel of its lexer when compiled, and the lexer fuel and parser items of
     each mask; the grammar text itself is bounded on the wire
-    (:data:`~shardmesh.contract.sampling.MAX_GRAMMAR_CHARS`)."""
+    (:data:`~shardmesh.contract.sampling.MAX_GRAMMAR_BYTES`)."""
 
     def __init__(self, vocabulary: Vocabulary, grammar: str, generated: Sequence[int] = ()) -> None:
         import llguidance

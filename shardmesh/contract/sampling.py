@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 __all__ = [
-    "LOGIT_BIAS_MAX", "MAX_GRAMMAR_CHARS", "MAX_LOGIT_BIASES", "MAX_TOP_LOGPROBS", "REPETITION_PENALTY_MAX", "REPETITION_PENALTY_MIN",
+    "LOGIT_BIAS_MAX", "MAX_GRAMMAR_BYTES", "MAX_LOGIT_BIASES", "MAX_TOP_LOGPROBS", "REPETITION_PENALTY_MAX", "REPETITION_PENALTY_MIN",
     "SEED_MAX", "SEED_MIN", "SampledToken", "SamplingParams",
 ]
 
@@ -20,8 +20,9 @@ MAX_TOP_LOGPROBS = 20
 #: ``logit_bias``: at most this many tokens, each biased by at most this much (OpenAI's ranges).
 MAX_LOGIT_BIASES = 300
 LOGIT_BIAS_MAX = 100.0
-#: ``grammar``: the longest grammar a request may carry (a JSON schema of many tools fits).
-MAX_GRAMMAR_CHARS = 65536
+#: ``grammar``: the longest grammar a request may carry, in UTF-8 bytes (a JSON schema of
+#: many tools fits). Half of a frame header (64 KiB): the route and ticket fit beside it.
+MAX_GRAMMAR_BYTES = 32768
 
 # Seeds are reduced modulo 2**64. Bound what we accept so untrusted input cannot hand
 # us a million-digit integer; this range covers both signed and unsigned 64-bit seeds.
@@ -121,8 +122,11 @@ class SamplingParams:
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         _check_logit_bias(self.logit_bias)
-        if self.grammar is not None and (not isinstance(self.grammar, str) or not 0 < len(self.grammar) <= MAX_GRAMMAR_CHARS):
-            raise ValueError(f"grammar must be a non-empty string of at most {MAX_GRAMMAR_CHARS} characters")
+        if self.grammar is not None and (
+            not isinstance(self.grammar, str) or not self.grammar or len(self.grammar) > MAX_GRAMMAR_BYTES
+            or len(self.grammar.encode("utf-8", "surrogatepass")) > MAX_GRAMMAR_BYTES
+        ):
+            raise ValueError(f"grammar must be a non-empty string of at most {MAX_GRAMMAR_BYTES} bytes (UTF-8)")
 
     @property
     def greedy(self) -> bool:
