@@ -140,6 +140,7 @@ class CallSplitter:
         self.space = ""  # whitespace held until non-blank content follows it
         self.said = False  # content released already
         self.called = False  # a call was found
+        self.scanned = 0  # how far into pending the closing text was looked for: a long call is not scanned again
 
     def feed(self, text: str) -> tuple[str, list[ParsedCall]]:
         self.pending += text
@@ -162,9 +163,11 @@ class CallSplitter:
                 self.pending, self.in_call = self.pending[at:], True
             if self.fmt.closes is None:
                 break
-            end = self.pending.find(self.fmt.closes)
+            end = self.pending.find(self.fmt.closes, max(0, self.scanned - len(self.fmt.closes) + 1))
             if end < 0:
+                self.scanned = len(self.pending)
                 break
+            self.scanned = 0
             block = self.pending[: end + len(self.fmt.closes)]
             text_left, found = self.fmt.split(block)
             if found:
