@@ -77,6 +77,7 @@ async def load_blocks(
         f"({throughput:.0f} tokens/s per block)" + (f"; prefills in {prefill}" if prefill and prefill != stage.info.dtype else "")
     )
     batcher = StepBatcher(stage, draw_together=draw_greedy_together, stats=stats)
+    batcher.memory.after_free(force=True)  # the heap the measurements above grew and let go
     vocabulary = grammar_vocabulary(model) if end == model.total_blocks else None  # only the last stage samples
     settle()  # its modules and tensors live as long as it does (heap.py)
     chains = LocalChains([batcher], config.prefix_cache, vocabulary, prefill_step)
