@@ -41,6 +41,7 @@ __all__ = [
     "liveness",
     "mdns",
     "mesh_chains",
+    "model_finder",
     "names",
     "next_hop",
     "notifee",

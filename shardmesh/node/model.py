@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..api.tokenizer import load_tokenizer
-from ..backends.weights import ModelFiles, resolve
+from ..backends.weights import ModelFiles, ModelSourceError, identity_bytes, resolve
+from ..mesh.record_keys import model_identity
 from .config import NodeConfig
 
 DEFAULT_CONTEXT = 2048  # when config.json names no max_position_embeddings
@@ -120,3 +121,24 @@ def load_model_meta(config: NodeConfig) -> LoadedModel:
         config=read_model_config(files.root),
         generation_config=read_generation_defaults(files.root),
     )
+
+
+def files_of(model_id: str, local: tuple[str, ...] = (), revision: str | None = None) -> ModelFiles:
+    """The small files of the model the swarm calls ``model_id`` (``name@hash``): the
+    first of ``local`` (folders or hub ids the user named) whose identity is exactly
+    that, else the hub id before the ``@``. A source with that name but other weights is
+    passed over, never served under the swarm's name; none left is a
+    :class:`ModelSourceError` that says what was tried. For a gateway of a model it has
+    not seen (issue 21, item 5; not wired into a node yet)."""
+    tried = []
+    for source in (*local, model_id.rsplit("@", 1)[0]):
+        try:
+            files = resolve(source, revision)
+        except ModelSourceError as exc:
+            tried.append(f"{source}: {exc}")
+            continue
+        found = model_identity(model_name(files), *identity_bytes(files))
+        if found == model_id:
+            return files
+        tried.append(f"{source}: is {found}")
+    raise ModelSourceError(f"no source of {model_id} ({'; '.join(tried)})")
