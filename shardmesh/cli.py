@@ -14,7 +14,9 @@ def _add_run(sub) -> None:
     from .node.config import NodeConfig
 
     p = sub.add_parser("run", help="serve a model (or part of one) and the OpenAI gateway")
-    p.add_argument("--model", required=True, help="local folder in Hugging Face layout, or a hub id like Qwen/Qwen3-0.6B")
+    p.add_argument("--model", default=None,
+                   help="local folder in Hugging Face layout, or a hub id like Qwen/Qwen3-0.6B; left out with --layers none, "
+                        "the node is a gateway for every model the swarm serves (fetched from the hub by name)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--layers", default=NodeConfig.layers,
                    help="blocks to serve: 'auto' (default: what the swarm lacks most, as much as memory allows), "
@@ -246,6 +248,10 @@ def run(args) -> int:
             raise UsageError("--draft-model proposes draft tokens, --no-speculation turns them off: choose one")
         config.api_host_port
         config.metrics_host_port
+        if config.model is None and config.layers != "none":
+            raise UsageError("--model is needed to serve blocks; without it, --layers none makes a gateway for whatever the swarm serves")
+        if config.model is None and config.allow_peers is not None:
+            raise UsageError("--allow-peers is not supported yet by a gateway without --model; name the model it serves")
         if config.threads is not None and config.threads < 1:
             raise UsageError(f"--threads wants a positive number of threads, got {config.threads}")
         if not 0 <= config.audit_rate <= 1:

@@ -45,16 +45,17 @@ def _pump(node: Node) -> None:
         node.lines.append(line)
 
 
-def start_node(model: Path, *extra: str, api: bool = True, key_dir: Path | None = None, env: dict[str, str] | None = None,
+def start_node(model: Path | str | None, *extra: str, api: bool = True, key_dir: Path | None = None, env: dict[str, str] | None = None,
                prefix: tuple[str, ...] = (), listen: str = "/ip4/127.0.0.1/tcp/0") -> Node:
     """Start a node on free ports (loopback only, mDNS off, its own identity) and wait
     until it is ready: its ``gateway ready at`` line, or with ``api=False`` (pass
-    ``--api off`` yourself) its ``serving`` line. ``prefix`` goes before the command
+    ``--api off`` yourself) its ``serving`` line. ``model`` None leaves ``--model`` out
+    (a gateway for whatever the swarm serves). ``prefix`` goes before the command
     (``("ip", "netns", "exec", NAME)`` runs it in a network namespace), whose own
     address ``listen`` may then be."""
     key_dir = Path(key_dir or tempfile.mkdtemp(prefix="shardmesh-key-"))
     key_file = key_dir / f"node-{uuid.uuid4().hex[:8]}.key"
-    cmd = [*prefix, sys.executable, "-m", "shardmesh", "run", "--model", str(model),
+    cmd = [*prefix, sys.executable, "-m", "shardmesh", "run", *(["--model", str(model)] if model is not None else []),
            "--listen", listen, "--no-mdns", "--key-file", str(key_file)]
     if api:
         cmd += ["--api", "127.0.0.1:0"]

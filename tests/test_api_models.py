@@ -75,6 +75,11 @@ def test_a_gateway_serves_each_model_once() -> None:
 
     from shardmesh.api.app import Gateway
 
-    for generators in ([], [SimpleNamespace(model_name="a"), SimpleNamespace(model_name="a")]):
-        with pytest.raises(ValueError, match="each once"):
-            Gateway(generators, None, None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="each model once"):
+        Gateway([SimpleNamespace(model_name="a"), SimpleNamespace(model_name="a")], None, None)  # type: ignore[arg-type, list-item]
+    gateway = Gateway([], None, None)  # type: ignore[arg-type]
+    assert gateway.generator is None
+    gateway.add(SimpleNamespace(model_name="a"))  # type: ignore[arg-type]
+    assert gateway.generator.model_name == "a" and list(gateway.models) == ["a"]
+    with pytest.raises(ValueError, match="served already"):
+        gateway.add(SimpleNamespace(model_name="a"))  # type: ignore[arg-type]

@@ -129,13 +129,14 @@ async def http_exception(request: Request, exc: Exception) -> Response:
 class Gateway:
     """The endpoints, over one generator per model (the first is the default model of
     ``/health`` and ``/v1/swarm``) and one set of metrics. A request names its model;
-    an unknown one is a 404 that lists those served."""
+    an unknown one is a 404 that lists those served. A gateway for whatever the swarm
+    serves starts with none and :meth:`add`\ s them as it finds them."""
 
-    def __init__(self, generators: Sequence[Generator], metrics: Metrics, swarm: Callable[[], dict] | None = None) -> None:
-        if not generators or len({g.model_name for g in generators}) != len(generators):
-            raise ValueError("a gateway serves one or more models, each once")
+    def __init__(self, generators: list[Generator], metrics: Metrics, swarm: Callable[[], dict] | None = None) -> None:
+        if len({g.model_name for g in generators}) != len(generators):
+            raise ValueError("a gateway serves each model once")
+        self.generators = generators  # the list the metrics sum over: add() appends to it
         self.models = {g.model_name: g for g in generators}
-        self.generator = generators[0]
         self.metrics = metrics
         self.swarm_view = swarm
         self.created = now()
@@ -150,17 +151,29 @@ class Gateway:
         # happens here, where every call uses the same settings.
         self.tokenize_limiter = trio.CapacityLimiter(1)
 
+    @property
+    def generator(self) -> Generator | None:
+        return self.generators[0] if self.generators else None
+
+    def add(self, generator: Generator) -> None:
+        """Serve one more model from now on."""
+        if generator.model_name in self.models:
+            raise ValueError(f"{generator.model_name} is served already")
+        self.generators.append(generator)
+        self.models[generator.model_name] = generator
+
     # ---- small endpoints
 
     async def swarm(self, request: Request) -> Response:
         """The live swarm map: every peer's signed record as this node sees it, and the
         routes of the answers this gateway is giving now."""
-        body = {"model": self.generator.model_name, "peers": [], "mesh": False} if self.swarm_view is None else self.swarm_view()
+        name = self.generator.model_name if self.generator is not None else None
+        body = {"model": name, "peers": [], "mesh": False} if self.swarm_view is None else self.swarm_view()
         return JSONResponse({**body, "answers": [a for g in self.models.values() for a in g.answers()]})
 
     async def health(self, request: Request) -> Response:
-        ready = self.generator.ready()
-        body = {"status": "ok" if ready else "unavailable", "model": self.generator.model_name}
+        ready = self.generator is not None and self.generator.ready()
+        body = {"status": "ok" if ready else "unavailable", "model": self.generator.model_name if self.generator else None}
         if len(self.models) > 1:
             body["models"] = {name: g.ready() for name, g in self.models.items()}
         return JSONResponse(body, status_code=200 if ready else 503)
@@ -301,7 +314,7 @@ def create_app(
     and steps this node's trunks brought in (:class:`~.metrics.TrunkCounters`). ``cors_origins``: web
     pages of these origins may call the API from a browser (``--cors-origin``; none by
     default, so a page elsewhere cannot use a gateway on the user's machine)."""
-    gens = list(generator) if isinstance(generator, Sequence) else [generator]
+    gens = list(generator) if isinstance(generator, Sequence) else [generator]  # may start empty: Gateway.add
     metrics = Metrics(stage_counts, links_taken, speculation=lambda: SpeculationStats.sum(g.speculation for g in gens),
                       trunk_counts=trunk_counts, prefix_counts=prefix_counts, cached_tokens=lambda: sum(g.cached_tokens for g in gens),
                       collectors=collectors, generations=lambda: _generations(gens))

@@ -2,7 +2,7 @@
 
 A node serves one model, and records travel on that model's own gossip topic, so
 nothing in one model's swarm lists the others. A gateway for whatever the swarm serves
-(issue 21, item 5: not wired into a node yet) asks every peer it is connected to for
+(``node/open_gateway.py``) asks every peer it is connected to for
 its swarm map (``/shardmesh/swarm/1.0.0``, :mod:`.swarm_map`) and merges them here:
 each map's records are verified signatures, so a peer can hide models but not invent
 servers, and one model counts as served only where its online records cover every

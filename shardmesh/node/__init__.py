@@ -12,6 +12,6 @@ of them (``from shardmesh.node import run`` does).
 """
 
 __all__ = [
-    "backend", "blocks", "chains", "config", "drafting", "heap", "model", "node_metrics", "openmp_spin", "reachability", "run",
-    "span_keeper",
+    "backend", "blocks", "chains", "config", "drafting", "heap", "model", "node_metrics", "open_gateway", "openmp_spin",
+    "reachability", "run", "span_keeper", "startup",
 ]

@@ -15,7 +15,7 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class NodeConfig:
-    model: str
+    model: str | None  # None with --layers none: a gateway for whatever the swarm serves (open_gateway.py)
     layers: str = "auto"  # "auto" (the swarm's weakest blocks), "all", "A:B", or "none" (no weights)
     api: str = "127.0.0.1:8000"  # HOST:PORT of the OpenAI gateway, or "off"
     api_key: str | None = None  # bearer key the gateway requires; None = open

@@ -113,7 +113,12 @@ def read_tokenizer(folder: Path) -> Any:
 
 def load_model_meta(config: NodeConfig) -> LoadedModel:
     """Config, tokenizer and weight index; no weights yet (may download small files)."""
-    files = resolve(config.model, config.revision)
+    assert config.model is not None, "a node without --model serves no model of its own (open_gateway.py)"
+    return loaded_model(resolve(config.model, config.revision))
+
+
+def loaded_model(files: ModelFiles) -> LoadedModel:
+    """What a node knows of the model whose small files are ``files``."""
     return LoadedModel(
         name=model_name(files),
         files=files,
@@ -129,7 +134,7 @@ def files_of(model_id: str, local: tuple[str, ...] = (), revision: str | None = 
     that, else the hub id before the ``@``. A source with that name but other weights is
     passed over, never served under the swarm's name; none left is a
     :class:`ModelSourceError` that says what was tried. For a gateway of a model it has
-    not seen (issue 21, item 5; not wired into a node yet)."""
+    not seen (open_gateway.py)."""
     tried = []
     for source in (*local, model_id.rsplit("@", 1)[0]):
         try:

@@ -21,7 +21,6 @@ from typing import Callable
 
 import trio
 
-from .. import __version__
 from ..api.app import create_app, serve
 from ..api.generate import Generator, eos_token_ids
 from ..api.metrics_app import create_metrics_app
@@ -41,52 +40,29 @@ from ..mesh.hints import confirm, follow_hints
 from ..mesh.identity import IdentityInUse, default_key_file, holding_identity
 from ..mesh.liveness import PING_TIMEOUT, ping_connected
 from ..mesh.link_offers import LinkListener, Links
-from ..mesh.records import NodeRecord, model_identity
+from ..mesh.records import model_identity
 from ..mesh.result_trunks import ChainTrunks, ResultTrunks
 from ..mesh.registry import Registry
 from ..mesh.rtt import answers_ping, publish_rtts
-from ..mesh.swarm_key import SwarmKey, SwarmKeyError, read_swarm_key
 from ..mesh.shared_port import share_port
 from ..mesh.swarm_map import PROTOCOL as SWARM_MAP_PROTOCOL, swarm_map_handler
 from ..placement.claims import MeasuredSpeeds
 from ..placement.prefix_routes import PrefixRoutes
 from ..placement.routing import FailureBackoff
-from ..placement.spans import ONLINE, repair
+from ..placement.spans import repair
 from .blocks import auto_capacity, load_blocks, run_blocks
 from .chains import NodeChains, route_finder
 from .config import NodeConfig, UsageError
 from .drafting import draft_source
 from .heap import settle
-from .model import LoadedModel, load_model_meta
+from .model import load_model_meta
 from .node_metrics import NodeCollector, counted_trunks
+from .open_gateway import serve_open_gateway
+from .startup import http_url, local_record, read_key
 from .reachability import own_addresses, use_relays, watch_own_reachability
 from .span_keeper import SpanKeeper
 
 log = logging.getLogger("shardmesh.node")
-
-
-def local_record(mesh: MeshHost, addrs: list[str], model: LoadedModel, model_id: str, limits: Limits) -> NodeRecord:
-    """The record a node starts with: no blocks yet (a span is announced when chosen)."""
-    return NodeRecord(
-        peer=mesh.peer_id_str,
-        addrs=tuple(addrs),
-        model=model_id,
-        start=0,
-        end=0,
-        total_blocks=model.total_blocks,
-        state=ONLINE,
-        throughput=0.0,
-        cache_tokens_free=0,
-        backend="none",
-        device="none",
-        dtype="none",
-        rtt={},
-        version=__version__,
-        seq=0,
-        expires=0.0,
-        api=None,
-        limits=limits.as_record(),
-    )
 
 
 async def publish_free_cache(registry: Registry, keeper: SpanKeeper, every: float = 2.0) -> None:
@@ -170,16 +146,6 @@ async def warn_while_alone(discovery: Discovery, config: NodeConfig, say: Callab
         f"and that this node has {key}){last}")
 
 
-def read_key(config: NodeConfig) -> SwarmKey | None:
-    """The pre-shared key of ``--swarm-key``, or None for a swarm open to anyone."""
-    if config.swarm_key is None:
-        return None
-    try:
-        return read_swarm_key(config.swarm_key)
-    except SwarmKeyError as exc:
-        raise UsageError(str(exc)) from exc
-
-
 def guard_private_swarm(mesh: MeshHost, allowed: frozenset[str] | None, nursery: trio.Nursery) -> AllowList | None:
     """With ``--allow-peers``: every connection to a peer not on the list is closed."""
     if allowed is None:
@@ -196,7 +162,8 @@ async def run_node(config: NodeConfig, announce: Callable[[str], None] | None = 
     key_file = Path(config.key_file) if config.key_file else default_key_file()
     try:
         with holding_identity(key_file) as key_pair:
-            await serve_node(config, key_pair, announce or (lambda line: print(line, flush=True)), stop)
+            serve = serve_node if config.model is not None else serve_open_gateway
+            await serve(config, key_pair, announce or (lambda line: print(line, flush=True)), stop)
     except IdentityInUse as exc:
         raise UsageError(str(exc)) from exc
 
@@ -338,11 +305,6 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
             await stop.wait()
             await drain(keeper, generator, config.drain_timeout, say)
             nursery.cancel_scope.cancel()
-
-
-def http_url(host: str, port: int) -> str:
-    """The base URL of a server bound to ``host`` (an IPv6 address goes in brackets)."""
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 async def drain(keeper: SpanKeeper, generator: Generator, timeout: float, say: Callable[[str], None]) -> None:
