@@ -1,9 +1,10 @@
 """A gateway for whatever the swarm serves (node/open_gateway.py): ``--layers none`` and
-no ``--model``. Real node processes: a tiny Llama served whole by one node, a tiny
-Qwen3 split over two, and the gateway joined to both swarms. It finds both models,
-fetches their files by name from the hub (a local hub cache here, offline, laid out as
-huggingface_hub writes it), and answers each as transformers does on its own weights,
-through the official ``openai`` client.
+no ``--model``. Real node processes of one network: a tiny Llama served whole by one
+node, a tiny Qwen3 split over two that joined it, and the gateway, which joins the
+Llama's node alone. It finds both models (the Qwen3's through the peers it gets
+connected to), fetches their files by name from the hub (a local hub cache here,
+offline, laid out as huggingface_hub writes it), and answers each as transformers does
+on its own weights, through the official ``openai`` client.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ def test_a_gateway_without_a_model_serves_every_model_of_the_swarm(request, tmp_
     try:
         llama = start_node("tinyorg/llama-a", "--layers", "all", "--api", "off", api=False, env=env, key_dir=tmp_path)
         nodes.append(llama)
-        qwen = start_node("tinyorg/qwen3-b", "--layers", "0:2", "--api", "off", api=False, env=env, key_dir=tmp_path)
+        qwen = start_node("tinyorg/qwen3-b", "--layers", "0:2", "--api", "off", "--join", llama.address, api=False, env=env,
+                          key_dir=tmp_path)  # fmt: skip
         nodes.append(qwen)
         nodes.append(start_node("tinyorg/qwen3-b", "--layers", "2:4", "--api", "off", "--join", qwen.address, api=False,
                                 env=env, key_dir=tmp_path))  # fmt: skip
-        gateway = start_node(None, "--layers", "none", "--join", llama.address, "--join", qwen.address, env=env, key_dir=tmp_path)
+        gateway = start_node(None, "--layers", "none", "--join", llama.address, env=env, key_dir=tmp_path)
         nodes.append(gateway)
         with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=60) as client:
             deadline = time.monotonic() + 60
