@@ -91,9 +91,17 @@ def test_chat_page_streams_the_greedy_reply(tmp_path):
         stop_node(node)
 
 
+# The map is drawn anew every second: read it in one script, or an element found in one
+# call may be gone by the next.
 def spans_on_map(driver) -> list[tuple[str, int, int, str]]:
-    return sorted((row.get_attribute("data-peer"), int(row.get_attribute("data-start")), int(row.get_attribute("data-end")),
-                   row.get_attribute("data-state")) for row in driver.find_elements(By.CSS_SELECTOR, "#peers .peer"))  # fmt: skip
+    rows = driver.execute_script("return [...document.querySelectorAll('#peers .peer')].map("
+                                 "r => [r.dataset.peer, +r.dataset.start, +r.dataset.end, r.dataset.state]);")  # fmt: skip
+    return sorted(tuple(row) for row in rows)
+
+
+def on_map(driver, selector: str, what: str) -> list[str]:
+    """``what`` (a property path of each element, e.g. ``dataset.route``) of every ``selector`` on the map."""
+    return driver.execute_script(f"return [...document.querySelectorAll('{selector}')].map(e => e.{what});")
 
 
 def test_the_map_shows_the_swarm_its_answers_and_a_kill(tmp_path):
@@ -109,7 +117,7 @@ def test_the_map_shows_the_swarm_its_answers_and_a_kill(tmp_path):
         wait = WebDriverWait(driver, 30)
         want = sorted((n.peer_id, *span, "online") for n, span in zip(nodes, [(0, 2), (2, 3), (2, 3), (3, 4)]))
         wait.until(lambda d: spans_on_map(d) == want)
-        assert [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#coverage .cell")] == ["1", "1", "2", "1"]
+        assert on_map(driver, "#coverage .cell", "textContent") == ["1", "1", "2", "1"]
 
         for field, value in (("temp", "0"), ("max", "2000")):
             box = driver.find_element(By.ID, field)
@@ -117,8 +125,8 @@ def test_the_map_shows_the_swarm_its_answers_and_a_kill(tmp_path):
             box.send_keys(value)
         driver.find_element(By.ID, "input").send_keys(MESSAGE)
         driver.find_element(By.ID, "send").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#answers .answer"))
-        route = driver.find_element(By.CSS_SELECTOR, "#answers .answer").get_attribute("data-route").split(",")
+        wait.until(lambda d: ":" in "".join(on_map(d, "#answers .answer", "dataset.route")))  # routed
+        route = on_map(driver, "#answers .answer", "dataset.route")[0].split(",")
         assert [hop.split(":")[1] for hop in route] == ["0-2", "2-3", "3-4"]
         assert route[0].split(":")[0] == m.peer_id and route[1].split(":")[0] in {n.peer_id for n in doubled}
         driver.save_screenshot(str(tmp_path / "swarm.png"))
@@ -128,7 +136,7 @@ def test_the_map_shows_the_swarm_its_answers_and_a_kill(tmp_path):
         reply = driver.find_element(By.CSS_SELECTOR, ".msg.assistant")
         assert "(stopped)" in reply.text
         stopped = reply.get_attribute("data-raw")
-        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#answers .answer"))  # the gateway let it go
+        wait.until(lambda d: not on_map(d, "#answers .answer", "dataset.route"))  # the gateway let it go
         assert reply.get_attribute("data-raw") == stopped
 
         victim = next(n for n in doubled if n.peer_id == route[1].split(":")[0])

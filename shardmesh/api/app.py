@@ -130,7 +130,7 @@ class Gateway:
     """The endpoints, over one generator per model (the first is the default model of
     ``/health`` and ``/v1/swarm``) and one set of metrics. A request names its model;
     an unknown one is a 404 that lists those served. A gateway for whatever the swarm
-    serves starts with none and :meth:`add`\ s them as it finds them."""
+    serves starts with none and adds each (:meth:`add`) as it finds it."""
 
     def __init__(self, generators: list[Generator], metrics: Metrics, swarm: Callable[[], dict] | None = None) -> None:
         if len({g.model_name for g in generators}) != len(generators):

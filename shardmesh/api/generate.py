@@ -155,8 +155,9 @@ class Generator:
 
     def answers(self) -> list[dict[str, Any]]:
         """The generations running now, for the swarm map: the route each runs on (None
-        for this node's own blocks), its tokens so far and its failovers."""
-        return [{"route": [{"peer": p, "start": a, "end": b} for p, a, b in chain.route] if chain.route else None,
+        for this node's own blocks, empty while one is being found), its tokens so far
+        and its failovers."""
+        return [{"route": None if (route := chain.route) is None else [{"peer": p, "start": a, "end": b} for p, a, b in route],
                  "tokens": len(chain.generated), "failovers": chain.failovers} for chain in self.running]  # fmt: skip
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenEvent | Finished]:

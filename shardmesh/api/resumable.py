@@ -66,10 +66,14 @@ class ResumableChain:
 
     @property
     def route(self) -> list[tuple[str, int, int]] | None:
-        """The peers of the chain it runs on now, as ``(peer, start, end)``; None before
-        it has one, and for blocks in this process (which have no route)."""
-        hops = getattr(self._chain, "route", None)
-        return [(hop.peer, hop.start, hop.end) for hop in hops] if hops else None
+        """The peers of the chain it runs on now, as ``(peer, start, end)``: empty while
+        it has no chain or its chain has no route yet; None for blocks in this process
+        (which have no route)."""
+        if self._chain is None:
+            return []
+        if not hasattr(self._chain, "route"):
+            return None
+        return [(hop.peer, hop.start, hop.end) for hop in self._chain.route or ()]
 
     async def start(self) -> SampledToken:
         """Open a chain and prefill the prompt; the first generated token."""

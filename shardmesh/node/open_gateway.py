@@ -46,6 +46,7 @@ from ..placement.spans import repair
 from .chains import route_finder
 from .config import NodeConfig
 from .model import LoadedModel, files_of, loaded_model
+from .startup import http_url, local_record, read_key
 
 __all__ = ["FIND_EVERY", "MAX_MODELS", "serve_open_gateway"]
 
@@ -59,8 +60,6 @@ async def open_model(
     mesh: MeshHost, nursery: trio.Nursery, config: NodeConfig, model: LoadedModel, model_id: str, api_url: str | None,
 ) -> Generator:
     """This gateway's part in ``model_id``'s swarm: its registry, chains and generator."""
-    from .startup import local_record  # the record a gateway starts with, span empty
-
     limits = Limits(idle_timeout=config.session_idle_timeout)
     record = local_record(mesh, [str(a) for a in mesh.addrs()], model, model_id, limits)
     registry = Registry(mesh, model_id, record)
@@ -111,8 +110,6 @@ def _connected_online(mesh: MeshHost, registry: Registry) -> list[str]:
 
 async def serve_open_gateway(config: NodeConfig, key_pair, say: Callable[[str], None], stop: trio.Event | None) -> None:
     """:func:`~.run.run_node` for a node with no ``--model`` (see the module docstring)."""
-    from .startup import http_url, read_key
-
     api = config.api_host_port
     async with running_host(key_pair, list(config.listen), read_key(config)) as mesh, trio.open_nursery() as nursery:
         for addr in mesh.addrs():
