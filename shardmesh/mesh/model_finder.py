@@ -12,6 +12,7 @@ block. :func:`served_models` is the pure merge; :func:`find_served_models` asks.
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -26,7 +27,7 @@ __all__ = ["MAX_ASKED", "ServedModel", "find_served_models", "served_models"]
 
 log = logging.getLogger("shardmesh.mesh.model_finder")
 
-MAX_ASKED = 64  # peers asked in one round: a gateway connected to thousands asks a sample
+MAX_ASKED = 8  # peers asked in one round, a random sample: a map can be megabytes
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,8 @@ def served_models(maps: Iterable[SwarmMap]) -> dict[str, ServedModel]:
 
 
 async def find_served_models(mesh: MeshHost, peers: Iterable[str], timeout: float = 5.0) -> dict[str, ServedModel]:
-    """:func:`served_models` over the maps of ``peers`` (at most :data:`MAX_ASKED`),
-    asked at once; a peer that does not answer in ``timeout`` s is left out."""
+    """:func:`served_models` over the maps of ``peers`` (a random :data:`MAX_ASKED` of
+    them), asked at once; a peer that does not answer in ``timeout`` s is left out."""
     maps: list[SwarmMap] = []
 
     async def ask(peer: str) -> None:
@@ -82,6 +83,7 @@ async def find_served_models(mesh: MeshHost, peers: Iterable[str], timeout: floa
             log.debug("no swarm map from %s: %s", peer, exc)
 
     async with trio.open_nursery() as nursery:
-        for peer in list(peers)[:MAX_ASKED]:
+        peers = list(peers)
+        for peer in random.sample(peers, min(len(peers), MAX_ASKED)):
             nursery.start_soon(ask, peer)
     return served_models(maps)

@@ -1,11 +1,12 @@
 """A gateway for whatever the swarm serves: ``shardmesh run --layers none`` with no ``--model``.
 
-It holds no blocks and names no model. Every few seconds it asks the peers it is
-connected to for their swarm maps (:mod:`shardmesh.mesh.model_finder`); each model
-that is served whole and that it does not serve yet, it opens: the model's small files
-by identity (the hub id before the ``@``, :func:`~.model.files_of`), a registry on the
-model's own gossip topic and DHT keys (announcing this node there as a gateway), chains
-over its peers, audited as any gateway's, and a generator, added to the one OpenAI API
+It holds no blocks and names no model. Every 2 s (every 30 s once it has run a minute)
+it asks a sample of the peers it is connected to for their swarm maps
+(:mod:`shardmesh.mesh.model_finder`); each model that is served whole and that it does
+not serve yet, it opens: the model's small files by identity (the hub id before the
+``@``, :func:`~.model.files_of`), a registry on the model's own gossip topic and DHT
+keys (announcing this node there as a gateway), chains over its peers, audited as any
+gateway's, and a generator, added to the one OpenAI API
 (``api/app.py``): ``/v1/models`` lists every model opened, and a request goes to the
 one it names. A model that cannot be opened (its files are nowhere to be found, or are
 other weights under its name) is said once and not tried again.
@@ -48,11 +49,13 @@ from .config import NodeConfig
 from .model import LoadedModel, files_of, loaded_model
 from .startup import http_url, local_record, read_key
 
-__all__ = ["FIND_EVERY", "MAX_MODELS", "serve_open_gateway"]
+__all__ = ["EAGER_FOR", "FIND_EVERY", "MAX_MODELS", "REFIND_EVERY", "serve_open_gateway"]
 
 log = logging.getLogger("shardmesh.node.open_gateway")
 
-FIND_EVERY = 2.0  # seconds between two rounds of asking the connected peers what they serve
+FIND_EVERY = 2.0  # seconds between two rounds of asking the connected peers what they serve, at first
+EAGER_FOR = 60.0  # seconds after start that it asks that often; then every REFIND_EVERY
+REFIND_EVERY = 30.0  # a map can be megabytes: a settled gateway asks rarely
 MAX_MODELS = 16  # models one gateway opens: records are free to forge, a registry and its files are not
 
 
@@ -122,6 +125,7 @@ async def serve_open_gateway(config: NodeConfig, key_pair, say: Callable[[str], 
             url = http_url(api[0], await nursery.start(serve, app, api[0], api[1]))
             say(f"gateway ready at {url} (OpenAI base URL {url}/v1): it serves the models it finds in the swarm")
         failed: set[str] = set()
+        started = trio.current_time()
         while stop is None or not stop.is_set():
             peers = [p.to_base58() for p in mesh.connected_peers()]
             for found in (await find_served_models(mesh, peers)).values():
@@ -132,7 +136,7 @@ async def serve_open_gateway(config: NodeConfig, key_pair, say: Callable[[str], 
                     if generator is not None:
                         gateway.add(generator)
                         say(f"serving {found.name} ({found.total_blocks} blocks on {len(found.servers)} peers)")
-            with trio.move_on_after(FIND_EVERY):
+            with trio.move_on_after(FIND_EVERY if trio.current_time() - started < EAGER_FOR else REFIND_EVERY):
                 await (stop.wait() if stop is not None else trio.sleep_forever())
         say(f"draining: finishing running answers (up to {config.drain_timeout:.0f} s)")
         for generator in gateway.generators:
