@@ -19,6 +19,7 @@ __all__ = [
     "errors",
     "formats",
     "generate",
+    "messages",
     "metrics",
     "metrics_app",
     "prompts",

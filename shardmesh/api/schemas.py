@@ -23,7 +23,7 @@ Decisions worth knowing (where OpenAI's own behaviour is not the obvious choice)
   ``best_of`` > 1) are a 400 rather than silently
   ignored: a client that relies on them must learn it at once. ``logit_bias`` (token ids
   below the tokenizer's size, checked where the prompt is) and ``min_p`` are honoured.
-* A message's content may be a string or a list of ``{"type": "text", "text": ...}``
+* A message (messages.py) may hold a string or a list of ``{"type": "text", "text": ...}``
   parts; the parts are concatenated as they are. The ``developer`` role (OpenAI's new
   name for ``system``) is passed to the chat template as ``system``, which every
   template knows.
@@ -37,14 +37,15 @@ Decisions worth knowing (where OpenAI's own behaviour is not the obvious choice)
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from ..contract import SamplingParams
 from ..contract.sampling import MAX_LOGIT_BIASES
 from .errors import bad_request
 from .generate import GenerationRequest
+from .messages import ChatMessage, Strict
 from .structured_output import response_format_grammar
 
 __all__ = [
@@ -66,61 +67,7 @@ MAX_COMPLETION_LOGPROBS = 5
 # --------------------------------------------------------------------------- requests
 
 
-class _Strict(BaseModel):
-    """Base of every request model: strict types; unknown fields ignored here.
-
-    Strict mode refuses silent coercions (a string for a number, a bool for an int).
-    Unknown *top-level* fields never get this far (:func:`parse_request` names them in
-    a 400); inside a message, fields we do not read (``name``, say) are ignored.
-    """
-
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class FunctionCall(_Strict):
-    name: str
-    arguments: str  # JSON text, as OpenAI writes it
-
-
-class ToolCallMessage(_Strict):
-    """One call in an assistant message's ``tool_calls``."""
-
-    id: str | None = None
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class ChatMessage(_Strict):
-    """One message of a conversation. ``content`` is normalised to a plain string.
-    An assistant message may hold the ``tool_calls`` it made; a ``tool`` message
-    answers one of them (``tool_call_id``)."""
-
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | None = None
-    name: str | None = None
-    tool_calls: list[ToolCallMessage] | None = None
-    tool_call_id: str | None = None
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _flatten_parts(cls, value: Any) -> Any:
-        """Accept ``"text"`` or ``[{"type": "text", "text": "..."}, ...]``; return text."""
-        if value is None or isinstance(value, str):
-            return value
-        if not isinstance(value, list):
-            raise ValueError("content must be a string or a list of text parts")
-        texts: list[str] = []
-        for part in value:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise ValueError('only text content parts ({"type": "text", "text": ...}) are supported')
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise ValueError("a text content part needs a string 'text'")
-            texts.append(text)
-        return "".join(texts)
-
-
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     """``stream_options``: only ``include_usage`` means something to us."""
 
     include_usage: bool | None = None
@@ -141,7 +88,7 @@ def _normalize_stop(value: Any) -> Any:
     return value
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(Strict):
     """The fields both endpoints share. Ranges are left to ``SamplingParams.validate``."""
 
     model: str
