@@ -46,6 +46,32 @@ def _sync(device: torch.device) -> None:
         getattr(torch, device.type).synchronize()
 
 
+def _private_caches(stage: TorchStage, layers: Any, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Keys and values for ``length`` tokens of ``layers``, outside ``stage.sessions``: no
+    session or budget sees them, nothing to clean up."""
+    shape = (1, stage.num_kv_heads, length, stage.head_dim)
+    keys = [torch.zeros(shape, dtype=stage.dtype, device=stage.device) for _ in layers]
+    return keys, [torch.zeros_like(k) for k in keys]
+
+
+def _inputs(stage: TorchStage, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``n`` hidden states, seeded so every node feeds the same (MoE routing, hence cost, depends on them)."""
+    return torch.randn(1, n, stage.info.hidden_size, generator=torch.Generator().manual_seed(0)).to(device=stage.device, dtype=dtype)
+
+
+def _run(stage: TorchStage, layers: Any, caches: tuple[list[torch.Tensor], list[torch.Tensor]], hidden: torch.Tensor,
+         position: int) -> None:  # fmt: skip
+    """``hidden`` at ``position`` through ``layers``, in its dtype, as a step runs them."""
+    position_ids = torch.arange(position, position + hidden.shape[1], device=stage.device)[None]
+    rotary = stage.module.rotary_emb(hidden, position_ids)
+    step = kv_attention.StepCaches([caches[0]], [caches[1]], [position], first_layer=stage.start)  # one row: us
+    extra = {"attention_mask": None, "position_ids": position_ids, "position_embeddings": rotary, "shardmesh_step": step}
+    for layer in layers:
+        # Each layer gets the same input, not its predecessor's output: through random
+        # weights that can overflow, and inf/NaN arithmetic is slow on some CPUs.
+        stage.run_layer(layer, hidden, extra)
+
+
 @torch.inference_mode()
 def measure_block_throughput(stage: TorchStage, *, steps: int = 8, warmup: int = 2) -> float:
     """Decode tokens per second through one block of ``stage``, measured now.
@@ -56,31 +82,17 @@ def measure_block_throughput(stage: TorchStage, *, steps: int = 8, warmup: int =
     """
     if steps < 1 or warmup < 0:
         raise ValueError("steps must be positive and warmup non-negative")
-    layers, device, dtype = stage.module.layers[:MAX_LAYERS], stage.device, stage.dtype
-    # Private caches, outside ``stage.sessions``: no session or budget sees them, nothing to clean up.
-    shape = (1, stage.num_kv_heads, PREFILL + warmup + steps, stage.head_dim)
-    keys, values = ([torch.zeros(shape, dtype=dtype, device=device) for _ in layers] for _ in "kv")
-    # Seeded so every node feeds the same inputs (MoE routing, hence cost, depends on them).
-    inputs = torch.randn(1, PREFILL + 1, stage.info.hidden_size, generator=torch.Generator().manual_seed(0))
-    prompt, token = inputs.to(device=device, dtype=dtype).split([PREFILL, 1], dim=1)
-
-    def run(hidden: torch.Tensor, position: int) -> None:
-        position_ids = torch.arange(position, position + hidden.shape[1], device=device)[None]
-        rotary = stage.module.rotary_emb(hidden, position_ids)
-        step = kv_attention.StepCaches([keys], [values], [position], first_layer=stage.start)  # one row: us
-        for layer in layers:
-            # Each layer gets the same input, not its predecessor's output: through random
-            # weights that can overflow, and inf/NaN arithmetic is slow on some CPUs.
-            layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=rotary, shardmesh_step=step)
-
-    run(prompt, 0)
+    layers = stage.module.layers[:MAX_LAYERS]
+    caches = _private_caches(stage, layers, PREFILL + warmup + steps)
+    prompt, token = _inputs(stage, PREFILL + 1, stage.dtype).split([PREFILL, 1], dim=1)
+    _run(stage, layers, caches, prompt, 0)
     began = time.perf_counter()
     for i in range(warmup + steps):
         if i == warmup:  # the clock starts after the untimed warmup steps
-            _sync(device)
+            _sync(stage.device)
             began = time.perf_counter()
-        run(token, PREFILL + i)
-    _sync(device)
+        _run(stage, layers, caches, token, PREFILL + i)
+    _sync(stage.device)
     return steps * len(layers) / max(time.perf_counter() - began, 1e-9)
 
 
@@ -90,24 +102,15 @@ def measure_prefill_step(stage: TorchStage, *, sizes: tuple[int, ...] = PREFILL_
     docstring): ``sizes[-1]`` tokens through the stage's first ``MAX_LAYERS`` layers in
     steps of each size, in the dtype the stage prefills in, each size's best of
     ``rounds`` runs (after one untimed run)."""
-    layers, device, dtype = stage.module.layers[:MAX_LAYERS], stage.device, stage.dtype
-    total = sizes[-1]
-    shape = (1, stage.num_kv_heads, total, stage.head_dim)
-    keys, values = ([torch.zeros(shape, dtype=dtype, device=device) for _ in layers] for _ in "kv")
-    compute = stage.prefill_dtype if min(sizes) >= PREFILL_PHASE_TOKENS else dtype
-    prompt = torch.randn(1, total, stage.info.hidden_size, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=compute)
+    layers, total = stage.module.layers[:MAX_LAYERS], sizes[-1]
+    caches = _private_caches(stage, layers, total)
+    prompt = _inputs(stage, total, stage.prefill_dtype if min(sizes) >= PREFILL_PHASE_TOKENS else stage.dtype)
 
     def prefill(size: int) -> float:
         began = time.perf_counter()
         for position in range(0, total, size):
-            hidden = prompt[:, position : position + size]
-            position_ids = torch.arange(position, position + hidden.shape[1], device=device)[None]
-            rotary = stage.module.rotary_emb(hidden, position_ids)
-            step = kv_attention.StepCaches([keys], [values], [position], first_layer=stage.start)
-            extra = {"attention_mask": None, "position_ids": position_ids, "position_embeddings": rotary, "shardmesh_step": step}
-            for layer in layers:
-                stage.run_layer(layer, hidden, extra)
-        _sync(device)
+            _run(stage, layers, caches, prompt[:, position : position + size], position)
+        _sync(stage.device)
         return time.perf_counter() - began
 
     prefill(sizes[0])  # untimed: allocation, kernel choice
