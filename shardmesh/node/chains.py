@@ -9,14 +9,28 @@ the swarm's servers, avoiding peers that failed recently.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Callable, Sequence
 
+import trio
+
 from ..contract import Chain, ChainOpener, SamplingParams
+from ..mesh.audit_policy import AuditPolicy
+from ..mesh.audited_chains import AuditedChains
 from ..mesh.chain_client import RouteFinder
+from ..mesh.gateway_ticket import TicketIssuer
+from ..mesh.hop_server import HopServer
+from ..mesh.host import MeshHost
+from ..mesh.link_offers import Links
+from ..mesh.mesh_chains import MeshChains
+from ..mesh.open_request import PREFILL_STEP
 from ..mesh.registry import Registry
+from ..mesh.result_trunks import ChainTrunks
+from ..mesh.rtt import answers_ping
 from ..placement.claims import MeasuredSpeeds, capped_claims
-from ..placement.prefix_routes import HeldPrefix, still_served, worth_taking
+from ..placement.prefix_routes import HeldPrefix, PrefixRoutes, still_served, worth_taking
 from ..placement.routing import FailureBackoff, Hop, find_route, route_cost
+from .config import NodeConfig
 from .span_keeper import SpanKeeper
 
 
@@ -85,3 +99,38 @@ class NodeChains:
     ) -> Chain:
         opener = self._whole_model_here() or self.mesh_chains
         return opener.chain(session_id, sampling, prompt_ids, generated, avoid)
+
+
+def connected_online_peers(mesh: MeshHost, registry: Registry) -> list[str]:
+    """The peers routing may use that we hold a connection to: online servers other than
+    us (a joining node may be busy loading). Liveness pings these."""
+    connected = {p.to_base58() for p in mesh.connected_peers()}
+    return [r.peer for r in registry.records()
+            if r.state == "online" and r.serves_blocks and r.peer in connected and r.peer != mesh.peer_id_str]  # fmt: skip
+
+
+def audited_mesh_chains(
+    mesh: MeshHost, nursery: trio.Nursery, server: HopServer, registry: Registry, model_id: str, total_blocks: int,
+    config: NodeConfig, *, links: Links | None = None, trunks: ChainTrunks | None = None,
+) -> AuditedChains:
+    """A gateway's chains over ``model_id``'s swarm: routed by :func:`route_finder` (peers
+    that failed back off, peers an audit caught are banned, claimed speeds capped by
+    what it measured), opened through ``server``, each audited (``--audit-rate``)."""
+    me = mesh.peer_id_str
+    backoff, audits, speeds = FailureBackoff(), AuditPolicy(rate=config.audit_rate), MeasuredSpeeds()
+    chains = MeshChains(
+        nursery=nursery,
+        open_stream=server.open_stream,
+        find_route=route_finder(registry, backoff, me, total_blocks, banned=audits.banned, speeds=speeds),
+        model_id=model_id,
+        gateway=me,
+        issuer=TicketIssuer(me, mesh.key_pair),
+        on_failure=lambda peer: backoff.failed(peer, time.monotonic()),
+        on_success=lambda route: [backoff.succeeded(h.peer) for h in route],
+        links=links,
+        probe=partial(answers_ping, mesh),
+        trunks=trunks,
+        prefixes=PrefixRoutes() if config.prefix_cache else None,
+        prefill_steps=lambda peer: (record.limits.get(PREFILL_STEP) if (record := registry.get(peer)) else None),
+    )
+    return AuditedChains(chains, audits, speeds, me, time.monotonic)

@@ -28,23 +28,15 @@ from ..api.app import create_app, serve
 from ..api.generate import Generator, eos_token_ids
 from ..api.speculation import PromptLookupSource
 from ..backends.weights import ModelSourceError
-from ..mesh.audit_policy import AuditPolicy
-from ..mesh.audited_chains import AuditedChains
 from ..mesh.discovery import Discovery
-from ..mesh.gateway_ticket import TicketIssuer
 from ..mesh.hop_server import HopServer, Limits
 from ..mesh.host import MeshHost, running_host
 from ..mesh.liveness import PING_TIMEOUT, ping_connected
-from ..mesh.mesh_chains import MeshChains
 from ..mesh.model_finder import ServedModel, find_served_models
-from ..mesh.open_request import PREFILL_STEP
 from ..mesh.registry import Registry
 from ..mesh.rtt import answers_ping
-from ..placement.claims import MeasuredSpeeds
-from ..placement.prefix_routes import PrefixRoutes
-from ..placement.routing import FailureBackoff
 from ..placement.spans import repair
-from .chains import route_finder
+from .chains import audited_mesh_chains, connected_online_peers
 from .config import NodeConfig
 from .model import LoadedModel, files_of, loaded_model
 from .startup import http_url, local_record, read_key
@@ -76,39 +68,19 @@ async def open_model(
                        unreachable=lambda peer: registry.view.liveness.since(peer) is not None, trunks=False,
                        prefix_cache=config.prefix_cache)  # fmt: skip
     await nursery.start(server.run)
-    me = mesh.peer_id_str
-    connected = partial(_connected_online, mesh, registry)
-    nursery.start_soon(ping_connected, connected, partial(answers_ping, mesh, timeout=PING_TIMEOUT), registry.view.liveness, time.time)
-    backoff, audits, speeds = FailureBackoff(), AuditPolicy(rate=config.audit_rate), MeasuredSpeeds()
-    chains = MeshChains(
-        nursery=nursery,
-        open_stream=server.open_stream,
-        find_route=route_finder(registry, backoff, me, model.total_blocks, banned=audits.banned, speeds=speeds),
-        model_id=model_id,
-        gateway=me,
-        issuer=TicketIssuer(me, mesh.key_pair),
-        on_failure=lambda peer: backoff.failed(peer, time.monotonic()),
-        on_success=lambda route: [backoff.succeeded(h.peer) for h in route],
-        probe=partial(answers_ping, mesh),
-        prefixes=PrefixRoutes() if config.prefix_cache else None,
-        prefill_steps=lambda peer: (r.limits.get(PREFILL_STEP) if (r := registry.get(peer)) else None),
-    )
+    nursery.start_soon(ping_connected, partial(connected_online_peers, mesh, registry), partial(answers_ping, mesh, timeout=PING_TIMEOUT),
+                       registry.view.liveness, time.time)
     return Generator(
         model.name,
         model.tokenizer,
         model.context_length,
-        AuditedChains(chains, audits, speeds, me, time.monotonic),
+        audited_mesh_chains(mesh, nursery, server, registry, model_id, model.total_blocks, config),
         eos_token_ids(model.tokenizer, model.generation_config),
         route_wait=config.route_wait,
         repair=lambda: repair(registry.servers(), model.total_blocks),
         drafts=PromptLookupSource() if config.speculation else None,  # a --draft-model is one model's, not every model's
         draft_tokens=config.draft_tokens,
     )
-
-
-def _connected_online(mesh: MeshHost, registry: Registry) -> list[str]:
-    connected = {p.to_base58() for p in mesh.connected_peers()}
-    return [r.peer for r in registry.records() if r.state == "online" and r.serves_blocks and r.peer in connected]
 
 
 async def serve_open_gateway(config: NodeConfig, key_pair, say: Callable[[str], None], stop: trio.Event | None) -> None:

@@ -28,13 +28,8 @@ from ..backends.batch_stats import BatchStats
 from ..backends.weights import identity_bytes
 from ..mesh.addresses import port_of
 from ..mesh.allow_list import AllowList, AllowListError, ConnectionGate, read_allow_list
-from ..mesh.audit_policy import AuditPolicy
-from ..mesh.audited_chains import AuditedChains
-from ..mesh.mesh_chains import MeshChains
 from ..mesh.discovery import Discovery
-from ..mesh.gateway_ticket import TicketIssuer
 from ..mesh.hop_server import HopServer, Limits
-from ..mesh.open_request import PREFILL_STEP
 from ..mesh.host import MeshHost, running_host
 from ..mesh.hints import confirm, follow_hints
 from ..mesh.identity import IdentityInUse, default_key_file, holding_identity
@@ -46,12 +41,9 @@ from ..mesh.registry import Registry
 from ..mesh.rtt import answers_ping, publish_rtts
 from ..mesh.shared_port import share_port
 from ..mesh.swarm_map import PROTOCOL as SWARM_MAP_PROTOCOL, swarm_map_handler
-from ..placement.claims import MeasuredSpeeds
-from ..placement.prefix_routes import PrefixRoutes
-from ..placement.routing import FailureBackoff
 from ..placement.spans import repair
 from .blocks import auto_capacity, load_blocks, run_blocks
-from .chains import NodeChains, route_finder
+from .chains import NodeChains, audited_mesh_chains, connected_online_peers
 from .config import NodeConfig, UsageError
 from .drafting import draft_source
 from .heap import settle
@@ -246,41 +238,22 @@ async def serve_node(config: NodeConfig, key_pair, say: Callable[[str], None], s
         def serving_peers() -> list[str]:
             return [r.peer for r in registry.records() if r.end > r.start and r.peer != me]
 
-        def connected_online_peers() -> list[str]:  # what routing may use; a joining node may be busy loading
-            connected = {p.to_base58() for p in mesh.connected_peers()}
-            return [r.peer for r in registry.records() if r.state == "online" and r.end > r.start and r.peer in connected and r.peer != me]
-
         nursery.start_soon(publish_rtts, mesh, serving_peers, lambda rtt: registry.update_local(rtt=rtt))
         liveness = registry.view.liveness
-        nursery.start_soon(ping_connected, connected_online_peers, partial(answers_ping, mesh, timeout=PING_TIMEOUT), liveness, time.time)
+        nursery.start_soon(ping_connected, partial(connected_online_peers, mesh, registry), partial(answers_ping, mesh, timeout=PING_TIMEOUT),
+                           liveness, time.time)
         check = partial(confirm, connected=mesh.is_connected, ping=partial(answers_ping, mesh), dial=mesh.dial_peer, liveness=liveness, clock=time.time)
         nursery.start_soon(follow_hints, me, registry.records, liveness, check, lambda s: registry.update_local(suspects=s), time.time)
         watch_own_reachability(mesh, registry, own, swarm_key, nursery)
         use_relays(mesh, registry, own, config, nursery)
 
-        backoff = FailureBackoff()
-        audits = AuditPolicy(rate=config.audit_rate)
-        speeds = MeasuredSpeeds()
-        mesh_chains = MeshChains(
-            nursery=nursery,
-            open_stream=server.open_stream,
-            find_route=route_finder(registry, backoff, me, model.total_blocks, banned=audits.banned, speeds=speeds),
-            model_id=model_id,
-            gateway=mesh.peer_id_str,
-            issuer=TicketIssuer(mesh.peer_id_str, mesh.key_pair),
-            on_failure=lambda peer: backoff.failed(peer, time.monotonic()),
-            on_success=lambda route: [backoff.succeeded(h.peer) for h in route],
-            links=links,
-            probe=partial(answers_ping, mesh),
-            trunks=chain_trunks,
-            prefixes=PrefixRoutes() if config.prefix_cache else None,
-            prefill_steps=lambda peer: (record.limits.get(PREFILL_STEP) if (record := registry.get(peer)) else None),
-        )
+        mesh_chains = audited_mesh_chains(mesh, nursery, server, registry, model_id, model.total_blocks, config, links=links,
+                                          trunks=chain_trunks)  # fmt: skip
         generator = Generator(
             model.name,
             model.tokenizer,
             model.context_length,
-            NodeChains(keeper, AuditedChains(mesh_chains, audits, speeds, me, time.monotonic), model.total_blocks),
+            NodeChains(keeper, mesh_chains, model.total_blocks),
             eos_token_ids(model.tokenizer, model.generation_config),
             route_wait=config.route_wait,
             repair=lambda: repair(registry.servers(), model.total_blocks),

@@ -177,11 +177,14 @@ class SpanKeeper:
         old, self.held = self.held, held
         self.server.serve(blocks.hop)
         info = blocks.stage.info
-        limits = {k: v for k, v in (self.registry.local.limits if self.registry.local else {}).items() if k != PREFILL_STEP}
+        limits = dict(self.registry.local.limits) if self.registry.local else {}
+        limits.pop(PREFILL_STEP, None)  # the old span's measurement
+        if blocks.prefill_step:
+            limits[PREFILL_STEP] = blocks.prefill_step
         self.registry.update_local(
             start=span[0], end=span[1], state=DRAINING if self.draining else ONLINE, throughput=blocks.throughput,
             cache_tokens_free=blocks.stage.cache_tokens_free, backend=info.backend, device=info.device, dtype=info.dtype,
-            limits={**limits, **({PREFILL_STEP: blocks.prefill_step} if blocks.prefill_step else {})},
+            limits=limits,
         )
         if old is not None:
             self._free(old)
