@@ -188,11 +188,11 @@ class Generator:
             sampling = replace(sampling, seed=secrets.randbits(63))
 
         chain = ResumableChain(self.chains, sampling, prompt, len(prompt) + max_tokens, wait=self.route_wait, repair=self.repair)
-        self.running.add(chain)
         drafts = self.drafts.drafts() if (self.drafts is not None and req.speculative) else None
         length = DraftLength(most=self.draft_tokens)
         history = list(prompt)  # the prompt and every token drawn: what drafts continue
         try:
+            self.running.add(chain)
             self.waiting += 1
             try:
                 run = [await chain.start()]

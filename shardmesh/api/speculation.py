@@ -118,11 +118,9 @@ class SpeculationStats:
     @staticmethod
     def sum(stats: Iterable[SpeculationStats]) -> SpeculationStats:
         """Several gateways' (one per model) figures as one."""
-        out = SpeculationStats()
-        for s in stats:
-            out.trips, out.tokens, out.proposed, out.accepted = (out.trips + s.trips, out.tokens + s.tokens,
-                                                                 out.proposed + s.proposed, out.accepted + s.accepted)
-        return out
+        stats = list(stats)
+        return SpeculationStats(sum(s.trips for s in stats), sum(s.tokens for s in stats), sum(s.proposed for s in stats),
+                                sum(s.accepted for s in stats))
 
     def record(self, proposed: int, returned: int) -> None:
         self.trips += 1
